@@ -1,0 +1,123 @@
+// The records Torpor stores. Pure data: no I/O here.
+import type { RuntimeClass, TemplateSpec } from './schemas.ts';
+
+export const DEFAULT_SPACE = 'default';
+
+/** A template as stored: the immutable spec plus its golden snapshot once one has been taken. */
+export interface Template extends TemplateSpec {
+  createdAt: string;
+  /** Manifest key of the snapshot taken once per template (boot, wait ready, checkpoint). */
+  goldenSnapshot?: string;
+}
+
+export const ACTOR_STATUSES = [
+  'SUSPENDED',
+  'RESUMING',
+  'RUNNING',
+  'SUSPENDING',
+  'PAUSING',
+  'PAUSED',
+  'FAILED',
+] as const;
+export type ActorStatus = (typeof ACTOR_STATUSES)[number];
+
+/** Per-phase durations in milliseconds, e.g. { claim: 1, fetch: 20, restore: 140, ready: 12 }. */
+export type Phases = Record<string, number>;
+
+export interface Operation {
+  kind: 'create' | 'resume' | 'suspend' | 'pause' | 'fork' | 'delete' | 'reconcile';
+  startedAt: string;
+  finishedAt?: string;
+  phases: Phases;
+  error?: string;
+}
+
+export interface ActorRef {
+  space: string;
+  name: string;
+}
+
+export interface Actor extends ActorRef {
+  template: string;
+  status: ActorStatus;
+  /** Incremented by every compare-and-set; a writer must present the version it read. */
+  version: number;
+  labels: Record<string, string>;
+  /** Manifest key of the latest durable snapshot (the one a resume restores). */
+  snapshot?: string;
+  /** Older snapshots kept for rollback, newest first (bounded by the template's snapshot.retain). */
+  history: string[];
+  /** Set while the actor holds a worker (RESUMING, RUNNING, SUSPENDING, PAUSING, PAUSED). */
+  worker?: string;
+  node?: string;
+  /** Where the actor serves: host:port on the worker, set while RUNNING. */
+  address?: string;
+  /** For PAUSED actors: the node-local checkpoint directory that a resume on the same node restores first. */
+  localSnapshot?: string;
+  /** When a transitional state was entered: the reconciler rolls it forward or back after its deadline. */
+  transitionDeadline?: string;
+  reason?: string;
+  lastOperation?: Operation;
+  lastActivity: string;
+  createdAt: string;
+  updatedAt: string;
+}
+
+export type WorkerState = 'free' | 'busy';
+
+export interface Worker {
+  id: string;
+  node: string;
+  runtime: RuntimeClass;
+  state: WorkerState;
+  /** Address the worker's actor is reached at (the worker's own address, not the actor's). */
+  host: string;
+  actor?: ActorRef;
+  /** The agent that owns the worker renews this; a worker whose lease expired is considered gone. */
+  leaseExpiresAt: string;
+}
+
+export interface WorkerFilter {
+  runtime: RuntimeClass;
+  /** Claim exactly this worker (or nothing). */
+  workerId?: string;
+  /** Prefer workers on these nodes, in order (e.g. nodes that already hold the snapshot's chunks). */
+  preferNodes?: string[];
+  /** Never claim on these workers (e.g. to force a move). */
+  excludeWorkers?: string[];
+}
+
+export interface Page<T> {
+  items: T[];
+  nextCursor?: string;
+}
+
+export interface Space {
+  name: string;
+  createdAt: string;
+}
+
+/** A runtime binary pinned by content: the same bytes on every node that restores a snapshot. */
+export interface Asset {
+  url: string;
+  sha256: string;
+}
+
+export interface ManifestFile {
+  name: string;
+  size: number;
+  /** sha256 of each chunk's uncompressed bytes; null for an all-zero chunk (never stored). */
+  chunks: (string | null)[];
+}
+
+export interface SnapshotManifest {
+  version: 1;
+  runtime: RuntimeClass;
+  template: string;
+  assets: Record<string, Asset>;
+  chunkSize: number;
+  files: ManifestFile[];
+  createdAt: string;
+  /** Manifest key of the snapshot this one followed (for history and GC), or null. */
+  parent: string | null;
+}

@@ -1,0 +1,63 @@
+// StateStore: where actors, templates, workers and leases live. Implementations: sqlite (embedded default);
+// later redis. Every implementation must pass test/store/conformance.ts.
+import type { Actor, ActorRef, Page, Space, Template, Worker, WorkerFilter } from '../core/types.ts';
+
+export type ChangeKind = 'actor' | 'template' | 'worker';
+
+export interface Change {
+  kind: ChangeKind;
+  /** `space/name` for actors, the name for templates, the id for workers. */
+  key: string;
+  /** The record after the change, or undefined when it was deleted. */
+  value: Actor | Template | Worker | undefined;
+}
+
+export interface ListOptions {
+  limit?: number;
+  cursor?: string;
+}
+
+export interface StateStore {
+  // Templates are immutable: createTemplate throws ALREADY_EXISTS for a name that exists.
+  createTemplate(t: Template): Promise<Template>;
+  getTemplate(name: string): Promise<Template | undefined>;
+  listTemplates(opts?: ListOptions): Promise<Page<Template>>;
+  /** The only mutable part of a template: the golden snapshot pointer, set once it has been taken. */
+  setTemplateGolden(name: string, manifestKey: string): Promise<Template>;
+
+  getSpace(name: string): Promise<Space | undefined>;
+  /** Idempotent. */
+  ensureSpace(name: string): Promise<Space>;
+
+  /** Throws ALREADY_EXISTS when space/name exists. The stored actor has version 1. */
+  createActor(a: Omit<Actor, 'version'>): Promise<Actor>;
+  getActor(space: string, name: string): Promise<Actor | undefined>;
+  /** Writes `next` iff the stored version equals `expectedVersion`; returns it with version+1. Throws CONFLICT
+   * (stale version) or NOT_FOUND. */
+  casActor(next: Actor, expectedVersion: number): Promise<Actor>;
+  /** Deletes iff the stored version equals `expectedVersion`. Throws CONFLICT or NOT_FOUND. */
+  deleteActor(space: string, name: string, expectedVersion: number): Promise<void>;
+  /** Ordered by space then name; `cursor` is opaque. `space` undefined lists every space. */
+  listActors(space: string | undefined, opts?: ListOptions): Promise<Page<Actor>>;
+
+  /** Insert or replace (the agent owning the worker calls this on start and on every lease renewal). */
+  putWorker(w: Worker): Promise<Worker>;
+  getWorker(id: string): Promise<Worker | undefined>;
+  listWorkers(opts?: ListOptions): Promise<Page<Worker>>;
+  deleteWorker(id: string): Promise<void>;
+  /** Atomically picks one free worker matching `filter` whose lease has not expired, marks it busy for `actor`
+   * and returns it; undefined when none is free. Two concurrent claims never get the same worker. */
+  claimWorker(filter: WorkerFilter, actor: ActorRef): Promise<Worker | undefined>;
+  /** Marks the worker free iff it is held by `actor`; returns whether it did. */
+  releaseWorker(id: string, actor: ActorRef): Promise<boolean>;
+
+  /** Expiring named locks. Acquire succeeds when the lease is absent, expired, or already held by `holder`
+   * (which extends it). */
+  acquireLease(key: string, holder: string, ttlMs: number): Promise<boolean>;
+  releaseLease(key: string, holder: string): Promise<void>;
+
+  /** Changes made through this store from now on (for caches: router, scheduler). Ends when `signal` aborts. */
+  watch(kinds: ChangeKind[], signal: AbortSignal): AsyncIterable<Change>;
+
+  close(): Promise<void>;
+}
