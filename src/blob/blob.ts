@@ -3,9 +3,9 @@
 import type { Readable } from 'node:stream';
 
 export interface ByteRange {
-  /** First byte, inclusive. */
+  /** First byte, inclusive. Must lie inside the object, or get throws INVALID_ARGUMENT (field "range"). */
   start: number;
-  /** Last byte, inclusive; omitted = to the end. */
+  /** Last byte, inclusive; omitted = to the end. Past the end reads to the end, as an HTTP Range does. */
   end?: number;
 }
 
