@@ -1,0 +1,577 @@
+// The behaviour every StateStore must have, as one suite each implementation registers:
+//   stateStoreConformance('sqlite (memory)', async () => ({ store, cleanup }))
+// Each test gets a fresh, empty store from `make`. When the backing store can be shared (a file, a Redis server),
+// `second` opens another client on it, and the concurrency tests split their callers across both clients.
+// The suite closes the stores `second` returns; `cleanup` closes `store` and removes the backing data.
+import assert from 'node:assert/strict';
+import { describe, it } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { isTorporError } from '../../src/core/errors.ts';
+import type { Actor, ActorRef, Template, Worker } from '../../src/core/types.ts';
+import type { Change, ChangeKind, StateStore } from '../../src/store/store.ts';
+
+export interface StoreFixture {
+  store: StateStore;
+  cleanup: () => Promise<void>;
+  /** Another client on the same backing store, when it has one. */
+  second?: () => Promise<StateStore>;
+}
+
+interface Context {
+  store: StateStore;
+  /** The clients to spread concurrent callers over: `store`, plus a second client when the fixture has one. */
+  clients: StateStore[];
+}
+
+export function stateStoreConformance(name: string, make: () => Promise<StoreFixture>): void {
+  const test = (title: string, body: (ctx: Context) => Promise<void>) =>
+    it(title, { timeout: 10_000 }, async () => {
+      const fixture = await make();
+      const others = fixture.second ? [await fixture.second()] : [];
+      try {
+        await body({ store: fixture.store, clients: [fixture.store, ...others] });
+      } finally {
+        for (const other of others) await other.close();
+        await fixture.cleanup();
+      }
+    });
+
+  describe(`StateStore conformance: ${name}`, () => {
+    describe('templates', () => templateTests(test));
+    describe('spaces', () => spaceTests(test));
+    describe('actors', () => actorTests(test));
+    describe('listing', () => listingTests(test));
+    describe('workers', () => workerTests(test));
+    describe('leases', () => leaseTests(test));
+    describe('watch', () => watchTests(test));
+  });
+}
+
+type Register = (title: string, body: (ctx: Context) => Promise<void>) => void;
+
+// ── fixtures ─────────────────────────────────────────────────────────────────────────────────────────────────
+
+export function template(name: string, overrides: Partial<Template> = {}): Template {
+  return {
+    name,
+    image: `images/${name}`,
+    command: ['/bin/server'],
+    env: { MODE: 'test' },
+    port: 8080,
+    readiness: { path: '/healthz', timeoutSeconds: 30 },
+    runtime: 'gvisor',
+    resources: { memoryMiB: 256, vcpus: 1 },
+    idleTimeoutSeconds: 300,
+    snapshot: { retain: 3 },
+    createdAt: '2025-01-01T00:00:00.000Z',
+    ...overrides,
+  };
+}
+
+export function actor(space: string, name: string): Omit<Actor, 'version'> {
+  const at = '2025-01-01T00:00:00.000Z';
+  return {
+    space,
+    name,
+    template: 'web',
+    status: 'SUSPENDED',
+    labels: { team: 'a' },
+    history: [],
+    lastActivity: at,
+    createdAt: at,
+    updatedAt: at,
+  };
+}
+
+export function worker(id: string, overrides: Partial<Worker> = {}): Worker {
+  return {
+    id,
+    node: 'node-1',
+    runtime: 'gvisor',
+    state: 'free',
+    host: `10.0.0.1:${7000 + id.length}`,
+    leaseExpiresAt: new Date(Date.now() + 60_000).toISOString(),
+    ...overrides,
+  };
+}
+
+async function rejectsWith(promise: Promise<unknown>, code: string, field?: string): Promise<void> {
+  await assert.rejects(promise, (err: unknown) => {
+    assert.ok(isTorporError(err), `expected a TorporError, got ${String(err)}`);
+    assert.equal(err.code, code, err.message);
+    if (field !== undefined) assert.equal(err.field, field);
+    return true;
+  });
+}
+
+function shuffled<T>(items: T[]): T[] {
+  const copy = [...items];
+  for (let i = copy.length - 1; i > 0; i--) {
+    const j = Math.floor(Math.random() * (i + 1));
+    [copy[i], copy[j]] = [copy[j]!, copy[i]!];
+  }
+  return copy;
+}
+
+function clientFor(clients: StateStore[], i: number): StateStore {
+  return clients[i % clients.length]!;
+}
+
+// ── templates and spaces ─────────────────────────────────────────────────────────────────────────────────────
+
+function templateTests(test: Register): void {
+  test('create then get returns the same template', async ({ store }) => {
+    const created = await store.createTemplate(template('web'));
+    assert.deepEqual(created, template('web'));
+    assert.deepEqual(await store.getTemplate('web'), template('web'));
+    assert.equal(await store.getTemplate('missing'), undefined);
+  });
+
+  test('templates are immutable: a second create is ALREADY_EXISTS and changes nothing', async ({ store }) => {
+    await store.createTemplate(template('web'));
+    await rejectsWith(store.createTemplate(template('web', { image: 'images/other' })), 'ALREADY_EXISTS', 'name');
+    assert.equal((await store.getTemplate('web'))?.image, 'images/web');
+  });
+
+  test('setTemplateGolden sets only the golden snapshot', async ({ store }) => {
+    await store.createTemplate(template('web'));
+    const updated = await store.setTemplateGolden('web', 'snapshots/web/golden.json');
+    assert.deepEqual(updated, { ...template('web'), goldenSnapshot: 'snapshots/web/golden.json' });
+    assert.deepEqual(await store.getTemplate('web'), updated);
+  });
+
+  test('setTemplateGolden on a missing template is NOT_FOUND', async ({ store }) => {
+    await rejectsWith(store.setTemplateGolden('missing', 'k'), 'NOT_FOUND');
+    assert.equal(await store.getTemplate('missing'), undefined);
+  });
+}
+
+function spaceTests(test: Register): void {
+  test('ensureSpace is idempotent', async ({ store }) => {
+    assert.equal(await store.getSpace('team-a'), undefined);
+    const first = await store.ensureSpace('team-a');
+    const again = await store.ensureSpace('team-a');
+    assert.equal(first.name, 'team-a');
+    assert.deepEqual(again, first);
+    assert.deepEqual(await store.getSpace('team-a'), first);
+  });
+
+  test('createActor creates its space', async ({ store }) => {
+    await store.createActor(actor('team-b', 'one'));
+    assert.equal((await store.getSpace('team-b'))?.name, 'team-b');
+  });
+}
+
+// ── actors ───────────────────────────────────────────────────────────────────────────────────────────────────
+
+function actorTests(test: Register): void {
+  test('create stores version 1; a duplicate is ALREADY_EXISTS and changes nothing', async ({ store }) => {
+    const created = await store.createActor(actor('default', 'a1'));
+    assert.equal(created.version, 1);
+    assert.deepEqual(await store.getActor('default', 'a1'), created);
+    await rejectsWith(store.createActor({ ...actor('default', 'a1'), template: 'other' }), 'ALREADY_EXISTS', 'name');
+    assert.deepEqual(await store.getActor('default', 'a1'), created);
+    assert.equal(await store.getActor('other-space', 'a1'), undefined);
+  });
+
+  test('CAS with the current version writes, increments the version and sets updatedAt', async ({ store }) => {
+    const created = await store.createActor(actor('default', 'a1'));
+    const before = Date.now();
+    const next = await store.casActor({ ...created, status: 'RESUMING', worker: 'w1' }, 1);
+    assert.equal(next.version, 2);
+    assert.equal(next.status, 'RESUMING');
+    assert.ok(Date.parse(next.updatedAt) >= before - 1, `updatedAt ${next.updatedAt} is not now`);
+    assert.deepEqual(await store.getActor('default', 'a1'), next);
+    const third = await store.casActor({ ...next, status: 'RUNNING' }, 2);
+    assert.equal(third.version, 3);
+  });
+
+  test('CAS with a stale version is CONFLICT naming both versions, and changes nothing', async ({ store }) => {
+    const created = await store.createActor(actor('default', 'a1'));
+    const current = await store.casActor({ ...created, status: 'RESUMING' }, 1);
+    await assert.rejects(store.casActor({ ...created, status: 'FAILED' }, 1), (err: unknown) => {
+      assert.ok(isTorporError(err, 'CONFLICT'), String(err));
+      assert.match(err.message, /expected version 1/);
+      assert.match(err.message, /version 2/);
+      return true;
+    });
+    assert.deepEqual(await store.getActor('default', 'a1'), current);
+  });
+
+  test('CAS on a missing actor is NOT_FOUND and creates nothing', async ({ store }) => {
+    const ghost: Actor = { ...actor('default', 'ghost'), version: 1 };
+    await rejectsWith(store.casActor(ghost, 1), 'NOT_FOUND');
+    assert.equal(await store.getActor('default', 'ghost'), undefined);
+  });
+
+  test('20 concurrent CAS writers on one version: exactly one wins', async ({ store, clients }) => {
+    const created = await store.createActor(actor('default', 'a1'));
+    const writers = Array.from({ length: 20 }, (_, i) =>
+      clientFor(clients, i).casActor({ ...created, labels: { writer: String(i) } }, 1),
+    );
+    const results = await Promise.allSettled(writers);
+    const won = results.filter((r) => r.status === 'fulfilled');
+    const lost = results.filter((r) => r.status === 'rejected');
+    assert.equal(won.length, 1);
+    for (const r of lost) assert.ok(isTorporError(r.reason, 'CONFLICT'), String(r.reason));
+    const stored = await store.getActor('default', 'a1');
+    assert.equal(stored?.version, 2);
+    assert.deepEqual(stored, won[0]!.value);
+  });
+
+  test('delete requires the current version', async ({ store }) => {
+    const created = await store.createActor(actor('default', 'a1'));
+    await store.casActor(created, 1);
+    await rejectsWith(store.deleteActor('default', 'a1', 1), 'CONFLICT');
+    assert.equal((await store.getActor('default', 'a1'))?.version, 2);
+    await store.deleteActor('default', 'a1', 2);
+    assert.equal(await store.getActor('default', 'a1'), undefined);
+    await rejectsWith(store.deleteActor('default', 'a1', 2), 'NOT_FOUND');
+  });
+
+  test('a deleted actor can be created again at version 1', async ({ store }) => {
+    await store.createActor(actor('default', 'a1'));
+    await store.deleteActor('default', 'a1', 1);
+    assert.equal((await store.createActor(actor('default', 'a1'))).version, 1);
+  });
+}
+
+// ── listing ──────────────────────────────────────────────────────────────────────────────────────────────────
+
+async function listAllActors(store: StateStore, space: string | undefined, limit: number) {
+  const pages: Actor[][] = [];
+  let cursor: string | undefined;
+  do {
+    const page = await store.listActors(space, { limit, cursor });
+    pages.push(page.items);
+    cursor = page.nextCursor;
+    assert.ok(pages.length <= 100, 'listing does not terminate');
+  } while (cursor !== undefined);
+  return pages;
+}
+
+function listingTests(test: Register): void {
+  const names = (n: number, prefix: string) =>
+    Array.from({ length: n }, (_, i) => `${prefix}-${String(i).padStart(2, '0')}`);
+
+  async function create25(store: StateStore): Promise<string[]> {
+    const keys = [...names(12, 'alpha').map((n) => ['space-a', n]), ...names(13, 'beta').map((n) => ['space-b', n])];
+    for (const [space, name] of shuffled(keys)) await store.createActor(actor(space!, name!));
+    return keys.map(([space, name]) => `${space}/${name}`).sort();
+  }
+
+  test('25 actors in 2 spaces, limit 10: pages of 10, 10, 5, ordered, no gaps or duplicates', async ({ store }) => {
+    const expected = await create25(store);
+    const pages = await listAllActors(store, undefined, 10);
+    assert.deepEqual(
+      pages.map((p) => p.length),
+      [10, 10, 5],
+    );
+    assert.deepEqual(
+      pages.flat().map((a) => `${a.space}/${a.name}`),
+      expected,
+    );
+  });
+
+  test('listing one space returns only that space, in name order', async ({ store }) => {
+    await create25(store);
+    const pages = await listAllActors(store, 'space-b', 5);
+    assert.deepEqual(
+      pages.map((p) => p.length),
+      [5, 5, 3],
+    );
+    assert.deepEqual(
+      pages.flat().map((a) => a.name),
+      names(13, 'beta'),
+    );
+    assert.ok(pages.flat().every((a) => a.space === 'space-b'));
+    assert.deepEqual((await store.listActors('nobody')).items, []);
+  });
+
+  test('the default limit is 100 and an exact last page has no next cursor', async ({ store }) => {
+    await create25(store);
+    const all = await store.listActors(undefined);
+    assert.equal(all.items.length, 25);
+    assert.equal(all.nextCursor, undefined);
+    const exact = await store.listActors('space-a', { limit: 12 });
+    assert.equal(exact.items.length, 12);
+    assert.equal(exact.nextCursor, undefined);
+  });
+
+  test('a cursor the store did not make is INVALID_ARGUMENT on field cursor', async ({ store }) => {
+    await create25(store);
+    const junk = ['not a cursor!', '', Buffer.from('{"space":1}').toString('base64url'), 'AAAA'];
+    for (const cursor of junk) {
+      await rejectsWith(store.listActors(undefined, { cursor }), 'INVALID_ARGUMENT', 'cursor');
+      await rejectsWith(store.listTemplates({ cursor }), 'INVALID_ARGUMENT', 'cursor');
+      await rejectsWith(store.listWorkers({ cursor }), 'INVALID_ARGUMENT', 'cursor');
+    }
+  });
+
+  test('templates page by name', async ({ store }) => {
+    const all = names(7, 't');
+    for (const name of shuffled(all)) await store.createTemplate(template(name));
+    const first = await store.listTemplates({ limit: 4 });
+    assert.ok(first.nextCursor);
+    const second = await store.listTemplates({ limit: 4, cursor: first.nextCursor });
+    assert.equal(second.nextCursor, undefined);
+    assert.deepEqual(
+      [...first.items, ...second.items].map((t) => t.name),
+      all,
+    );
+  });
+
+  test('workers page by id', async ({ store }) => {
+    const all = names(5, 'w');
+    for (const id of shuffled(all)) await store.putWorker(worker(id));
+    const first = await store.listWorkers({ limit: 3 });
+    const second = await store.listWorkers({ limit: 3, cursor: first.nextCursor });
+    assert.equal(second.nextCursor, undefined);
+    assert.deepEqual(
+      [...first.items, ...second.items].map((w) => w.id),
+      all,
+    );
+  });
+}
+
+// ── workers ──────────────────────────────────────────────────────────────────────────────────────────────────
+
+function workerTests(test: Register): void {
+  const who = (i: number): ActorRef => ({ space: 'default', name: `actor-${i}` });
+
+  test('putWorker upserts exactly as given; deleteWorker removes', async ({ store }) => {
+    const w = worker('w1');
+    assert.deepEqual(await store.putWorker(w), w);
+    assert.deepEqual(await store.getWorker('w1'), w);
+    const busy = { ...w, state: 'busy' as const, actor: who(1) };
+    await store.putWorker(busy);
+    assert.deepEqual(await store.getWorker('w1'), busy);
+    await store.deleteWorker('w1');
+    assert.equal(await store.getWorker('w1'), undefined);
+    await store.deleteWorker('w1');
+  });
+
+  test('50 concurrent claimers on 10 free workers: 10 distinct claims, 40 undefined', async ({ store, clients }) => {
+    for (let i = 0; i < 10; i++) await store.putWorker(worker(`w${i}`, { node: `node-${i % 3}` }));
+    const claims = await Promise.all(
+      Array.from({ length: 50 }, (_, i) => clientFor(clients, i).claimWorker({ runtime: 'gvisor' }, who(i))),
+    );
+    const won = claims.flatMap((w, i) => (w ? [{ worker: w, by: who(i) }] : []));
+    assert.equal(won.length, 10);
+    assert.equal(claims.filter((w) => w === undefined).length, 40);
+    assert.equal(new Set(won.map((c) => c.worker.id)).size, 10);
+    for (const { worker: w, by } of won) {
+      assert.equal(w.state, 'busy');
+      assert.deepEqual(w.actor, by);
+      assert.deepEqual(await store.getWorker(w.id), w);
+    }
+  });
+
+  test('workers whose lease expired are never claimed', async ({ store }) => {
+    const past = new Date(Date.now() - 1000).toISOString();
+    await store.putWorker(worker('stale', { leaseExpiresAt: past }));
+    await store.putWorker(worker('short', { leaseExpiresAt: new Date(Date.now() + 50).toISOString() }));
+    await sleep(80);
+    assert.equal(await store.claimWorker({ runtime: 'gvisor' }, who(1)), undefined);
+    assert.equal(await store.claimWorker({ runtime: 'gvisor', workerId: 'stale' }, who(1)), undefined);
+    assert.equal((await store.getWorker('stale'))?.state, 'free');
+    await store.putWorker(worker('stale'));
+    assert.equal((await store.claimWorker({ runtime: 'gvisor' }, who(1)))?.id, 'stale');
+  });
+
+  test('only workers of the requested runtime are claimed', async ({ store }) => {
+    await store.putWorker(worker('g1', { runtime: 'gvisor' }));
+    await store.putWorker(worker('m1', { runtime: 'microvm' }));
+    assert.equal((await store.claimWorker({ runtime: 'microvm' }, who(1)))?.id, 'm1');
+    assert.equal(await store.claimWorker({ runtime: 'microvm' }, who(2)), undefined);
+    assert.equal((await store.getWorker('g1'))?.state, 'free');
+  });
+
+  test('busy workers are not claimed again', async ({ store }) => {
+    await store.putWorker(worker('w1'));
+    assert.equal((await store.claimWorker({ runtime: 'gvisor' }, who(1)))?.id, 'w1');
+    assert.equal(await store.claimWorker({ runtime: 'gvisor' }, who(2)), undefined);
+    assert.equal(await store.claimWorker({ runtime: 'gvisor', workerId: 'w1' }, who(2)), undefined);
+    assert.deepEqual((await store.getWorker('w1'))?.actor, who(1));
+  });
+
+  test('preferNodes are tried in order before any other node', async ({ store }) => {
+    for (const node of ['n1', 'n2', 'n3']) {
+      for (let i = 0; i < 3; i++) await store.putWorker(worker(`${node}-w${i}`, { node }));
+    }
+    const nodes: string[] = [];
+    for (let i = 0; i < 9; i++) {
+      const claimed = await store.claimWorker({ runtime: 'gvisor', preferNodes: ['n3', 'n2'] }, who(i));
+      nodes.push(claimed!.node);
+    }
+    assert.deepEqual(nodes, ['n3', 'n3', 'n3', 'n2', 'n2', 'n2', 'n1', 'n1', 'n1']);
+  });
+
+  test('workerId claims exactly that worker', async ({ store }) => {
+    for (let i = 0; i < 5; i++) await store.putWorker(worker(`w${i}`));
+    assert.equal((await store.claimWorker({ runtime: 'gvisor', workerId: 'w3' }, who(1)))?.id, 'w3');
+    assert.equal(await store.claimWorker({ runtime: 'gvisor', workerId: 'missing' }, who(2)), undefined);
+  });
+
+  test('excludeWorkers are never claimed', async ({ store }) => {
+    await store.putWorker(worker('w1'));
+    await store.putWorker(worker('w2'));
+    for (let i = 0; i < 5; i++) {
+      const claimed = await store.claimWorker({ runtime: 'gvisor', excludeWorkers: ['w1'] }, who(i));
+      assert.equal(claimed?.id, 'w2');
+      assert.ok(await store.releaseWorker('w2', who(i)));
+    }
+    assert.equal(await store.claimWorker({ runtime: 'gvisor', excludeWorkers: ['w1', 'w2'] }, who(9)), undefined);
+  });
+
+  test('release frees only a worker held by that actor', async ({ store }) => {
+    await store.putWorker(worker('w1'));
+    await store.putWorker(worker('w2'));
+    const held = await store.claimWorker({ runtime: 'gvisor', workerId: 'w1' }, who(1));
+    assert.ok(held);
+    assert.equal(await store.releaseWorker('w1', who(2)), false);
+    assert.equal(await store.releaseWorker('w1', { space: 'other', name: 'actor-1' }), false);
+    assert.equal(await store.releaseWorker('w2', who(1)), false);
+    assert.deepEqual(await store.getWorker('w1'), held);
+    assert.equal(await store.releaseWorker('w1', who(1)), true);
+    const freed = await store.getWorker('w1');
+    assert.equal(freed?.state, 'free');
+    assert.equal(freed?.actor, undefined);
+    assert.equal(await store.releaseWorker('w1', who(1)), false);
+    assert.equal((await store.claimWorker({ runtime: 'gvisor', workerId: 'w1' }, who(2)))?.id, 'w1');
+  });
+}
+
+// ── leases ───────────────────────────────────────────────────────────────────────────────────────────────────
+
+function leaseTests(test: Register): void {
+  test('acquire, refuse another holder, release by the holder', async ({ store }) => {
+    assert.equal(await store.acquireLease('reconciler', 'a', 10_000), true);
+    assert.equal(await store.acquireLease('reconciler', 'b', 10_000), false);
+    assert.equal(await store.acquireLease('other-key', 'b', 10_000), true);
+    await store.releaseLease('reconciler', 'a');
+    assert.equal(await store.acquireLease('reconciler', 'b', 10_000), true);
+  });
+
+  test('the same holder extends its lease', async ({ store }) => {
+    assert.equal(await store.acquireLease('k', 'a', 50), true);
+    await sleep(25);
+    assert.equal(await store.acquireLease('k', 'a', 10_000), true);
+    await sleep(60);
+    assert.equal(await store.acquireLease('k', 'b', 10_000), false, 'the extension did not hold');
+  });
+
+  test('an expired lease can be taken by another holder', async ({ store }) => {
+    assert.equal(await store.acquireLease('k', 'a', 50), true);
+    assert.equal(await store.acquireLease('k', 'b', 50), false);
+    await sleep(80);
+    assert.equal(await store.acquireLease('k', 'b', 10_000), true);
+    assert.equal(await store.acquireLease('k', 'a', 10_000), false);
+  });
+
+  test('release by a non-holder is ignored', async ({ store }) => {
+    assert.equal(await store.acquireLease('k', 'a', 10_000), true);
+    await store.releaseLease('k', 'b');
+    assert.equal(await store.acquireLease('k', 'b', 10_000), false);
+    await store.releaseLease('missing', 'b');
+  });
+
+  test('concurrent acquirers: exactly one holds the lease', async ({ clients }) => {
+    const results = await Promise.all(
+      Array.from({ length: 20 }, (_, i) => clientFor(clients, i).acquireLease('k', `holder-${i}`, 10_000)),
+    );
+    assert.equal(results.filter(Boolean).length, 1);
+  });
+}
+
+// ── watch ────────────────────────────────────────────────────────────────────────────────────────────────────
+
+/** Collects `count` changes from `store.watch(kinds)` while `act` runs, then aborts and checks the stream ends. */
+async function collect(
+  store: StateStore,
+  kinds: ChangeKind[],
+  count: number,
+  act: () => Promise<void>,
+): Promise<Change[]> {
+  const controller = new AbortController();
+  const stream = store.watch(kinds, controller.signal);
+  const seen: Change[] = [];
+  const consumed = (async () => {
+    for await (const change of stream) {
+      seen.push(change);
+      if (seen.length === count) controller.abort();
+    }
+  })();
+  await act();
+  await consumed; // would time out the test if the stream ignored the abort
+  return seen;
+}
+
+function watchTests(test: Register): void {
+  test('delivers actor create, CAS and delete in order, then stops on abort', async ({ store }) => {
+    const changes = await collect(store, ['actor'], 3, async () => {
+      await store.createTemplate(template('web')); // another kind: must not be delivered
+      const created = await store.createActor(actor('default', 'a1'));
+      await store.casActor({ ...created, status: 'RESUMING' }, 1);
+      await store.deleteActor('default', 'a1', 2);
+    });
+    assert.deepEqual(
+      changes.map((c) => [c.kind, c.key, (c.value as Actor | undefined)?.version]),
+      [
+        ['actor', 'default/a1', 1],
+        ['actor', 'default/a1', 2],
+        ['actor', 'default/a1', undefined],
+      ],
+    );
+    assert.equal((changes[1]!.value as Actor).status, 'RESUMING');
+    assert.equal(changes[2]!.value, undefined);
+  });
+
+  test('a slow consumer loses nothing', async ({ store }) => {
+    const controller = new AbortController();
+    const stream = store.watch(['actor'], controller.signal);
+    for (let i = 0; i < 50; i++) await store.createActor(actor('default', `a${i}`));
+    const keys: string[] = [];
+    for await (const change of stream) {
+      keys.push(change.key);
+      await sleep(1);
+      if (keys.length === 50) controller.abort();
+    }
+    assert.deepEqual(
+      keys,
+      Array.from({ length: 50 }, (_, i) => `default/a${i}`),
+    );
+  });
+
+  test('template and worker writes are delivered to watchers of those kinds', async ({ store }) => {
+    const changes = await collect(store, ['template', 'worker'], 6, async () => {
+      await store.createTemplate(template('web'));
+      await store.setTemplateGolden('web', 'golden');
+      await store.putWorker(worker('w1'));
+      await store.claimWorker({ runtime: 'gvisor' }, { space: 'default', name: 'a1' });
+      await store.releaseWorker('w1', { space: 'default', name: 'a1' });
+      await store.deleteWorker('w1');
+    });
+    assert.deepEqual(
+      changes.map((c) => [c.kind, c.key, (c.value as Worker | undefined)?.state]),
+      [
+        ['template', 'web', undefined],
+        ['template', 'web', undefined],
+        ['worker', 'w1', 'free'],
+        ['worker', 'w1', 'busy'],
+        ['worker', 'w1', 'free'],
+        ['worker', 'w1', undefined],
+      ],
+    );
+    assert.equal((changes[1]!.value as Template).goldenSnapshot, 'golden');
+    assert.equal(changes[5]!.value, undefined);
+  });
+
+  test('a watch on an already aborted signal ends at once', async ({ store }) => {
+    const stream = store.watch(['actor'], AbortSignal.abort());
+    await store.createActor(actor('default', 'a1'));
+    const seen: Change[] = [];
+    for await (const change of stream) seen.push(change);
+    assert.deepEqual(seen, []);
+  });
+}
