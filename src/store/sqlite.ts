@@ -267,6 +267,20 @@ export class SqliteStore implements StateStore {
   }
 
   /** Idempotent: deleting a worker that is already gone is not an error (agents and reconcilers race to it). */
+  async renewWorkerLease(id: string, leaseExpiresAt: string): Promise<boolean> {
+    const at = Date.parse(leaseExpiresAt);
+    if (Number.isNaN(at)) {
+      throw new TorporError('INVALID_ARGUMENT', `leaseExpiresAt: not a timestamp: "${leaseExpiresAt}"`, {
+        field: 'leaseExpiresAt',
+      });
+    }
+    const row = this.#get(
+      `UPDATE workers SET lease_expires_at = ?, json = json_set(json, '$.leaseExpiresAt', ?) WHERE id = ? RETURNING json`,
+      [at, leaseExpiresAt, id],
+    );
+    return row !== undefined;
+  }
+
   async deleteWorker(id: string): Promise<void> {
     const deleted = this.#run('DELETE FROM workers WHERE id = ?', [id]);
     if (deleted > 0) this.#publish('worker', id, undefined);

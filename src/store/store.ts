@@ -42,6 +42,9 @@ export interface StateStore {
 
   /** Insert or replace (the agent owning the worker calls this on start and on every lease renewal). */
   putWorker(w: Worker): Promise<Worker>;
+  /** Extends only the lease, never touching claim state (an agent's heartbeat must not race a claim).
+   * Returns false when the worker is not registered. */
+  renewWorkerLease(id: string, leaseExpiresAt: string): Promise<boolean>;
   getWorker(id: string): Promise<Worker | undefined>;
   listWorkers(opts?: ListOptions): Promise<Page<Worker>>;
   deleteWorker(id: string): Promise<void>;

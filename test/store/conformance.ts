@@ -379,6 +379,19 @@ function workerTests(test: Register): void {
     assert.equal((await store.claimWorker({ runtime: 'gvisor' }, who(1)))?.id, 'stale');
   });
 
+  test('renewWorkerLease extends the lease and keeps a concurrent claim', async ({ store }) => {
+    await store.putWorker(worker('r1', { leaseExpiresAt: new Date(Date.now() + 50).toISOString() }));
+    assert.equal((await store.claimWorker({ runtime: 'gvisor' }, who(1)))?.id, 'r1');
+    const later = new Date(Date.now() + 60_000).toISOString();
+    assert.equal(await store.renewWorkerLease('r1', later), true);
+    const renewed = await store.getWorker('r1');
+    assert.equal(renewed?.leaseExpiresAt, later);
+    assert.equal(renewed?.state, 'busy');
+    assert.deepEqual(renewed?.actor, who(1));
+    assert.equal(await store.renewWorkerLease('missing', later), false);
+    assert.equal(await store.getWorker('missing'), undefined);
+  });
+
   test('only workers of the requested runtime are claimed', async ({ store }) => {
     await store.putWorker(worker('g1', { runtime: 'gvisor' }));
     await store.putWorker(worker('m1', { runtime: 'microvm' }));
