@@ -1,0 +1,325 @@
+// The node agent: owns this node's worker slots (each a network namespace plus a runtime state root), and turns
+// "activate this actor here" / "checkpoint it" into runtime calls, snapshot transfers and readiness checks.
+// It never decides *which* actor goes where: that is the control layer's job.
+import { createReadStream, existsSync } from 'node:fs';
+import { mkdir, rm, stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import type { Readable } from 'node:stream';
+import type { Logger } from 'pino';
+import type { BlobStore } from '../blob/blob.ts';
+import { FsBlobStore } from '../blob/fs.ts';
+import { TorporError } from '../core/errors.ts';
+import type { ActorRef, Phases, SnapshotManifest, Template, Worker } from '../core/types.ts';
+import type { ImageStore } from '../image/store.ts';
+import { WorkerNetwork } from '../net/worker-net.ts';
+import type { ExecResult, Sandbox, SandboxRuntime } from '../runtime/runtime.ts';
+import { restoreSnapshot, writeSnapshot } from '../snapshot/index.ts';
+import type { StateStore } from '../store/store.ts';
+import { waitReady } from './ready.ts';
+
+export interface WorkerSlot {
+  id: string;
+  index: number;
+  net: WorkerNetwork;
+  runtime: SandboxRuntime;
+  dir: string;
+  sandbox?: Sandbox;
+  actor?: ActorRef;
+  /** Set while the previous sandbox is being torn down: the slot is not free until it settles. */
+  teardown?: Promise<void>;
+}
+
+export interface NodeAgentOptions {
+  node: string;
+  dataDir: string;
+  workers: number;
+  /** First network index of this node's workers (indices must be unique on the machine). */
+  indexBase: number;
+  store: StateStore;
+  blob: BlobStore;
+  images: ImageStore;
+  makeRuntime: (stateRoot: string) => SandboxRuntime;
+  log: Logger;
+  leaseMs?: number;
+}
+
+export interface ActivateRequest {
+  workerId: string;
+  actor: ActorRef;
+  template: Template;
+  /** Durable snapshot to restore; none = boot from the image. */
+  snapshot?: string;
+  /** Node-local checkpoint directory (a paused actor's), restored in preference to `snapshot`. */
+  localSnapshot?: string;
+}
+
+export interface ActivateResult {
+  address: string;
+  phases: Phases;
+}
+
+export interface CheckpointRequest {
+  workerId: string;
+  actor: ActorRef;
+  template: Template;
+  /** Manifest key to write; the manifest is the commit marker. */
+  manifestKey: string;
+  parent: string | null;
+}
+
+export interface SnapshotStats {
+  rawBytes: number;
+  storedBytes: number;
+  uploadedChunks: number;
+  reusedChunks: number;
+  zeroChunks: number;
+  totalChunks: number;
+}
+
+export interface CheckpointResult {
+  manifest: SnapshotManifest;
+  stats: SnapshotStats;
+  phases: Phases;
+}
+
+const since = (t0: number): number => Math.round(performance.now() - t0);
+
+/** Sandbox ids are per worker and per actor: a retry of the same actor on the same worker collides on purpose,
+ * so its leftovers are cleaned before the next run. */
+export function sandboxId(workerId: string, actor: ActorRef): string {
+  return `${workerId}--${actor.space}--${actor.name}`;
+}
+
+export class NodeAgent {
+  readonly node: string;
+  readonly slots = new Map<string, WorkerSlot>();
+  private readonly opts: NodeAgentOptions;
+  private readonly chunkCache: FsBlobStore;
+  private renewTimer?: NodeJS.Timeout;
+  private readonly leaseMs: number;
+
+  constructor(opts: NodeAgentOptions) {
+    this.opts = opts;
+    this.node = opts.node;
+    this.leaseMs = opts.leaseMs ?? 15_000;
+    // Chunks this node has uploaded or fetched: a resume here needs no download for them.
+    this.chunkCache = new FsBlobStore(join(this.nodeDir, 'chunks'));
+    for (let i = 0; i < opts.workers; i++) {
+      const id = `${opts.node}-w${i}`;
+      const index = opts.indexBase + i;
+      const dir = join(this.nodeDir, 'workers', id);
+      this.slots.set(id, {
+        id,
+        index,
+        dir,
+        net: new WorkerNetwork({ index, namespace: `torpor-${id}` }),
+        runtime: opts.makeRuntime(join(dir, 'runsc')),
+      });
+    }
+  }
+
+  get nodeDir(): string {
+    return join(this.opts.dataDir, 'nodes', this.node);
+  }
+
+  get cache(): BlobStore {
+    return this.chunkCache;
+  }
+
+  /** Prepares every slot (cleaning leftovers of an earlier process) and registers the workers. */
+  async start(): Promise<void> {
+    for (const slot of this.slots.values()) {
+      for (const id of await slot.runtime.list()) await slot.runtime.destroy(id);
+      await slot.net.ensureNamespace();
+      await slot.net.removeLink();
+      await this.registerWorker(slot, undefined);
+    }
+    this.renewTimer = setInterval(() => void this.renewLeases(), Math.max(500, this.leaseMs / 3));
+    this.renewTimer.unref();
+  }
+
+  async stop(): Promise<void> {
+    clearInterval(this.renewTimer);
+    for (const slot of this.slots.values()) {
+      await slot.teardown;
+      if (slot.sandbox) await slot.runtime.destroy(slot.sandbox.id);
+      slot.sandbox = undefined;
+      await slot.net.destroy();
+      await this.opts.store.deleteWorker(slot.id);
+    }
+  }
+
+  private leaseExpiry(): string {
+    return new Date(Date.now() + this.leaseMs).toISOString();
+  }
+
+  private async registerWorker(slot: WorkerSlot, actor: ActorRef | undefined): Promise<Worker> {
+    const worker: Worker = {
+      id: slot.id,
+      node: this.node,
+      runtime: 'gvisor',
+      state: actor ? 'busy' : 'free',
+      host: slot.net.sandboxAddress,
+      leaseExpiresAt: this.leaseExpiry(),
+      ...(actor ? { actor } : {}),
+    };
+    return this.opts.store.putWorker(worker);
+  }
+
+  /** Heartbeat: extends each worker's lease without touching its claim (the control layer owns claims). */
+  private async renewLeases(): Promise<void> {
+    for (const slot of this.slots.values()) {
+      await this.opts.store.renewWorkerLease(slot.id, this.leaseExpiry()).catch((err: unknown) => {
+        this.opts.log.warn({ err, worker: slot.id }, 'lease renewal failed');
+      });
+    }
+  }
+
+  slot(workerId: string): WorkerSlot {
+    const slot = this.slots.get(workerId);
+    if (!slot) throw new TorporError('NOT_FOUND', `worker "${workerId}" is not on node ${this.node}`, { field: 'worker' });
+    return slot;
+  }
+
+  /** Restores (or boots) the actor on the worker and waits until it is ready. */
+  async activate(req: ActivateRequest): Promise<ActivateResult> {
+    const slot = this.slot(req.workerId);
+    const phases: Phases = {};
+    let t0 = performance.now();
+    await slot.teardown;
+    if (slot.sandbox) await slot.runtime.destroy(slot.sandbox.id);
+    slot.sandbox = undefined;
+    const image = await this.opts.images.resolve(req.template.image);
+    await slot.net.freshLink();
+    phases.prepare = since(t0);
+
+    const workDir = join(slot.dir, 'activation');
+    await rm(workDir, { recursive: true, force: true });
+    await mkdir(workDir, { recursive: true });
+    const spec = {
+      id: sandboxId(slot.id, req.actor),
+      actorId: `${req.actor.space}/${req.actor.name}`,
+      rootfs: image.rootfs,
+      image: image.config,
+      command: req.template.command,
+      env: req.template.env,
+      memoryMiB: req.template.resources.memoryMiB,
+      vcpus: req.template.resources.vcpus,
+      netnsPath: slot.net.netnsPath,
+      workDir,
+      logFile: this.logPath(req.actor),
+    };
+    await mkdir(join(this.nodeDir, 'logs', req.actor.space), { recursive: true });
+    try {
+      const localDir = req.localSnapshot && existsSync(req.localSnapshot) ? req.localSnapshot : undefined;
+      if (localDir) {
+        const { sandbox, phases: p } = await slot.runtime.restore(spec, localDir, []);
+        slot.sandbox = sandbox;
+        Object.assign(phases, p);
+      } else if (req.snapshot) {
+        t0 = performance.now();
+        const dir = join(workDir, 'checkpoint');
+        const restored = await restoreSnapshot({ blob: this.opts.blob, key: req.snapshot, dir, cache: this.chunkCache });
+        phases.fetch = since(t0);
+        const files = restored.manifest.files.map((f) => f.name);
+        const { sandbox, phases: p } = await slot.runtime.restore(spec, dir, files);
+        slot.sandbox = sandbox;
+        Object.assign(phases, p);
+      } else {
+        t0 = performance.now();
+        slot.sandbox = await slot.runtime.run(spec);
+        phases.boot = since(t0);
+      }
+      slot.actor = req.actor;
+      const readiness = req.template.readiness;
+      const readyPort = readiness.port ?? req.template.port;
+      phases.ready = await waitReady(
+        `http://${slot.net.sandboxAddress}:${readyPort}${readiness.path}`,
+        readiness.timeoutSeconds * 1000,
+      );
+    } catch (err) {
+      await this.release(slot.id);
+      throw err;
+    }
+    return { address: `${slot.net.sandboxAddress}:${req.template.port}`, phases };
+  }
+
+  /** Checkpoints the actor into a node-local directory (the sandbox stops). Teardown runs in the background. */
+  async checkpointLocal(workerId: string, dir: string): Promise<{ files: string[]; phases: Phases }> {
+    const slot = this.slot(workerId);
+    if (!slot.sandbox) throw new TorporError('FAILED_PRECONDITION', `worker ${workerId} runs no actor`, { field: 'worker' });
+    const sandbox = slot.sandbox;
+    const result = await slot.runtime.checkpoint(sandbox, dir);
+    slot.sandbox = undefined;
+    slot.teardown = this.tearDown(slot, sandbox.id);
+    return result;
+  }
+
+  private async tearDown(slot: WorkerSlot, id: string): Promise<void> {
+    try {
+      await slot.runtime.destroy(id);
+      await slot.net.removeLink();
+    } catch (err) {
+      this.opts.log.warn({ err, worker: slot.id }, 'teardown failed');
+    }
+  }
+
+  /** Uploads a local checkpoint as a durable snapshot (chunks first, manifest last). */
+  async upload(req: Omit<CheckpointRequest, 'workerId'>, dir: string, files: string[]): Promise<CheckpointResult> {
+    const runtime = [...this.slots.values()][0]!.runtime;
+    const result = await writeSnapshot({
+      blob: this.opts.blob,
+      dir,
+      files,
+      key: req.manifestKey,
+      meta: { runtime: runtime.name, template: req.template.name, assets: runtime.assets, parent: req.parent },
+      cache: this.chunkCache,
+    });
+    const { phases: uploadPhases, ...stats } = result.stats;
+    return { manifest: result.manifest, stats, phases: { ...uploadPhases } };
+  }
+
+  /** Checkpoint + durable upload: what a suspend does on the node. */
+  async checkpoint(req: CheckpointRequest): Promise<CheckpointResult> {
+    const dir = join(this.nodeDir, 'checkpoints', req.actor.space, req.actor.name);
+    const local = await this.checkpointLocal(req.workerId, dir);
+    try {
+      const uploaded = await this.upload(req, dir, local.files);
+      return { ...uploaded, phases: { ...local.phases, ...uploaded.phases } };
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  }
+
+  /** Stops whatever runs on the worker without a snapshot (delete, failed activation). Idempotent. */
+  async release(workerId: string): Promise<void> {
+    const slot = this.slot(workerId);
+    await slot.teardown;
+    if (slot.sandbox) await slot.runtime.destroy(slot.sandbox.id);
+    slot.sandbox = undefined;
+    slot.actor = undefined;
+    await slot.net.removeLink();
+  }
+
+  /** Resolves when the worker's previous sandbox is fully gone (the worker may be handed out again). */
+  async settled(workerId: string): Promise<void> {
+    await this.slot(workerId).teardown;
+  }
+
+  async exec(workerId: string, command: string[], timeoutMs: number): Promise<ExecResult> {
+    const slot = this.slot(workerId);
+    if (!slot.sandbox) throw new TorporError('FAILED_PRECONDITION', 'actor is not running', { field: 'status' });
+    return slot.runtime.exec(slot.sandbox, command, timeoutMs);
+  }
+
+  logPath(actor: ActorRef): string {
+    return join(this.nodeDir, 'logs', actor.space, `${actor.name}.log`);
+  }
+
+  /** The actor's stdout/stderr from every activation on this node. */
+  async logs(actor: ActorRef): Promise<{ path: string; size: number; read: (start: number) => Readable }> {
+    const path = this.logPath(actor);
+    const size = (await stat(path).catch(() => ({ size: 0 }))).size;
+    return { path, size, read: (start) => createReadStream(path, { start }) };
+  }
+}

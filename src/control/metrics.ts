@@ -1,0 +1,35 @@
+// Prometheus metrics for lifecycle operations: counts by kind and result, and per-phase durations.
+import { Counter, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+import type { Phases } from '../core/types.ts';
+
+export class Metrics {
+  readonly registry = new Registry();
+  readonly operations = new Counter({
+    name: 'torpor_operations_total',
+    help: 'Lifecycle operations by kind and result',
+    labelNames: ['operation', 'result'] as const,
+    registers: [this.registry],
+  });
+  readonly phases = new Histogram({
+    name: 'torpor_operation_phase_seconds',
+    help: 'Duration of each phase of a lifecycle operation',
+    labelNames: ['operation', 'phase'] as const,
+    buckets: [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
+    registers: [this.registry],
+  });
+  readonly snapshotBytes = new Counter({
+    name: 'torpor_snapshot_bytes_total',
+    help: 'Snapshot bytes: raw (as checkpointed) and stored (compressed, new chunks only)',
+    labelNames: ['kind'] as const,
+    registers: [this.registry],
+  });
+
+  constructor() {
+    collectDefaultMetrics({ register: this.registry, prefix: 'torpor_process_' });
+  }
+
+  record(operation: string, result: 'ok' | 'error', phases: Phases): void {
+    this.operations.inc({ operation, result });
+    for (const [phase, ms] of Object.entries(phases)) this.phases.observe({ operation, phase }, ms / 1000);
+  }
+}

@@ -1,0 +1,179 @@
+// gVisor runtime: each activation is an OCI bundle run by runsc in the worker's network namespace.
+// runsc is detected, not assumed: flags that older releases lack (-net-disconnect-ok, -overlay2, checkpoint
+// -compression) are used only when `runsc flags` / `runsc help checkpoint` list them.
+import { createHash } from 'node:crypto';
+import { closeSync, createReadStream, existsSync, openSync } from 'node:fs';
+import { mkdir, readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { TorporError } from '../../core/errors.ts';
+import type { Phases } from '../../core/types.ts';
+import { type RunOptions, run } from '../../sys/run.ts';
+import type { ActivationSpec, CheckpointResult, ExecResult, Sandbox, SandboxRuntime } from '../runtime.ts';
+import { buildOciSpec } from './spec.ts';
+
+export interface RunscFeatures {
+  version: string;
+  netDisconnectOk: boolean;
+  overlay2: boolean;
+  checkpointCompression: boolean;
+}
+
+export async function detectRunsc(path: string): Promise<RunscFeatures> {
+  const version = (await run(path, ['--version'])).stdout.split('\n')[0]?.trim() ?? 'unknown';
+  // `runsc flags` and `runsc help <cmd>` print to stderr on some releases and exit non-zero on others.
+  const flags = await run(path, ['flags'], { okCodes: [0, 1, 2] });
+  const checkpointHelp = await run(path, ['help', 'checkpoint'], { okCodes: [0, 1, 2] });
+  const flagText = flags.stdout + flags.stderr;
+  const cpText = checkpointHelp.stdout + checkpointHelp.stderr;
+  return {
+    version,
+    netDisconnectOk: flagText.includes('-net-disconnect-ok'),
+    overlay2: flagText.includes('-overlay2'),
+    checkpointCompression: cpText.includes('-compression'),
+  };
+}
+
+export async function sha256File(path: string): Promise<string> {
+  const hash = createHash('sha256');
+  for await (const chunk of createReadStream(path)) hash.update(chunk as Buffer);
+  return hash.digest('hex');
+}
+
+export interface GvisorOptions {
+  runsc: string;
+  features: RunscFeatures;
+  /** Pinned identity of the runsc binary, recorded in snapshot manifests. */
+  asset: { url: string; sha256: string };
+  /** runsc --root: per worker, so `list` and leftovers are scoped to one slot. */
+  stateRoot: string;
+}
+
+const since = (t0: number): number => Math.round(performance.now() - t0);
+
+function killQuietly(pid: number): void {
+  try {
+    process.kill(pid, 'SIGKILL');
+  } catch {
+    // already gone
+  }
+}
+
+async function waitGone(pid: number, timeoutMs: number): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (existsSync(`/proc/${pid}`) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
+}
+
+export class GvisorRuntime implements SandboxRuntime {
+  readonly name = 'gvisor' as const;
+  readonly assets: Record<string, { url: string; sha256: string }>;
+  private readonly opts: GvisorOptions;
+
+  constructor(opts: GvisorOptions) {
+    this.opts = opts;
+    this.assets = { runsc: opts.asset };
+  }
+
+  private globalArgs(): string[] {
+    const args = ['--root', this.opts.stateRoot];
+    // Without it any TCP connection the actor ever closed (TIME_WAIT) makes checkpoint fail.
+    if (this.opts.features.netDisconnectOk) args.push('--net-disconnect-ok');
+    // The rootfs is a shared, cached unpack of the image: writes go to sandbox memory (and so into the
+    // checkpoint), never into the cache.
+    if (this.opts.features.overlay2) args.push('--overlay2=root:memory');
+    return args;
+  }
+
+  private runsc(args: string[], opts: RunOptions = {}) {
+    return run(this.opts.runsc, [...this.globalArgs(), ...args], { label: `runsc ${args[0]}`, ...opts });
+  }
+
+  private async prepareBundle(spec: ActivationSpec): Promise<string> {
+    const bundle = join(spec.workDir, 'bundle');
+    const identity = join(spec.workDir, 'identity');
+    await mkdir(bundle, { recursive: true });
+    await mkdir(identity, { recursive: true });
+    // Written fresh at every run and restore: an env var would be frozen in the snapshot.
+    await writeFile(join(identity, 'actor-id'), spec.actorId);
+    await writeFile(join(bundle, 'config.json'), JSON.stringify(buildOciSpec(spec, identity)));
+    await mkdir(this.opts.stateRoot, { recursive: true });
+    return bundle;
+  }
+
+  /** Starts a detached runsc command whose sandbox writes stdout/stderr to the activation's log file. */
+  private async startDetached(args: string[], logFile: string): Promise<void> {
+    // A detached sandbox inherits the caller's stdio: hand it a file, or pipes never close.
+    const fd = openSync(logFile, 'a');
+    try {
+      await this.runsc(args, { stdio: ['ignore', fd, fd] });
+    } catch (err) {
+      const tail = (await readFile(logFile, 'utf8').catch(() => '')).trim().split('\n').slice(-3).join(' | ');
+      throw new TorporError('RUNTIME_ERROR', `runsc ${args[0]} failed${tail ? `: ${tail}` : ''}`, { cause: err });
+    } finally {
+      closeSync(fd);
+    }
+  }
+
+  async run(spec: ActivationSpec): Promise<Sandbox> {
+    await this.destroy(spec.id);
+    const bundle = await this.prepareBundle(spec);
+    const logFile = spec.logFile;
+    await this.startDetached(['run', '--detach', '--bundle', bundle, spec.id], logFile);
+    return { id: spec.id, spec, logFile };
+  }
+
+  async checkpoint(sandbox: Sandbox, dir: string): Promise<CheckpointResult> {
+    const phases: Phases = {};
+    await rm(dir, { recursive: true, force: true });
+    await mkdir(dir, { recursive: true });
+    let t0 = performance.now();
+    // Our snapshot layer compresses and deduplicates chunks; runsc's own compression would defeat dedup.
+    const compression = this.opts.features.checkpointCompression ? ['--compression=none'] : [];
+    await this.runsc(['checkpoint', ...compression, '--image-path', dir, sandbox.id], { timeoutMs: 120_000 });
+    phases.checkpoint = since(t0);
+    const files = (await readdir(dir, { withFileTypes: true })).filter((e) => e.isFile()).map((e) => e.name);
+    return { files: files.sort(), phases };
+  }
+
+  async restore(spec: ActivationSpec, dir: string, _files: string[]): Promise<{ sandbox: Sandbox; phases: Phases }> {
+    const phases: Phases = {};
+    let t0 = performance.now();
+    await this.destroy(spec.id);
+    const bundle = await this.prepareBundle(spec);
+    phases.prepare = since(t0);
+    t0 = performance.now();
+    const logFile = spec.logFile;
+    await this.startDetached(['restore', '--detach', '--image-path', dir, '--bundle', bundle, spec.id], logFile);
+    phases.restore = since(t0);
+    return { sandbox: { id: spec.id, spec, logFile }, phases };
+  }
+
+  async exec(sandbox: Sandbox, command: string[], timeoutMs: number): Promise<ExecResult> {
+    const result = await this.runsc(['exec', sandbox.id, ...command], {
+      timeoutMs,
+      okCodes: Array.from({ length: 256 }, (_, i) => i),
+    });
+    return { exitCode: result.code, stdout: result.stdout, stderr: result.stderr };
+  }
+
+  async destroy(id: string): Promise<void> {
+    if (!(await this.knows(id))) return;
+    // A stopped sandbox takes over a second to exit on its own (the kernel tears down its address space);
+    // SIGKILL first so `delete` does not wait out its own grace period on top of that.
+    const state = await this.runsc(['state', id], { okCodes: [0, 1, 128] });
+    const pid = state.code === 0 ? (JSON.parse(state.stdout) as { pid?: number }).pid : undefined;
+    if (pid && pid > 0) killQuietly(pid);
+    await this.runsc(['delete', '--force', id], { okCodes: [0, 1, 128] });
+    if (pid && pid > 0) await waitGone(pid, 10_000);
+  }
+
+  /** Whether runsc has state for `id` under this root (cheaper than spawning runsc for a sandbox never run). */
+  private async knows(id: string): Promise<boolean> {
+    const entries = await readdir(this.opts.stateRoot).catch(() => [] as string[]);
+    return entries.some((e) => e.includes(id));
+  }
+
+  async list(): Promise<string[]> {
+    const out = await this.runsc(['list', '--quiet'], { okCodes: [0, 1] });
+    return out.stdout.split('\n').filter(Boolean);
+  }
+}

@@ -1,0 +1,63 @@
+// SandboxRuntime: runs one actor on one worker slot, and checkpoints/restores it. Implementations:
+// gvisor (runsc); later microvm. The agent owns orchestration; a runtime only knows sandboxes.
+import type { Phases } from '../core/types.ts';
+
+export interface ImageConfigView {
+  entrypoint: string[];
+  cmd: string[];
+  env: string[];
+  workingDir: string;
+}
+
+export interface ActivationSpec {
+  /** Sandbox id, unique on the node: derived from worker and actor so retries of one actor collide on purpose. */
+  id: string;
+  /** `space/name`, written to /run/torpor/actor-id at every run and restore. */
+  actorId: string;
+  rootfs: string;
+  image: ImageConfigView;
+  command: string[];
+  env: Record<string, string>;
+  memoryMiB: number;
+  vcpus: number;
+  /** Path of the network namespace the sandbox joins (prepared by the worker's network). */
+  netnsPath: string;
+  /** Directory private to this activation (bundle, actor-id file). */
+  workDir: string;
+  /** The actor's stdout and stderr are appended here (kept across activations on a node). */
+  logFile: string;
+}
+
+export interface Sandbox {
+  id: string;
+  spec: ActivationSpec;
+  logFile: string;
+}
+
+export interface CheckpointResult {
+  /** Exactly the files the runtime wrote, relative to the checkpoint directory. */
+  files: string[];
+  phases: Phases;
+}
+
+export interface ExecResult {
+  exitCode: number;
+  stdout: string;
+  stderr: string;
+}
+
+export interface SandboxRuntime {
+  readonly name: 'gvisor' | 'microvm';
+  /** Pinned binaries of this runtime, recorded in every snapshot manifest. */
+  readonly assets: Record<string, { url: string; sha256: string }>;
+  run(spec: ActivationSpec): Promise<Sandbox>;
+  /** Saves the sandbox's state in `dir` and stops it; `destroy` then releases what is left (it can be slow, so the
+   * caller may run it off the critical path). */
+  checkpoint(sandbox: Sandbox, dir: string): Promise<CheckpointResult>;
+  restore(spec: ActivationSpec, dir: string, files: string[]): Promise<{ sandbox: Sandbox; phases: Phases }>;
+  exec(sandbox: Sandbox, command: string[], timeoutMs: number): Promise<ExecResult>;
+  /** Idempotent: destroying a sandbox that is gone (or never started) succeeds. */
+  destroy(id: string): Promise<void>;
+  /** Ids of sandboxes this runtime knows about on this worker root (for cleaning leftovers). */
+  list(): Promise<string[]>;
+}
