@@ -1,0 +1,30 @@
+// Snapshot format v1: content-addressed, compressed, deduplicated chunks plus a manifest written last.
+export { collectGarbage, type GcOptions, type GcResult } from './gc.ts';
+export {
+  CHUNK_PREFIX,
+  chunkKey,
+  DEFAULT_MANIFEST_PREFIX,
+  decodeManifest,
+  encodeManifest,
+  manifestKeyFor,
+  newSnapshotId,
+  readManifest,
+  snapshotManifestSchema,
+} from './manifest.ts';
+export {
+  PARTIAL_SUFFIX,
+  type RestoreSnapshotOptions,
+  type RestoreSnapshotResult,
+  type RestoreSnapshotStats,
+  restoreSnapshot,
+} from './restore.ts';
+export type { ProgressListener, TransferProgress } from './transfer.ts';
+export {
+  DEFAULT_CHUNK_SIZE,
+  DEFAULT_CONCURRENCY,
+  type SnapshotMeta,
+  type WriteSnapshotOptions,
+  type WriteSnapshotResult,
+  type WriteSnapshotStats,
+  writeSnapshot,
+} from './write.ts';

@@ -1,0 +1,223 @@
+// writeSnapshot: turns the files a runtime checkpointed into a v1 snapshot in a BlobStore.
+// Files are read one chunk at a time; each chunk is named by the sha256 of its bytes, so a chunk the store
+// already holds (from this actor's last snapshot, its template's golden snapshot, any other actor) is not
+// uploaded again. All-zero chunks (most of a memory image) are not stored at all. The manifest goes last.
+import { type FileHandle, open, stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { zstdCompress } from 'node:zlib';
+import type { BlobStore } from '../blob/blob.ts';
+import { assertValidKey, unsafePathReason } from '../blob/keys.ts';
+import { TorporError } from '../core/errors.ts';
+import { parse, type RuntimeClass } from '../core/schemas.ts';
+import type { Asset, ManifestFile, SnapshotManifest } from '../core/types.ts';
+import { chunkKey, encodeManifest, snapshotManifestSchema } from './manifest.ts';
+import { TaskPool } from './pool.ts';
+import { elapsedMs, ProgressCounter, type ProgressListener, positiveInteger, roundMs, sha256Hex } from './transfer.ts';
+
+const compress = promisify(zstdCompress);
+
+export const DEFAULT_CHUNK_SIZE = 1024 * 1024;
+export const DEFAULT_CONCURRENCY = 8;
+
+export interface SnapshotMeta {
+  runtime: RuntimeClass;
+  template: string;
+  assets: Record<string, Asset>;
+  parent: string | null;
+}
+
+export interface WriteSnapshotOptions {
+  blob: BlobStore;
+  /** Directory holding the checkpoint. */
+  dir: string;
+  /** Names relative to `dir`, exactly the files the runtime reported. */
+  files: string[];
+  /** Manifest key (see manifestKeyFor). */
+  key: string;
+  meta: SnapshotMeta;
+  chunkSize?: number;
+  /** Chunks in flight (being compressed or uploaded) at once; also bounds memory to about this many chunks. */
+  concurrency?: number;
+  /** Node-local chunk cache: every chunk is kept there too, so a restore on this node fetches nothing. */
+  cache?: BlobStore;
+  onProgress?: ProgressListener;
+}
+
+export interface WriteSnapshotStats {
+  rawBytes: number;
+  /** Compressed bytes this call uploaded to `blob` (chunks the store already had cost nothing). */
+  storedBytes: number;
+  uploadedChunks: number;
+  /** Non-zero chunks not uploaded: already in the store, or repeated within this snapshot. */
+  reusedChunks: number;
+  zeroChunks: number;
+  totalChunks: number;
+  /** chunk: reading and hashing; upload: first upload start to last upload end (overlaps chunk); manifest. */
+  phases: { chunk: number; upload: number; manifest: number };
+}
+
+export interface WriteSnapshotResult {
+  manifest: SnapshotManifest;
+  stats: WriteSnapshotStats;
+}
+
+interface SnapshotFile {
+  name: string;
+  size: number;
+}
+
+/** Everything the chunking loop and the upload tasks share for one writeSnapshot call. */
+interface WriteContext {
+  blob: BlobStore;
+  cache: BlobStore | undefined;
+  chunkSize: number;
+  pool: TaskPool;
+  zeros: Buffer;
+  /** Hashes already handled in this call, so a chunk repeated across or within files is uploaded once. */
+  seen: Set<string>;
+  stats: Omit<WriteSnapshotStats, 'phases'>;
+  progress: ProgressCounter;
+  chunkMs: number;
+  uploadStartedAt: number | undefined;
+}
+
+export async function writeSnapshot(opts: WriteSnapshotOptions): Promise<WriteSnapshotResult> {
+  const chunkSize = positiveInteger(opts.chunkSize ?? DEFAULT_CHUNK_SIZE, 'chunkSize');
+  const concurrency = positiveInteger(opts.concurrency ?? DEFAULT_CONCURRENCY, 'concurrency');
+  assertValidKey(opts.key);
+  checkMeta(opts.meta, chunkSize);
+  const files = await statFiles(opts.dir, opts.files);
+  const rawBytes = files.reduce((sum, file) => sum + file.size, 0);
+  const ctx: WriteContext = {
+    blob: opts.blob,
+    cache: opts.cache,
+    chunkSize,
+    pool: new TaskPool(concurrency),
+    zeros: Buffer.alloc(chunkSize),
+    seen: new Set(),
+    stats: { rawBytes, storedBytes: 0, uploadedChunks: 0, reusedChunks: 0, zeroChunks: 0, totalChunks: 0 },
+    progress: new ProgressCounter(rawBytes, opts.onProgress),
+    chunkMs: 0,
+    uploadStartedAt: undefined,
+  };
+
+  const manifestFiles = await chunkAllFiles(ctx, opts.dir, files);
+  const upload = ctx.uploadStartedAt === undefined ? 0 : elapsedMs(ctx.uploadStartedAt);
+
+  // Only now, with every chunk durable, may the manifest (the commit marker) appear.
+  const manifestStart = performance.now();
+  const manifest: SnapshotManifest = {
+    version: 1,
+    ...opts.meta,
+    chunkSize,
+    files: manifestFiles,
+    createdAt: new Date().toISOString(),
+  };
+  await opts.blob.put(opts.key, encodeManifest(manifest));
+
+  const phases = { chunk: roundMs(ctx.chunkMs), upload, manifest: elapsedMs(manifestStart) };
+  return { manifest, stats: { ...ctx.stats, phases } };
+}
+
+/** Chunks every file in order, then waits for every upload; throws the first failure of either. */
+async function chunkAllFiles(ctx: WriteContext, dir: string, files: SnapshotFile[]): Promise<ManifestFile[]> {
+  const manifestFiles: ManifestFile[] = [];
+  await ctx.pool.run(async () => {
+    for (const file of files) manifestFiles.push(await chunkFile(ctx, dir, file));
+  });
+  return manifestFiles;
+}
+
+async function chunkFile(ctx: WriteContext, dir: string, file: SnapshotFile): Promise<ManifestFile> {
+  const handle = await open(join(dir, file.name), 'r');
+  try {
+    const chunks: (string | null)[] = [];
+    for (let offset = 0; offset < file.size; offset += ctx.chunkSize) {
+      const started = performance.now();
+      // A fresh buffer per chunk: the previous one may still be in an upload task.
+      const bytes = await readChunk(handle, file, offset, Math.min(ctx.chunkSize, file.size - offset));
+      const hash = isAllZero(bytes, ctx.zeros) ? null : sha256Hex(bytes);
+      ctx.chunkMs += performance.now() - started;
+      chunks.push(hash);
+      await handleChunk(ctx, hash, bytes);
+    }
+    return { name: file.name, size: file.size, chunks };
+  } finally {
+    await handle.close();
+  }
+}
+
+/** Counts the chunk and, if it is new to this call, queues its upload (waiting for a free slot). */
+async function handleChunk(ctx: WriteContext, hash: string | null, bytes: Buffer): Promise<void> {
+  ctx.stats.totalChunks++;
+  if (hash === null || ctx.seen.has(hash)) {
+    if (hash === null) ctx.stats.zeroChunks++;
+    else ctx.stats.reusedChunks++;
+    ctx.progress.add(bytes.length);
+    return;
+  }
+  ctx.seen.add(hash);
+  await ctx.pool.submit(() => uploadChunk(ctx, hash, bytes));
+}
+
+async function uploadChunk(ctx: WriteContext, hash: string, bytes: Buffer): Promise<void> {
+  ctx.uploadStartedAt ??= performance.now();
+  const key = chunkKey(hash);
+  const [inStore, inCache] = await Promise.all([ctx.blob.has(key), ctx.cache?.has(key) ?? true]);
+  if (inStore) ctx.stats.reusedChunks++;
+  if (!inStore || !inCache) {
+    const compressed = await compress(bytes);
+    if (!inStore) {
+      await ctx.blob.put(key, compressed);
+      ctx.stats.uploadedChunks++;
+      ctx.stats.storedBytes += compressed.length;
+    }
+    if (!inCache) await ctx.cache?.put(key, compressed);
+  }
+  ctx.progress.add(bytes.length);
+}
+
+async function readChunk(handle: FileHandle, file: SnapshotFile, position: number, length: number): Promise<Buffer> {
+  const bytes = Buffer.allocUnsafe(length);
+  for (let filled = 0; filled < length; ) {
+    const { bytesRead } = await handle.read(bytes, filled, length - filled, position + filled);
+    if (bytesRead === 0) {
+      throw new TorporError('FAILED_PRECONDITION', `file "${file.name}" shrank while it was being snapshotted`, {
+        field: 'files',
+      });
+    }
+    filled += bytesRead;
+  }
+  return bytes;
+}
+
+function isAllZero(bytes: Buffer, zeros: Buffer): boolean {
+  return bytes.equals(zeros.subarray(0, bytes.length));
+}
+
+/** Sizes of the listed files; a name that is unsafe, repeated, missing or not a regular file is refused. */
+async function statFiles(dir: string, names: string[]): Promise<SnapshotFile[]> {
+  const files: SnapshotFile[] = [];
+  const seen = new Set<string>();
+  for (const name of names) {
+    const reason = unsafePathReason(name);
+    if (reason !== undefined) throw badFile(`file name ${JSON.stringify(name)} ${reason}`);
+    if (seen.has(name)) throw badFile(`file "${name}" is listed twice`);
+    seen.add(name);
+    const info = await stat(join(dir, name)).catch(() => undefined);
+    if (!info?.isFile()) throw badFile(`file "${name}" is not a regular file in ${dir}`);
+    files.push({ name, size: info.size });
+  }
+  return files;
+}
+
+/** Validates the metadata before any upload, so a bad template name cannot produce an unreadable manifest. */
+function checkMeta(meta: SnapshotMeta, chunkSize: number): void {
+  const skeleton = { version: 1, ...meta, chunkSize, files: [], createdAt: new Date().toISOString() };
+  parse(snapshotManifestSchema, skeleton, 'meta');
+}
+
+function badFile(message: string): TorporError {
+  return new TorporError('INVALID_ARGUMENT', message, { field: 'files' });
+}
