@@ -112,7 +112,7 @@ export class NodeAgent {
         id,
         index,
         dir,
-        net: new WorkerNetwork({ index, namespace: `torpor-${id}` }),
+        net: new WorkerNetwork({ index, namespace: `torpor-net${index}` }),
         runtime: opts.makeRuntime(join(dir, 'runsc')),
       });
     }

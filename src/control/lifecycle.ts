@@ -454,6 +454,21 @@ export class Lifecycle {
     return agent.logs({ space, name });
   }
 
+  /** On shutdown: suspend every running actor so that its state survives the process. */
+  async suspendAll(): Promise<void> {
+    let cursor: string | undefined;
+    do {
+      const page = await this.o.store.listActors(undefined, { limit: 500, ...(cursor ? { cursor } : {}) });
+      for (const actor of page.items.filter((a) => a.status === 'RUNNING')) {
+        await this.suspend(actor.space, actor.name).catch((err: unknown) =>
+          this.o.log.warn({ err, actor: actorKey(actor) }, 'suspend on shutdown failed'),
+        );
+      }
+      cursor = page.nextCursor;
+    } while (cursor);
+    await Promise.allSettled([...this.pendingUploads.values(), ...this.goldenBuilds.values()]);
+  }
+
   // ---------------------------------------------------------------- reconciler
 
   /** Ends transitions that stalled (a crashed process, a worker whose lease expired) in a state that still has

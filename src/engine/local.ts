@@ -1,0 +1,101 @@
+// The local engine: node agents in this process, on this machine. One node by default; the networking issue
+// adds several, each in its own network namespace.
+import { existsSync } from 'node:fs';
+import { join } from 'node:path';
+import type { Logger } from 'pino';
+import { NodeAgent } from '../agent/agent.ts';
+import type { BlobStore } from '../blob/blob.ts';
+import { TorporError } from '../core/errors.ts';
+import type { ImageStore } from '../image/store.ts';
+import { detectRunsc, GvisorRuntime, type RunscFeatures, sha256File } from '../runtime/gvisor/runsc.ts';
+import type { StateStore } from '../store/store.ts';
+
+export interface LocalEngineOptions {
+  dataDir: string;
+  workers: number;
+  nodes?: number;
+  runsc: string;
+  store: StateStore;
+  blob: BlobStore;
+  images: ImageStore;
+  log: Logger;
+  /** First per-worker network index (so two Torpor instances on one machine can coexist). */
+  networkBase?: number;
+}
+
+export interface RunscAsset {
+  path: string;
+  sha256: string;
+  features: RunscFeatures;
+}
+
+/** Finds runsc: an explicit path, TORPOR_RUNSC, the asset built by scripts/setup.sh, then PATH. */
+export function locateRunsc(explicit?: string): string {
+  const candidates = [explicit, process.env.TORPOR_RUNSC, '/var/cache/torpor/assets/runsc', '/usr/local/bin/runsc', '/usr/bin/runsc'];
+  for (const c of candidates) if (c && existsSync(c)) return c;
+  throw new TorporError('FAILED_PRECONDITION', 'runsc not found: run scripts/setup.sh or pass --runsc PATH', {
+    field: 'runsc',
+  });
+}
+
+export async function loadRunscAsset(path: string, log: Logger): Promise<RunscAsset> {
+  const [features, sha256] = await Promise.all([detectRunsc(path), sha256File(path)]);
+  if (!features.netDisconnectOk) {
+    log.warn({ runsc: path, version: features.version }, 'runsc lacks -net-disconnect-ok: actors that served TCP cannot be checkpointed');
+  }
+  return { path, sha256, features };
+}
+
+export class LocalEngine {
+  private readonly nodes = new Map<string, NodeAgent>();
+  private readonly opts: LocalEngineOptions;
+
+  constructor(opts: LocalEngineOptions, runsc: RunscAsset) {
+    this.opts = opts;
+    const nodeCount = opts.nodes ?? 1;
+    const base = opts.networkBase ?? 0;
+    for (let n = 0; n < nodeCount; n++) {
+      const node = `node${n}`;
+      this.nodes.set(
+        node,
+        new NodeAgent({
+          node,
+          dataDir: opts.dataDir,
+          workers: opts.workers,
+          indexBase: base + n * opts.workers,
+          store: opts.store,
+          blob: opts.blob,
+          images: opts.images,
+          log: opts.log.child({ node }),
+          makeRuntime: (stateRoot) =>
+            new GvisorRuntime({
+              runsc: runsc.path,
+              features: runsc.features,
+              asset: { url: `file://${runsc.path}`, sha256: runsc.sha256 },
+              stateRoot,
+            }),
+        }),
+      );
+    }
+  }
+
+  agent(node: string): NodeAgent | undefined {
+    return this.nodes.get(node);
+  }
+
+  agents(): NodeAgent[] {
+    return [...this.nodes.values()];
+  }
+
+  async start(): Promise<void> {
+    for (const agent of this.nodes.values()) await agent.start();
+  }
+
+  async stop(): Promise<void> {
+    for (const agent of this.nodes.values()) await agent.stop();
+  }
+
+  get dataDir(): string {
+    return join(this.opts.dataDir);
+  }
+}

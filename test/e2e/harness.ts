@@ -1,0 +1,85 @@
+// Runs a real `torpor up` (as a user would) and the `torpor` CLI against it.
+import { type ChildProcess, execFile, spawn } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+
+const ROOT = resolve(import.meta.dirname, '../..');
+const BIN = join(ROOT, 'bin/torpor.js');
+
+/** Why the runsc tests cannot run here, or undefined when they can. */
+export function gvisorSkipReason(): string | undefined {
+  if (process.getuid?.() !== 0) return 'needs root (network namespaces, runsc)';
+  const runsc = process.env.TORPOR_RUNSC ?? '/var/cache/torpor/assets/runsc';
+  if (!existsSync(runsc)) return `runsc not found at ${runsc}: run scripts/setup.sh`;
+  if (!existsSync('/usr/sbin/ip') && !existsSync('/sbin/ip')) return 'iproute2 (ip) not installed';
+  return undefined;
+}
+
+export interface CliResult {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+export interface Torpor {
+  url: string;
+  dataDir: string;
+  cli: (...args: string[]) => Promise<CliResult>;
+  /** Runs the CLI with -o json and parses stdout; throws with stderr when it fails. */
+  json: <T = Record<string, unknown>>(...args: string[]) => Promise<T>;
+  stop: () => Promise<void>;
+  log: () => string;
+}
+
+export async function startTorpor(opts: { workers?: number; networkBase: number }): Promise<Torpor> {
+  const dataDir = await mkdtemp(join(tmpdir(), 'torpor-e2e-'));
+  const child: ChildProcess = spawn(
+    process.execPath,
+    [BIN, 'up', '--data-dir', dataDir, '--port', '0', '--workers', String(opts.workers ?? 2), '--network-base', String(opts.networkBase)],
+    { stdio: ['ignore', 'pipe', 'pipe'], env: process.env },
+  );
+  let output = '';
+  child.stdout?.on('data', (d: Buffer) => {
+    output += d.toString();
+  });
+  const url = await new Promise<string>((resolveUrl, reject) => {
+    const timer = setTimeout(() => reject(new Error(`torpor up did not start:\n${output}`)), 60_000);
+    child.stderr?.on('data', (d: Buffer) => {
+      output += d.toString();
+      const m = /listening on (http:\/\/\S+)/.exec(output);
+      if (m) {
+        clearTimeout(timer);
+        resolveUrl(m[1]!);
+      }
+    });
+    child.on('exit', (code) => {
+      clearTimeout(timer);
+      reject(new Error(`torpor up exited ${code}:\n${output}`));
+    });
+  });
+
+  const cli = (...args: string[]) =>
+    new Promise<CliResult>((done) => {
+      execFile(process.execPath, [BIN, ...args], { env: { ...process.env, TORPOR_SERVER: url }, timeout: 180_000 }, (err, stdout, stderr) => {
+        const code = err ? (typeof err.code === 'number' ? err.code : 1) : 0;
+        done({ code, stdout, stderr });
+      });
+    });
+  const json = async <T,>(...args: string[]): Promise<T> => {
+    const r = await cli(...args, '-o', 'json');
+    if (r.code !== 0) throw new Error(`torpor ${args.join(' ')} failed (${r.code}): ${r.stderr}`);
+    return JSON.parse(r.stdout) as T;
+  };
+  const stop = async () => {
+    if (child.exitCode === null) {
+      const exited = new Promise((r) => child.once('exit', r));
+      child.kill('SIGTERM');
+      await Promise.race([exited, new Promise((r) => setTimeout(r, 60_000))]);
+      if (child.exitCode === null) child.kill('SIGKILL');
+    }
+    await rm(dataDir, { recursive: true, force: true });
+  };
+  return { url, dataDir, cli, json, stop, log: () => output };
+}

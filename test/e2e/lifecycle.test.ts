@@ -1,0 +1,235 @@
+// The whole actor lifecycle through the CLI, against real runsc: create, talk, suspend, resume on the other
+// worker with memory intact; pause, fork, exec, logs, delete; and bad input that must change nothing.
+import assert from 'node:assert/strict';
+import { readdir, readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { counterImage } from '../fixtures/images.ts';
+import { gvisorSkipReason, startTorpor, type Torpor } from './harness.ts';
+
+interface Actor {
+  name: string;
+  space: string;
+  status: string;
+  version: number;
+  worker?: string;
+  address?: string;
+  snapshot?: string;
+  history: string[];
+  reason?: string;
+  lastOperation?: { kind: string; phases: Record<string, number> };
+}
+
+const skip = gvisorSkipReason();
+
+async function get(address: string, path = '/'): Promise<string> {
+  const res = await fetch(`http://${address}${path}`);
+  assert.equal(res.status, 200, `GET ${path} on ${address}`);
+  return (await res.text()).trim();
+}
+
+async function blobKeys(t: Torpor, prefix: string): Promise<string[]> {
+  const dir = join(t.dataDir, 'blobs', prefix);
+  const entries = await readdir(dir, { recursive: true, withFileTypes: true }).catch(() => []);
+  return entries.filter((e) => e.isFile()).map((e) => join(e.parentPath, e.name).slice(join(t.dataDir, 'blobs').length + 1));
+}
+
+async function manifestChunks(t: Torpor, key: string): Promise<string[]> {
+  const manifest = JSON.parse(await readFile(join(t.dataDir, 'blobs', key), 'utf8')) as {
+    files: { chunks: (string | null)[] }[];
+  };
+  return manifest.files.flatMap((f) => f.chunks).filter((c): c is string => c !== null);
+}
+
+describe('actor lifecycle through the CLI (gVisor)', { skip }, () => {
+  let t: Torpor;
+  let templateFile: string;
+
+  before(async () => {
+    const image = await counterImage();
+    t = await startTorpor({ workers: 2, networkBase: 40 });
+    templateFile = join(t.dataDir, 'counter.yaml');
+    await writeFile(
+      templateFile,
+      [
+        'name: counter',
+        `image: ${image}`,
+        'port: 8080',
+        'readiness: { path: /healthz, timeoutSeconds: 20 }',
+        'resources: { memoryMiB: 128, vcpus: 1 }',
+        'snapshot: { retain: 2 }',
+        '',
+      ].join('\n'),
+    );
+  });
+  after(async () => {
+    await t?.stop();
+  });
+
+  test('template apply is idempotent and takes a golden snapshot', async () => {
+    const created = await t.json<{ name: string }>('template', 'apply', '-f', templateFile);
+    assert.equal(created.name, 'counter');
+    const again = await t.json<{ name: string; createdAt: string }>('template', 'apply', '-f', templateFile);
+    assert.equal(again.name, 'counter');
+  });
+
+  test('requests 1, 2, 3; suspend; resume on the other worker; the next request returns 4', async () => {
+    const created = await t.json<Actor>('actor', 'create', 'c1', '--template', 'counter');
+    assert.equal(created.status, 'SUSPENDED');
+    assert.match(created.snapshot ?? '', /^snapshots\/_golden\/counter\//, 'first resume restores the golden snapshot');
+
+    const running = await t.json<Actor>('actor', 'resume', 'c1');
+    assert.equal(running.status, 'RUNNING');
+    assert.ok(running.address && running.worker);
+    assert.ok((running.lastOperation?.phases.restore ?? 0) > 0, 'resumed by restore, not boot');
+    assert.deepEqual([await get(running.address), await get(running.address), await get(running.address)], ['1', '2', '3']);
+    assert.equal(await get(running.address, '/id'), 'default/c1');
+
+    const suspended = await t.json<Actor>('actor', 'suspend', 'c1');
+    assert.equal(suspended.status, 'SUSPENDED');
+    assert.equal(suspended.worker, undefined);
+    assert.match(suspended.snapshot ?? '', /^snapshots\/default\/c1\//);
+    assert.ok((suspended.lastOperation?.phases.checkpoint ?? -1) >= 0);
+
+    const workers = await t.json<{ items: { id: string }[] }>('worker', 'list');
+    const other = workers.items.map((w) => w.id).find((id) => id !== running.worker);
+    assert.ok(other, 'there is another worker');
+    // The first worker frees itself after teardown; resuming on the *other* one must not wait for it.
+    const resumed = await t.json<Actor>('actor', 'resume', 'c1', '--worker', other);
+    assert.equal(resumed.status, 'RUNNING');
+    assert.equal(resumed.worker, other);
+    assert.equal(await get(resumed.address!), '4');
+    assert.equal(await get(resumed.address!, '/id'), 'default/c1');
+
+    // The blob store holds exactly the chunks its manifests list: nothing missing, nothing orphaned.
+    const manifests = (await blobKeys(t, 'snapshots')).filter((k) => k.endsWith('manifest.json'));
+    assert.ok(manifests.includes(suspended.snapshot!));
+    const referenced = new Set<string>();
+    for (const m of manifests) for (const c of await manifestChunks(t, m)) referenced.add(`chunks/${c}`);
+    assert.deepEqual(new Set(await blobKeys(t, 'chunks')), referenced);
+  });
+
+  test('pause keeps the checkpoint on the node and resumes from it', async () => {
+    const paused = await t.json<Actor>('actor', 'pause', 'c1');
+    assert.equal(paused.status, 'PAUSED');
+    const resumed = await t.json<Actor>('actor', 'resume', 'c1');
+    assert.equal(resumed.status, 'RUNNING');
+    assert.equal(resumed.lastOperation?.phases.fetch, undefined, 'restored from the node, no fetch');
+    assert.equal(await get(resumed.address!), '5');
+  });
+
+  test('exec runs a command inside the running actor; logs show its output', async () => {
+    const r = await t.cli('actor', 'exec', 'c1', '--', '/bin/busybox', 'cat', '/run/torpor/actor-id');
+    assert.equal(r.code, 0, r.stderr);
+    assert.equal(r.stdout.trim(), 'default/c1');
+    const failing = await t.cli('actor', 'exec', 'c1', '--', '/bin/busybox', 'false');
+    assert.equal(failing.code, 1);
+    const logs = await t.cli('actor', 'logs', 'c1');
+    assert.equal(logs.code, 0, logs.stderr);
+    assert.match(logs.stdout, /count 5/);
+  });
+
+  test('fork starts a new actor from the latest snapshot; suspends are idempotent', async () => {
+    const s1 = await t.json<Actor>('actor', 'suspend', 'c1');
+    const s2 = await t.json<Actor>('actor', 'suspend', 'c1');
+    assert.equal(s2.version, s1.version, 'a repeated suspend changes nothing');
+    const fork = await t.json<Actor>('actor', 'fork', 'c1', '--name', 'c2');
+    assert.equal(fork.snapshot, s1.snapshot);
+    const running = await t.json<Actor>('actor', 'resume', 'c2');
+    assert.equal(await get(running.address!), '6');
+    await t.json<Actor>('actor', 'suspend', 'c2');
+    const del = await t.cli('actor', 'delete', 'c2');
+    assert.equal(del.code, 0, del.stderr);
+    const gone = await t.cli('actor', 'get', 'c2');
+    assert.equal(gone.code, 1);
+    assert.match(gone.stderr, /NOT_FOUND/);
+  });
+
+  test('metrics and OpenAPI are served', async () => {
+    const metrics = await (await fetch(`${t.url}/metrics`)).text();
+    assert.match(metrics, /torpor_operations_total\{operation="resume",result="ok"\} [1-9]/);
+    assert.match(metrics, /torpor_operation_phase_seconds_bucket\{[^}]*phase="checkpoint"/);
+    const doc = (await (await fetch(`${t.url}/openapi.json`)).json()) as { paths: Record<string, unknown> };
+    assert.ok(doc.paths['/v1/spaces/{space}/actors/{name}/resume']);
+  });
+
+  describe('bad input changes nothing', () => {
+    async function actorsSnapshot(): Promise<string> {
+      return JSON.stringify((await t.json<{ items: Actor[] }>('actor', 'list')).items);
+    }
+
+    test('an invalid actor name is INVALID_ARGUMENT naming the field', async () => {
+      const before = await actorsSnapshot();
+      const r = await t.cli('actor', 'create', 'Bad_Name', '--template', 'counter');
+      assert.equal(r.code, 1);
+      assert.match(r.stderr, /INVALID_ARGUMENT: name: must be a DNS-1123 label/);
+      assert.equal(await actorsSnapshot(), before);
+    });
+
+    test('an unknown template is NOT_FOUND on field template', async () => {
+      const before = await actorsSnapshot();
+      const res = await fetch(`${t.url}/v1/spaces/default/actors`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ name: 'orphan', template: 'nope' }),
+      });
+      assert.equal(res.status, 404);
+      assert.deepEqual(((await res.json()) as { error: unknown }).error, {
+        code: 'NOT_FOUND',
+        message: 'template "nope" not found',
+        field: 'template',
+      });
+      assert.equal(await actorsSnapshot(), before);
+    });
+
+    test('an oversized body is PAYLOAD_TOO_LARGE', async () => {
+      const before = await actorsSnapshot();
+      const res = await fetch(`${t.url}/v1/spaces/default/actors`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ name: 'big', template: 'counter', labels: { pad: 'x'.repeat(2 * 1024 * 1024) } }),
+      });
+      assert.equal(res.status, 413);
+      assert.equal(((await res.json()) as { error: { code: string } }).error.code, 'PAYLOAD_TOO_LARGE');
+      assert.equal(await actorsSnapshot(), before);
+    });
+
+    test('a changed spec under an existing template name is ALREADY_EXISTS', async () => {
+      const res = await fetch(`${t.url}/v1/templates`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ name: 'counter', image: '/nonexistent', port: 9090 }),
+      });
+      assert.equal(res.status, 409);
+      const tpl = await t.json<{ port: number }>('template', 'get', 'counter');
+      assert.equal(tpl.port, 8080);
+    });
+
+    test('a corrupted chunk fails the resume with SNAPSHOT_CORRUPT and keeps the good snapshot', async () => {
+      const before = await t.json<Actor>('actor', 'get', 'c1');
+      assert.equal(before.status, 'SUSPENDED');
+      const chunks = await manifestChunks(t, before.snapshot!);
+      const victim = join(t.dataDir, 'blobs', 'chunks', chunks[0]!);
+      const original = await readFile(victim);
+      // Also drop the node's cached copy so the corrupt object store copy is what the restore reads.
+      await rmNodeCaches(t);
+      await writeFile(victim, Buffer.from('definitely not the chunk'));
+      const r = await t.cli('actor', 'resume', 'c1');
+      assert.equal(r.code, 1);
+      assert.match(r.stderr, /SNAPSHOT_CORRUPT/);
+      const after = await t.json<Actor>('actor', 'get', 'c1');
+      assert.equal(after.status, 'SUSPENDED');
+      assert.equal(after.snapshot, before.snapshot);
+      assert.match(after.reason ?? '', /resume failed/);
+      await writeFile(victim, original);
+      const resumed = await t.json<Actor>('actor', 'resume', 'c1');
+      assert.equal(await get(resumed.address!), '7');
+    });
+  });
+});
+
+async function rmNodeCaches(t: Torpor): Promise<void> {
+  const { rm } = await import('node:fs/promises');
+  const nodes = await readdir(join(t.dataDir, 'nodes'));
+  for (const n of nodes) await rm(join(t.dataDir, 'nodes', n, 'chunks'), { recursive: true, force: true });
+}
