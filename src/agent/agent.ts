@@ -25,8 +25,11 @@ export interface WorkerSlot {
   dir: string;
   sandbox?: Sandbox;
   actor?: ActorRef;
-  /** Set while the previous sandbox is being torn down: the slot is not free until it settles. */
+  /** Set while the previous sandbox is being torn down and the next activation's link prepared: the slot is not
+   * free until it settles. */
   teardown?: Promise<void>;
+  /** A fresh veth made ahead of the next activation, so a resume does not pay for it. */
+  linkReady: boolean;
 }
 
 export interface NodeAgentOptions {
@@ -114,6 +117,7 @@ export class NodeAgent {
         dir,
         net: new WorkerNetwork({ index, namespace: `torpor-net${index}` }),
         runtime: opts.makeRuntime(join(dir, 'runsc')),
+        linkReady: false,
       });
     }
   }
@@ -131,7 +135,7 @@ export class NodeAgent {
     for (const slot of this.slots.values()) {
       for (const id of await slot.runtime.list()) await slot.runtime.destroy(id);
       await slot.net.ensureNamespace();
-      await slot.net.removeLink();
+      await this.prepareLink(slot);
       await this.registerWorker(slot, undefined);
     }
     this.renewTimer = setInterval(() => void this.renewLeases(), Math.max(500, this.leaseMs / 3));
@@ -190,7 +194,8 @@ export class NodeAgent {
     if (slot.sandbox) await slot.runtime.destroy(slot.sandbox.id);
     slot.sandbox = undefined;
     const image = await this.opts.images.resolve(req.template.image);
-    await slot.net.freshLink();
+    if (!slot.linkReady) await slot.net.freshLink();
+    slot.linkReady = false;
     phases.prepare = since(t0);
 
     const workDir = join(slot.dir, 'activation');
@@ -258,10 +263,17 @@ export class NodeAgent {
   private async tearDown(slot: WorkerSlot, id: string): Promise<void> {
     try {
       await slot.runtime.destroy(id);
-      await slot.net.removeLink();
+      await this.prepareLink(slot);
     } catch (err) {
       this.opts.log.warn({ err, worker: slot.id }, 'teardown failed');
     }
+  }
+
+  /** The sandbox takes over its namespace's interfaces, so every activation needs a new link; make it now. */
+  private async prepareLink(slot: WorkerSlot): Promise<void> {
+    slot.linkReady = false;
+    await slot.net.freshLink();
+    slot.linkReady = true;
   }
 
   /** Uploads a local checkpoint as a durable snapshot (chunks first, manifest last). */
@@ -298,7 +310,7 @@ export class NodeAgent {
     if (slot.sandbox) await slot.runtime.destroy(slot.sandbox.id);
     slot.sandbox = undefined;
     slot.actor = undefined;
-    await slot.net.removeLink();
+    await this.prepareLink(slot);
   }
 
   /** Resolves when the worker's previous sandbox is fully gone (the worker may be handed out again). */

@@ -318,6 +318,8 @@ export class Lifecycle {
     try {
       const uploaded = await agent.upload({ actor: ref, template, manifestKey: key, parent: actor.snapshot ?? null }, dir, files);
       Object.assign(op.phases, uploaded.phases);
+      const { rawBytes, storedBytes, uploadedChunks, reusedChunks, zeroChunks } = uploaded.stats;
+      op.snapshot = { rawBytes, storedBytes, uploadedChunks, reusedChunks, zeroChunks };
       this.o.metrics.snapshotBytes.inc({ kind: 'raw' }, uploaded.stats.rawBytes);
       this.o.metrics.snapshotBytes.inc({ kind: 'stored' }, uploaded.stats.storedBytes);
     } catch (err) {

@@ -29,6 +29,8 @@ export interface Operation {
   startedAt: string;
   finishedAt?: string;
   phases: Phases;
+  /** For operations that wrote a snapshot: bytes as checkpointed vs bytes newly stored (compressed, deduplicated). */
+  snapshot?: { rawBytes: number; storedBytes: number; uploadedChunks: number; reusedChunks: number; zeroChunks: number };
   error?: string;
 }
 

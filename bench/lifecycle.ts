@@ -1,0 +1,162 @@
+// bench/lifecycle: Torpor's suspend and resume (through the REST API, as a user drives them) next to a bare
+// `runsc checkpoint` / `runsc restore` of the same image with the same runsc, in the same run.
+// Prints one JSON document: medians and p95 in ms, ratios (ours / bare), and snapshot bytes.
+// Usage: node bench/lifecycle.ts [--cycles N]     (root; runsc from scripts/setup.sh or TORPOR_RUNSC)
+import { mkdtemp, rm, stat } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { parseArgs } from 'node:util';
+import { pino } from 'pino';
+import { buildCounterImage } from '../examples/counter/image.ts';
+import { waitReady } from '../src/agent/ready.ts';
+import { up } from '../src/cli/up.ts';
+import { loadRunscAsset, locateRunsc } from '../src/engine/local.ts';
+import { ImageStore } from '../src/image/store.ts';
+import { WorkerNetwork } from '../src/net/worker-net.ts';
+import { GvisorRuntime } from '../src/runtime/gvisor/runsc.ts';
+
+const { values } = parseArgs({ options: { cycles: { type: 'string', default: '20' } } });
+const cycles = Number(values.cycles);
+const log = pino({ level: 'warn' });
+
+function summary(samples: number[]) {
+  const s = [...samples].sort((a, b) => a - b);
+  const at = (q: number) => s[Math.min(s.length - 1, Math.ceil(q * s.length) - 1)]!;
+  return { n: s.length, p50: at(0.5), p95: at(0.95), min: s[0]!, max: s.at(-1)! };
+}
+const round = (x: number) => Math.round(x * 100) / 100;
+
+async function bare(runscPath: string, rootfs: string, image: { entrypoint: string[]; cmd: string[]; env: string[]; workingDir: string }, work: string) {
+  const runsc = await loadRunscAsset(runscPath, log);
+  const rt = new GvisorRuntime({ runsc: runsc.path, features: runsc.features, asset: { url: '', sha256: runsc.sha256 }, stateRoot: join(work, 'bare-state') });
+  const net = new WorkerNetwork({ index: 250, namespace: 'torpor-bench-bare' });
+  await net.ensureNamespace();
+  const spec = {
+    id: 'bench-bare', actorId: 'bench/bare', rootfs, image, command: [], env: {}, memoryMiB: 256, vcpus: 1,
+    netnsPath: net.netnsPath, workDir: join(work, 'bare-work'), logFile: join(work, 'bare.log'),
+  };
+  const url = `http://${net.sandboxAddress}:8080/healthz`;
+  const checkpoint: number[] = [];
+  const restore: number[] = [];
+  let rawBytes = 0;
+  try {
+    await net.freshLink();
+    let sandbox = await rt.run(spec);
+    await waitReady(url, 20_000);
+    for (let i = 0; i < cycles; i++) {
+      const dir = join(work, 'bare-cp');
+      let t0 = performance.now();
+      const cp = await rt.checkpoint(sandbox, dir);
+      checkpoint.push(performance.now() - t0);
+      rawBytes = 0;
+      for (const f of cp.files) rawBytes += (await stat(join(dir, f))).size;
+      await rt.destroy(spec.id);
+      await net.freshLink();
+      t0 = performance.now();
+      sandbox = (await rt.restore(spec, dir, cp.files)).sandbox;
+      await waitReady(url, 20_000);
+      restore.push(performance.now() - t0);
+    }
+    await rt.destroy(spec.id);
+  } finally {
+    await net.destroy();
+  }
+  return { checkpoint: summary(checkpoint), restore: summary(restore), rawBytes };
+}
+
+async function api<T>(base: string, method: string, path: string, body?: unknown): Promise<T> {
+  const res = await fetch(base + path, {
+    method,
+    headers: body === undefined ? {} : { 'content-type': 'application/json' },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const json = (await res.json()) as T;
+  if (!res.ok) throw new Error(`${method} ${path}: ${JSON.stringify(json)}`);
+  return json;
+}
+
+interface Actor {
+  address?: string;
+  lastOperation?: { snapshot?: { rawBytes: number; storedBytes: number } };
+}
+
+async function torpor(ref: string, work: string) {
+  const t = await up({ dataDir: join(work, 'torpor'), host: '127.0.0.1', port: 0, workers: 2, networkBase: 240, log });
+  const suspend: number[] = [];
+  const resume: number[] = [];
+  const actorPath = '/v1/spaces/bench/actors/counter';
+  try {
+    await api(t.url, 'POST', '/v1/templates', { name: 'bench-counter', image: ref, port: 8080, readiness: { path: '/healthz' } });
+    await api(t.url, 'POST', '/v1/spaces/bench/actors', { name: 'counter', template: 'bench-counter' });
+    let actor = await api<Actor>(t.url, 'POST', `${actorPath}/resume`, {});
+    let expected = 1;
+    const bytes: { rawBytes: number; storedBytes: number }[] = [];
+    for (let i = 0; i < cycles; i++) {
+      // Traffic before every suspend but the second: that one snapshots an unchanged actor (dedup measure).
+      if (i !== 1) {
+        const got = Number(await (await fetch(`http://${actor.address}/`)).text());
+        if (got !== expected) throw new Error(`counter returned ${got}, expected ${expected}: memory was lost`);
+        expected++;
+      }
+      let t0 = performance.now();
+      actor = await api<Actor>(t.url, 'POST', `${actorPath}/suspend`, {});
+      suspend.push(performance.now() - t0);
+      if (actor.lastOperation?.snapshot) bytes.push(actor.lastOperation.snapshot);
+      await waitForFreeWorker(t.url);
+      t0 = performance.now();
+      actor = await api<Actor>(t.url, 'POST', `${actorPath}/resume`, {});
+      resume.push(performance.now() - t0);
+    }
+    return { suspend: summary(suspend), resume: summary(resume), first: bytes[0]!, second: bytes[1]! };
+  } finally {
+    await t.stop();
+  }
+}
+
+/** A suspended actor's old worker frees itself after teardown; the benchmark times resume, not capacity. */
+async function waitForFreeWorker(base: string): Promise<void> {
+  for (let i = 0; i < 500; i++) {
+    const workers = await api<{ items: { state: string }[] }>(base, 'GET', '/v1/workers');
+    if (workers.items.filter((w) => w.state === 'free').length >= 2) return;
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+const work = await mkdtemp(join(tmpdir(), 'torpor-bench-'));
+try {
+  const { ref } = await buildCounterImage(join(work, 'image'));
+  const images = new ImageStore(join(work, 'images'));
+  const resolved = await images.resolve(ref);
+  const runscPath = locateRunsc();
+  const b = await bare(runscPath, resolved.rootfs, resolved.config, work);
+  const o = await torpor(ref, work);
+  console.log(
+    JSON.stringify(
+      {
+        benchmark: 'lifecycle',
+        cycles,
+        runsc: runscPath,
+        bare: { checkpoint_ms: b.checkpoint, restore_to_ready_ms: b.restore, checkpoint_bytes: b.rawBytes },
+        torpor: { suspend_ms: o.suspend, resume_ms: o.resume },
+        ratios: {
+          resume_p50: round(o.resume.p50 / b.restore.p50),
+          resume_p95: round(o.resume.p95 / b.restore.p95),
+          suspend_p50: round(o.suspend.p50 / b.checkpoint.p50),
+          suspend_p95: round(o.suspend.p95 / b.checkpoint.p95),
+        },
+        bytes: {
+          raw_checkpoint: o.first.rawBytes,
+          first_snapshot_stored: o.first.storedBytes,
+          first_stored_over_raw: round(o.first.storedBytes / o.first.rawBytes),
+          second_unchanged_stored: o.second.storedBytes,
+          second_over_first: round(o.second.storedBytes / o.first.storedBytes),
+        },
+        targets: { resume_ratio: 1.25, suspend_ratio: 1.25, second_over_first: 0.1 },
+      },
+      null,
+      2,
+    ),
+  );
+} finally {
+  await rm(work, { recursive: true, force: true });
+}
