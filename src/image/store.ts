@@ -109,8 +109,10 @@ async function applyLayers(source: ImageSource, image: ImageMetadata, root: stri
     try {
       await writer.applyLayer(entries, label);
     } catch (err) {
+      // The entry that failed is the reason; the stream's own error is then only "premature close".
       entries.destroy();
-      throw (await streamed) ?? asLayerError(err, label);
+      await streamed;
+      throw asLayerError(err, label);
     }
     const streamError = await streamed;
     if (streamError) throw asLayerError(streamError, label);
