@@ -75,9 +75,9 @@ export class RootfsWriter {
   async finish(): Promise<void> {
     const byDepth = [...this.#dirMeta].sort(([a], [b]) => b.split('/').length - a.split('/').length);
     for (const [key, meta] of byDepth) {
-      const host = this.#host(key === '' ? [] : key.split('/'));
-      const info = await lstat(host).catch(() => undefined);
-      if (!info?.isDirectory()) continue;
+      const physical = key === '' ? [] : key.split('/');
+      if (!(await this.#isRealDirectory(physical))) continue;
+      const host = this.#host(physical);
       await chmod(host, meta.mode);
       if (meta.mtime) await utimes(host, meta.mtime, meta.mtime);
     }
@@ -223,6 +223,15 @@ export class RootfsWriter {
       physical.push(part);
     }
     return physical;
+  }
+
+  /** A later layer may have replaced a parent with a symlink: every component must still be a directory. */
+  async #isRealDirectory(physical: string[]): Promise<boolean> {
+    for (let i = 0; i <= physical.length; i++) {
+      const info = await lstat(this.#host(physical.slice(0, i))).catch(() => undefined);
+      if (!info?.isDirectory()) return false;
+    }
+    return true;
   }
 
   #markWritten(physical: string[]): void {

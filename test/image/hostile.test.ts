@@ -3,7 +3,7 @@
 // next to the cache untouched, and leave nothing in the cache.
 
 import assert from 'node:assert/strict';
-import { lstat, readFile, readlink } from 'node:fs/promises';
+import { lstat, readFile, readlink, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { type LayerEntry, writeOciLayout } from '../../src/image/pack.ts';
@@ -143,14 +143,20 @@ test('an escaping symlink as a leaf is kept as data, and replacing or whiting it
       { path: 'gone', type: 'symlink', linkname: ESCAPE_TO_SENTINEL },
       { path: 'replaced', type: 'symlink', linkname: `${ESCAPE_TO_SENTINEL}/keep` },
       { path: 'dir-over-link', type: 'symlink', linkname: ESCAPE_TO_SENTINEL },
+      { path: 'removed-dir/link', type: 'symlink', linkname: `../${ESCAPE_TO_SENTINEL}` },
+      { path: 'opaque-dir/link', type: 'symlink', linkname: `../${ESCAPE_TO_SENTINEL}` },
     ],
     [
+      { path: '.wh.removed-dir', type: 'file' },
+      { path: 'opaque-dir/.wh..wh..opq', type: 'file' },
       { path: '.wh.gone', type: 'file' },
       { path: 'replaced', type: 'file', content: 'mine' },
       { path: 'dir-over-link/', type: 'dir' },
     ],
   ]);
   await assert.rejects(lstat(join(image.rootfs, 'gone')), { code: 'ENOENT' });
+  await assert.rejects(lstat(join(image.rootfs, 'removed-dir')), { code: 'ENOENT' });
+  await assert.rejects(lstat(join(image.rootfs, 'opaque-dir/link')), { code: 'ENOENT' });
   assert.equal(await readFile(join(image.rootfs, 'replaced'), 'utf8'), 'mine');
   assert.ok((await lstat(join(image.rootfs, 'dir-over-link'))).isDirectory());
   await assertSentinelUntouched(s);
@@ -167,6 +173,22 @@ test('a file written over a hard link replaces it instead of writing through to 
   ]);
   assert.equal(await readFile(join(image.rootfs, 'original'), 'utf8'), 'old');
   assert.equal(await readFile(join(image.rootfs, 'alias'), 'utf8'), 'new');
+});
+
+test('directory modes applied at the end never follow a symlink that later replaced a parent', async (t) => {
+  const s = await scratch(t);
+  const before = await stat(s.sentinel);
+  await resolveLayers(s, [
+    [
+      { path: 'a/', type: 'dir' },
+      { path: 'a/sentinel/', type: 'dir', mode: 0o700 },
+    ],
+    // "a" becomes a symlink to the scratch root, where a "sentinel" directory exists on the host.
+    [{ path: 'a', type: 'symlink', linkname: '../../..' }],
+  ]);
+  const after = await stat(s.sentinel);
+  assert.equal(after.mode, before.mode);
+  assert.equal(after.mtimeMs, before.mtimeMs);
 });
 
 async function assertSentinelUntouched(s: Scratch): Promise<void> {
