@@ -1,9 +1,12 @@
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
+import { createReadStream } from 'node:fs';
 import { lstat, mkdir, readdir, readFile, readlink, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { pipeline } from 'node:stream/promises';
 import { test } from 'node:test';
 import { gunzipSync, zstdCompressSync } from 'node:zlib';
+import tar from 'tar-stream';
 import {
   type ImageSpec,
   MEDIA_TYPES,
@@ -250,6 +253,46 @@ test('a tampered config blob is rejected', async (t) => {
   await writeFile(configFile, (await readFile(configFile, 'utf8')).replace('/srv', '/etc'));
   await assertRejects(new ImageStore(s.cacheDir).resolve(dir), 'IMAGE_REJECTED', /config .* does not match/);
 });
+
+test('a docker save layer whose bytes do not match the config diff_ids is rejected', async (t) => {
+  const s = await scratch(t);
+  const file = join(s.images, 'image.docker.tar');
+  await writeDockerArchive(file, SAMPLE);
+  const evil = join(s.images, 'evil.docker.tar');
+  await writeDockerArchive(evil, { ...SAMPLE, layers: [[{ path: 'usr/bin/tool', type: 'file', content: 'evil' }]] });
+  const members = await readTarMembers(file);
+  const evilLayer = [...(await readTarMembers(evil))].find(([name]) => name.endsWith('layer.tar'))![1];
+  const firstLayer = [...members.keys()].find((name) => name.endsWith('layer.tar'))!;
+  members.set(firstLayer, evilLayer);
+  const pack = tar.pack();
+  for (const [name, data] of members) pack.entry({ name }, data);
+  pack.finalize();
+  await writeFile(file, await collect(pack));
+
+  await assertRejects(
+    new ImageStore(s.cacheDir).resolve(`${file}:v1`),
+    'IMAGE_REJECTED',
+    /uncompressed.*does not match/,
+  );
+  await assertNothingEscaped(s);
+});
+
+async function readTarMembers(file: string): Promise<Map<string, Buffer>> {
+  const members = new Map<string, Buffer>();
+  const extract = tar.extract();
+  const feeding = pipeline(createReadStream(file), extract);
+  for await (const entry of extract) {
+    members.set(entry.header.name, await collect(entry));
+  }
+  await feeding;
+  return members;
+}
+
+async function collect(stream: AsyncIterable<unknown>): Promise<Buffer> {
+  const chunks: Buffer[] = [];
+  for await (const chunk of stream) chunks.push(chunk as Buffer);
+  return Buffer.concat(chunks);
+}
 
 async function deadPid(): Promise<number> {
   const child = spawn(process.execPath, ['-e', '0']);
