@@ -26,14 +26,33 @@ function summary(samples: number[]) {
 }
 const round = (x: number) => Math.round(x * 100) / 100;
 
-async function bare(runscPath: string, rootfs: string, image: { entrypoint: string[]; cmd: string[]; env: string[]; workingDir: string }, work: string) {
+async function bare(
+  runscPath: string,
+  rootfs: string,
+  image: { entrypoint: string[]; cmd: string[]; env: string[]; workingDir: string },
+  work: string,
+) {
   const runsc = await loadRunscAsset(runscPath, log);
-  const rt = new GvisorRuntime({ runsc: runsc.path, features: runsc.features, asset: { url: '', sha256: runsc.sha256 }, stateRoot: join(work, 'bare-state') });
+  const rt = new GvisorRuntime({
+    runsc: runsc.path,
+    features: runsc.features,
+    asset: { url: '', sha256: runsc.sha256 },
+    stateRoot: join(work, 'bare-state'),
+  });
   const net = new WorkerNetwork({ index: 250, namespace: 'torpor-bench-bare' });
   await net.ensureNamespace();
   const spec = {
-    id: 'bench-bare', actorId: 'bench/bare', rootfs, image, command: [], env: {}, memoryMiB: 256, vcpus: 1,
-    netnsPath: net.netnsPath, workDir: join(work, 'bare-work'), logFile: join(work, 'bare.log'),
+    id: 'bench-bare',
+    actorId: 'bench/bare',
+    rootfs,
+    image,
+    command: [],
+    env: {},
+    memoryMiB: 256,
+    vcpus: 1,
+    netnsPath: net.netnsPath,
+    workDir: join(work, 'bare-work'),
+    logFile: join(work, 'bare.log'),
   };
   const url = `http://${net.sandboxAddress}:8080/healthz`;
   const checkpoint: number[] = [];
@@ -86,7 +105,12 @@ async function torpor(ref: string, work: string) {
   const resume: number[] = [];
   const actorPath = '/v1/spaces/bench/actors/counter';
   try {
-    await api(t.url, 'POST', '/v1/templates', { name: 'bench-counter', image: ref, port: 8080, readiness: { path: '/healthz' } });
+    await api(t.url, 'POST', '/v1/templates', {
+      name: 'bench-counter',
+      image: ref,
+      port: 8080,
+      readiness: { path: '/healthz' },
+    });
     await api(t.url, 'POST', '/v1/spaces/bench/actors', { name: 'counter', template: 'bench-counter' });
     let actor = await api<Actor>(t.url, 'POST', `${actorPath}/resume`, {});
     let expected = 1;

@@ -4,6 +4,7 @@
 
 import { execFile } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
+import { existsSync } from 'node:fs';
 import { mkdir, mkdtemp, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
@@ -23,7 +24,11 @@ interface BuildMarker {
 
 export async function buildCounterImage(outDir: string): Promise<{ ref: string; digest: string }> {
   const source = await readFile(SOURCE);
-  const sourceHash = createHash('sha256').update(source).update(COMPILE_FLAGS.join(' ')).digest('hex');
+  const sourceHash = createHash('sha256')
+    .update(source)
+    .update(COMPILE_FLAGS.join(' '))
+    .update(existsSync(BUSYBOX) ? 'busybox' : '')
+    .digest('hex');
   const built = await readMarker(outDir);
   if (built?.sourceHash === sourceHash) return { ref: `${outDir}:${TAG}`, digest: built.digest };
   const digest = await buildFresh(outDir, sourceHash);
@@ -54,11 +59,21 @@ async function compile(workDir: string): Promise<string> {
   return output;
 }
 
+/** A static busybox (Debian's busybox-static) gives the sample a shell for `torpor actor exec`. */
+const BUSYBOX = '/bin/busybox';
+
 function counterImageSpec(binary: string) {
+  const busybox = existsSync(BUSYBOX)
+    ? [
+        { path: 'bin/', type: 'dir' as const },
+        { path: 'bin/busybox', type: 'file' as const, sourcePath: BUSYBOX, mode: 0o755 },
+      ]
+    : [];
   return {
     layers: [
       [
         { path: 'counter', type: 'file' as const, sourcePath: binary, mode: 0o755 },
+        ...busybox,
         { path: 'run/', type: 'dir' as const },
         { path: 'run/torpor/', type: 'dir' as const },
         { path: 'tmp/', type: 'dir' as const, mode: 0o1777 },

@@ -181,7 +181,8 @@ export class NodeAgent {
 
   slot(workerId: string): WorkerSlot {
     const slot = this.slots.get(workerId);
-    if (!slot) throw new TorporError('NOT_FOUND', `worker "${workerId}" is not on node ${this.node}`, { field: 'worker' });
+    if (!slot)
+      throw new TorporError('NOT_FOUND', `worker "${workerId}" is not on node ${this.node}`, { field: 'worker' });
     return slot;
   }
 
@@ -224,7 +225,12 @@ export class NodeAgent {
       } else if (req.snapshot) {
         t0 = performance.now();
         const dir = join(workDir, 'checkpoint');
-        const restored = await restoreSnapshot({ blob: this.opts.blob, key: req.snapshot, dir, cache: this.chunkCache });
+        const restored = await restoreSnapshot({
+          blob: this.opts.blob,
+          key: req.snapshot,
+          dir,
+          cache: this.chunkCache,
+        });
         phases.fetch = since(t0);
         const files = restored.manifest.files.map((f) => f.name);
         const { sandbox, phases: p } = await slot.runtime.restore(spec, dir, files);
@@ -252,7 +258,8 @@ export class NodeAgent {
   /** Checkpoints the actor into a node-local directory (the sandbox stops). Teardown runs in the background. */
   async checkpointLocal(workerId: string, dir: string): Promise<{ files: string[]; phases: Phases }> {
     const slot = this.slot(workerId);
-    if (!slot.sandbox) throw new TorporError('FAILED_PRECONDITION', `worker ${workerId} runs no actor`, { field: 'worker' });
+    if (!slot.sandbox)
+      throw new TorporError('FAILED_PRECONDITION', `worker ${workerId} runs no actor`, { field: 'worker' });
     const sandbox = slot.sandbox;
     const result = await slot.runtime.checkpoint(sandbox, dir);
     slot.sandbox = undefined;

@@ -21,7 +21,12 @@ const actorAction = (summary: string, requestBody?: object) => ({
     summary,
     parameters: [spaceParam, nameParam],
     ...(requestBody ? { requestBody } : {}),
-    responses: { '200': ok('Actor'), ...errors, '502': ok('Error', 'Runtime failure'), '503': ok('Error', 'No capacity') },
+    responses: {
+      '200': ok('Actor'),
+      ...errors,
+      '502': ok('Error', 'Runtime failure'),
+      '503': ok('Error', 'No capacity'),
+    },
   },
 });
 
@@ -40,14 +45,29 @@ export function openApiDocument(): object {
           responses: { '200': ok('Template'), '201': ok('Template'), ...errors },
         },
       },
-      '/v1/templates/{name}': { get: { summary: 'Get a template', parameters: [nameParam], responses: { '200': ok('Template'), ...errors } } },
+      '/v1/templates/{name}': {
+        get: { summary: 'Get a template', parameters: [nameParam], responses: { '200': ok('Template'), ...errors } },
+      },
       '/v1/spaces/{space}/actors': {
         get: { summary: 'List actors', parameters: [spaceParam], responses: { '200': ok('ActorList') } },
-        post: { summary: 'Create an actor (SUSPENDED)', parameters: [spaceParam], requestBody: body('CreateActor'), responses: { '201': ok('Actor'), ...errors } },
+        post: {
+          summary: 'Create an actor (SUSPENDED)',
+          parameters: [spaceParam],
+          requestBody: body('CreateActor'),
+          responses: { '201': ok('Actor'), ...errors },
+        },
       },
       '/v1/spaces/{space}/actors/{name}': {
-        get: { summary: 'Get an actor', parameters: [spaceParam, nameParam], responses: { '200': ok('Actor'), ...errors } },
-        delete: { summary: 'Delete an actor', parameters: [spaceParam, nameParam], responses: { '204': { description: 'Deleted' }, ...errors } },
+        get: {
+          summary: 'Get an actor',
+          parameters: [spaceParam, nameParam],
+          responses: { '200': ok('Actor'), ...errors },
+        },
+        delete: {
+          summary: 'Delete an actor',
+          parameters: [spaceParam, nameParam],
+          responses: { '204': { description: 'Deleted' }, ...errors },
+        },
       },
       '/v1/spaces/{space}/actors/{name}/resume': actorAction('Resume (restore on a free worker)', {
         required: false,
@@ -57,7 +77,12 @@ export function openApiDocument(): object {
       '/v1/spaces/{space}/actors/{name}/pause': actorAction('Pause (checkpoint kept on the node)'),
       '/v1/spaces/{space}/actors/{name}/fork': actorAction('Fork from the latest snapshot', body('ForkActor')),
       '/v1/spaces/{space}/actors/{name}/exec': {
-        post: { summary: 'Run a command in a running actor', parameters: [spaceParam, nameParam], requestBody: body('Exec'), responses: { '200': ok('ExecResult'), ...errors } },
+        post: {
+          summary: 'Run a command in a running actor',
+          parameters: [spaceParam, nameParam],
+          requestBody: body('Exec'),
+          responses: { '200': ok('ExecResult'), ...errors },
+        },
       },
       '/v1/spaces/{space}/actors/{name}/logs': {
         get: {
@@ -75,14 +100,36 @@ export function openApiDocument(): object {
         ForkActor: json(forkActorRequest),
         Exec: json(execRequest),
         Template: { type: 'object' },
-        TemplateList: { type: 'object', properties: { items: { type: 'array', items: ref('Template') }, nextCursor: { type: 'string' } } },
-        Actor: { type: 'object', properties: { space: { type: 'string' }, name: { type: 'string' }, status: { type: 'string' }, version: { type: 'integer' } } },
-        ActorList: { type: 'object', properties: { items: { type: 'array', items: ref('Actor') }, nextCursor: { type: 'string' } } },
+        TemplateList: {
+          type: 'object',
+          properties: { items: { type: 'array', items: ref('Template') }, nextCursor: { type: 'string' } },
+        },
+        Actor: {
+          type: 'object',
+          properties: {
+            space: { type: 'string' },
+            name: { type: 'string' },
+            status: { type: 'string' },
+            version: { type: 'integer' },
+          },
+        },
+        ActorList: {
+          type: 'object',
+          properties: { items: { type: 'array', items: ref('Actor') }, nextCursor: { type: 'string' } },
+        },
         WorkerList: { type: 'object', properties: { items: { type: 'array' } } },
-        ExecResult: { type: 'object', properties: { exitCode: { type: 'integer' }, stdout: { type: 'string' }, stderr: { type: 'string' } } },
+        ExecResult: {
+          type: 'object',
+          properties: { exitCode: { type: 'integer' }, stdout: { type: 'string' }, stderr: { type: 'string' } },
+        },
         Error: {
           type: 'object',
-          properties: { error: { type: 'object', properties: { code: { type: 'string' }, message: { type: 'string' }, field: { type: 'string' } } } },
+          properties: {
+            error: {
+              type: 'object',
+              properties: { code: { type: 'string' }, message: { type: 'string' }, field: { type: 'string' } },
+            },
+          },
         },
       },
     },

@@ -5,9 +5,9 @@ import { PassThrough, type Readable } from 'node:stream';
 import Fastify, { type FastifyError } from 'fastify';
 import type { Logger } from 'pino';
 import { parse as parseYaml } from 'yaml';
-import { ERROR_STATUS, TorporError, asTorporError } from '../core/errors.ts';
 import type { Lifecycle } from '../control/lifecycle.ts';
 import type { Metrics } from '../control/metrics.ts';
+import { asTorporError, ERROR_STATUS, TorporError } from '../core/errors.ts';
 import type { StateStore } from '../store/store.ts';
 import { openApiDocument } from './openapi.ts';
 
@@ -34,15 +34,26 @@ function fromFastifyError(err: FastifyError): TorporError {
 
 export function buildApi(opts: ApiOptions) {
   const { lifecycle, store, metrics } = opts;
-  const app = Fastify({ loggerInstance: opts.log, bodyLimit: opts.bodyLimit ?? 1024 * 1024, disableRequestLogging: true });
-
-  app.addContentTypeParser(['application/yaml', 'application/x-yaml', 'text/yaml'], { parseAs: 'string' }, (_req, text, done) => {
-    try {
-      done(null, parseYaml(text as string));
-    } catch (err) {
-      done(new TorporError('INVALID_ARGUMENT', `request body: ${(err as Error).message}`, { field: '(body)' }), undefined);
-    }
+  const app = Fastify({
+    loggerInstance: opts.log,
+    bodyLimit: opts.bodyLimit ?? 1024 * 1024,
+    disableRequestLogging: true,
   });
+
+  app.addContentTypeParser(
+    ['application/yaml', 'application/x-yaml', 'text/yaml'],
+    { parseAs: 'string' },
+    (_req, text, done) => {
+      try {
+        done(null, parseYaml(text as string));
+      } catch (err) {
+        done(
+          new TorporError('INVALID_ARGUMENT', `request body: ${(err as Error).message}`, { field: '(body)' }),
+          undefined,
+        );
+      }
+    },
+  );
 
   app.setErrorHandler((err: FastifyError | TorporError, request, reply) => {
     const e = err instanceof TorporError ? err : fromFastifyError(err);
@@ -68,7 +79,9 @@ export function buildApi(opts: ApiOptions) {
   app.get('/v1/templates', async (req) => lifecycle.listTemplates(req.query));
   app.get<{ Params: { name: string } }>('/v1/templates/:name', async (req) => lifecycle.getTemplate(req.params.name));
 
-  app.get<{ Params: Params }>('/v1/spaces/:space/actors', async (req) => lifecycle.listActors(req.params.space, req.query));
+  app.get<{ Params: Params }>('/v1/spaces/:space/actors', async (req) =>
+    lifecycle.listActors(req.params.space, req.query),
+  );
   app.get('/v1/actors', async (req) => lifecycle.listActors(undefined, req.query));
   app.post<{ Params: Params }>('/v1/spaces/:space/actors', async (req, reply) => {
     void reply.status(201);
@@ -81,13 +94,16 @@ export function buildApi(opts: ApiOptions) {
     await lifecycle.deleteActor(req.params.space, req.params.name);
     void reply.status(204);
   });
-  app.post<{ Params: Params; Body: { worker?: unknown } | undefined }>('/v1/spaces/:space/actors/:name/resume', async (req) => {
-    const worker = req.body?.worker;
-    if (worker !== undefined && typeof worker !== 'string') {
-      throw new TorporError('INVALID_ARGUMENT', 'worker: must be a worker id', { field: 'worker' });
-    }
-    return lifecycle.resume(req.params.space, req.params.name, worker ? { worker } : {});
-  });
+  app.post<{ Params: Params; Body: { worker?: unknown } | undefined }>(
+    '/v1/spaces/:space/actors/:name/resume',
+    async (req) => {
+      const worker = req.body?.worker;
+      if (worker !== undefined && typeof worker !== 'string') {
+        throw new TorporError('INVALID_ARGUMENT', 'worker: must be a worker id', { field: 'worker' });
+      }
+      return lifecycle.resume(req.params.space, req.params.name, worker ? { worker } : {});
+    },
+  );
   app.post<{ Params: Params }>('/v1/spaces/:space/actors/:name/suspend', async (req) =>
     lifecycle.suspend(req.params.space, req.params.name),
   );
@@ -101,12 +117,15 @@ export function buildApi(opts: ApiOptions) {
   app.post<{ Params: Params }>('/v1/spaces/:space/actors/:name/exec', async (req) =>
     lifecycle.exec(req.params.space, req.params.name, req.body),
   );
-  app.get<{ Params: Params; Querystring: { follow?: string } }>('/v1/spaces/:space/actors/:name/logs', async (req, reply) => {
-    const logs = await lifecycle.logs(req.params.space, req.params.name);
-    void reply.type('text/plain; charset=utf-8');
-    if (req.query.follow !== 'true') return logs.read(0);
-    return followLog(logs, req.raw);
-  });
+  app.get<{ Params: Params; Querystring: { follow?: string } }>(
+    '/v1/spaces/:space/actors/:name/logs',
+    async (req, reply) => {
+      const logs = await lifecycle.logs(req.params.space, req.params.name);
+      void reply.type('text/plain; charset=utf-8');
+      if (req.query.follow !== 'true') return logs.read(0);
+      return followLog(logs, req.raw);
+    },
+  );
 
   app.get('/v1/workers', async (req) => store.listWorkers(req.query as { limit?: number; cursor?: string }));
   return app;

@@ -1,6 +1,6 @@
 // The CLI's HTTP client. Errors from the server come back as TorporErrors with the server's code.
 import { request } from 'undici';
-import { TorporError, type ErrorCode } from '../core/errors.ts';
+import { type ErrorCode, TorporError } from '../core/errors.ts';
 
 export class ApiClient {
   readonly server: string;
@@ -20,15 +20,23 @@ export class ApiClient {
         bodyTimeout: 600_000,
       });
     } catch (err) {
-      throw new TorporError('RUNTIME_ERROR', `cannot reach the Torpor server at ${this.server}: ${(err as Error).message}`, {
-        field: 'server',
-      });
+      throw new TorporError(
+        'RUNTIME_ERROR',
+        `cannot reach the Torpor server at ${this.server}: ${(err as Error).message}`,
+        {
+          field: 'server',
+        },
+      );
     }
     const text = await res.body.text();
     if (res.statusCode >= 400) {
       const parsed = safeJson(text) as { error?: { code?: ErrorCode; message?: string; field?: string } } | undefined;
       const e = parsed?.error;
-      throw new TorporError(e?.code ?? 'INTERNAL', e?.message ?? `HTTP ${res.statusCode}`, e?.field ? { field: e.field } : {});
+      throw new TorporError(
+        e?.code ?? 'INTERNAL',
+        e?.message ?? `HTTP ${res.statusCode}`,
+        e?.field ? { field: e.field } : {},
+      );
     }
     return (text ? JSON.parse(text) : undefined) as T;
   }

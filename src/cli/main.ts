@@ -3,7 +3,7 @@ import { readFileSync } from 'node:fs';
 import { dirname, isAbsolute, resolve } from 'node:path';
 import { Command, Option } from 'commander';
 import { parse as parseYaml } from 'yaml';
-import { TorporError, asTorporError } from '../core/errors.ts';
+import { asTorporError, TorporError } from '../core/errors.ts';
 import { DEFAULT_SPACE } from '../core/types.ts';
 import { ApiClient } from './client.ts';
 import { type Kind, type OutputFormat, render } from './output.ts';
@@ -58,7 +58,11 @@ program
   .option('--port <port>', 'API port (0 = any free port)', '7070')
   .option('--workers <n>', 'worker slots on this node', '2')
   .option('--runsc <path>', 'runsc binary (default: the asset built by scripts/setup.sh)')
-  .option('--network-base <n>', 'first per-worker network index, 0..255 (two instances on one machine need distinct ranges)', '0')
+  .option(
+    '--network-base <n>',
+    'first per-worker network index, 0..255 (two instances on one machine need distinct ranges)',
+    '0',
+  )
   .option('--sample', 'create the sample "counter" template and actor')
   .action(async (o: UpFlags) => {
     const { up } = await import('./up.ts');
@@ -92,10 +96,14 @@ const template = program.command('template').description('manage templates');
 template
   .command('apply')
   .requiredOption('-f, --file <file>', 'template file (YAML or JSON)')
-  .action(async (o: { file: string }) => print('template', await client().call('POST', '/v1/templates', readTemplateFile(o.file))));
+  .action(async (o: { file: string }) =>
+    print('template', await client().call('POST', '/v1/templates', readTemplateFile(o.file))),
+  );
 template
   .command('get <name>')
-  .action(async (name: string) => print('template', await client().call('GET', `/v1/templates/${encodeURIComponent(name)}`)));
+  .action(async (name: string) =>
+    print('template', await client().call('GET', `/v1/templates/${encodeURIComponent(name)}`)),
+  );
 template.command('list').action(async () => print('template', await client().call('GET', '/v1/templates')));
 
 // ------------------------------------------------------------------ actors
@@ -125,7 +133,9 @@ actor
 actor
   .command('get <name>')
   .addOption(spaceOption())
-  .action(async (name: string, o: { space: string }) => print('actor', await client().call('GET', actorPath(o.space, name))));
+  .action(async (name: string, o: { space: string }) =>
+    print('actor', await client().call('GET', actorPath(o.space, name))),
+  );
 actor
   .command('list')
   .option('-s, --space <space>', 'space (default: every space)')
@@ -138,13 +148,18 @@ actor
   .option('-w, --worker <id>', 'resume on exactly this worker')
   .addOption(spaceOption())
   .action(async (name: string, o: { space: string; worker?: string }) =>
-    print('actor', await client().call('POST', actorPath(o.space, name, 'resume'), o.worker ? { worker: o.worker } : {})),
+    print(
+      'actor',
+      await client().call('POST', actorPath(o.space, name, 'resume'), o.worker ? { worker: o.worker } : {}),
+    ),
   );
 for (const action of ['suspend', 'pause'] as const) {
   actor
     .command(`${action} <name>`)
     .addOption(spaceOption())
-    .action(async (name: string, o: { space: string }) => print('actor', await client().call('POST', actorPath(o.space, name, action), {})));
+    .action(async (name: string, o: { space: string }) =>
+      print('actor', await client().call('POST', actorPath(o.space, name, action), {})),
+    );
 }
 actor
   .command('fork <name>')
@@ -198,21 +213,29 @@ program
   .addOption(spaceOption())
   .action(async (kind: string, name: string | undefined, o: { space: string }) => {
     const k = kind.replace(/s$/, '');
-    if (k === 'actor') return print('actor', await client().call('GET', name ? actorPath(o.space, name) : '/v1/actors'));
-    if (k === 'template') return print('template', await client().call('GET', name ? `/v1/templates/${name}` : '/v1/templates'));
+    if (k === 'actor')
+      return print('actor', await client().call('GET', name ? actorPath(o.space, name) : '/v1/actors'));
+    if (k === 'template')
+      return print('template', await client().call('GET', name ? `/v1/templates/${name}` : '/v1/templates'));
     if (k === 'worker') return print('worker', await client().call('GET', '/v1/workers'));
-    throw new TorporError('INVALID_ARGUMENT', `unknown kind "${kind}": use actors, templates or workers`, { field: 'kind' });
+    throw new TorporError('INVALID_ARGUMENT', `unknown kind "${kind}": use actors, templates or workers`, {
+      field: 'kind',
+    });
   });
 program
   .command('apply')
   .requiredOption('-f, --file <file>', 'template file')
-  .action(async (o: { file: string }) => print('template', await client().call('POST', '/v1/templates', readTemplateFile(o.file))));
+  .action(async (o: { file: string }) =>
+    print('template', await client().call('POST', '/v1/templates', readTemplateFile(o.file))),
+  );
 program
   .command('delete <kind> <name>')
   .addOption(spaceOption())
   .action(async (kind: string, name: string, o: { space: string }) => {
     if (kind.replace(/s$/, '') !== 'actor') {
-      throw new TorporError('NOT_SUPPORTED', `deleting ${kind} is not supported (templates are immutable)`, { field: 'kind' });
+      throw new TorporError('NOT_SUPPORTED', `deleting ${kind} is not supported (templates are immutable)`, {
+        field: 'kind',
+      });
     }
     await client().call('DELETE', actorPath(o.space, name));
     console.log(`actor "${o.space}/${name}" deleted`);

@@ -12,7 +12,11 @@ function age(iso: string | undefined): string {
 
 function table(headers: string[], rows: string[][]): string {
   const widths = headers.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
-  const line = (cells: string[]) => cells.map((c, i) => c.padEnd(widths[i]!)).join('   ').trimEnd();
+  const line = (cells: string[]) =>
+    cells
+      .map((c, i) => c.padEnd(widths[i]!))
+      .join('   ')
+      .trimEnd();
   return [line(headers), ...rows.map(line)].join('\n');
 }
 
@@ -23,7 +27,14 @@ const COLUMNS = {
   },
   template: {
     headers: ['NAME', 'IMAGE', 'RUNTIME', 'PORT', 'GOLDEN', 'AGE'],
-    row: (t: Template) => [t.name, t.image, t.runtime, String(t.port), t.goldenSnapshot ? 'yes' : 'no', age(t.createdAt)],
+    row: (t: Template) => [
+      t.name,
+      t.image,
+      t.runtime,
+      String(t.port),
+      t.goldenSnapshot ? 'yes' : 'no',
+      age(t.createdAt),
+    ],
   },
   worker: {
     headers: ['ID', 'NODE', 'RUNTIME', 'STATE', 'ACTOR', 'HOST'],
@@ -38,5 +49,8 @@ export function render(kind: Kind, value: unknown, format: OutputFormat): string
   if (format === 'yaml') return stringify(value).trimEnd();
   const items = (value as { items?: unknown[] }).items ?? [value];
   const cols = COLUMNS[kind] as { headers: readonly string[]; row: (x: never) => string[] };
-  return table([...cols.headers], items.map((i) => cols.row(i as never)));
+  return table(
+    [...cols.headers],
+    items.map((i) => cols.row(i as never)),
+  );
 }

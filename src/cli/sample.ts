@@ -1,8 +1,8 @@
 // The sample actor `torpor up --sample` creates: an HTTP server that counts requests in memory.
 import { join } from 'node:path';
 import { buildCounterImage } from '../../examples/counter/image.ts';
-import { isTorporError } from '../core/errors.ts';
 import type { Lifecycle } from '../control/lifecycle.ts';
+import { isTorporError } from '../core/errors.ts';
 
 export async function createSample(lifecycle: Lifecycle, dataDir: string): Promise<void> {
   const { ref } = await buildCounterImage(join(dataDir, 'sample-image'));

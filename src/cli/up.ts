@@ -2,9 +2,9 @@
 // in-process node agents, the reconciler and the REST API.
 import { mkdir } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
-import { pino, type Logger } from 'pino';
-import { FsBlobStore } from '../blob/fs.ts';
+import { type Logger, pino } from 'pino';
 import { buildApi } from '../api/server.ts';
+import { FsBlobStore } from '../blob/fs.ts';
 import { Lifecycle } from '../control/lifecycle.ts';
 import { Metrics } from '../control/metrics.ts';
 import { LocalEngine, loadRunscAsset, locateRunsc } from '../engine/local.ts';

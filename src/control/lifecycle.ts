@@ -1,12 +1,12 @@
 // Lifecycle workflows: create, resume, suspend, pause, fork, delete. Each is a short list of named steps; every
 // status change is a compare-and-set on the actor's version, and a failed step rolls the actor back to a state
 // that still has a restorable snapshot, saying why in `reason`.
-import { rm } from 'node:fs/promises';
+import { readdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
 import type { ActivateResult, NodeAgent } from '../agent/agent.ts';
 import type { BlobStore } from '../blob/blob.ts';
-import { TorporError, asTorporError, notFound } from '../core/errors.ts';
+import { asTorporError, notFound, TorporError } from '../core/errors.ts';
 import {
   createActorRequest,
   dnsLabel,
@@ -17,7 +17,7 @@ import {
   templateSpec,
 } from '../core/schemas.ts';
 import { assertTransition, TRANSITIONAL } from '../core/state.ts';
-import type { Actor, ActorRef, ActorStatus, Operation, Page, Phases, Template } from '../core/types.ts';
+import type { Actor, ActorRef, ActorStatus, Operation, Page, Template, Worker, WorkerFilter } from '../core/types.ts';
 import type { ImageStore } from '../image/store.ts';
 import { newSnapshotId } from '../snapshot/index.ts';
 import type { StateStore } from '../store/store.ts';
@@ -38,6 +38,8 @@ export interface LifecycleOptions {
   log: Logger;
   /** How long a transitional state may last before the reconciler ends it. */
   transitionTimeoutMs?: number;
+  /** How long a resume waits for a worker that is being freed before answering NO_CAPACITY. */
+  claimWaitMs?: number;
 }
 
 const now = (): string => new Date().toISOString();
@@ -56,10 +58,14 @@ export class Lifecycle {
   /** Background durable uploads of paused actors, by local checkpoint directory. */
   private readonly pendingUploads = new Map<string, Promise<void>>();
   private readonly transitionTimeoutMs: number;
+  /** Workers being freed (sandbox teardown in progress). */
+  private readonly releasing = new Set<Promise<void>>();
+  private readonly claimWaitMs: number;
 
   constructor(opts: LifecycleOptions) {
     this.o = opts;
     this.transitionTimeoutMs = opts.transitionTimeoutMs ?? 120_000;
+    this.claimWaitMs = opts.claimWaitMs ?? 10_000;
   }
 
   // ---------------------------------------------------------------- templates
@@ -224,7 +230,7 @@ export class Lifecycle {
     const t0 = performance.now();
 
     actor = await this.transition(actor, 'RESUMING', { lastOperation: op });
-    const worker = await this.o.store.claimWorker(
+    const worker = await this.claimWorker(
       {
         runtime: template.runtime,
         ...(workerId ? { workerId } : {}),
@@ -316,7 +322,11 @@ export class Lifecycle {
     }
     this.releaseAfterTeardown(agent, worker, ref);
     try {
-      const uploaded = await agent.upload({ actor: ref, template, manifestKey: key, parent: actor.snapshot ?? null }, dir, files);
+      const uploaded = await agent.upload(
+        { actor: ref, template, manifestKey: key, parent: actor.snapshot ?? null },
+        dir,
+        files,
+      );
       Object.assign(op.phases, uploaded.phases);
       const { rawBytes, storedBytes, uploadedChunks, reusedChunks, zeroChunks } = uploaded.stats;
       op.snapshot = { rawBytes, storedBytes, uploadedChunks, reusedChunks, zeroChunks };
@@ -399,8 +409,8 @@ export class Lifecycle {
   private uploadPaused(actor: Actor, template: Template, agent: NodeAgent, dir: string, key: string): void {
     const ref = { space: actor.space, name: actor.name };
     const upload = (async () => {
-      const files = (await import('node:fs/promises')).readdir(dir);
-      await agent.upload({ actor: ref, template, manifestKey: key, parent: actor.snapshot ?? null }, dir, await files);
+      const files = await readdir(dir);
+      await agent.upload({ actor: ref, template, manifestKey: key, parent: actor.snapshot ?? null }, dir, files);
       await this.mutex.run(actorKey(ref), async () => {
         const current = await this.o.store.getActor(ref.space, ref.name);
         if (!current || current.localSnapshot !== dir) return;
@@ -507,7 +517,10 @@ export class Lifecycle {
       const current = await this.o.store.getActor(actor.space, actor.name);
       if (!current || current.version !== actor.version) return;
       if (current.worker && current.node) {
-        await this.o.agents.agent(current.node)?.release(current.worker).catch(() => undefined);
+        await this.o.agents
+          .agent(current.node)
+          ?.release(current.worker)
+          .catch(() => undefined);
         await this.o.store.releaseWorker(current.worker, current);
       }
       const to: ActorStatus = current.snapshot || !TRANSITIONAL.has(current.status) ? 'SUSPENDED' : 'SUSPENDED';
@@ -553,11 +566,26 @@ export class Lifecycle {
     return { snapshot: key, history: history.slice(0, Math.max(0, template.snapshot.retain - 1)) };
   }
 
+  /** A stopped sandbox takes a second or so to go away; its worker is freed only then. */
   private releaseAfterTeardown(agent: NodeAgent, worker: string, ref: ActorRef): void {
-    void agent
+    const release = agent
       .settled(worker)
       .then(() => this.o.store.releaseWorker(worker, ref))
-      .catch((err: unknown) => this.o.log.warn({ err, worker }, 'releasing worker failed'));
+      .then(() => undefined)
+      .catch((err: unknown) => this.o.log.warn({ err, worker }, 'releasing worker failed'))
+      .finally(() => this.releasing.delete(release));
+    this.releasing.add(release);
+  }
+
+  /** Claims a worker; when none is free but some are being torn down, waits for them (bounded) rather than
+   * failing a resume that would succeed a moment later. */
+  private async claimWorker(filter: WorkerFilter, ref: ActorRef): Promise<Worker | undefined> {
+    const deadline = Date.now() + this.claimWaitMs;
+    for (;;) {
+      const worker = await this.o.store.claimWorker(filter, ref);
+      if (worker || this.releasing.size === 0 || Date.now() >= deadline) return worker;
+      await Promise.race([...this.releasing, new Promise((r) => setTimeout(r, Math.max(0, deadline - Date.now())))]);
+    }
   }
 
   /** CAS the actor into `to`; `patch` keys set to undefined are removed. */

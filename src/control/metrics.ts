@@ -1,5 +1,5 @@
 // Prometheus metrics for lifecycle operations: counts by kind and result, and per-phase durations.
-import { Counter, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+import { Counter, collectDefaultMetrics, Histogram, Registry } from 'prom-client';
 import type { Phases } from '../core/types.ts';
 
 export class Metrics {

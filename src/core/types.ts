@@ -30,7 +30,13 @@ export interface Operation {
   finishedAt?: string;
   phases: Phases;
   /** For operations that wrote a snapshot: bytes as checkpointed vs bytes newly stored (compressed, deduplicated). */
-  snapshot?: { rawBytes: number; storedBytes: number; uploadedChunks: number; reusedChunks: number; zeroChunks: number };
+  snapshot?: {
+    rawBytes: number;
+    storedBytes: number;
+    uploadedChunks: number;
+    reusedChunks: number;
+    zeroChunks: number;
+  };
   error?: string;
 }
 

@@ -31,7 +31,13 @@ export interface RunscAsset {
 
 /** Finds runsc: an explicit path, TORPOR_RUNSC, the asset built by scripts/setup.sh, then PATH. */
 export function locateRunsc(explicit?: string): string {
-  const candidates = [explicit, process.env.TORPOR_RUNSC, '/var/cache/torpor/assets/runsc', '/usr/local/bin/runsc', '/usr/bin/runsc'];
+  const candidates = [
+    explicit,
+    process.env.TORPOR_RUNSC,
+    '/var/cache/torpor/assets/runsc',
+    '/usr/local/bin/runsc',
+    '/usr/bin/runsc',
+  ];
   for (const c of candidates) if (c && existsSync(c)) return c;
   throw new TorporError('FAILED_PRECONDITION', 'runsc not found: run scripts/setup.sh or pass --runsc PATH', {
     field: 'runsc',
@@ -41,7 +47,10 @@ export function locateRunsc(explicit?: string): string {
 export async function loadRunscAsset(path: string, log: Logger): Promise<RunscAsset> {
   const [features, sha256] = await Promise.all([detectRunsc(path), sha256File(path)]);
   if (!features.netDisconnectOk) {
-    log.warn({ runsc: path, version: features.version }, 'runsc lacks -net-disconnect-ok: actors that served TCP cannot be checkpointed');
+    log.warn(
+      { runsc: path, version: features.version },
+      'runsc lacks -net-disconnect-ok: actors that served TCP cannot be checkpointed',
+    );
   }
   return { path, sha256, features };
 }

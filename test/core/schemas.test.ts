@@ -28,8 +28,14 @@ describe('template schema', () => {
     invalid(() => parse(templateSpec, { name: 'Counter', image: '/i', port: 80 }), 'name');
     invalid(() => parse(templateSpec, { name: 'c', image: '/i', port: 70000 }), 'port');
     invalid(() => parse(templateSpec, { name: 'c', image: '/i', port: 80, runtime: 'docker' }), 'runtime');
-    invalid(() => parse(templateSpec, { name: 'c', image: '/i', port: 80, resources: { memoryMiB: 1 } }), 'resources.memoryMiB');
-    invalid(() => parse(templateSpec, { name: 'c', image: '/i', port: 80, readiness: { path: 'healthz' } }), 'readiness.path');
+    invalid(
+      () => parse(templateSpec, { name: 'c', image: '/i', port: 80, resources: { memoryMiB: 1 } }),
+      'resources.memoryMiB',
+    );
+    invalid(
+      () => parse(templateSpec, { name: 'c', image: '/i', port: 80, readiness: { path: 'healthz' } }),
+      'readiness.path',
+    );
     invalid(() => parse(templateSpec, { name: 'c', image: '/i', port: 80, env: { '1BAD': 'x' } }), 'env.1BAD');
   });
 

@@ -37,7 +37,18 @@ export async function startTorpor(opts: { workers?: number; networkBase: number 
   const dataDir = await mkdtemp(join(tmpdir(), 'torpor-e2e-'));
   const child: ChildProcess = spawn(
     process.execPath,
-    [BIN, 'up', '--data-dir', dataDir, '--port', '0', '--workers', String(opts.workers ?? 2), '--network-base', String(opts.networkBase)],
+    [
+      BIN,
+      'up',
+      '--data-dir',
+      dataDir,
+      '--port',
+      '0',
+      '--workers',
+      String(opts.workers ?? 2),
+      '--network-base',
+      String(opts.networkBase),
+    ],
     { stdio: ['ignore', 'pipe', 'pipe'], env: process.env },
   );
   let output = '';
@@ -62,12 +73,17 @@ export async function startTorpor(opts: { workers?: number; networkBase: number 
 
   const cli = (...args: string[]) =>
     new Promise<CliResult>((done) => {
-      execFile(process.execPath, [BIN, ...args], { env: { ...process.env, TORPOR_SERVER: url }, timeout: 180_000 }, (err, stdout, stderr) => {
-        const code = err ? (typeof err.code === 'number' ? err.code : 1) : 0;
-        done({ code, stdout, stderr });
-      });
+      execFile(
+        process.execPath,
+        [BIN, ...args],
+        { env: { ...process.env, TORPOR_SERVER: url }, timeout: 180_000 },
+        (err, stdout, stderr) => {
+          const code = err ? (typeof err.code === 'number' ? err.code : 1) : 0;
+          done({ code, stdout, stderr });
+        },
+      );
     });
-  const json = async <T,>(...args: string[]): Promise<T> => {
+  const json = async <T>(...args: string[]): Promise<T> => {
     const r = await cli(...args, '-o', 'json');
     if (r.code !== 0) throw new Error(`torpor ${args.join(' ')} failed (${r.code}): ${r.stderr}`);
     return JSON.parse(r.stdout) as T;

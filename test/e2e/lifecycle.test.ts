@@ -1,9 +1,11 @@
 // The whole actor lifecycle through the CLI, against real runsc: create, talk, suspend, resume on the other
 // worker with memory intact; pause, fork, exec, logs, delete; and bad input that must change nothing.
 import assert from 'node:assert/strict';
-import { readdir, readFile, writeFile } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
+import { readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { writeOciLayout } from '../../src/image/pack.ts';
 import { counterImage } from '../fixtures/images.ts';
 import { gvisorSkipReason, startTorpor, type Torpor } from './harness.ts';
 
@@ -31,7 +33,9 @@ async function get(address: string, path = '/'): Promise<string> {
 async function blobKeys(t: Torpor, prefix: string): Promise<string[]> {
   const dir = join(t.dataDir, 'blobs', prefix);
   const entries = await readdir(dir, { recursive: true, withFileTypes: true }).catch(() => []);
-  return entries.filter((e) => e.isFile()).map((e) => join(e.parentPath, e.name).slice(join(t.dataDir, 'blobs').length + 1));
+  return entries
+    .filter((e) => e.isFile())
+    .map((e) => join(e.parentPath, e.name).slice(join(t.dataDir, 'blobs').length + 1));
 }
 
 async function manifestChunks(t: Torpor, key: string): Promise<string[]> {
@@ -82,7 +86,10 @@ describe('actor lifecycle through the CLI (gVisor)', { skip }, () => {
     assert.equal(running.status, 'RUNNING');
     assert.ok(running.address && running.worker);
     assert.ok((running.lastOperation?.phases.restore ?? 0) > 0, 'resumed by restore, not boot');
-    assert.deepEqual([await get(running.address), await get(running.address), await get(running.address)], ['1', '2', '3']);
+    assert.deepEqual(
+      [await get(running.address), await get(running.address), await get(running.address)],
+      ['1', '2', '3'],
+    );
     assert.equal(await get(running.address, '/id'), 'default/c1');
 
     const suspended = await t.json<Actor>('actor', 'suspend', 'c1');
@@ -205,6 +212,22 @@ describe('actor lifecycle through the CLI (gVisor)', { skip }, () => {
       assert.equal(tpl.port, 8080);
     });
 
+    test('a template whose image has a hostile layer is IMAGE_REJECTED and not created', async () => {
+      const image = join(t.dataDir, 'hostile');
+      await writeOciLayout(image, {
+        layers: [[{ path: '../../escape', type: 'file', content: 'pwned' }]],
+        config: { entrypoint: ['/x'] },
+      });
+      const file = join(t.dataDir, 'hostile.yaml');
+      await writeFile(file, `name: hostile\nimage: ${image}\nport: 8080\n`);
+      const r = await t.cli('template', 'apply', '-f', file);
+      assert.equal(r.code, 1);
+      assert.match(r.stderr, /IMAGE_REJECTED/);
+      const get = await t.cli('template', 'get', 'hostile');
+      assert.match(get.stderr, /NOT_FOUND/);
+      assert.equal(existsSync(join(t.dataDir, '..', 'escape')), false);
+    });
+
     test('a corrupted chunk fails the resume with SNAPSHOT_CORRUPT and keeps the good snapshot', async () => {
       const before = await t.json<Actor>('actor', 'get', 'c1');
       assert.equal(before.status, 'SUSPENDED');
@@ -223,13 +246,12 @@ describe('actor lifecycle through the CLI (gVisor)', { skip }, () => {
       assert.match(after.reason ?? '', /resume failed/);
       await writeFile(victim, original);
       const resumed = await t.json<Actor>('actor', 'resume', 'c1');
-      assert.equal(await get(resumed.address!), '7');
+      assert.equal(await get(resumed.address!), '6', 'c1 continues from its own snapshot (5), not its fork');
     });
   });
 });
 
 async function rmNodeCaches(t: Torpor): Promise<void> {
-  const { rm } = await import('node:fs/promises');
   const nodes = await readdir(join(t.dataDir, 'nodes'));
   for (const n of nodes) await rm(join(t.dataDir, 'nodes', n, 'chunks'), { recursive: true, force: true });
 }

@@ -33,7 +33,10 @@ test('the OCI spec joins the worker namespace by path, mounts the identity dir r
     root: { path: string };
     process: { cwd: string; terminal: boolean };
     mounts: { destination: string; source: string; options?: string[] }[];
-    linux: { namespaces: { type: string; path?: string }[]; resources: { memory: { limit: number }; cpu: { quota: number } } };
+    linux: {
+      namespaces: { type: string; path?: string }[];
+      resources: { memory: { limit: number }; cpu: { quota: number } };
+    };
   };
   assert.equal(spec.root.path, '/cache/rootfs/abc');
   assert.equal(spec.process.cwd, '/app');
@@ -41,7 +44,10 @@ test('the OCI spec joins the worker namespace by path, mounts the identity dir r
   const identity = spec.mounts.find((m) => m.destination === '/run/torpor');
   assert.equal(identity?.source, '/work/identity');
   assert.ok(identity?.options?.includes('ro'));
-  assert.deepEqual(spec.linux.namespaces.find((n) => n.type === 'network'), { type: 'network', path: '/var/run/netns/torpor-net0' });
+  assert.deepEqual(
+    spec.linux.namespaces.find((n) => n.type === 'network'),
+    { type: 'network', path: '/var/run/netns/torpor-net0' },
+  );
   assert.equal(spec.linux.resources.memory.limit, 128 * 1024 * 1024);
   assert.equal(spec.linux.resources.cpu.quota, 200_000);
 });

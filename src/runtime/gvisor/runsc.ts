@@ -125,7 +125,7 @@ export class GvisorRuntime implements SandboxRuntime {
     const phases: Phases = {};
     await rm(dir, { recursive: true, force: true });
     await mkdir(dir, { recursive: true });
-    let t0 = performance.now();
+    const t0 = performance.now();
     // Our snapshot layer compresses and deduplicates chunks; runsc's own compression would defeat dedup.
     const compression = this.opts.features.checkpointCompression ? ['--compression=none'] : [];
     await this.runsc(['checkpoint', ...compression, '--image-path', dir, sandbox.id], { timeoutMs: 120_000 });
