@@ -43,8 +43,10 @@ log "node $(node --version)"
 log "runsc asset: $(bash "$ROOT/scripts/runsc-asset.sh" "$CACHE/assets")"
 
 if [ ! -d "$ROOT/node_modules" ] || [ "$ROOT/package-lock.json" -nt "$ROOT/node_modules/.package-lock.json" ]; then
-  log "npm ci"
-  (cd "$ROOT" && npm ci --no-audit --no-fund --loglevel=error)
+  # Not `npm ci`: npm 11.19 with omit-lockfile-registry-resolved writes lockfiles that its own `ci` rejects
+  # (biome's optional platform packages). `install --no-save` installs the locked versions, writes nothing.
+  log "npm install (locked versions)"
+  (cd "$ROOT" && npm install --no-save --no-audit --no-fund --loglevel=error)
 fi
 
 cat > /usr/local/bin/torpor <<SH
