@@ -106,7 +106,7 @@ export class NodeAgent {
     this.node = opts.node;
     this.leaseMs = opts.leaseMs ?? 15_000;
     // Chunks this node has uploaded or fetched: a resume here needs no download for them.
-    this.chunkCache = new FsBlobStore(join(this.nodeDir, 'chunks'));
+    this.chunkCache = new FsBlobStore(join(this.nodeDir, 'chunks'), { durable: false });
     for (let i = 0; i < opts.workers; i++) {
       const id = `${opts.node}-w${i}`;
       const index = opts.indexBase + i;

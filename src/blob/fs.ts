@@ -18,11 +18,19 @@ const DEFAULT_LIST_LIMIT = 1000;
 /** A concurrent delete may prune the parent directory between our mkdir and rename; retry that many times. */
 const RENAME_ATTEMPTS = 4;
 
+export interface FsBlobStoreOptions {
+  /** fsync every object and its directory (default). A node-local cache, which can always be refilled from the
+   * durable store, turns this off: a chunk it loses in a crash is simply fetched again. */
+  durable?: boolean;
+}
+
 export class FsBlobStore implements BlobStore {
   readonly root: string;
+  readonly #durable: boolean;
 
-  constructor(root: string) {
+  constructor(root: string, opts: FsBlobStoreOptions = {}) {
     this.root = resolve(root);
+    this.#durable = opts.durable ?? true;
   }
 
   async put(key: string, body: Uint8Array | Readable): Promise<void> {
@@ -106,8 +114,9 @@ export class FsBlobStore implements BlobStore {
     const tmp = join(tmpDir, randomUUID());
     try {
       // flush: fsync before close, so the rename below never publishes a file whose data is not on disk.
-      if (body instanceof Uint8Array) await writeFile(tmp, body, { flush: true });
-      else await pipeline(body, createWriteStream(tmp, { flush: true }));
+      const flush = this.#durable;
+      if (body instanceof Uint8Array) await writeFile(tmp, body, { flush });
+      else await pipeline(body, createWriteStream(tmp, { flush }));
     } catch (err) {
       await rm(tmp, { force: true });
       throw err;
@@ -120,7 +129,7 @@ export class FsBlobStore implements BlobStore {
       try {
         await mkdir(dirname(path), { recursive: true });
         await rename(tmp, path);
-        await syncDirectory(dirname(path));
+        if (this.#durable) await syncDirectory(dirname(path));
         return;
       } catch (err) {
         const code = errorCode(err);

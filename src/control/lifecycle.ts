@@ -348,7 +348,7 @@ export class Lifecycle {
       this.o.log.warn({ err, actor: actorKey(ref) }, 'suspend upload failed; actor kept paused on its node');
       return paused;
     }
-    await rm(dir, { recursive: true, force: true });
+    void rm(dir, { recursive: true, force: true });
     op.phases.total = since(t0);
     op.finishedAt = now();
     const suspended = await this.transition(actor, 'SUSPENDED', {

@@ -168,12 +168,13 @@ async function uploadChunk(ctx: WriteContext, hash: string, bytes: Buffer): Prom
   if (inStore) ctx.stats.reusedChunks++;
   if (!inStore || !inCache) {
     const compressed = await compress(bytes);
-    if (!inStore) {
+    const toStore = async () => {
+      if (inStore) return;
       await ctx.blob.put(key, compressed);
       ctx.stats.uploadedChunks++;
       ctx.stats.storedBytes += compressed.length;
-    }
-    if (!inCache) await ctx.cache?.put(key, compressed);
+    };
+    await Promise.all([toStore(), inCache ? undefined : ctx.cache?.put(key, compressed)]);
   }
   ctx.progress.add(bytes.length);
 }

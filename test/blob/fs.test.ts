@@ -8,12 +8,14 @@ import { afterEach, beforeEach, describe, it } from 'node:test';
 import { FsBlobStore } from '../../src/blob/fs.ts';
 import { blobStoreConformance, rejectsWith } from './conformance.ts';
 
-async function tempStore() {
+async function tempStore(durable = true) {
   const root = await mkdtemp(join(tmpdir(), 'torpor-blob-'));
-  return { root, store: new FsBlobStore(root), cleanup: () => rm(root, { recursive: true, force: true }) };
+  return { root, store: new FsBlobStore(root, { durable }), cleanup: () => rm(root, { recursive: true, force: true }) };
 }
 
-blobStoreConformance('FsBlobStore', tempStore);
+blobStoreConformance('FsBlobStore', () => tempStore());
+// The node-local chunk cache skips fsync; it must still be atomic and otherwise identical.
+blobStoreConformance('FsBlobStore (not durable)', () => tempStore(false));
 
 describe('FsBlobStore specifics', () => {
   let root: string;
