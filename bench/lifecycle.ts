@@ -96,13 +96,21 @@ async function api<T>(base: string, method: string, path: string, body?: unknown
 
 interface Actor {
   address?: string;
-  lastOperation?: { snapshot?: { rawBytes: number; storedBytes: number } };
+  lastOperation?: { phases: Record<string, number>; snapshot?: { rawBytes: number; storedBytes: number } };
+}
+
+/** Median of every phase across operations: where the time goes. */
+function phaseMedians(ops: Record<string, number>[]): Record<string, number> {
+  const names = new Set(ops.flatMap((o) => Object.keys(o)));
+  return Object.fromEntries([...names].map((n) => [n, round(summary(ops.map((o) => o[n] ?? 0)).p50)]));
 }
 
 async function torpor(ref: string, work: string) {
   const t = await up({ dataDir: join(work, 'torpor'), host: '127.0.0.1', port: 0, workers: 2, networkBase: 240, log });
   const suspend: number[] = [];
   const resume: number[] = [];
+  const suspendPhases: Record<string, number>[] = [];
+  const resumePhases: Record<string, number>[] = [];
   const actorPath = '/v1/spaces/bench/actors/counter';
   try {
     await api(t.url, 'POST', '/v1/templates', {
@@ -125,13 +133,22 @@ async function torpor(ref: string, work: string) {
       let t0 = performance.now();
       actor = await api<Actor>(t.url, 'POST', `${actorPath}/suspend`, {});
       suspend.push(performance.now() - t0);
+      suspendPhases.push(actor.lastOperation?.phases ?? {});
       if (actor.lastOperation?.snapshot) bytes.push(actor.lastOperation.snapshot);
       await waitForFreeWorker(t.url);
       t0 = performance.now();
       actor = await api<Actor>(t.url, 'POST', `${actorPath}/resume`, {});
       resume.push(performance.now() - t0);
+      resumePhases.push(actor.lastOperation?.phases ?? {});
     }
-    return { suspend: summary(suspend), resume: summary(resume), first: bytes[0]!, second: bytes[1]! };
+    return {
+      suspend: summary(suspend),
+      resume: summary(resume),
+      suspendPhases: phaseMedians(suspendPhases),
+      resumePhases: phaseMedians(resumePhases),
+      first: bytes[0]!,
+      second: bytes[1]!,
+    };
   } finally {
     await t.stop();
   }
@@ -161,7 +178,12 @@ try {
         cycles,
         runsc: runscPath,
         bare: { checkpoint_ms: b.checkpoint, restore_to_ready_ms: b.restore, checkpoint_bytes: b.rawBytes },
-        torpor: { suspend_ms: o.suspend, resume_ms: o.resume },
+        torpor: {
+          suspend_ms: o.suspend,
+          resume_ms: o.resume,
+          suspend_phase_p50_ms: o.suspendPhases,
+          resume_phase_p50_ms: o.resumePhases,
+        },
         ratios: {
           resume_p50: round(o.resume.p50 / b.restore.p50),
           resume_p95: round(o.resume.p95 / b.restore.p95),

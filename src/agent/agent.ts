@@ -13,7 +13,7 @@ import type { ActorRef, Phases, SnapshotManifest, Template, Worker } from '../co
 import type { ImageStore } from '../image/store.ts';
 import { WorkerNetwork } from '../net/worker-net.ts';
 import type { ExecResult, Sandbox, SandboxRuntime } from '../runtime/runtime.ts';
-import { restoreSnapshot, writeSnapshot } from '../snapshot/index.ts';
+import { readManifest, restoreSnapshot, type WriteSnapshotStats, writeSnapshot } from '../snapshot/index.ts';
 import type { StateStore } from '../store/store.ts';
 import { waitReady } from './ready.ts';
 
@@ -70,14 +70,7 @@ export interface CheckpointRequest {
   parent: string | null;
 }
 
-export interface SnapshotStats {
-  rawBytes: number;
-  storedBytes: number;
-  uploadedChunks: number;
-  reusedChunks: number;
-  zeroChunks: number;
-  totalChunks: number;
-}
+export type SnapshotStats = Omit<WriteSnapshotStats, 'phases'>;
 
 export interface CheckpointResult {
   manifest: SnapshotManifest;
@@ -286,7 +279,10 @@ export class NodeAgent {
   /** Uploads a local checkpoint as a durable snapshot (chunks first, manifest last). */
   async upload(req: Omit<CheckpointRequest, 'workerId'>, dir: string, files: string[]): Promise<CheckpointResult> {
     const runtime = [...this.slots.values()][0]!.runtime;
+    // The parent is the delta base; a parent that cannot be read only costs dedup, never the snapshot.
+    const previous = req.parent ? await readManifest(this.opts.blob, req.parent).catch(() => undefined) : undefined;
     const result = await writeSnapshot({
+      ...(previous ? { previous } : {}),
       blob: this.opts.blob,
       dir,
       files,

@@ -328,8 +328,8 @@ export class Lifecycle {
         files,
       );
       Object.assign(op.phases, uploaded.phases);
-      const { rawBytes, storedBytes, uploadedChunks, reusedChunks, zeroChunks } = uploaded.stats;
-      op.snapshot = { rawBytes, storedBytes, uploadedChunks, reusedChunks, zeroChunks };
+      const { rawBytes, storedBytes, uploadedChunks, reusedChunks, zeroChunks, deltaFiles } = uploaded.stats;
+      op.snapshot = { rawBytes, storedBytes, uploadedChunks, reusedChunks, zeroChunks, deltaFiles };
       this.o.metrics.snapshotBytes.inc({ kind: 'raw' }, uploaded.stats.rawBytes);
       this.o.metrics.snapshotBytes.inc({ kind: 'stored' }, uploaded.stats.storedBytes);
     } catch (err) {

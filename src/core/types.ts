@@ -36,6 +36,7 @@ export interface Operation {
     uploadedChunks: number;
     reusedChunks: number;
     zeroChunks: number;
+    deltaFiles: number;
   };
   error?: string;
 }
@@ -111,11 +112,27 @@ export interface Asset {
   sha256: string;
 }
 
+/** A file as a list of chunks: sha256 of each chunk's uncompressed bytes; null for an all-zero chunk. */
+export interface ChunkedContent {
+  size: number;
+  chunks: (string | null)[];
+}
+
+/** A file stored as a zstd delta against a chunked base file (a "keyframe", never itself a delta). */
+export interface FileDelta {
+  /** Blob key `deltas/<sha256 of the object's bytes>`. */
+  object: string;
+  /** sha256 of the file's full content, checked after the delta is applied. */
+  sha256: string;
+  base: ChunkedContent;
+}
+
 export interface ManifestFile {
   name: string;
   size: number;
-  /** sha256 of each chunk's uncompressed bytes; null for an all-zero chunk (never stored). */
+  /** The file's chunks; empty when the file is stored as a delta. */
   chunks: (string | null)[];
+  delta?: FileDelta;
 }
 
 export interface SnapshotManifest {

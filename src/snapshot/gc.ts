@@ -4,7 +4,7 @@
 // Not safe to run concurrently with writeSnapshot: a snapshot being written has chunks in the store but no
 // manifest in the live set yet (and may be reusing a chunk GC is about to delete). Callers serialize the two.
 import type { BlobStore } from '../blob/blob.ts';
-import { CHUNK_PREFIX, chunkKey, DEFAULT_MANIFEST_PREFIX, readManifest } from './manifest.ts';
+import { CHUNK_PREFIX, DEFAULT_MANIFEST_PREFIX, DELTA_PREFIX, readManifest, referencedKeys } from './manifest.ts';
 import { TaskPool } from './pool.ts';
 
 const DELETE_CONCURRENCY = 8;
@@ -33,7 +33,7 @@ export async function collectGarbage(
   const deadManifests = (await listAll(blob, opts.manifestPrefix ?? DEFAULT_MANIFEST_PREFIX)).filter(
     (key) => !live.has(key),
   );
-  const chunkKeys = await listAll(blob, CHUNK_PREFIX);
+  const chunkKeys = [...(await listAll(blob, CHUNK_PREFIX)), ...(await listAll(blob, DELTA_PREFIX))];
   const deadChunks = chunkKeys.filter((key) => !referenced.has(key));
   if (!opts.dryRun) {
     // Manifests before chunks: a crash in between leaves orphan chunks (collected next time), never a
@@ -51,10 +51,7 @@ export async function collectGarbage(
 async function referencedChunkKeys(blob: BlobStore, liveManifestKeys: Set<string>): Promise<Set<string>> {
   const referenced = new Set<string>();
   for (const key of liveManifestKeys) {
-    const manifest = await readManifest(blob, key);
-    for (const file of manifest.files) {
-      for (const hash of file.chunks) if (hash !== null) referenced.add(chunkKey(hash));
-    }
+    for (const k of referencedKeys(await readManifest(blob, key))) referenced.add(k);
   }
   return referenced;
 }

@@ -1,4 +1,5 @@
 // Snapshot format v1: content-addressed, compressed, deduplicated chunks plus a manifest written last.
+export { DEFAULT_DELTA_LEVEL } from './delta.ts';
 export { collectGarbage, type GcOptions, type GcResult } from './gc.ts';
 export {
   CHUNK_PREFIX,
@@ -9,6 +10,7 @@ export {
   manifestKeyFor,
   newSnapshotId,
   readManifest,
+  referencedKeys,
   snapshotManifestSchema,
 } from './manifest.ts';
 export {

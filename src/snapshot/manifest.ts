@@ -10,6 +10,7 @@ import { runtimeClass } from '../core/schemas.ts';
 import type { SnapshotManifest } from '../core/types.ts';
 
 export const CHUNK_PREFIX = 'chunks/';
+export const DELTA_PREFIX = 'deltas/';
 export const DEFAULT_MANIFEST_PREFIX = 'snapshots/';
 
 const sha256Hex = z.string().regex(/^[0-9a-f]{64}$/, 'must be a lower-case hex sha256');
@@ -20,11 +21,21 @@ const relativeFileName = z.string().superRefine((name, ctx) => {
   if (reason !== undefined) ctx.addIssue({ code: 'custom', message: `file name ${reason}` });
 });
 
+const chunkedContent = z.object({ size: z.number().int().min(0), chunks: z.array(sha256Hex.nullable()) }).strict();
+
 const manifestFile = z
   .object({
     name: relativeFileName,
     size: z.number().int().min(0),
     chunks: z.array(sha256Hex.nullable()),
+    delta: z
+      .object({
+        object: z.string().regex(/^deltas\/[0-9a-f]{64}$/, 'must be a deltas/<sha256> key'),
+        sha256: sha256Hex,
+        base: chunkedContent,
+      })
+      .strict()
+      .optional(),
   })
   .strict();
 
@@ -43,7 +54,15 @@ export const snapshotManifestSchema = z
   .superRefine((manifest, ctx) => {
     const seen = new Set<string>();
     manifest.files.forEach((file, index) => {
-      const expected = Math.ceil(file.size / manifest.chunkSize);
+      const expected = file.delta ? 0 : Math.ceil(file.size / manifest.chunkSize);
+      const baseExpected = file.delta ? Math.ceil(file.delta.base.size / manifest.chunkSize) : 0;
+      if (file.delta && file.delta.base.chunks.length !== baseExpected) {
+        ctx.addIssue({
+          code: 'custom',
+          path: ['files', index, 'delta', 'base', 'chunks'],
+          message: `delta base of ${file.delta.base.size} bytes needs ${baseExpected} chunks`,
+        });
+      }
       if (file.chunks.length !== expected) {
         ctx.addIssue({
           code: 'custom',
@@ -60,6 +79,22 @@ export const snapshotManifestSchema = z
 
 export function chunkKey(hash: string): string {
   return CHUNK_PREFIX + hash;
+}
+
+/** Every blob key a manifest depends on besides itself: its chunks, delta objects and their bases' chunks. */
+export function referencedKeys(manifest: SnapshotManifest): Set<string> {
+  const keys = new Set<string>();
+  const addChunks = (chunks: (string | null)[]) => {
+    for (const hash of chunks) if (hash !== null) keys.add(chunkKey(hash));
+  };
+  for (const file of manifest.files) {
+    addChunks(file.chunks);
+    if (file.delta) {
+      keys.add(file.delta.object);
+      addChunks(file.delta.base.chunks);
+    }
+  }
+  return keys;
 }
 
 /** `<prefix>/<id>.json`; the prefix is typically per actor, e.g. `snapshots/<space>/<actor>`. */

@@ -10,6 +10,7 @@ import { zstdDecompress } from 'node:zlib';
 import type { BlobStore } from '../blob/blob.ts';
 import { isTorporError, TorporError } from '../core/errors.ts';
 import type { ManifestFile, SnapshotManifest } from '../core/types.ts';
+import { applyDelta, readChunkedContent } from './delta.ts';
 import { chunkKey, readManifest } from './manifest.ts';
 import { TaskPool } from './pool.ts';
 import { elapsedMs, ProgressCounter, type ProgressListener, positiveInteger, sha256Hex } from './transfer.ts';
@@ -39,8 +40,10 @@ export interface RestoreSnapshotStats {
   zeroChunks: number;
   /** Total size of the restored files. */
   bytes: number;
-  /** Compressed bytes downloaded from `blob`. */
+  /** Compressed bytes downloaded from `blob` (chunks; delta objects and their bases are not counted). */
   fetchedBytes: number;
+  /** Files rebuilt from a delta against their keyframe. */
+  deltaFiles: number;
   phases: { manifest: number; fetch: number };
 }
 
@@ -84,14 +87,17 @@ export async function restoreSnapshot(opts: RestoreSnapshotOptions): Promise<Res
     blob: opts.blob,
     cache: opts.cache,
     key: opts.key,
-    stats: { fetchedChunks: 0, cachedChunks: 0, zeroChunks: 0, fetchedBytes: 0 },
+    stats: { fetchedChunks: 0, cachedChunks: 0, zeroChunks: 0, fetchedBytes: 0, deltaFiles: 0 },
     progress: new ProgressCounter(bytes, opts.onProgress),
   };
   await mkdir(opts.dir, { recursive: true });
   const targets: Target[] = [];
   try {
     for (const file of manifest.files) targets.push(await createPartial(opts.dir, file));
-    await fetchAll(ctx, pool, planPlacements(ctx, manifest, targets));
+    await Promise.all([
+      fetchAll(ctx, pool, planPlacements(ctx, manifest, targets)),
+      ...targets.map((target) => restoreDeltaFile(ctx, target, manifest.chunkSize)),
+    ]);
     await closeAll(targets);
     for (const target of targets) await rename(target.partialPath, target.finalPath);
   } catch (err) {
@@ -137,6 +143,17 @@ function planPlacements(ctx: RestoreContext, manifest: SnapshotManifest, targets
     });
   }
   return plan;
+}
+
+/** A delta file: rebuild its keyframe from chunks, apply the delta, write the verified result. */
+async function restoreDeltaFile(ctx: RestoreContext, target: Target, chunkSize: number): Promise<void> {
+  const { file } = target;
+  if (!file.delta) return;
+  const base = await readChunkedContent(ctx.blob, ctx.cache, file.delta.base, chunkSize);
+  const content = await applyDelta(ctx.blob, ctx.cache, { ...file, delta: file.delta }, base);
+  await target.handle.write(content, 0, content.length, 0);
+  ctx.stats.deltaFiles++;
+  ctx.progress.add(content.length);
 }
 
 async function fetchAll(ctx: RestoreContext, pool: TaskPool, plan: Map<string, Placement[]>): Promise<void> {

@@ -2,7 +2,7 @@
 // Files are read one chunk at a time; each chunk is named by the sha256 of its bytes, so a chunk the store
 // already holds (from this actor's last snapshot, its template's golden snapshot, any other actor) is not
 // uploaded again. All-zero chunks (most of a memory image) are not stored at all. The manifest goes last.
-import { type FileHandle, open, stat } from 'node:fs/promises';
+import { type FileHandle, open, readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { zstdCompress } from 'node:zlib';
@@ -10,7 +10,16 @@ import type { BlobStore } from '../blob/blob.ts';
 import { assertValidKey, unsafePathReason } from '../blob/keys.ts';
 import { TorporError } from '../core/errors.ts';
 import { parse, type RuntimeClass } from '../core/schemas.ts';
-import type { Asset, ManifestFile, SnapshotManifest } from '../core/types.ts';
+import type { Asset, ChunkedContent, ManifestFile, SnapshotManifest } from '../core/types.ts';
+import {
+  DEFAULT_DELTA_LEVEL,
+  DELTA_MAX_BYTES,
+  DELTA_MAX_RATIO,
+  deltaKey,
+  encodeDelta,
+  keyframeOf,
+  readChunkedContent,
+} from './delta.ts';
 import { chunkKey, encodeManifest, snapshotManifestSchema } from './manifest.ts';
 import { TaskPool } from './pool.ts';
 import { elapsedMs, ProgressCounter, type ProgressListener, positiveInteger, roundMs, sha256Hex } from './transfer.ts';
@@ -42,6 +51,10 @@ export interface WriteSnapshotOptions {
   /** Node-local chunk cache: every chunk is kept there too, so a restore on this node fetches nothing. */
   cache?: BlobStore;
   onProgress?: ProgressListener;
+  /** The snapshot this one follows: a file it also has is stored as a delta against that file's keyframe. */
+  previous?: SnapshotManifest;
+  /** zstd level for deltas; 0 stores every file as chunks. */
+  deltaLevel?: number;
 }
 
 export interface WriteSnapshotStats {
@@ -53,8 +66,11 @@ export interface WriteSnapshotStats {
   reusedChunks: number;
   zeroChunks: number;
   totalChunks: number;
-  /** chunk: reading and hashing; upload: first upload start to last upload end (overlaps chunk); manifest. */
-  phases: { chunk: number; upload: number; manifest: number };
+  /** Files stored as deltas against their keyframe (each delta counts as one uploaded or reused object). */
+  deltaFiles: number;
+  /** chunk: reading and hashing; delta: encoding deltas; upload: first upload start to last upload end (overlaps
+   * chunk and delta); manifest. */
+  phases: { chunk: number; delta: number; upload: number; manifest: number };
 }
 
 export interface WriteSnapshotResult {
@@ -79,6 +95,9 @@ interface WriteContext {
   stats: Omit<WriteSnapshotStats, 'phases'>;
   progress: ProgressCounter;
   chunkMs: number;
+  deltaMs: number;
+  previous: SnapshotManifest | undefined;
+  deltaLevel: number;
   uploadStartedAt: number | undefined;
 }
 
@@ -96,9 +115,21 @@ export async function writeSnapshot(opts: WriteSnapshotOptions): Promise<WriteSn
     pool: new TaskPool(concurrency),
     zeros: Buffer.alloc(chunkSize),
     seen: new Set(),
-    stats: { rawBytes, storedBytes: 0, uploadedChunks: 0, reusedChunks: 0, zeroChunks: 0, totalChunks: 0 },
+    stats: {
+      rawBytes,
+      storedBytes: 0,
+      uploadedChunks: 0,
+      reusedChunks: 0,
+      zeroChunks: 0,
+      totalChunks: 0,
+      deltaFiles: 0,
+    },
     progress: new ProgressCounter(rawBytes, opts.onProgress),
     chunkMs: 0,
+    deltaMs: 0,
+    // A base is read with the previous manifest's chunk size: deltas need the same one.
+    previous: opts.previous?.chunkSize === chunkSize ? opts.previous : undefined,
+    deltaLevel: opts.deltaLevel ?? DEFAULT_DELTA_LEVEL,
     uploadStartedAt: undefined,
   };
 
@@ -116,17 +147,74 @@ export async function writeSnapshot(opts: WriteSnapshotOptions): Promise<WriteSn
   };
   await opts.blob.put(opts.key, encodeManifest(manifest));
 
-  const phases = { chunk: roundMs(ctx.chunkMs), upload, manifest: elapsedMs(manifestStart) };
+  const phases = {
+    chunk: roundMs(ctx.chunkMs),
+    delta: roundMs(ctx.deltaMs),
+    upload,
+    manifest: elapsedMs(manifestStart),
+  };
   return { manifest, stats: { ...ctx.stats, phases } };
 }
 
-/** Chunks every file in order, then waits for every upload; throws the first failure of either. */
+/** Stores every file (concurrently; the manifest keeps their order), then waits for every upload; throws the
+ * first failure. */
 async function chunkAllFiles(ctx: WriteContext, dir: string, files: SnapshotFile[]): Promise<ManifestFile[]> {
-  const manifestFiles: ManifestFile[] = [];
+  let manifestFiles: ManifestFile[] = [];
   await ctx.pool.run(async () => {
-    for (const file of files) manifestFiles.push(await chunkFile(ctx, dir, file));
+    manifestFiles = await Promise.all(files.map((file) => storeFile(ctx, dir, file)));
   });
   return manifestFiles;
+}
+
+async function storeFile(ctx: WriteContext, dir: string, file: SnapshotFile): Promise<ManifestFile> {
+  const previous = ctx.previous?.files.find((f) => f.name === file.name);
+  if (previous && ctx.deltaLevel > 0 && file.size > 0 && file.size <= DELTA_MAX_BYTES) {
+    const base = keyframeOf(previous);
+    if (base.size <= DELTA_MAX_BYTES) {
+      const delta = await storeDelta(ctx, dir, file, base);
+      if (delta) return delta;
+    }
+  }
+  return chunkFile(ctx, dir, file);
+}
+
+/** Stores the file as a delta against `base`, or returns undefined when the delta would not pay off (the file
+ * is then chunked and becomes the next keyframe). */
+async function storeDelta(
+  ctx: WriteContext,
+  dir: string,
+  file: SnapshotFile,
+  base: ChunkedContent,
+): Promise<ManifestFile | undefined> {
+  const [target, baseBytes] = await Promise.all([
+    readFile(join(dir, file.name)),
+    readChunkedContent(ctx.blob, ctx.cache, base, ctx.chunkSize),
+  ]);
+  if (target.length !== file.size) {
+    throw new TorporError('FAILED_PRECONDITION', `file "${file.name}" changed while it was being snapshotted`, {
+      field: 'files',
+    });
+  }
+  const started = performance.now();
+  const delta = await encodeDelta(target, baseBytes, ctx.deltaLevel);
+  ctx.deltaMs += performance.now() - started;
+  if (delta.length > target.length * DELTA_MAX_RATIO) return undefined;
+  const object = deltaKey(delta);
+  ctx.uploadStartedAt ??= performance.now();
+  const [inStore, inCache] = await Promise.all([ctx.blob.has(object), ctx.cache?.has(object) ?? true]);
+  await Promise.all([
+    inStore ? undefined : ctx.blob.put(object, delta),
+    inCache ? undefined : ctx.cache?.put(object, delta),
+  ]);
+  ctx.stats.totalChunks++;
+  ctx.stats.deltaFiles++;
+  if (inStore) ctx.stats.reusedChunks++;
+  else {
+    ctx.stats.uploadedChunks++;
+    ctx.stats.storedBytes += delta.length;
+  }
+  ctx.progress.add(file.size);
+  return { name: file.name, size: file.size, chunks: [], delta: { object, sha256: sha256Hex(target), base } };
 }
 
 async function chunkFile(ctx: WriteContext, dir: string, file: SnapshotFile): Promise<ManifestFile> {

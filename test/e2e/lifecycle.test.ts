@@ -5,7 +5,9 @@ import { existsSync } from 'node:fs';
 import { readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import type { SnapshotManifest } from '../../src/core/types.ts';
 import { writeOciLayout } from '../../src/image/pack.ts';
+import { referencedKeys } from '../../src/snapshot/index.ts';
 import { counterImage } from '../fixtures/images.ts';
 import { gvisorSkipReason, startTorpor, type Torpor } from './harness.ts';
 
@@ -38,10 +40,13 @@ async function blobKeys(t: Torpor, prefix: string): Promise<string[]> {
     .map((e) => join(e.parentPath, e.name).slice(join(t.dataDir, 'blobs').length + 1));
 }
 
+async function manifestOf(t: Torpor, key: string): Promise<SnapshotManifest> {
+  return JSON.parse(await readFile(join(t.dataDir, 'blobs', key), 'utf8')) as SnapshotManifest;
+}
+
+/** Chunks a manifest lists for its own chunked files. */
 async function manifestChunks(t: Torpor, key: string): Promise<string[]> {
-  const manifest = JSON.parse(await readFile(join(t.dataDir, 'blobs', key), 'utf8')) as {
-    files: { chunks: (string | null)[] }[];
-  };
+  const manifest = await manifestOf(t, key);
   return manifest.files.flatMap((f) => f.chunks).filter((c): c is string => c !== null);
 }
 
@@ -108,12 +113,18 @@ describe('actor lifecycle through the CLI (gVisor)', { skip }, () => {
     assert.equal(await get(resumed.address!), '4');
     assert.equal(await get(resumed.address!, '/id'), 'default/c1');
 
-    // The blob store holds exactly the chunks its manifests list: nothing missing, nothing orphaned.
+    // The blob store holds exactly the objects its manifests list (chunks, deltas and their keyframes' chunks):
+    // nothing missing, nothing orphaned.
     const manifests = (await blobKeys(t, 'snapshots')).filter((k) => k.endsWith('manifest.json'));
     assert.ok(manifests.includes(suspended.snapshot!));
     const referenced = new Set<string>();
-    for (const m of manifests) for (const c of await manifestChunks(t, m)) referenced.add(`chunks/${c}`);
-    assert.deepEqual(new Set(await blobKeys(t, 'chunks')), referenced);
+    for (const m of manifests) for (const k of referencedKeys(await manifestOf(t, m))) referenced.add(k);
+    const stored = [...(await blobKeys(t, 'chunks')), ...(await blobKeys(t, 'deltas'))];
+    assert.deepEqual(new Set(stored), referenced);
+    assert.ok(
+      (await manifestOf(t, suspended.snapshot!)).files.some((f) => f.delta),
+      'the state file is stored as a delta against the golden snapshot',
+    );
   });
 
   test('pause keeps the checkpoint on the node and resumes from it', async () => {
@@ -231,8 +242,11 @@ describe('actor lifecycle through the CLI (gVisor)', { skip }, () => {
     test('a corrupted chunk fails the resume with SNAPSHOT_CORRUPT and keeps the good snapshot', async () => {
       const before = await t.json<Actor>('actor', 'get', 'c1');
       assert.equal(before.status, 'SUSPENDED');
+      // Corrupt an object only this snapshot uses: its delta (or, without one, its first chunk).
+      const manifest = await manifestOf(t, before.snapshot!);
+      const delta = manifest.files.find((f) => f.delta)?.delta;
       const chunks = await manifestChunks(t, before.snapshot!);
-      const victim = join(t.dataDir, 'blobs', 'chunks', chunks[0]!);
+      const victim = join(t.dataDir, 'blobs', delta ? delta.object : `chunks/${chunks[0]}`);
       const original = await readFile(victim);
       // Also drop the node's cached copy so the corrupt object store copy is what the restore reads.
       await rmNodeCaches(t);
