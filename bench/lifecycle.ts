@@ -2,7 +2,7 @@
 // `runsc checkpoint` / `runsc restore` of the same image with the same runsc, in the same run.
 // Prints one JSON document: medians and p95 in ms, ratios (ours / bare), and snapshot bytes.
 // Usage: node bench/lifecycle.ts [--cycles N]     (root; runsc from scripts/setup.sh or TORPOR_RUNSC)
-import { mkdtemp, rm, stat } from 'node:fs/promises';
+import { mkdtemp, readFile, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
@@ -10,13 +10,18 @@ import { pino } from 'pino';
 import { buildCounterImage } from '../examples/counter/image.ts';
 import { waitReady } from '../src/agent/ready.ts';
 import { up } from '../src/cli/up.ts';
+import type { SnapshotManifest } from '../src/core/types.ts';
 import { loadRunscAsset, locateRunsc } from '../src/engine/local.ts';
 import { ImageStore } from '../src/image/store.ts';
 import { WorkerNetwork } from '../src/net/worker-net.ts';
 import { GvisorRuntime } from '../src/runtime/gvisor/runsc.ts';
+import { referencedKeys } from '../src/snapshot/index.ts';
 
-const { values } = parseArgs({ options: { cycles: { type: 'string', default: '20' } } });
+const { values } = parseArgs({
+  options: { cycles: { type: 'string', default: '20' }, 'delta-level': { type: 'string' } },
+});
 const cycles = Number(values.cycles);
+const deltaLevel = values['delta-level'] === undefined ? undefined : Number(values['delta-level']);
 const log = pino({ level: 'warn' });
 
 function summary(samples: number[]) {
@@ -96,6 +101,7 @@ async function api<T>(base: string, method: string, path: string, body?: unknown
 
 interface Actor {
   address?: string;
+  snapshot?: string;
   lastOperation?: { phases: Record<string, number>; snapshot?: { rawBytes: number; storedBytes: number } };
 }
 
@@ -106,7 +112,16 @@ function phaseMedians(ops: Record<string, number>[]): Record<string, number> {
 }
 
 async function torpor(ref: string, work: string) {
-  const t = await up({ dataDir: join(work, 'torpor'), host: '127.0.0.1', port: 0, workers: 2, networkBase: 240, log });
+  const dataDir = join(work, 'torpor');
+  const t = await up({
+    dataDir,
+    host: '127.0.0.1',
+    port: 0,
+    workers: 2,
+    networkBase: 240,
+    log,
+    ...(deltaLevel !== undefined ? { deltaLevel } : {}),
+  });
   const suspend: number[] = [];
   const resume: number[] = [];
   const suspendPhases: Record<string, number>[] = [];
@@ -123,6 +138,7 @@ async function torpor(ref: string, work: string) {
     let actor = await api<Actor>(t.url, 'POST', `${actorPath}/resume`, {});
     let expected = 1;
     const bytes: { rawBytes: number; storedBytes: number }[] = [];
+    const snapshots: string[] = [];
     for (let i = 0; i < cycles; i++) {
       // Traffic before every suspend but the second: that one snapshots an unchanged actor (dedup measure).
       if (i !== 1) {
@@ -135,13 +151,20 @@ async function torpor(ref: string, work: string) {
       suspend.push(performance.now() - t0);
       suspendPhases.push(actor.lastOperation?.phases ?? {});
       if (actor.lastOperation?.snapshot) bytes.push(actor.lastOperation.snapshot);
+      snapshots.push(actor.snapshot!);
       await waitForFreeWorker(t.url);
       t0 = performance.now();
       actor = await api<Actor>(t.url, 'POST', `${actorPath}/resume`, {});
       resume.push(performance.now() - t0);
       resumePhases.push(actor.lastOperation?.phases ?? {});
     }
+    const golden = (await api<{ goldenSnapshot: string }>(t.url, 'GET', '/v1/templates/bench-counter')).goldenSnapshot;
+    await t.stop(); // waits for background delta compaction
+    const blobs = join(dataDir, 'blobs');
     return {
+      fullStored: await storedSize(blobs, golden),
+      // What the unchanged actor's snapshot added to the store, once compacted: objects no earlier snapshot has.
+      secondCompacted: await addedSize(blobs, snapshots[1]!, [golden, snapshots[0]!]),
       suspend: summary(suspend),
       resume: summary(resume),
       suspendPhases: phaseMedians(suspendPhases),
@@ -152,6 +175,24 @@ async function torpor(ref: string, work: string) {
   } finally {
     await t.stop();
   }
+}
+
+/** Bytes a snapshot occupies on its own: every object it references (the golden snapshot is a full one). */
+async function storedSize(blobDir: string, manifestKey: string): Promise<number> {
+  const manifest = JSON.parse(await readFile(join(blobDir, manifestKey), 'utf8')) as SnapshotManifest;
+  let bytes = 0;
+  for (const key of referencedKeys(manifest)) bytes += (await stat(join(blobDir, key))).size;
+  return bytes;
+}
+
+async function addedSize(blobDir: string, manifestKey: string, earlier: string[]): Promise<number> {
+  const read = async (key: string) =>
+    referencedKeys(JSON.parse(await readFile(join(blobDir, key), 'utf8')) as SnapshotManifest);
+  const seen = new Set<string>();
+  for (const key of earlier) for (const k of await read(key)) seen.add(k);
+  let bytes = 0;
+  for (const key of await read(manifestKey)) if (!seen.has(key)) bytes += (await stat(join(blobDir, key))).size;
+  return bytes;
 }
 
 /** A suspended actor's old worker frees itself after teardown; the benchmark times resume, not capacity. */
@@ -192,12 +233,16 @@ try {
         },
         bytes: {
           raw_checkpoint: o.first.rawBytes,
-          first_snapshot_stored: o.first.storedBytes,
-          first_stored_over_raw: round(o.first.storedBytes / o.first.rawBytes),
-          second_unchanged_stored: o.second.storedBytes,
-          second_over_first: round(o.second.storedBytes / o.first.storedBytes),
+          full_snapshot_stored: o.fullStored,
+          full_stored_over_raw: round(o.fullStored / o.first.rawBytes),
+          first_actor_snapshot_stored: o.first.storedBytes,
+          second_unchanged_stored_at_suspend: o.second.storedBytes,
+          second_unchanged_stored_compacted: o.secondCompacted,
+          second_over_full_at_suspend: round(o.second.storedBytes / o.fullStored),
+          second_over_full: round(o.secondCompacted / o.fullStored),
         },
-        targets: { resume_ratio: 1.25, suspend_ratio: 1.25, second_over_first: 0.1 },
+        delta_level: deltaLevel ?? 'default',
+        targets: { resume_ratio: 1.25, suspend_ratio: 1.25, second_over_full: 0.1 },
       },
       null,
       2,

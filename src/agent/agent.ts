@@ -13,7 +13,14 @@ import type { ActorRef, Phases, SnapshotManifest, Template, Worker } from '../co
 import type { ImageStore } from '../image/store.ts';
 import { WorkerNetwork } from '../net/worker-net.ts';
 import type { ExecResult, Sandbox, SandboxRuntime } from '../runtime/runtime.ts';
-import { readManifest, restoreSnapshot, type WriteSnapshotStats, writeSnapshot } from '../snapshot/index.ts';
+import {
+  COMPACT_DELTA_LEVEL,
+  compactDelta,
+  readManifest,
+  restoreSnapshot,
+  type WriteSnapshotStats,
+  writeSnapshot,
+} from '../snapshot/index.ts';
 import type { StateStore } from '../store/store.ts';
 import { waitReady } from './ready.ts';
 
@@ -30,6 +37,8 @@ export interface WorkerSlot {
   teardown?: Promise<void>;
   /** A fresh veth made ahead of the next activation, so a resume does not pay for it. */
   linkReady: boolean;
+  /** A checkpointed sandbox whose teardown has not started yet. */
+  stopped?: string;
 }
 
 export interface NodeAgentOptions {
@@ -44,6 +53,8 @@ export interface NodeAgentOptions {
   makeRuntime: (stateRoot: string) => SandboxRuntime;
   log: Logger;
   leaseMs?: number;
+  /** zstd level for delta-encoded snapshot files (0: chunks only). */
+  deltaLevel?: number;
 }
 
 export interface ActivateRequest {
@@ -138,6 +149,7 @@ export class NodeAgent {
   async stop(): Promise<void> {
     clearInterval(this.renewTimer);
     for (const slot of this.slots.values()) {
+      this.startTeardown(slot.id);
       await slot.teardown;
       if (slot.sandbox) await slot.runtime.destroy(slot.sandbox.id);
       slot.sandbox = undefined;
@@ -184,6 +196,7 @@ export class NodeAgent {
     const slot = this.slot(req.workerId);
     const phases: Phases = {};
     let t0 = performance.now();
+    this.startTeardown(slot.id);
     await slot.teardown;
     if (slot.sandbox) await slot.runtime.destroy(slot.sandbox.id);
     slot.sandbox = undefined;
@@ -248,16 +261,31 @@ export class NodeAgent {
     return { address: `${slot.net.sandboxAddress}:${req.template.port}`, phases };
   }
 
-  /** Checkpoints the actor into a node-local directory (the sandbox stops). Teardown runs in the background. */
-  async checkpointLocal(workerId: string, dir: string): Promise<{ files: string[]; phases: Phases }> {
+  /** Checkpoints the actor into a node-local directory (the sandbox stops). Teardown runs in the background,
+   * started at once or, with `deferTeardown`, by `startTeardown`: a stopped sandbox takes a second of kernel
+   * work to go away, and a suspend should not upload its snapshot while competing with that. */
+  async checkpointLocal(
+    workerId: string,
+    dir: string,
+    opts: { deferTeardown?: boolean } = {},
+  ): Promise<{ files: string[]; phases: Phases }> {
     const slot = this.slot(workerId);
     if (!slot.sandbox)
       throw new TorporError('FAILED_PRECONDITION', `worker ${workerId} runs no actor`, { field: 'worker' });
     const sandbox = slot.sandbox;
     const result = await slot.runtime.checkpoint(sandbox, dir);
     slot.sandbox = undefined;
-    slot.teardown = this.tearDown(slot, sandbox.id);
+    slot.stopped = sandbox.id;
+    if (!opts.deferTeardown) this.startTeardown(workerId);
     return result;
+  }
+
+  /** Releases what is left of a checkpointed sandbox, then prepares the worker's next link. Idempotent. */
+  startTeardown(workerId: string): void {
+    const slot = this.slot(workerId);
+    if (slot.stopped === undefined) return;
+    slot.teardown = this.tearDown(slot, slot.stopped);
+    slot.stopped = undefined;
   }
 
   private async tearDown(slot: WorkerSlot, id: string): Promise<void> {
@@ -289,19 +317,38 @@ export class NodeAgent {
       key: req.manifestKey,
       meta: { runtime: runtime.name, template: req.template.name, assets: runtime.assets, parent: req.parent },
       cache: this.chunkCache,
+      ...(this.opts.deltaLevel !== undefined ? { deltaLevel: this.opts.deltaLevel } : {}),
     });
     const { phases: uploadPhases, ...stats } = result.stats;
     return { manifest: result.manifest, stats, phases: { ...uploadPhases } };
   }
 
+  /** Background: re-encodes the snapshot's deltas at a higher level, in place. Returns the bytes saved. */
+  async compact(manifestKey: string): Promise<number> {
+    const manifest = await readManifest(this.opts.blob, manifestKey);
+    let saved = 0;
+    for (const file of manifest.files) {
+      if (!file.delta) continue;
+      saved += await compactDelta(
+        this.opts.blob,
+        this.chunkCache,
+        { ...file, delta: file.delta },
+        manifest.chunkSize,
+        COMPACT_DELTA_LEVEL,
+      );
+    }
+    return saved;
+  }
+
   /** Checkpoint + durable upload: what a suspend does on the node. */
   async checkpoint(req: CheckpointRequest): Promise<CheckpointResult> {
     const dir = join(this.nodeDir, 'checkpoints', req.actor.space, req.actor.name);
-    const local = await this.checkpointLocal(req.workerId, dir);
+    const local = await this.checkpointLocal(req.workerId, dir, { deferTeardown: true });
     try {
       const uploaded = await this.upload(req, dir, local.files);
       return { ...uploaded, phases: { ...local.phases, ...uploaded.phases } };
     } finally {
+      this.startTeardown(req.workerId);
       await rm(dir, { recursive: true, force: true });
     }
   }
@@ -309,6 +356,7 @@ export class NodeAgent {
   /** Stops whatever runs on the worker without a snapshot (delete, failed activation). Idempotent. */
   async release(workerId: string): Promise<void> {
     const slot = this.slot(workerId);
+    this.startTeardown(workerId);
     await slot.teardown;
     if (slot.sandbox) await slot.runtime.destroy(slot.sandbox.id);
     slot.sandbox = undefined;
@@ -318,6 +366,7 @@ export class NodeAgent {
 
   /** Resolves when the worker's previous sandbox is fully gone (the worker may be handed out again). */
   async settled(workerId: string): Promise<void> {
+    this.startTeardown(workerId);
     await this.slot(workerId).teardown;
   }
 

@@ -19,6 +19,8 @@ export interface UpOptions {
   runsc?: string;
   /** First per-worker network index: lets two Torpor instances share one machine. */
   networkBase?: number;
+  /** zstd level for delta-encoded snapshot files (0: chunks only). */
+  deltaLevel?: number;
   reconcileMs?: number;
   log?: Logger;
 }
@@ -40,7 +42,17 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
   const runsc = await loadRunscAsset(locateRunsc(opts.runsc), log);
   log.info({ runsc: runsc.path, version: runsc.features.version, sha256: runsc.sha256 }, 'runtime asset');
   const engine = new LocalEngine(
-    { dataDir, workers: opts.workers, runsc: runsc.path, store, blob, images, log, networkBase: opts.networkBase ?? 0 },
+    {
+      dataDir,
+      workers: opts.workers,
+      runsc: runsc.path,
+      store,
+      blob,
+      images,
+      log,
+      networkBase: opts.networkBase ?? 0,
+      ...(opts.deltaLevel !== undefined ? { deltaLevel: opts.deltaLevel } : {}),
+    },
     runsc,
   );
   await engine.start();

@@ -45,6 +45,8 @@ export interface LifecycleOptions {
 const now = (): string => new Date().toISOString();
 const since = (t0: number): number => Math.round(performance.now() - t0);
 const actorKey = (ref: ActorRef): string => `${ref.space}/${ref.name}`;
+/** Compaction waits for this long without any lifecycle operation. */
+const COMPACTION_IDLE_MS = 500;
 
 function sameSpec(a: Template, b: Template): boolean {
   const strip = ({ createdAt: _c, goldenSnapshot: _g, ...rest }: Template) => JSON.stringify(rest);
@@ -58,6 +60,10 @@ export class Lifecycle {
   /** Background durable uploads of paused actors, by local checkpoint directory. */
   private readonly pendingUploads = new Map<string, Promise<void>>();
   private readonly transitionTimeoutMs: number;
+  private readonly compactionQueue: { agent: NodeAgent; key: string }[] = [];
+  private compacting: Promise<void> | undefined;
+  private activeOperations = 0;
+  private lastOperationEnd = 0;
   /** Workers being freed (sandbox teardown in progress). */
   private readonly releasing = new Set<Promise<void>>();
   private readonly claimWaitMs: number;
@@ -217,7 +223,7 @@ export class Lifecycle {
   async resume(space: string, name: string, input: { worker?: string } = {}): Promise<Actor> {
     const ref = { space, name };
     await this.getActor(space, name);
-    return this.mutex.run(actorKey(ref), () => this.resumeLocked(ref, input.worker));
+    return this.operate(ref, () => this.resumeLocked(ref, input.worker));
   }
 
   private async resumeLocked(ref: ActorRef, workerId: string | undefined): Promise<Actor> {
@@ -286,7 +292,7 @@ export class Lifecycle {
   async suspend(space: string, name: string): Promise<Actor> {
     const ref = { space, name };
     await this.getActor(space, name);
-    return this.mutex.run(actorKey(ref), () => this.suspendLocked(ref));
+    return this.operate(ref, () => this.suspendLocked(ref));
   }
 
   private async suspendLocked(ref: ActorRef): Promise<Actor> {
@@ -308,7 +314,7 @@ export class Lifecycle {
     const dir = join(agent.nodeDir, 'checkpoints', ref.space, ref.name, key.split('/').at(-2)!);
     let files: string[];
     try {
-      const local = await agent.checkpointLocal(worker, dir);
+      const local = await agent.checkpointLocal(worker, dir, { deferTeardown: true });
       files = local.files;
       Object.assign(op.phases, local.phases);
     } catch (err) {
@@ -320,7 +326,6 @@ export class Lifecycle {
       this.o.metrics.record('suspend', 'error', op.phases);
       throw e;
     }
-    this.releaseAfterTeardown(agent, worker, ref);
     try {
       const uploaded = await agent.upload(
         { actor: ref, template, manifestKey: key, parent: actor.snapshot ?? null },
@@ -347,6 +352,8 @@ export class Lifecycle {
       this.o.metrics.record('suspend', 'error', op.phases);
       this.o.log.warn({ err, actor: actorKey(ref) }, 'suspend upload failed; actor kept paused on its node');
       return paused;
+    } finally {
+      this.releaseAfterTeardown(agent, worker, ref);
     }
     void rm(dir, { recursive: true, force: true });
     op.phases.total = since(t0);
@@ -359,13 +366,14 @@ export class Lifecycle {
       reason: undefined,
     });
     this.o.metrics.record('suspend', 'ok', op.phases);
+    this.compactAfterRelease(agent, key);
     return suspended;
   }
 
   async pause(space: string, name: string): Promise<Actor> {
     const ref = { space, name };
     await this.getActor(space, name);
-    return this.mutex.run(actorKey(ref), async () => {
+    return this.operate(ref, async () => {
       let actor = await this.getActor(space, name);
       if (actor.status === 'PAUSED') return actor;
       this.assertSettled(actor);
@@ -479,6 +487,7 @@ export class Lifecycle {
       cursor = page.nextCursor;
     } while (cursor);
     await Promise.allSettled([...this.pendingUploads.values(), ...this.goldenBuilds.values()]);
+    await this.compacting;
   }
 
   // ---------------------------------------------------------------- reconciler
@@ -575,6 +584,44 @@ export class Lifecycle {
       .catch((err: unknown) => this.o.log.warn({ err, worker }, 'releasing worker failed'))
       .finally(() => this.releasing.delete(release));
     this.releasing.add(release);
+  }
+
+  /** Queues the new snapshot's deltas for compaction. Compaction is CPU-heavy (zstd level 19), so it runs one
+   * at a time and only while no lifecycle operation is in flight: it must never slow a resume or a suspend. */
+  private compactAfterRelease(agent: NodeAgent, key: string): void {
+    this.compactionQueue.push({ agent, key });
+    if (!this.compacting) this.compacting = this.drainCompactions().finally(() => (this.compacting = undefined));
+  }
+
+  private async drainCompactions(): Promise<void> {
+    for (let next = this.compactionQueue.shift(); next; next = this.compactionQueue.shift()) {
+      // Busy: an operation in flight, one just finished, or a sandbox still being torn down.
+      while (
+        this.activeOperations > 0 ||
+        this.releasing.size > 0 ||
+        Date.now() - this.lastOperationEnd < COMPACTION_IDLE_MS
+      ) {
+        await new Promise((r) => setTimeout(r, COMPACTION_IDLE_MS));
+      }
+      const saved = await next.agent.compact(next.key).catch((err: unknown) => {
+        this.o.log.warn({ err, snapshot: next.key }, 'delta compaction failed');
+        return 0;
+      });
+      this.o.metrics.snapshotBytes.inc({ kind: 'compacted' }, saved);
+    }
+  }
+
+  /** Runs a lifecycle operation under the actor's lock, counted as activity (see compaction). */
+  private operate<T>(ref: ActorRef, fn: () => Promise<T>): Promise<T> {
+    return this.mutex.run(actorKey(ref), async () => {
+      this.activeOperations++;
+      try {
+        return await fn();
+      } finally {
+        this.activeOperations--;
+        this.lastOperationEnd = Date.now();
+      }
+    });
   }
 
   /** Claims a worker; when none is free but some are being torn down, waits for them (bounded) rather than

@@ -21,6 +21,7 @@ export interface LocalEngineOptions {
   log: Logger;
   /** First per-worker network index (so two Torpor instances on one machine can coexist). */
   networkBase?: number;
+  deltaLevel?: number;
 }
 
 export interface RunscAsset {
@@ -76,6 +77,7 @@ export class LocalEngine {
           blob: opts.blob,
           images: opts.images,
           log: opts.log.child({ node }),
+          ...(opts.deltaLevel !== undefined ? { deltaLevel: opts.deltaLevel } : {}),
           makeRuntime: (stateRoot) =>
             new GvisorRuntime({
               runsc: runsc.path,

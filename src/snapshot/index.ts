@@ -1,5 +1,5 @@
 // Snapshot format v1: content-addressed, compressed, deduplicated chunks plus a manifest written last.
-export { DEFAULT_DELTA_LEVEL } from './delta.ts';
+export { COMPACT_DELTA_LEVEL, compactDelta, DEFAULT_DELTA_LEVEL } from './delta.ts';
 export { collectGarbage, type GcOptions, type GcResult } from './gc.ts';
 export {
   CHUNK_PREFIX,

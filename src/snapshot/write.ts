@@ -199,7 +199,8 @@ async function storeDelta(
   const delta = await encodeDelta(target, baseBytes, ctx.deltaLevel);
   ctx.deltaMs += performance.now() - started;
   if (delta.length > target.length * DELTA_MAX_RATIO) return undefined;
-  const object = deltaKey(delta);
+  const contentSha256 = sha256Hex(target);
+  const object = deltaKey(contentSha256, base);
   ctx.uploadStartedAt ??= performance.now();
   const [inStore, inCache] = await Promise.all([ctx.blob.has(object), ctx.cache?.has(object) ?? true]);
   await Promise.all([
@@ -214,7 +215,7 @@ async function storeDelta(
     ctx.stats.storedBytes += delta.length;
   }
   ctx.progress.add(file.size);
-  return { name: file.name, size: file.size, chunks: [], delta: { object, sha256: sha256Hex(target), base } };
+  return { name: file.name, size: file.size, chunks: [], delta: { object, sha256: contentSha256, base } };
 }
 
 async function chunkFile(ctx: WriteContext, dir: string, file: SnapshotFile): Promise<ManifestFile> {

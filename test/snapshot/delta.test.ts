@@ -6,7 +6,9 @@ import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, it } from 'node:test';
 import {
+  COMPACT_DELTA_LEVEL,
   collectGarbage,
+  compactDelta,
   readManifest,
   referencedKeys,
   restoreSnapshot,
@@ -69,6 +71,22 @@ describe('delta-encoded snapshot files', () => {
       second.stats.storedBytes < first.stats.storedBytes / 4,
       `${second.stats.storedBytes} vs ${first.stats.storedBytes}`,
     );
+    assert.ok((await restored('snapshots/a/2/manifest.json')).equals(next));
+  });
+
+  it('compaction re-encodes a delta in place: smaller, same key, same restored bytes', async () => {
+    const base = Buffer.concat(
+      Array.from({ length: 400 }, () => Buffer.concat([randomBytes(64), Buffer.alloc(960, 1)])),
+    );
+    await snapshot('snapshots/a/1/manifest.json', base);
+    const next = mutate(base);
+    const second = await snapshot('snapshots/a/2/manifest.json', next, 'snapshots/a/1/manifest.json');
+    const file = second.manifest.files[0]!;
+    const before = (await s.blob.getBytes(file.delta!.object)).length;
+    const saved = await compactDelta(s.blob, s.cache, { ...file, delta: file.delta! }, CHUNK, COMPACT_DELTA_LEVEL);
+    const after = (await s.blob.getBytes(file.delta!.object)).length;
+    assert.equal(before - after, saved);
+    assert.ok(saved >= 0);
     assert.ok((await restored('snapshots/a/2/manifest.json')).equals(next));
   });
 
