@@ -40,6 +40,16 @@ export function readTemplateFile(file: string): Record<string, unknown> {
 
 // ------------------------------------------------------------------ up
 
+function integerFlag(name: string, value: string, min: number, max: number): number {
+  const n = Number(value);
+  if (!Number.isInteger(n) || n < min || n > max) {
+    throw new TorporError('INVALID_ARGUMENT', `--${name} must be an integer from ${min} to ${max}, got "${value}"`, {
+      field: name,
+    });
+  }
+  return n;
+}
+
 interface UpFlags {
   dataDir: string;
   host: string;
@@ -69,9 +79,9 @@ program
     const torpor = await up({
       dataDir: o.dataDir,
       host: o.host,
-      port: Number(o.port),
-      workers: Number(o.workers),
-      networkBase: Number(o.networkBase),
+      port: integerFlag('port', o.port, 0, 65535),
+      workers: integerFlag('workers', o.workers, 1, 64),
+      networkBase: integerFlag('network-base', o.networkBase, 0, 255),
       ...(o.runsc ? { runsc: o.runsc } : {}),
     });
     process.stderr.write(`Torpor API listening on ${torpor.url}\n`);
@@ -168,6 +178,17 @@ actor
   .action(async (name: string, o: { space: string; name: string }) =>
     print('actor', await client().call('POST', actorPath(o.space, name, 'fork'), { name: o.name })),
   );
+actor
+  .command('url <name>')
+  .description("print the running actor's URL (for curl)")
+  .addOption(spaceOption())
+  .action(async (name: string, o: { space: string }) => {
+    const a = await client().call<{ status: string; address?: string }>('GET', actorPath(o.space, name));
+    if (!a.address) {
+      throw new TorporError('FAILED_PRECONDITION', `actor is ${a.status}; resume it first`, { field: 'status' });
+    }
+    console.log(`http://${a.address}`);
+  });
 actor
   .command('delete <name>')
   .addOption(spaceOption())

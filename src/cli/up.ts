@@ -7,6 +7,7 @@ import { buildApi } from '../api/server.ts';
 import { FsBlobStore } from '../blob/fs.ts';
 import { Lifecycle } from '../control/lifecycle.ts';
 import { Metrics } from '../control/metrics.ts';
+import { TorporError } from '../core/errors.ts';
 import { LocalEngine, loadRunscAsset, locateRunsc } from '../engine/local.ts';
 import { ImageStore } from '../image/store.ts';
 import { SqliteStore } from '../store/sqlite.ts';
@@ -33,6 +34,11 @@ export interface RunningTorpor {
 
 export async function up(opts: UpOptions): Promise<RunningTorpor> {
   const log = opts.log ?? pino({ name: 'torpor' });
+  if ((opts.networkBase ?? 0) + opts.workers > 256) {
+    throw new TorporError('INVALID_ARGUMENT', 'network-base + workers must be at most 256 (one /30 per worker)', {
+      field: 'workers',
+    });
+  }
   const dataDir = resolve(opts.dataDir);
   await mkdir(dataDir, { recursive: true });
   const store = SqliteStore.open(join(dataDir, 'state.db'));

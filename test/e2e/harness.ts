@@ -30,11 +30,13 @@ export interface Torpor {
   /** Runs the CLI with -o json and parses stdout; throws with stderr when it fails. */
   json: <T = Record<string, unknown>>(...args: string[]) => Promise<T>;
   stop: () => Promise<void>;
+  /** SIGKILL, as a crash would: nothing is suspended, the data directory stays. */
+  crash: () => Promise<void>;
   log: () => string;
 }
 
-export async function startTorpor(opts: { workers?: number; networkBase: number }): Promise<Torpor> {
-  const dataDir = await mkdtemp(join(tmpdir(), 'torpor-e2e-'));
+export async function startTorpor(opts: { workers?: number; networkBase: number; dataDir?: string }): Promise<Torpor> {
+  const dataDir = opts.dataDir ?? (await mkdtemp(join(tmpdir(), 'torpor-e2e-')));
   const child: ChildProcess = spawn(
     process.execPath,
     [
@@ -92,10 +94,15 @@ export async function startTorpor(opts: { workers?: number; networkBase: number 
     if (child.exitCode === null) {
       const exited = new Promise((r) => child.once('exit', r));
       child.kill('SIGTERM');
-      await Promise.race([exited, new Promise((r) => setTimeout(r, 60_000))]);
+      await Promise.race([exited, new Promise((r) => setTimeout(r, 60_000).unref())]);
       if (child.exitCode === null) child.kill('SIGKILL');
     }
     await rm(dataDir, { recursive: true, force: true });
   };
-  return { url, dataDir, cli, json, stop, log: () => output };
+  const crash = async () => {
+    const exited = new Promise((r) => child.once('exit', r));
+    child.kill('SIGKILL');
+    await exited;
+  };
+  return { url, dataDir, cli, json, stop, crash, log: () => output };
 }
