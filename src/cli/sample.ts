@@ -22,10 +22,10 @@ export async function createSample(lifecycle: Lifecycle, dataDir: string): Promi
     [
       'Sample actor "counter" created (SUSPENDED). Try:',
       '  torpor actor resume counter          # restore it on a free worker',
-      '  torpor actor get counter -o yaml     # its address',
-      '  curl http://<address>/               # 1, 2, 3… counted in memory',
+      '  curl $(torpor actor url counter)/    # 1, 2, 3… counted in memory',
       '  torpor actor suspend counter         # snapshot to storage, free the worker',
-      '  torpor actor resume counter && curl http://<address>/   # the count continues',
+      '  torpor actor resume counter && curl $(torpor actor url counter)/   # the count continues',
+      '  torpor actor get counter -o yaml     # status, worker, per-phase timings',
       '',
     ].join('\n'),
   );
