@@ -299,10 +299,7 @@ export class Lifecycle {
     let actor = await this.getActor(ref.space, ref.name);
     if (actor.status === 'SUSPENDED') return actor;
     if (actor.status === 'PAUSED') return this.suspendPaused(actor);
-    this.assertSettled(actor);
-    if (actor.status !== 'RUNNING') {
-      throw new TorporError('FAILED_PRECONDITION', `actor is ${actor.status}, not RUNNING`, { field: 'status' });
-    }
+    this.assertRunning(actor);
     const template = await this.getTemplate(actor.template);
     const op = this.startOperation('suspend');
     const t0 = performance.now();
@@ -376,10 +373,7 @@ export class Lifecycle {
     return this.operate(ref, async () => {
       let actor = await this.getActor(space, name);
       if (actor.status === 'PAUSED') return actor;
-      this.assertSettled(actor);
-      if (actor.status !== 'RUNNING') {
-        throw new TorporError('FAILED_PRECONDITION', `actor is ${actor.status}, not RUNNING`, { field: 'status' });
-      }
+      this.assertRunning(actor);
       const template = await this.getTemplate(actor.template);
       const op = this.startOperation('pause');
       const t0 = performance.now();
@@ -558,6 +552,13 @@ export class Lifecycle {
       throw new TorporError('FAILED_PRECONDITION', `actor is ${actor.status}; another operation is in flight`, {
         field: 'status',
       });
+    }
+  }
+
+  private assertRunning(actor: Actor): void {
+    this.assertSettled(actor);
+    if (actor.status !== 'RUNNING') {
+      throw new TorporError('FAILED_PRECONDITION', `actor is ${actor.status}, not RUNNING`, { field: 'status' });
     }
   }
 
