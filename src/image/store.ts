@@ -2,7 +2,8 @@
 // into <cacheDir>/rootfs/<hex> (built in a temp dir, then renamed into place), and reused afterwards.
 //
 // References: an OCI layout directory, a tar archive of one, or a `docker save` tarball, each optionally
-// followed by ":<tag>".
+// followed by ":<tag>"; or a registry reference, `docker://host[:port]/repo[:tag|@sha256:…]` or the same
+// without the scheme when no such local path exists (see registry.ts).
 
 import { randomBytes } from 'node:crypto';
 import { mkdir, readdir, rename, rm, stat } from 'node:fs/promises';
@@ -11,6 +12,13 @@ import { TorporError } from '../core/errors.ts';
 import { digestHex } from './digest.ts';
 import { openLayer } from './layer.ts';
 import { type ImageConfig, type ImageMetadata, readImageMetadata } from './manifest.ts';
+import {
+  looksLikeRegistryReference,
+  REGISTRY_PREFIX,
+  type RegistryOptions,
+  type RegistryProgress,
+  RegistryPuller,
+} from './registry.ts';
 import { type ImageSource, openSource } from './source.ts';
 import { RootfsWriter } from './unpack.ts';
 
@@ -24,6 +32,21 @@ export interface ResolvedImage {
   config: ImageConfig;
   /** True when this call (or a concurrent one it joined) unpacked the layers; false on a cache hit. */
   unpacked: boolean;
+}
+
+export interface ImageStoreOptions {
+  registry?: RegistryOptions;
+}
+
+export interface ResolveOptions {
+  /** Layer download progress, for registry references. */
+  onProgress?: (progress: RegistryProgress) => void;
+}
+
+interface OpenedImage {
+  source: ImageSource;
+  image: ImageMetadata;
+  fetchLayers?: (onProgress?: (progress: RegistryProgress) => void) => Promise<void>;
 }
 
 interface ImageRef {
@@ -40,18 +63,37 @@ export class ImageStore {
   readonly #inflight = new Map<string, Promise<string>>();
   #staleTempsCleaned = false;
 
-  constructor(cacheDir: string) {
+  /** Pulls registry references into <cacheDir>/blobs/sha256 (the node-wide layer cache). */
+  readonly registry: RegistryPuller;
+
+  constructor(cacheDir: string, options: ImageStoreOptions = {}) {
     this.cacheDir = resolvePath(cacheDir);
+    this.registry = new RegistryPuller(this.cacheDir, options.registry);
   }
 
-  async resolve(ref: string): Promise<ResolvedImage> {
-    const { path, tag } = await parseRef(ref);
-    const source = await openSource(path);
-    const image = await readImageMetadata(source, tag);
+  async resolve(ref: string, options: ResolveOptions = {}): Promise<ResolvedImage> {
+    const { source, image, fetchLayers } = await this.#open(ref);
     const rootfs = this.#rootfsPath(image.digest);
     if (await isDirectory(rootfs)) return { digest: image.digest, rootfs, config: image.config, unpacked: false };
+    await fetchLayers?.(options.onProgress);
     await this.#unpackShared(source, image);
     return { digest: image.digest, rootfs, config: image.config, unpacked: true };
+  }
+
+  /** A local path (exactly as before registries were supported) wins over a registry reference. */
+  async #open(ref: string): Promise<OpenedImage> {
+    if (ref.startsWith(REGISTRY_PREFIX)) return this.registry.open(ref);
+    let local: ImageRef;
+    try {
+      local = await parseRef(ref);
+    } catch (err) {
+      if (err instanceof TorporError && err.code === 'NOT_FOUND' && looksLikeRegistryReference(ref)) {
+        return this.registry.open(ref);
+      }
+      throw err;
+    }
+    const source = await openSource(local.path);
+    return { source, image: await readImageMetadata(source, local.tag) };
   }
 
   #rootfsPath(digest: string): string {
