@@ -340,29 +340,35 @@ export class RegistryPuller {
   ): Promise<string> {
     const hex = digestHex(descriptor.digest, label);
     const path = `/v2/${session.ref.repository}/blobs/${descriptor.digest}`;
-    const { path: file } = await this.blobs.get(hex, {
-      ...(descriptor.size !== undefined ? { expectedSize: descriptor.size } : {}),
-      maxBytes,
-      mode: 0o644,
-      errors: blobErrors(`${label} of ${session.name}`),
-      ...(onBytes ? { onBytes } : {}),
-      retryable: (err) => !(err instanceof TorporError),
-      open: async (offset) => {
-        const headers: Record<string, string> = offset > 0 ? { range: `bytes=${offset}-` } : {};
-        const res = await session.get(path, headers, label);
-        if (res.status === 206 && contentRangeStart(res.headers.get('content-range')) === offset) {
-          return { body: res.body(), start: offset };
-        }
-        if (res.status === 200) return { body: res.body(), start: 0 };
-        if (res.status === 404) {
-          await res.discard();
-          throw new TorporError('NOT_FOUND', `image ${session.name} is incomplete: the registry has no ${label}`, {
-            field: 'image',
-          });
-        }
-        throw await unexpected(res, session, label);
-      },
-    });
+    const { path: file } = await this.blobs
+      .get(hex, {
+        ...(descriptor.size !== undefined ? { expectedSize: descriptor.size } : {}),
+        maxBytes,
+        mode: 0o644,
+        errors: blobErrors(`${label} of ${session.name}`),
+        ...(onBytes ? { onBytes } : {}),
+        retryable: (err) => !(err instanceof TorporError),
+        open: async (offset) => {
+          const headers: Record<string, string> = offset > 0 ? { range: `bytes=${offset}-` } : {};
+          const res = await session.get(path, headers, label);
+          if (res.status === 206 && contentRangeStart(res.headers.get('content-range')) === offset) {
+            return { body: res.body(), start: offset };
+          }
+          if (res.status === 200) return { body: res.body(), start: 0 };
+          if (res.status === 404) {
+            await res.discard();
+            throw new TorporError('NOT_FOUND', `image ${session.name} is incomplete: the registry has no ${label}`, {
+              field: 'image',
+            });
+          }
+          throw await unexpected(res, session, label);
+        },
+      })
+      .catch((err: unknown) => {
+        // What is left after the retries is a transport failure (the connection dropped again and again).
+        if (err instanceof TorporError) throw err;
+        throw unreachable(session.ref.registry, label, err);
+      });
     return file;
   }
 
@@ -652,7 +658,8 @@ async function unexpected(res: GetResponse, session: Session, what: string): Pro
 }
 
 function unreachable(host: string, what: string, err: unknown): TorporError {
-  const cause = (err as { cause?: { code?: string } }).cause?.code ?? (err as Error).name ?? 'error';
+  const cause =
+    (err as { cause?: { code?: string } }).cause?.code ?? (err instanceof Error ? err.message : String(err));
   // No `cause`: the underlying error may carry request details; the code is all a reader needs.
   return new TorporError('RUNTIME_ERROR', `cannot reach ${host} for ${what}: ${cause}`, { field: 'image' });
 }
