@@ -1,0 +1,196 @@
+// Runtime assets (runsc; kernel, initrd, VMM, …) are fetched at run time by {url, sha256}, not baked into
+// worker images, and kept in a content-addressed cache, <cacheDir>/<sha256>. A fetch streams into a temp
+// file while hashing, stops at a size cap, verifies the sha256, sets the mode and renames the file into
+// place; a cache hit is a stat. Concurrent fetches of one asset share one download. A hash mismatch
+// deletes the download and fails naming the asset and both hashes.
+//
+// Sources: file://, http:// and https://. Credentials (bearer or basic) go only to the origin of the URL,
+// only over HTTPS or loopback, and never into a message: URLs are printed without user info or query.
+// s3:// sources are not supported yet (NOT_SUPPORTED).
+
+import { createReadStream } from 'node:fs';
+import { stat } from 'node:fs/promises';
+import { resolve as resolvePath } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { type ErrorCode, TorporError } from '../core/errors.ts';
+import { type CasErrors, type CasFetch, ContentCache, type OpenedBody } from '../image/cas.ts';
+import { httpGet, isLoopbackHost, redactUrl } from '../image/http.ts';
+
+export interface AssetRef {
+  url: string;
+  /** Hex sha256 of the asset's bytes ("sha256:" prefix allowed). */
+  sha256: string;
+}
+
+export type AssetAuth = { bearer: string } | { username: string; password: string };
+
+export interface AssetFetchOptions {
+  /** Size cap in bytes (default 1 GiB). */
+  maxBytes?: number;
+  /** File mode of the cached asset (default 0755: most assets are executables). */
+  mode?: number;
+  auth?: AssetAuth;
+}
+
+export const DEFAULT_ASSET_MAX_BYTES = 1 << 30;
+const DEFAULT_MODE = 0o755;
+const SHA256 = /^(?:sha256:)?([a-f0-9]{64})$/;
+
+export class AssetStore {
+  readonly cacheDir: string;
+  readonly #cache: ContentCache;
+
+  constructor(cacheDir: string) {
+    this.cacheDir = resolvePath(cacheDir);
+    this.#cache = new ContentCache(this.cacheDir);
+  }
+
+  /** Downloads completed by this store (cache hits and joined downloads do not count). */
+  get downloadCount(): number {
+    return this.#cache.downloadCount;
+  }
+
+  /** Where the asset with this sha256 lives (whether or not it is there yet). */
+  path(sha256: string): string {
+    return this.#cache.path(hexOf('asset', sha256));
+  }
+
+  async fetch(name: string, asset: AssetRef, options: AssetFetchOptions = {}): Promise<string> {
+    const hex = hexOf(name, asset.sha256);
+    const url = parseUrl(name, asset.url);
+    const maxBytes = options.maxBytes ?? DEFAULT_ASSET_MAX_BYTES;
+    const mode = options.mode ?? DEFAULT_MODE;
+    if (!Number.isSafeInteger(maxBytes) || maxBytes <= 0) {
+      throw new TorporError('INVALID_ARGUMENT', `maxBytes for asset "${name}" must be a positive integer`, {
+        field: 'maxBytes',
+      });
+    }
+    if (!Number.isInteger(mode) || mode < 0 || mode > 0o7777) {
+      throw new TorporError('INVALID_ARGUMENT', `mode for asset "${name}" must be a file mode`, { field: 'mode' });
+    }
+    const where = `asset "${name}" from ${redactUrl(url.toString())}`;
+    const fetch: CasFetch = {
+      maxBytes,
+      mode,
+      errors: assetErrors(name, where),
+      retryable: (err) => !(err instanceof TorporError),
+      open: opener(name, url, where, options.auth),
+    };
+    try {
+      return (await this.#cache.get(hex, fetch)).path;
+    } catch (err) {
+      if (err instanceof TorporError) throw err;
+      const reason = err instanceof Error ? err.message : String(err);
+      throw new TorporError('RUNTIME_ERROR', `${where}: download failed: ${reason}`, { field: `assets.${name}` });
+    }
+  }
+}
+
+function opener(
+  name: string,
+  url: URL,
+  where: string,
+  auth: AssetAuth | undefined,
+): (offset: number) => Promise<OpenedBody> {
+  const field = `assets.${name}.url`;
+  switch (url.protocol) {
+    case 'file:': {
+      const path = fileURLToPath(url);
+      return async (offset) => {
+        const info = await stat(path).catch(() => undefined);
+        if (!info?.isFile()) throw new TorporError('NOT_FOUND', `${where}: no such file`, { field });
+        return { body: createReadStream(path, { start: offset }), start: offset };
+      };
+    }
+    case 'http:':
+    case 'https:': {
+      if (auth && url.protocol === 'http:' && !isLoopbackHost(url.host)) {
+        throw new TorporError(
+          'INVALID_ARGUMENT',
+          `${where}: credentials are only sent over https (or to a loopback address)`,
+          { field },
+        );
+      }
+      const secretHeaders = auth ? { authorization: authorizationOf(auth) } : undefined;
+      return async (offset) => {
+        let res: Awaited<ReturnType<typeof httpGet>>;
+        try {
+          res = await httpGet(url.toString(), {
+            ...(offset > 0 ? { headers: { range: `bytes=${offset}-` } } : {}),
+            ...(secretHeaders ? { secretHeaders } : {}),
+          });
+        } catch (err) {
+          const cause = (err as { cause?: { code?: string } }).cause?.code ?? (err as Error).name;
+          // Not a TorporError: the download is retried (resumed) a few times before this surfaces.
+          throw new Error(`${where}: ${cause}`);
+        }
+        if (res.status === 206 && contentRangeStart(res.headers.get('content-range')) === offset) {
+          return { body: res.body(), start: offset };
+        }
+        if (res.status === 200) return { body: res.body(), start: 0 };
+        await res.discard();
+        throw new TorporError(statusCode(res.status), `${where}: the server answered ${res.status}`, { field });
+      };
+    }
+    case 's3:':
+      // Lazily: an asset already in the cache (staged by other means) is still usable.
+      return async () => {
+        throw new TorporError('NOT_SUPPORTED', `${where}: s3:// asset sources are not supported yet`, { field });
+      };
+    default:
+      throw new TorporError('INVALID_ARGUMENT', `${where}: unsupported scheme ${url.protocol}`, { field });
+  }
+}
+
+function assetErrors(name: string, where: string): CasErrors {
+  return {
+    mismatch: (expected, actual) =>
+      new TorporError('RUNTIME_ERROR', `${where} does not match its sha256: expected ${expected}, got ${actual}`, {
+        field: `assets.${name}.sha256`,
+      }),
+    tooLarge: (limit) =>
+      new TorporError('PAYLOAD_TOO_LARGE', `${where} is larger than its size cap of ${limit} bytes`, {
+        field: `assets.${name}`,
+      }),
+    wrongSize: (size, expected) =>
+      new TorporError('RUNTIME_ERROR', `${where} is ${size} bytes, expected ${expected}`, {
+        field: `assets.${name}`,
+      }),
+  };
+}
+
+function statusCode(status: number): ErrorCode {
+  if (status === 404 || status === 410) return 'NOT_FOUND';
+  if (status === 401) return 'UNAUTHENTICATED';
+  if (status === 403) return 'PERMISSION_DENIED';
+  return 'RUNTIME_ERROR';
+}
+
+function authorizationOf(auth: AssetAuth): string {
+  if ('bearer' in auth) return `Bearer ${auth.bearer}`;
+  return `Basic ${Buffer.from(`${auth.username}:${auth.password}`).toString('base64')}`;
+}
+
+function hexOf(name: string, sha256: string): string {
+  const hex = SHA256.exec(typeof sha256 === 'string' ? sha256.toLowerCase() : '')?.[1];
+  if (!hex) {
+    throw new TorporError('INVALID_ARGUMENT', `asset "${name}" needs a sha256 of 64 hex digits`, {
+      field: `assets.${name}.sha256`,
+    });
+  }
+  return hex;
+}
+
+function parseUrl(name: string, url: string): URL {
+  try {
+    return new URL(url);
+  } catch {
+    // The URL itself is not echoed: a malformed one may still hold a secret.
+    throw new TorporError('INVALID_ARGUMENT', `asset "${name}" has a malformed url`, { field: `assets.${name}.url` });
+  }
+}
+
+function contentRangeStart(header: string | null): number | undefined {
+  const match = /^bytes (\d+)-\d+\/(?:\d+|\*)$/.exec(header ?? '');
+  return match ? Number(match[1]) : undefined;
+}
