@@ -37,7 +37,6 @@ export function buildApi(opts: ApiOptions) {
   const app = Fastify({
     loggerInstance: opts.log,
     bodyLimit: opts.bodyLimit ?? 1024 * 1024,
-    disableRequestLogging: true,
   });
 
   app.addContentTypeParser(

@@ -58,6 +58,30 @@ interface UpFlags {
   networkBase: string;
   runsc?: string;
   sample?: boolean;
+  routerPort: string;
+  domain: string;
+  queueSize: string;
+  queueDeadline: string;
+  upstreamTimeout: string;
+  ingressToken?: string[];
+}
+
+/** `space=token` pairs; tokens may also come from TORPOR_INGRESS_TOKENS (same form, comma-separated), so they
+ * need not appear in a process listing. */
+function ingressTokens(flags: string[] | undefined): Record<string, string> | undefined {
+  const pairs = [...(flags ?? []), ...(process.env.TORPOR_INGRESS_TOKENS?.split(',').filter(Boolean) ?? [])];
+  if (pairs.length === 0) return undefined;
+  const out: Record<string, string> = {};
+  for (const pair of pairs) {
+    const eq = pair.indexOf('=');
+    if (eq <= 0 || eq === pair.length - 1) {
+      throw new TorporError('INVALID_ARGUMENT', 'an ingress token must be given as space=token', {
+        field: 'ingress-token',
+      });
+    }
+    out[pair.slice(0, eq)] = pair.slice(eq + 1);
+  }
+  return out;
 }
 
 program
@@ -73,6 +97,15 @@ program
     'first per-worker network index, 0..255 (two instances on one machine need distinct ranges)',
     '0',
   )
+  .option('--router-port <port>', 'router port: Host <actor>.<space>.actors.<domain> reaches the actor', '7080')
+  .option('--domain <domain>', 'router domain', 'torpor.localhost')
+  .option('--queue-size <n>', 'requests that may wait for a resume at once', '1000')
+  .option('--queue-deadline <seconds>', 'how long a request waits for a resume before 503', '30')
+  .option('--upstream-timeout <seconds>', 'how long the router waits for an actor to answer before 504', '60')
+  .option(
+    '--ingress-token <space=token...>',
+    'require Authorization: Bearer <token> for actors of a space (repeatable)',
+  )
   .option('--sample', 'create the sample "counter" template and actor')
   .action(async (o: UpFlags) => {
     const { up } = await import('./up.ts');
@@ -82,9 +115,16 @@ program
       port: integerFlag('port', o.port, 0, 65535),
       workers: integerFlag('workers', o.workers, 1, 64),
       networkBase: integerFlag('network-base', o.networkBase, 0, 255),
+      routerPort: integerFlag('router-port', o.routerPort, 0, 65535),
+      domain: o.domain,
+      queueSize: integerFlag('queue-size', o.queueSize, 1, 1_000_000),
+      queueDeadlineMs: integerFlag('queue-deadline', o.queueDeadline, 1, 3600) * 1000,
+      upstreamTimeoutMs: integerFlag('upstream-timeout', o.upstreamTimeout, 1, 86400) * 1000,
+      ...(ingressTokens(o.ingressToken) ? { ingressTokens: ingressTokens(o.ingressToken)! } : {}),
       ...(o.runsc ? { runsc: o.runsc } : {}),
     });
     process.stderr.write(`Torpor API listening on ${torpor.url}\n`);
+    process.stderr.write(`Torpor router listening on ${torpor.routerUrl} (Host: <actor>.<space>.actors.${o.domain})\n`);
     if (o.sample) {
       const { createSample } = await import('./sample.ts');
       await createSample(torpor.lifecycle, resolve(o.dataDir));

@@ -1,16 +1,25 @@
 // `torpor up`: the embedded deployment in one process — SQLite state, filesystem blobs, a local engine with
 // in-process node agents, the reconciler and the REST API.
 import { mkdir } from 'node:fs/promises';
+import http, { type Server } from 'node:http';
 import { join, resolve } from 'node:path';
 import { type Logger, pino } from 'pino';
 import { buildApi } from '../api/server.ts';
 import { FsBlobStore } from '../blob/fs.ts';
+import { ActivityTracker } from '../control/activity.ts';
+import { IdlePolicy } from '../control/idle.ts';
 import { Lifecycle } from '../control/lifecycle.ts';
 import { Metrics } from '../control/metrics.ts';
 import { TorporError } from '../core/errors.ts';
 import { LocalEngine, loadRunscAsset, locateRunsc } from '../engine/local.ts';
 import { ImageStore } from '../image/store.ts';
+import { Router } from '../router/router.ts';
 import { SqliteStore } from '../store/sqlite.ts';
+
+function listeningPort(server: Server): number {
+  const address = server.address();
+  return typeof address === 'object' && address ? address.port : 0;
+}
 
 export interface UpOptions {
   dataDir: string;
@@ -23,11 +32,19 @@ export interface UpOptions {
   /** zstd level for delta-encoded snapshot files (0: chunks only). */
   deltaLevel?: number;
   reconcileMs?: number;
+  /** The router: Host <actor>.<space>.actors.<domain> on this port (0 = any free port). */
+  routerPort?: number;
+  domain?: string;
+  queueSize?: number;
+  queueDeadlineMs?: number;
+  upstreamTimeoutMs?: number;
+  ingressTokens?: Record<string, string>;
   log?: Logger;
 }
 
 export interface RunningTorpor {
   url: string;
+  routerUrl: string;
   lifecycle: Lifecycle;
   stop: () => Promise<void>;
 }
@@ -71,14 +88,37 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
 
   const api = buildApi({ lifecycle, store, metrics, log });
   await api.listen({ host: opts.host, port: opts.port });
-  const address = api.server.address();
-  const port = typeof address === 'object' && address ? address.port : opts.port;
-  const url = `http://${opts.host}:${port}`;
+  const url = `http://${opts.host}:${listeningPort(api.server)}`;
+
+  const activity = new ActivityTracker();
+  const idle = new IdlePolicy({ store, lifecycle, activity, log });
+  idle.start();
+  const router = new Router({
+    store,
+    lifecycle,
+    idle,
+    activity,
+    metrics,
+    log,
+    domain: opts.domain ?? 'torpor.localhost',
+    ...(opts.queueSize !== undefined ? { queueSize: opts.queueSize } : {}),
+    ...(opts.queueDeadlineMs !== undefined ? { queueDeadlineMs: opts.queueDeadlineMs } : {}),
+    ...(opts.ingressTokens ? { ingressTokens: opts.ingressTokens } : {}),
+    ...(opts.upstreamTimeoutMs !== undefined ? { timeoutMs: opts.upstreamTimeoutMs } : {}),
+  });
+  const routerServer = http.createServer({ keepAlive: true }, router.handle);
+  routerServer.on('upgrade', router.upgrade);
+  await new Promise<void>((resolve) => routerServer.listen(opts.routerPort ?? 7080, opts.host, resolve));
+  const routerUrl = `http://${opts.host}:${listeningPort(routerServer)}`;
 
   let stopping: Promise<void> | undefined;
   const stop = (): Promise<void> => {
     stopping ??= (async () => {
       clearInterval(reconciler);
+      idle.stop();
+      router.close();
+      routerServer.closeAllConnections();
+      await new Promise((r) => routerServer.close(r));
       await api.close();
       await lifecycle.suspendAll();
       await engine.stop();
@@ -86,5 +126,5 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
     })();
     return stopping;
   };
-  return { url, lifecycle, stop };
+  return { url, routerUrl, lifecycle, stop };
 }

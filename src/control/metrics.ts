@@ -1,5 +1,5 @@
 // Prometheus metrics for lifecycle operations: counts by kind and result, and per-phase durations.
-import { Counter, collectDefaultMetrics, Histogram, Registry } from 'prom-client';
+import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry } from 'prom-client';
 import type { Phases } from '../core/types.ts';
 
 export class Metrics {
@@ -21,6 +21,30 @@ export class Metrics {
     name: 'torpor_snapshot_bytes_total',
     help: 'Snapshot bytes: raw (as checkpointed) and stored (compressed, new chunks only)',
     labelNames: ['kind'] as const,
+    registers: [this.registry],
+  });
+
+  readonly routerRequests = new Histogram({
+    name: 'torpor_router_request_seconds',
+    help: 'Router requests until the response head, by outcome',
+    labelNames: ['outcome'] as const,
+    buckets: [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 30],
+    registers: [this.registry],
+  });
+  readonly routerResumes = new Counter({
+    name: 'torpor_router_resumes_total',
+    help: 'Resumes the router triggered (concurrent requests for one actor share one)',
+    registers: [this.registry],
+  });
+  readonly routerQueueWait = new Histogram({
+    name: 'torpor_router_queue_wait_seconds',
+    help: 'Time requests waited for their actor to be resumed',
+    buckets: [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
+    registers: [this.registry],
+  });
+  readonly routerConnections = new Gauge({
+    name: 'torpor_router_active_connections',
+    help: 'Requests and upgraded connections the router is proxying now',
     registers: [this.registry],
   });
 

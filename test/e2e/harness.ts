@@ -25,6 +25,7 @@ export interface CliResult {
 
 export interface Torpor {
   url: string;
+  routerUrl: string;
   dataDir: string;
   cli: (...args: string[]) => Promise<CliResult>;
   /** Runs the CLI with -o json and parses stdout; throws with stderr when it fails. */
@@ -35,7 +36,13 @@ export interface Torpor {
   log: () => string;
 }
 
-export async function startTorpor(opts: { workers?: number; networkBase: number; dataDir?: string }): Promise<Torpor> {
+export async function startTorpor(opts: {
+  workers?: number;
+  networkBase: number;
+  dataDir?: string;
+  /** More `torpor up` flags. */
+  args?: string[];
+}): Promise<Torpor> {
   const dataDir = opts.dataDir ?? (await mkdtemp(join(tmpdir(), 'torpor-e2e-')));
   const child: ChildProcess = spawn(
     process.execPath,
@@ -46,10 +53,13 @@ export async function startTorpor(opts: { workers?: number; networkBase: number;
       dataDir,
       '--port',
       '0',
+      '--router-port',
+      '0',
       '--workers',
       String(opts.workers ?? 2),
       '--network-base',
       String(opts.networkBase),
+      ...(opts.args ?? []),
     ],
     { stdio: ['ignore', 'pipe', 'pipe'], env: process.env },
   );
@@ -57,14 +67,15 @@ export async function startTorpor(opts: { workers?: number; networkBase: number;
   child.stdout?.on('data', (d: Buffer) => {
     output += d.toString();
   });
-  const url = await new Promise<string>((resolveUrl, reject) => {
+  const [url, routerUrl] = await new Promise<[string, string]>((resolveUrl, reject) => {
     const timer = setTimeout(() => reject(new Error(`torpor up did not start:\n${output}`)), 60_000);
     child.stderr?.on('data', (d: Buffer) => {
       output += d.toString();
-      const m = /listening on (http:\/\/\S+)/.exec(output);
-      if (m) {
+      const api = /API listening on (http:\/\/\S+)/.exec(output);
+      const router = /router listening on (http:\/\/\S+)/.exec(output);
+      if (api && router) {
         clearTimeout(timer);
-        resolveUrl(m[1]!);
+        resolveUrl([api[1]!, router[1]!]);
       }
     });
     child.on('exit', (code) => {
@@ -104,5 +115,5 @@ export async function startTorpor(opts: { workers?: number; networkBase: number;
     child.kill('SIGKILL');
     await exited;
   };
-  return { url, dataDir, cli, json, stop, crash, log: () => output };
+  return { url, routerUrl, dataDir, cli, json, stop, crash, log: () => output };
 }
