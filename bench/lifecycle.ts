@@ -8,14 +8,12 @@ import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { pino } from 'pino';
 import { buildCounterImage } from '../examples/counter/image.ts';
-import { waitReady } from '../src/agent/ready.ts';
 import { up } from '../src/cli/up.ts';
 import type { SnapshotManifest } from '../src/core/types.ts';
-import { loadRunscAsset, locateRunsc } from '../src/engine/local.ts';
+import { locateRunsc } from '../src/engine/local.ts';
 import { ImageStore } from '../src/image/store.ts';
-import { WorkerNetwork } from '../src/net/worker-net.ts';
-import { GvisorRuntime } from '../src/runtime/gvisor/runsc.ts';
 import { referencedKeys } from '../src/snapshot/index.ts';
+import { bare, round, summary } from './lib/bare.ts';
 
 const { values } = parseArgs({
   options: { cycles: { type: 'string', default: '20' }, 'delta-level': { type: 'string' } },
@@ -23,70 +21,6 @@ const { values } = parseArgs({
 const cycles = Number(values.cycles);
 const deltaLevel = values['delta-level'] === undefined ? undefined : Number(values['delta-level']);
 const log = pino({ level: 'warn' });
-
-function summary(samples: number[]) {
-  const s = [...samples].sort((a, b) => a - b);
-  const at = (q: number) => s[Math.min(s.length - 1, Math.ceil(q * s.length) - 1)]!;
-  return { n: s.length, p50: at(0.5), p95: at(0.95), min: s[0]!, max: s.at(-1)! };
-}
-const round = (x: number) => Math.round(x * 100) / 100;
-
-async function bare(
-  runscPath: string,
-  rootfs: string,
-  image: { entrypoint: string[]; cmd: string[]; env: string[]; workingDir: string },
-  work: string,
-) {
-  const runsc = await loadRunscAsset(runscPath, log);
-  const rt = new GvisorRuntime({
-    runsc: runsc.path,
-    features: runsc.features,
-    asset: { url: '', sha256: runsc.sha256 },
-    stateRoot: join(work, 'bare-state'),
-  });
-  const net = new WorkerNetwork({ index: 250, namespace: 'torpor-bench-bare' });
-  await net.ensureNamespace();
-  const spec = {
-    id: 'bench-bare',
-    actorId: 'bench/bare',
-    rootfs,
-    image,
-    command: [],
-    env: {},
-    memoryMiB: 256,
-    vcpus: 1,
-    netnsPath: net.netnsPath,
-    workDir: join(work, 'bare-work'),
-    logFile: join(work, 'bare.log'),
-  };
-  const url = `http://${net.sandboxAddress}:8080/healthz`;
-  const checkpoint: number[] = [];
-  const restore: number[] = [];
-  let rawBytes = 0;
-  try {
-    await net.freshLink();
-    let sandbox = await rt.run(spec);
-    await waitReady(url, 20_000);
-    for (let i = 0; i < cycles; i++) {
-      const dir = join(work, 'bare-cp');
-      let t0 = performance.now();
-      const cp = await rt.checkpoint(sandbox, dir);
-      checkpoint.push(performance.now() - t0);
-      rawBytes = 0;
-      for (const f of cp.files) rawBytes += (await stat(join(dir, f))).size;
-      await rt.destroy(spec.id);
-      await net.freshLink();
-      t0 = performance.now();
-      sandbox = (await rt.restore(spec, dir, cp.files)).sandbox;
-      await waitReady(url, 20_000);
-      restore.push(performance.now() - t0);
-    }
-    await rt.destroy(spec.id);
-  } finally {
-    await net.destroy();
-  }
-  return { checkpoint: summary(checkpoint), restore: summary(restore), rawBytes };
-}
 
 async function api<T>(base: string, method: string, path: string, body?: unknown): Promise<T> {
   const res = await fetch(base + path, {
@@ -210,7 +144,7 @@ try {
   const images = new ImageStore(join(work, 'images'));
   const resolved = await images.resolve(ref);
   const runscPath = locateRunsc();
-  const b = await bare(runscPath, resolved.rootfs, resolved.config, work);
+  const b = await bare(runscPath, resolved.rootfs, resolved.config, work, cycles, log);
   const o = await torpor(ref, work);
   console.log(
     JSON.stringify(

@@ -1,9 +1,11 @@
 // The node agent: owns this node's worker slots (each a network namespace plus a runtime state root), and turns
 // "activate this actor here" / "checkpoint it" into runtime calls, snapshot transfers and readiness checks.
 // It never decides *which* actor goes where: that is the control layer's job.
+
+import { createHash } from 'node:crypto';
 import { createReadStream, existsSync } from 'node:fs';
-import { mkdir, rm, stat } from 'node:fs/promises';
-import { join } from 'node:path';
+import { mkdir, readdir, rename, rm, stat, utimes } from 'node:fs/promises';
+import { dirname, join } from 'node:path';
 import type { Readable } from 'node:stream';
 import type { Logger } from 'pino';
 import type { BlobStore } from '../blob/blob.ts';
@@ -55,6 +57,8 @@ export interface NodeAgentOptions {
   leaseMs?: number;
   /** zstd level for delta-encoded snapshot files (0: chunks only). */
   deltaLevel?: number;
+  /** Local copies of snapshots this node wrote, kept for fast resumes here (default 4 per worker). */
+  keepSnapshots?: number;
 }
 
 export interface ActivateRequest {
@@ -104,11 +108,13 @@ export class NodeAgent {
   private readonly chunkCache: FsBlobStore;
   private renewTimer?: NodeJS.Timeout;
   private readonly leaseMs: number;
+  private readonly keepSnapshots: number;
 
   constructor(opts: NodeAgentOptions) {
     this.opts = opts;
     this.node = opts.node;
     this.leaseMs = opts.leaseMs ?? 15_000;
+    this.keepSnapshots = opts.keepSnapshots ?? 4 * opts.workers;
     // Chunks this node has uploaded or fetched: a resume here needs no download for them.
     this.chunkCache = new FsBlobStore(join(this.nodeDir, 'chunks'), { durable: false });
     for (let i = 0; i < opts.workers; i++) {
@@ -223,7 +229,15 @@ export class NodeAgent {
     };
     await mkdir(join(this.nodeDir, 'logs', req.actor.space), { recursive: true });
     try {
-      const localDir = req.localSnapshot && existsSync(req.localSnapshot) ? req.localSnapshot : undefined;
+      const kept = req.snapshot ? this.keptSnapshot(req.snapshot) : undefined;
+      const localDir =
+        req.localSnapshot && existsSync(req.localSnapshot)
+          ? req.localSnapshot
+          : kept && existsSync(kept)
+            ? kept
+            : undefined;
+      // Mark a kept copy as recently used, so eviction takes older ones first.
+      if (localDir && localDir === kept) await utimes(kept, new Date(), new Date()).catch(() => undefined);
       if (localDir) {
         const { sandbox, phases: p } = await slot.runtime.restore(spec, localDir, []);
         slot.sandbox = sandbox;
@@ -278,6 +292,12 @@ export class NodeAgent {
     slot.stopped = sandbox.id;
     if (!opts.deferTeardown) this.startTeardown(workerId);
     return result;
+  }
+
+  /** Whether the worker's sandbox is still running (a failed checkpoint may have killed it). */
+  async sandboxAlive(workerId: string): Promise<boolean> {
+    const slot = this.slot(workerId);
+    return slot.sandbox !== undefined && (await slot.runtime.alive(slot.sandbox.id));
   }
 
   /** Releases what is left of a checkpointed sandbox, then prepares the worker's next link. Idempotent. */
@@ -374,6 +394,28 @@ export class NodeAgent {
     const slot = this.slot(workerId);
     if (!slot.sandbox) throw new TorporError('FAILED_PRECONDITION', 'actor is not running', { field: 'status' });
     return slot.runtime.exec(slot.sandbox, command, timeoutMs);
+  }
+
+  /** Where this node keeps its own copy of a snapshot it wrote (see keepLocal). */
+  private keptSnapshot(manifestKey: string): string {
+    return join(this.nodeDir, 'snapshots', createHash('sha256').update(manifestKey).digest('hex').slice(0, 32));
+  }
+
+  /** Keeps a checkpoint this node just uploaded as a local copy of that snapshot: a resume here restores it
+   * without fetching or rebuilding anything. The durable copy is the one in the blob store; local copies are a
+   * bounded cache (the most recent `keepSnapshots`), dropped oldest first. */
+  async keepLocal(dir: string, manifestKey: string): Promise<void> {
+    const target = this.keptSnapshot(manifestKey);
+    await mkdir(dirname(target), { recursive: true });
+    await rm(target, { recursive: true, force: true });
+    await rename(dir, target);
+    const root = dirname(target);
+    const entries = await Promise.all(
+      (await readdir(root)).map(async (name) => ({ name, mtime: (await stat(join(root, name))).mtimeMs })),
+    );
+    entries.sort((a, b) => b.mtime - a.mtime);
+    for (const old of entries.slice(this.keepSnapshots))
+      await rm(join(root, old.name), { recursive: true, force: true });
   }
 
   logPath(actor: ActorRef): string {

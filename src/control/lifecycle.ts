@@ -315,13 +315,7 @@ export class Lifecycle {
       files = local.files;
       Object.assign(op.phases, local.phases);
     } catch (err) {
-      // The sandbox kept running: the actor is still RUNNING where it was.
-      const e = asTorporError(err, 'RUNTIME_ERROR');
-      op.error = e.message;
-      op.finishedAt = now();
-      await this.transition(actor, 'RUNNING', { lastOperation: op, reason: `suspend failed: ${e.message}` });
-      this.o.metrics.record('suspend', 'error', op.phases);
-      throw e;
+      throw await this.checkpointFailed(actor, op, agent, worker, err);
     }
     try {
       const uploaded = await agent.upload(
@@ -352,7 +346,7 @@ export class Lifecycle {
     } finally {
       this.releaseAfterTeardown(agent, worker, ref);
     }
-    void rm(dir, { recursive: true, force: true });
+    void agent.keepLocal(dir, key).catch(() => rm(dir, { recursive: true, force: true }));
     op.phases.total = since(t0);
     op.finishedAt = now();
     const suspended = await this.transition(actor, 'SUSPENDED', {
@@ -385,10 +379,7 @@ export class Lifecycle {
       try {
         Object.assign(op.phases, (await agent.checkpointLocal(worker, dir)).phases);
       } catch (err) {
-        const e = asTorporError(err, 'RUNTIME_ERROR');
-        op.error = e.message;
-        await this.transition(actor, 'RUNNING', { lastOperation: op, reason: `pause failed: ${e.message}` });
-        throw e;
+        throw await this.checkpointFailed(actor, op, agent, worker, err);
       }
       this.releaseAfterTeardown(agent, worker, ref);
       op.phases.total = since(t0);
@@ -553,6 +544,28 @@ export class Lifecycle {
         field: 'status',
       });
     }
+  }
+
+  /** After a failed checkpoint: back to RUNNING if the sandbox survived; if the checkpoint killed it, roll back
+   * to the last snapshot rather than leave a RUNNING actor with nothing behind it. Returns the error to throw. */
+  private async checkpointFailed(actor: Actor, op: Operation, agent: NodeAgent, worker: string, err: unknown) {
+    const e = asTorporError(err, 'RUNTIME_ERROR');
+    op.error = e.message;
+    op.finishedAt = now();
+    this.o.metrics.record(op.kind, 'error', op.phases);
+    if (await agent.sandboxAlive(worker).catch(() => false)) {
+      await this.transition(actor, 'RUNNING', { lastOperation: op, reason: `${op.kind} failed: ${e.message}` });
+      return e;
+    }
+    await agent.release(worker).catch(() => undefined);
+    await this.o.store.releaseWorker(worker, actor);
+    await this.transition(actor, 'SUSPENDED', {
+      lastOperation: op,
+      worker: undefined,
+      address: undefined,
+      reason: `${op.kind} failed and the sandbox died (${e.message}); rolled back to ${actor.snapshot ?? 'a fresh boot'}`,
+    });
+    return e;
   }
 
   private assertRunning(actor: Actor): void {

@@ -56,6 +56,8 @@ export interface SandboxRuntime {
   checkpoint(sandbox: Sandbox, dir: string): Promise<CheckpointResult>;
   restore(spec: ActivationSpec, dir: string, files: string[]): Promise<{ sandbox: Sandbox; phases: Phases }>;
   exec(sandbox: Sandbox, command: string[], timeoutMs: number): Promise<ExecResult>;
+  /** Whether the sandbox is still running (e.g. after a failed checkpoint). */
+  alive(id: string): Promise<boolean>;
   /** Idempotent: destroying a sandbox that is gone (or never started) succeeds. */
   destroy(id: string): Promise<void>;
   /** Ids of sandboxes this runtime knows about on this worker root (for cleaning leftovers). */

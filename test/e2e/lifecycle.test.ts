@@ -1,6 +1,7 @@
 // The whole actor lifecycle through the CLI, against real runsc: create, talk, suspend, resume on the other
 // worker with memory intact; pause, fork, exec, logs, delete; and bad input that must change nothing.
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -239,6 +240,29 @@ describe('actor lifecycle through the CLI (gVisor)', { skip }, () => {
       assert.equal(existsSync(join(t.dataDir, '..', 'escape')), false);
     });
 
+    test('a sandbox that dies under a suspend rolls the actor back to its last snapshot, never stuck RUNNING', async () => {
+      const running = await t.json<Actor>('actor', 'resume', 'c1');
+      const before = await t.json<Actor>('actor', 'get', 'c1');
+      const runsc = process.env.TORPOR_RUNSC ?? '/var/cache/torpor/assets/runsc';
+      const root = join(t.dataDir, 'nodes', 'node0', 'workers', running.worker!, 'runsc');
+      const state = execFileSync(runsc, ['--root', root, 'state', `${running.worker}--default--c1`]).toString();
+      process.kill((JSON.parse(state) as { pid: number }).pid, 'SIGKILL');
+      const r = await t.cli('actor', 'suspend', 'c1');
+      assert.equal(r.code, 1);
+      assert.match(r.stderr, /RUNTIME_ERROR/);
+      const after = await t.json<Actor>('actor', 'get', 'c1');
+      assert.equal(after.status, 'SUSPENDED');
+      assert.equal(after.snapshot, before.snapshot, 'the last good snapshot is kept');
+      assert.match(after.reason ?? '', /sandbox died/);
+      const workers = await t.json<{ items: { state: string }[] }>('worker', 'list');
+      assert.ok(
+        workers.items.every((w) => w.state === 'free'),
+        'the worker is freed',
+      );
+      await t.json<Actor>('actor', 'resume', 'c1');
+      await t.json<Actor>('actor', 'suspend', 'c1');
+    });
+
     test('a corrupted chunk fails the resume with SNAPSHOT_CORRUPT and keeps the good snapshot', async () => {
       const before = await t.json<Actor>('actor', 'get', 'c1');
       assert.equal(before.status, 'SUSPENDED');
@@ -248,7 +272,7 @@ describe('actor lifecycle through the CLI (gVisor)', { skip }, () => {
       const chunks = await manifestChunks(t, before.snapshot!);
       const victim = join(t.dataDir, 'blobs', delta ? delta.object : `chunks/${chunks[0]}`);
       const original = await readFile(victim);
-      // Also drop the node's cached copy so the corrupt object store copy is what the restore reads.
+      // Also drop the node's cached chunks and snapshot copies so the store's corrupt copy is what the restore reads.
       await rmNodeCaches(t);
       await writeFile(victim, Buffer.from('definitely not the chunk'));
       const r = await t.cli('actor', 'resume', 'c1');
@@ -267,5 +291,8 @@ describe('actor lifecycle through the CLI (gVisor)', { skip }, () => {
 
 async function rmNodeCaches(t: Torpor): Promise<void> {
   const nodes = await readdir(join(t.dataDir, 'nodes'));
-  for (const n of nodes) await rm(join(t.dataDir, 'nodes', n, 'chunks'), { recursive: true, force: true });
+  for (const n of nodes) {
+    for (const cache of ['chunks', 'snapshots'])
+      await rm(join(t.dataDir, 'nodes', n, cache), { recursive: true, force: true });
+  }
 }

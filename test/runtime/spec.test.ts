@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { buildOciSpec, mergeEnv, processArgs } from '../../src/runtime/gvisor/spec.ts';
+import { buildOciSpec, mergeEnv, processArgs, SANDBOX_OVERHEAD_MIB } from '../../src/runtime/gvisor/spec.ts';
 import type { ActivationSpec } from '../../src/runtime/runtime.ts';
 
 const activation = (over: Partial<ActivationSpec> = {}): ActivationSpec => ({
@@ -48,6 +48,6 @@ test('the OCI spec joins the worker namespace by path, mounts the identity dir r
     spec.linux.namespaces.find((n) => n.type === 'network'),
     { type: 'network', path: '/var/run/netns/torpor-net0' },
   );
-  assert.equal(spec.linux.resources.memory.limit, 128 * 1024 * 1024);
+  assert.equal(spec.linux.resources.memory.limit, (128 + SANDBOX_OVERHEAD_MIB) * 1024 * 1024);
   assert.equal(spec.linux.resources.cpu.quota, 200_000);
 });

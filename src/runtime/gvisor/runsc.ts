@@ -58,9 +58,16 @@ function killQuietly(pid: number): void {
   }
 }
 
+/** Alive and not a zombie: a killed sandbox whose parent has not reaped it still has a /proc entry. */
+async function processRunning(pid: number): Promise<boolean> {
+  const stat = await readFile(`/proc/${pid}/stat`, 'utf8').catch(() => '');
+  const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
+  return state !== '' && state !== 'Z' && state !== 'X';
+}
+
 async function waitGone(pid: number, timeoutMs: number): Promise<void> {
   const deadline = Date.now() + timeoutMs;
-  while (existsSync(`/proc/${pid}`) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
+  while ((await processRunning(pid)) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
 }
 
 export class GvisorRuntime implements SandboxRuntime {
@@ -153,6 +160,14 @@ export class GvisorRuntime implements SandboxRuntime {
       okCodes: Array.from({ length: 256 }, (_, i) => i),
     });
     return { exitCode: result.code, stdout: result.stdout, stderr: result.stderr };
+  }
+
+  async alive(id: string): Promise<boolean> {
+    if (!(await this.knows(id))) return false;
+    const state = await this.runsc(['state', id], { okCodes: [0, 1, 128] });
+    if (state.code !== 0) return false;
+    const { status, pid } = JSON.parse(state.stdout) as { status?: string; pid?: number };
+    return status === 'running' && pid !== undefined && (await processRunning(pid));
   }
 
   async destroy(id: string): Promise<void> {
