@@ -4,11 +4,12 @@
 // - activation: a request to a suspended actor until its first byte, vs a bare `runsc restore` (to ready).
 // Prints one JSON document. Usage: node bench/router.ts [--requests N] [--concurrency C] [--activations N]
 
+import { execFile } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
 import http from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { parseArgs } from 'node:util';
+import { parseArgs, promisify } from 'node:util';
 import { pino } from 'pino';
 import { buildCounterImage } from '../examples/counter/image.ts';
 import { up } from '../src/cli/up.ts';
@@ -28,6 +29,7 @@ const concurrency = Number(values.concurrency);
 const activations = Number(values.activations);
 const log = pino({ level: 'warn' });
 const HOST = 'bench.default.actors.torpor.localhost';
+const run = promisify(execFile);
 
 /** One GET; resolves at the first byte of the body and then drains it. Returns ms to first byte. */
 function get(target: URL, host: string, agent: http.Agent): Promise<number> {
@@ -52,17 +54,11 @@ async function latency(target: URL, host: string) {
   return summary(samples);
 }
 
-async function throughput(target: URL, host: string) {
-  const agent = new http.Agent({ keepAlive: true, maxSockets: concurrency });
-  let next = 0;
-  const t0 = performance.now();
-  await Promise.all(
-    Array.from({ length: concurrency }, async () => {
-      while (next++ < requests) await get(target, host, agent);
-    }),
-  );
-  agent.destroy();
-  return round(requests / ((performance.now() - t0) / 1000));
+/** Requests/s at `concurrency`, from a separate process (see lib/load.ts). */
+async function throughput(target: URL, host: string): Promise<number> {
+  const load = join(import.meta.dirname, 'lib', 'load.ts');
+  const { stdout } = await run(process.execPath, [load, target.href, host, String(requests), String(concurrency)]);
+  return round((JSON.parse(stdout) as { rps: number }).rps);
 }
 
 async function api<T>(base: string, method: string, path: string, body?: unknown): Promise<T> {
