@@ -63,6 +63,7 @@ interface UpFlags {
   queueSize: string;
   queueDeadline: string;
   upstreamTimeout: string;
+  maxBody: string;
   ingressToken?: string[];
 }
 
@@ -102,6 +103,7 @@ program
   .option('--queue-size <n>', 'requests that may wait for a resume at once', '1000')
   .option('--queue-deadline <seconds>', 'how long a request waits for a resume before 503', '30')
   .option('--upstream-timeout <seconds>', 'how long the router waits for an actor to answer before 504', '60')
+  .option('--max-body <mib>', 'largest request body the router forwards, in MiB (413 beyond)', '64')
   .option(
     '--ingress-token <space=token...>',
     'require Authorization: Bearer <token> for actors of a space (repeatable)',
@@ -120,6 +122,7 @@ program
       queueSize: integerFlag('queue-size', o.queueSize, 1, 1_000_000),
       queueDeadlineMs: integerFlag('queue-deadline', o.queueDeadline, 1, 3600) * 1000,
       upstreamTimeoutMs: integerFlag('upstream-timeout', o.upstreamTimeout, 1, 86400) * 1000,
+      maxBodyBytes: integerFlag('max-body', o.maxBody, 1, 65536) * 1024 * 1024,
       ...(ingressTokens(o.ingressToken) ? { ingressTokens: ingressTokens(o.ingressToken)! } : {}),
       ...(o.runsc ? { runsc: o.runsc } : {}),
     });

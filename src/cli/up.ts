@@ -38,6 +38,7 @@ export interface UpOptions {
   queueSize?: number;
   queueDeadlineMs?: number;
   upstreamTimeoutMs?: number;
+  maxBodyBytes?: number;
   ingressTokens?: Record<string, string>;
   log?: Logger;
 }
@@ -105,6 +106,7 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
     ...(opts.queueDeadlineMs !== undefined ? { queueDeadlineMs: opts.queueDeadlineMs } : {}),
     ...(opts.ingressTokens ? { ingressTokens: opts.ingressTokens } : {}),
     ...(opts.upstreamTimeoutMs !== undefined ? { timeoutMs: opts.upstreamTimeoutMs } : {}),
+    ...(opts.maxBodyBytes !== undefined ? { bodyLimit: opts.maxBodyBytes } : {}),
   });
   const routerServer = http.createServer({ keepAlive: true }, router.handle);
   routerServer.on('upgrade', router.upgrade);

@@ -123,7 +123,12 @@ export class Lifecycle {
 
   private async takeGolden(template: Template): Promise<void> {
     const ref: ActorRef = { space: '_golden', name: template.name };
-    const worker = await this.o.store.claimWorker({ runtime: template.runtime }, ref);
+    // Templates applied together take turns on the workers; give up only after a minute without one.
+    let worker = await this.claimWorker({ runtime: template.runtime }, ref);
+    for (let tries = 0; !worker && tries < 240; tries++) {
+      await new Promise((r) => setTimeout(r, 250));
+      worker = await this.claimWorker({ runtime: template.runtime }, ref);
+    }
     if (!worker) throw new TorporError('NO_CAPACITY', 'no free worker for the golden snapshot');
     const agent = this.agentOf(worker.node);
     try {

@@ -76,19 +76,46 @@ describe('router (gVisor, one worker)', { skip: gvisorSkipReason() }, () => {
     t = await startTorpor({
       workers: 1,
       networkBase: 60,
-      args: ['--upstream-timeout', '1', '--ingress-token', 'private=s3cret-token'],
+      args: [
+        '--upstream-timeout',
+        '1',
+        '--queue-deadline',
+        '5',
+        '--max-body',
+        '2',
+        '--ingress-token',
+        'private=s3cret-token',
+      ],
     });
-    for (const [name, idle] of [
-      ['counter', 300],
-      ['sleepy', 2],
+    // One template at a time, each with its golden snapshot taken, so golden builds never compete with traffic
+    // for the single worker. `broken` never gets ready, so it never gets a golden snapshot.
+    for (const [name, idle, ready] of [
+      ['counter', 300, '/healthz'],
+      ['sleepy', 2, '/healthz'],
+      ['pinned', 0, '/healthz'],
+      ['broken', 300, '/never-ready'],
     ] as const) {
       const file = join(t.dataDir, `${name}.yaml`);
-      await writeFile(
-        file,
-        `name: ${name}\nimage: ${image}\nport: 8080\nreadiness: { path: /healthz }\nidleTimeoutSeconds: ${idle}\n`,
-      );
+      const readiness = `readiness: { path: ${ready}, timeoutSeconds: 2 }`;
+      await writeFile(file, `name: ${name}\nimage: ${image}\nport: 8080\n${readiness}\nidleTimeoutSeconds: ${idle}\n`);
       await t.json('template', 'apply', '-f', file);
+      if (name !== 'broken') {
+        await waitFor(
+          `${name} golden`,
+          async () => (await t.json<{ goldenSnapshot?: string }>('template', 'get', name)).goldenSnapshot,
+          30_000,
+        );
+      }
     }
+    // The failed golden attempt of `broken` gives the worker back.
+    await waitFor(
+      'a free worker',
+      async () => {
+        const w = await t.json<{ items: { state: string }[] }>('worker', 'list');
+        return w.items.every((x) => x.state === 'free') ? true : undefined;
+      },
+      30_000,
+    );
   });
   after(async () => {
     await t?.stop();
@@ -232,10 +259,40 @@ describe('router (gVisor, one worker)', { skip: gvisorSkipReason() }, () => {
     }
   });
 
+  test('a resume that fails is 502 with the reason; no worker within the deadline is 503 with Retry-After', async () => {
+    await t.json('actor', 'create', 'b1', '--template', 'broken');
+    const broken = await request(t.routerUrl, { host: hostOf('b1') });
+    assert.equal(broken.status, 502);
+    assert.equal(JSON.parse(broken.body).error.code, 'RUNTIME_ERROR');
+    assert.match(JSON.parse(broken.body).error.message, /not ready/);
+    assert.equal((await t.json<Actor>('actor', 'get', 'b1')).status, 'SUSPENDED', 'rolled back, not stuck');
+
+    // The only worker goes to an actor whose template never lets it be suspended for room.
+    await t.json('actor', 'create', 'pin1', '--template', 'pinned');
+    assert.equal((await request(t.routerUrl, { host: hostOf('pin1') })).status, 200);
+    const started = Date.now();
+    const refused = await request(t.routerUrl, { host: hostOf('a1') });
+    assert.equal(refused.status, 503);
+    assert.equal(JSON.parse(refused.body).error.code, 'NO_CAPACITY');
+    assert.ok(Number(refused.headers['retry-after']) > 0);
+    assert.ok(Date.now() - started >= 4500, 'it waited for the queue deadline first');
+    await t.json('actor', 'suspend', 'pin1');
+    assert.equal((await request(t.routerUrl, { host: hostOf('a1') })).status, 200, 'served once capacity is back');
+  });
+
   test('errors: unknown actor 404, upstream timeout 504, ingress tokens 401/403', async () => {
     const unknown = await request(t.routerUrl, { host: hostOf('nobody') });
     assert.equal(unknown.status, 404);
     assert.equal(JSON.parse(unknown.body).error.code, 'NOT_FOUND');
+
+    // Announced as 3 MiB against a 2 MiB limit: refused from the header, before any body is read.
+    const url = new URL(t.routerUrl);
+    const raw = net.connect(Number(url.port), url.hostname);
+    raw.write(`POST /echo HTTP/1.1\r\nHost: ${hostOf('a1')}\r\nContent-Length: ${3 * 1024 * 1024}\r\n\r\n`);
+    const answer = await new Promise<string>((r) => raw.once('data', (d: Buffer) => r(d.toString())));
+    raw.destroy();
+    assert.match(answer, /^HTTP\/1\.1 413/);
+    assert.match(answer, /"code":"PAYLOAD_TOO_LARGE"/);
 
     const slow = await request(t.routerUrl, { host: hostOf('a1'), path: '/sleep?ms=2500' });
     assert.equal(slow.status, 504, slow.body);

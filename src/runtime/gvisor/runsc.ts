@@ -2,7 +2,7 @@
 // runsc is detected, not assumed: flags that older releases lack (-net-disconnect-ok, -overlay2, checkpoint
 // -compression) are used only when `runsc flags` / `runsc help checkpoint` list them.
 import { createHash } from 'node:crypto';
-import { closeSync, createReadStream, existsSync, openSync } from 'node:fs';
+import { closeSync, createReadStream, openSync } from 'node:fs';
 import { mkdir, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { TorporError } from '../../core/errors.ts';
