@@ -78,7 +78,7 @@ describe('router (gVisor, one worker)', { skip: gvisorSkipReason() }, () => {
       networkBase: 60,
       args: [
         '--upstream-timeout',
-        '1',
+        '3',
         '--queue-deadline',
         '5',
         '--max-body',
@@ -294,7 +294,7 @@ describe('router (gVisor, one worker)', { skip: gvisorSkipReason() }, () => {
     assert.match(answer, /^HTTP\/1\.1 413/);
     assert.match(answer, /"code":"PAYLOAD_TOO_LARGE"/);
 
-    const slow = await request(t.routerUrl, { host: hostOf('a1'), path: '/sleep?ms=2500' });
+    const slow = await request(t.routerUrl, { host: hostOf('a1'), path: '/sleep?ms=5000' });
     assert.equal(slow.status, 504, slow.body);
     assert.equal(JSON.parse(slow.body).error.code, 'TIMEOUT');
 
