@@ -8,7 +8,9 @@ import { parse as parseYaml } from 'yaml';
 import type { Lifecycle } from '../control/lifecycle.ts';
 import type { Metrics } from '../control/metrics.ts';
 import { asTorporError, ERROR_STATUS, TorporError } from '../core/errors.ts';
+import type { Engine } from '../engine/engine.ts';
 import type { StateStore } from '../store/store.ts';
+import { compatPlugin } from './compat.ts';
 import { openApiDocument } from './openapi.ts';
 
 export interface ApiOptions {
@@ -18,6 +20,8 @@ export interface ApiOptions {
   log: Logger;
   /** Largest request body accepted, in bytes. */
   bodyLimit?: number;
+  /** Serves the AEnvironment API and the standard engine contract over this engine (src/api/compat.ts). */
+  instances?: Engine;
 }
 
 type Params = { space: string; name: string };
@@ -127,6 +131,7 @@ export function buildApi(opts: ApiOptions) {
   );
 
   app.get('/v1/workers', async (req) => store.listWorkers(req.query as { limit?: number; cursor?: string }));
+  if (opts.instances) void app.register(compatPlugin, { engine: opts.instances });
   return app;
 }
 

@@ -65,6 +65,9 @@ interface UpFlags {
   upstreamTimeout: string;
   maxBody: string;
   ingressToken?: string[];
+  engine: string;
+  scheduleType?: string;
+  standardUrl?: string;
 }
 
 /** `space=token` pairs; tokens may also come from TORPOR_INGRESS_TOKENS (same form, comma-separated), so they
@@ -108,6 +111,15 @@ program
     '--ingress-token <space=token...>',
     'require Authorization: Bearer <token> for actors of a space (repeatable)',
   )
+  .addOption(
+    new Option('--engine <engine>', 'engine behind the AEnvironment API (/env-instance, /aenvironment/instance)')
+      .choices(['local', 'standard'])
+      .default('local'),
+  )
+  .addOption(
+    new Option('--schedule-type <engine>', "alias of --engine (AEnvironment's name)").choices(['local', 'standard']),
+  )
+  .option('--standard-url <url>', 'with --engine standard: the engine serving the standard contract')
   .option('--sample', 'create the sample "counter" template and actor')
   .action(async (o: UpFlags) => {
     const { up } = await import('./up.ts');
@@ -125,6 +137,8 @@ program
       maxBodyBytes: integerFlag('max-body', o.maxBody, 1, 65536) * 1024 * 1024,
       ...(ingressTokens(o.ingressToken) ? { ingressTokens: ingressTokens(o.ingressToken)! } : {}),
       ...(o.runsc ? { runsc: o.runsc } : {}),
+      engine: (o.scheduleType ?? o.engine) as 'local' | 'standard',
+      ...(o.standardUrl ? { standardUrl: o.standardUrl } : {}),
     });
     process.stderr.write(`Torpor API listening on ${torpor.url}\n`);
     process.stderr.write(`Torpor router listening on ${torpor.routerUrl} (Host: <actor>.<space>.actors.${o.domain})\n`);

@@ -11,7 +11,10 @@ import { IdlePolicy } from '../control/idle.ts';
 import { Lifecycle } from '../control/lifecycle.ts';
 import { Metrics } from '../control/metrics.ts';
 import { TorporError } from '../core/errors.ts';
+import type { Engine } from '../engine/engine.ts';
 import { LocalEngine, loadRunscAsset, locateRunsc } from '../engine/local.ts';
+import { LocalInstances } from '../engine/local-instances.ts';
+import { StandardEngine } from '../engine/standard.ts';
 import { ImageStore } from '../image/store.ts';
 import { Router } from '../router/router.ts';
 import { SqliteStore } from '../store/sqlite.ts';
@@ -40,6 +43,10 @@ export interface UpOptions {
   upstreamTimeoutMs?: number;
   maxBodyBytes?: number;
   ingressTokens?: Record<string, string>;
+  /** The engine behind the AEnvironment API (/env-instance, /aenvironment/instance): this node's actors
+   * (local) or an external service speaking the standard contract at standardUrl. */
+  engine?: 'local' | 'standard';
+  standardUrl?: string;
   log?: Logger;
 }
 
@@ -47,6 +54,7 @@ export interface RunningTorpor {
   url: string;
   routerUrl: string;
   lifecycle: Lifecycle;
+  instances: Engine;
   stop: () => Promise<void>;
 }
 
@@ -87,7 +95,18 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
   // Actors left RUNNING by a previous process lost their sandboxes: settle them now, not in 5 s.
   await lifecycle.reconcile();
 
-  const api = buildApi({ lifecycle, store, metrics, log });
+  let instances: Engine;
+  if (opts.engine === 'standard') {
+    if (!opts.standardUrl) {
+      throw new TorporError('INVALID_ARGUMENT', '--engine standard needs --standard-url', { field: 'standard-url' });
+    }
+    instances = new StandardEngine({ url: opts.standardUrl });
+  } else {
+    const local = new LocalInstances({ lifecycle, log });
+    await local.start();
+    instances = local;
+  }
+  const api = buildApi({ lifecycle, store, metrics, log, instances });
   await api.listen({ host: opts.host, port: opts.port });
   const url = `http://${opts.host}:${listeningPort(api.server)}`;
 
@@ -122,11 +141,12 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
       routerServer.closeAllConnections();
       await new Promise((r) => routerServer.close(r));
       await api.close();
+      await instances.close();
       await lifecycle.suspendAll();
       await engine.stop();
       await store.close();
     })();
     return stopping;
   };
-  return { url, routerUrl, lifecycle, stop };
+  return { url, routerUrl, lifecycle, instances, stop };
 }
