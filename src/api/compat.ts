@@ -43,7 +43,7 @@ function fromFastifyError(err: FastifyError): TorporError {
     return new TorporError('PAYLOAD_TOO_LARGE', 'request body is larger than the server accepts', { field: '(body)' });
   }
   if (err.code?.startsWith('FST_ERR_CTP') || err instanceof SyntaxError || err.statusCode === 400) {
-    return new TorporError('INVALID_ARGUMENT', `request body: ${err.message}`, { field: '(body)' });
+    return new TorporError('INVALID_ARGUMENT', `(body): ${err.message}`, { field: '(body)' });
   }
   return asTorporError(err);
 }

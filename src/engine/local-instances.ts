@@ -223,15 +223,15 @@ export class LocalInstances implements Engine {
     const dot = id.indexOf('.');
     const [name, space] = dot > 0 ? [id.slice(0, dot), id.slice(dot + 1)] : [id, this.space];
     if (space !== this.space || !/^[a-z0-9]([-a-z0-9]*[a-z0-9])?$/.test(name) || name.length > 63) {
-      throw new TorporError('NOT_FOUND', `instance "${id}" not found`, { field: 'id' });
+      throw new TorporError('NOT_FOUND', `id: instance "${id}" not found`, { field: 'id' });
     }
     const actor = await this.lifecycle.getActor(space, name).catch((err: unknown) => {
       throw isTorporError(err, 'NOT_FOUND')
-        ? new TorporError('NOT_FOUND', `instance "${id}" not found`, { field: 'id' })
+        ? new TorporError('NOT_FOUND', `id: instance "${id}" not found`, { field: 'id' })
         : err;
     });
     if (actor.labels[L_ENV] === undefined) {
-      throw new TorporError('NOT_FOUND', `instance "${id}" not found`, { field: 'id' });
+      throw new TorporError('NOT_FOUND', `id: instance "${id}" not found`, { field: 'id' });
     }
     this.checkOwner(actor, caller);
     return actor;
@@ -240,7 +240,7 @@ export class LocalInstances implements Engine {
   private checkOwner(actor: Actor, caller: Caller): void {
     const owner = actor.labels[L_OWNER] ?? '';
     if (caller.owner && owner && caller.owner !== owner) {
-      throw new TorporError('PERMISSION_DENIED', `instance "${this.idOf(actor)}" belongs to another owner`, {
+      throw new TorporError('PERMISSION_DENIED', `owner: instance "${this.idOf(actor)}" belongs to another owner`, {
         field: 'owner',
       });
     }
@@ -267,7 +267,7 @@ export class LocalInstances implements Engine {
       return t;
     } catch (err) {
       if (!isTorporError(err, 'NOT_FOUND')) throw err;
-      throw new TorporError('NOT_FOUND', `env not found: no template "${name}"`, { field: 'envName' });
+      throw new TorporError('NOT_FOUND', `envName: env not found (no template "${name}")`, { field: 'envName' });
     }
   }
 

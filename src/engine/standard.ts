@@ -140,19 +140,19 @@ export class StandardEngine implements Engine {
     })) as EnvObject;
   }
 
-  suspend(): Promise<Instance> {
+  suspend(_id: string): Promise<Instance> {
     return Promise.reject(notSupported(this.name, 'suspend'));
   }
-  resume(): Promise<Instance> {
+  resume(_id: string): Promise<Instance> {
     return Promise.reject(notSupported(this.name, 'resume'));
   }
-  pause(): Promise<Instance> {
+  pause(_id: string): Promise<Instance> {
     return Promise.reject(notSupported(this.name, 'pause'));
   }
-  fork(): Promise<Instance> {
+  fork(_id: string, _name: string): Promise<Instance> {
     return Promise.reject(notSupported(this.name, 'fork'));
   }
-  exec(): Promise<ExecOutput> {
+  exec(_id: string, _command: string[]): Promise<ExecOutput> {
     return Promise.reject(notSupported(this.name, 'exec'));
   }
 

@@ -162,8 +162,9 @@ export function engineConformance(
         await new Promise((r) => setTimeout(r, 100));
       }
       assert.ok(goneAt > 0, 'deleted');
-      // created_at has second precision: allow for it, plus a deletion that releases a worker.
-      assert.ok(goneAt - expiry < 2500, `deleted ${goneAt - expiry} ms after expiry`);
+      // created_at has second precision: allow for it, plus a deletion that tears a sandbox down (slower on a
+      // loaded machine). A periodic sweep would be minutes late.
+      assert.ok(goneAt - expiry < 4500, `deleted ${goneAt - expiry} ms after expiry`);
     });
 
     test('declared capabilities work: exec, suspend, resume', async (ctx) => {
