@@ -19,7 +19,7 @@ import {
 import { assertTransition, TRANSITIONAL } from '../core/state.ts';
 import type { Actor, ActorRef, ActorStatus, Operation, Page, Template, Worker, WorkerFilter } from '../core/types.ts';
 import type { ImageStore } from '../image/store.ts';
-import { newSnapshotId } from '../snapshot/index.ts';
+import { collectGarbage, newSnapshotId } from '../snapshot/index.ts';
 import type { StateStore } from '../store/store.ts';
 import { KeyedMutex } from './keyed-mutex.ts';
 import type { Metrics } from './metrics.ts';
@@ -61,7 +61,9 @@ export class Lifecycle {
   private readonly pendingUploads = new Map<string, Promise<void>>();
   private readonly transitionTimeoutMs: number;
   private readonly compactionQueue: { agent: NodeAgent; key: string }[] = [];
-  private compacting: Promise<void> | undefined;
+  private maintaining: Promise<void> | undefined;
+  private gcDue = false;
+  private gcRunning: Promise<void> | undefined;
   private activeOperations = 0;
   private lastOperationEnd = 0;
   /** Workers being freed (sandbox teardown in progress). */
@@ -123,6 +125,7 @@ export class Lifecycle {
 
   private async takeGolden(template: Template): Promise<void> {
     const ref: ActorRef = { space: '_golden', name: template.name };
+    while (this.gcRunning) await this.gcRunning;
     // Templates applied together take turns on the workers; give up only after a minute without one.
     let worker = await this.claimWorker({ runtime: template.runtime }, ref);
     for (let tries = 0; !worker && tries < 240; tries++) {
@@ -218,6 +221,7 @@ export class Lifecycle {
         await this.o.store.releaseWorker(actor.worker, ref);
       }
       await this.o.store.deleteActor(space, name, actor.version);
+      this.collectLater();
       if (actor.localSnapshot) await rm(actor.localSnapshot, { recursive: true, force: true });
       this.o.metrics.record('delete', 'ok', {});
     });
@@ -477,7 +481,7 @@ export class Lifecycle {
       cursor = page.nextCursor;
     } while (cursor);
     await Promise.allSettled([...this.pendingUploads.values(), ...this.goldenBuilds.values()]);
-    await this.compacting;
+    await this.maintaining;
   }
 
   // ---------------------------------------------------------------- reconciler
@@ -591,7 +595,9 @@ export class Lifecycle {
   /** Points the actor at a new durable snapshot, keeping `retain` older ones in its history. */
   private withNewSnapshot(actor: Actor, key: string, template: Template): Partial<Actor> {
     const history = actor.snapshot ? [actor.snapshot, ...actor.history] : actor.history;
-    return { snapshot: key, history: history.slice(0, Math.max(0, template.snapshot.retain - 1)) };
+    const kept = history.slice(0, Math.max(0, template.snapshot.retain - 1));
+    if (kept.length < history.length) this.collectLater();
+    return { snapshot: key, history: kept };
   }
 
   /** A stopped sandbox takes a second or so to go away; its worker is freed only then. */
@@ -605,34 +611,88 @@ export class Lifecycle {
     this.releasing.add(release);
   }
 
-  /** Queues the new snapshot's deltas for compaction. Compaction is CPU-heavy (zstd level 19), so it runs one
-   * at a time and only while no lifecycle operation is in flight: it must never slow a resume or a suspend. */
+  /** Queues the new snapshot's deltas for compaction (see maintain). */
   private compactAfterRelease(agent: NodeAgent, key: string): void {
     this.compactionQueue.push({ agent, key });
-    if (!this.compacting) this.compacting = this.drainCompactions().finally(() => (this.compacting = undefined));
+    this.kickMaintenance();
   }
 
-  private async drainCompactions(): Promise<void> {
-    for (let next = this.compactionQueue.shift(); next; next = this.compactionQueue.shift()) {
-      // Busy: an operation in flight, one just finished, or a sandbox still being torn down.
-      while (
-        this.activeOperations > 0 ||
-        this.releasing.size > 0 ||
-        Date.now() - this.lastOperationEnd < COMPACTION_IDLE_MS
-      ) {
-        await new Promise((r) => setTimeout(r, COMPACTION_IDLE_MS));
+  /** Asks for a garbage collection of snapshots nothing points at any more (see maintain). */
+  private collectLater(): void {
+    this.gcDue = true;
+    this.kickMaintenance();
+  }
+
+  private kickMaintenance(): void {
+    this.maintaining ??= this.maintain().finally(() => {
+      this.maintaining = undefined;
+    });
+  }
+
+  private busy(): boolean {
+    return (
+      this.activeOperations > 0 ||
+      this.releasing.size > 0 ||
+      this.pendingUploads.size > 0 ||
+      this.goldenBuilds.size > 0 ||
+      Date.now() - this.lastOperationEnd < COMPACTION_IDLE_MS
+    );
+  }
+
+  /** Background work that must never slow a resume or a suspend: delta compaction (CPU-heavy, zstd level 19)
+   * and snapshot garbage collection. One thing at a time, only while no lifecycle operation is in flight; GC
+   * additionally holds operations off while it runs, because a snapshot being written may reuse a chunk GC
+   * is about to delete. */
+  private async maintain(): Promise<void> {
+    while (this.compactionQueue.length > 0 || this.gcDue) {
+      while (this.busy()) await new Promise((r) => setTimeout(r, COMPACTION_IDLE_MS));
+      const next = this.compactionQueue.shift();
+      if (next) {
+        const saved = await next.agent.compact(next.key).catch((err: unknown) => {
+          this.o.log.warn({ err, snapshot: next.key }, 'delta compaction failed');
+          return 0;
+        });
+        this.o.metrics.snapshotBytes.inc({ kind: 'compacted' }, saved);
+        continue;
       }
-      const saved = await next.agent.compact(next.key).catch((err: unknown) => {
-        this.o.log.warn({ err, snapshot: next.key }, 'delta compaction failed');
-        return 0;
+      this.gcDue = false;
+      this.gcRunning = this.collectGarbage().finally(() => {
+        this.gcRunning = undefined;
       });
-      this.o.metrics.snapshotBytes.inc({ kind: 'compacted' }, saved);
+      await this.gcRunning;
+    }
+  }
+
+  /** Deletes manifests no actor or template points at (snapshot, history, golden) and every object only they
+   * used. Runs with no snapshot write in flight (see maintain). */
+  private async collectGarbage(): Promise<void> {
+    const live = new Set<string>();
+    let cursor: string | undefined;
+    do {
+      const page = await this.o.store.listActors(undefined, { limit: 1000, ...(cursor ? { cursor } : {}) });
+      for (const a of page.items) for (const k of [a.snapshot, ...a.history]) if (k) live.add(k);
+      cursor = page.nextCursor;
+    } while (cursor);
+    cursor = undefined;
+    do {
+      const page = await this.o.store.listTemplates({ limit: 1000, ...(cursor ? { cursor } : {}) });
+      for (const t of page.items) if (t.goldenSnapshot) live.add(t.goldenSnapshot);
+      cursor = page.nextCursor;
+    } while (cursor);
+    try {
+      const result = await collectGarbage(this.o.blob, [...live]);
+      this.o.metrics.gcDeleted.inc({ kind: 'manifest' }, result.deletedManifests);
+      this.o.metrics.gcDeleted.inc({ kind: 'object' }, result.deletedChunks);
+      if (result.deletedManifests + result.deletedChunks > 0) this.o.log.info(result, 'snapshot garbage collected');
+    } catch (err) {
+      this.o.log.warn({ err }, 'snapshot garbage collection failed');
     }
   }
 
   /** Runs a lifecycle operation under the actor's lock, counted as activity (see compaction). */
   private operate<T>(ref: ActorRef, fn: () => Promise<T>): Promise<T> {
     return this.mutex.run(actorKey(ref), async () => {
+      while (this.gcRunning) await this.gcRunning;
       this.activeOperations++;
       try {
         return await fn();

@@ -24,6 +24,12 @@ export class Metrics {
     registers: [this.registry],
   });
 
+  readonly gcDeleted = new Counter({
+    name: 'torpor_snapshot_gc_deleted_total',
+    help: 'Snapshot manifests and objects deleted by garbage collection',
+    labelNames: ['kind'] as const,
+    registers: [this.registry],
+  });
   readonly routerRequests = new Histogram({
     name: 'torpor_router_request_seconds',
     help: 'Router requests until the response head, by outcome',
