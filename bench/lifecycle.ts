@@ -13,6 +13,7 @@ import type { SnapshotManifest } from '../src/core/types.ts';
 import { locateRunsc } from '../src/engine/local.ts';
 import { ImageStore } from '../src/image/store.ts';
 import { referencedKeys } from '../src/snapshot/index.ts';
+import { api } from './lib/api.ts';
 import { bare, round, summary } from './lib/bare.ts';
 
 const { values } = parseArgs({
@@ -21,17 +22,6 @@ const { values } = parseArgs({
 const cycles = Number(values.cycles);
 const deltaLevel = values['delta-level'] === undefined ? undefined : Number(values['delta-level']);
 const log = pino({ level: 'warn' });
-
-async function api<T>(base: string, method: string, path: string, body?: unknown): Promise<T> {
-  const res = await fetch(base + path, {
-    method,
-    headers: body === undefined ? {} : { 'content-type': 'application/json' },
-    body: body === undefined ? undefined : JSON.stringify(body),
-  });
-  const json = (await res.json()) as T;
-  if (!res.ok) throw new Error(`${method} ${path}: ${JSON.stringify(json)}`);
-  return json;
-}
 
 interface Actor {
   address?: string;

@@ -15,6 +15,7 @@ import { buildCounterImage } from '../examples/counter/image.ts';
 import { up } from '../src/cli/up.ts';
 import { locateRunsc } from '../src/engine/local.ts';
 import { ImageStore } from '../src/image/store.ts';
+import { api } from './lib/api.ts';
 import { bare, round, summary } from './lib/bare.ts';
 
 const { values } = parseArgs({
@@ -59,17 +60,6 @@ async function throughput(target: URL, host: string): Promise<number> {
   const load = join(import.meta.dirname, 'lib', 'load.ts');
   const { stdout } = await run(process.execPath, [load, target.href, host, String(requests), String(concurrency)]);
   return round((JSON.parse(stdout) as { rps: number }).rps);
-}
-
-async function api<T>(base: string, method: string, path: string, body?: unknown): Promise<T> {
-  const res = await fetch(base + path, {
-    method,
-    headers: body === undefined ? {} : { 'content-type': 'application/json' },
-    body: body === undefined ? undefined : JSON.stringify(body),
-  });
-  const json = (await res.json()) as T;
-  if (!res.ok) throw new Error(`${method} ${path}: ${JSON.stringify(json)}`);
-  return json;
 }
 
 const work = await mkdtemp(join(tmpdir(), 'torpor-bench-router-'));

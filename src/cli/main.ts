@@ -144,7 +144,7 @@ program
     process.stderr.write(`Torpor router listening on ${torpor.routerUrl} (Host: <actor>.<space>.actors.${o.domain})\n`);
     if (o.sample) {
       const { createSample } = await import('./sample.ts');
-      await createSample(torpor.lifecycle, resolve(o.dataDir));
+      await createSample(torpor.lifecycle, resolve(o.dataDir), `${o.domain}:${new URL(torpor.routerUrl).port}`);
     }
     const shutdown = () => {
       process.stderr.write('Torpor stopping: suspending running actors…\n');

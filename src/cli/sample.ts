@@ -4,7 +4,7 @@ import { buildCounterImage } from '../../examples/counter/image.ts';
 import type { Lifecycle } from '../control/lifecycle.ts';
 import { isTorporError } from '../core/errors.ts';
 
-export async function createSample(lifecycle: Lifecycle, dataDir: string): Promise<void> {
+export async function createSample(lifecycle: Lifecycle, dataDir: string, routerHost: string): Promise<void> {
   const { ref } = await buildCounterImage(join(dataDir, 'sample-image'));
   await lifecycle.applyTemplate({
     name: 'counter',
@@ -21,6 +21,7 @@ export async function createSample(lifecycle: Lifecycle, dataDir: string): Promi
   process.stderr.write(
     [
       'Sample actor "counter" created (SUSPENDED). Try:',
+      `  curl http://counter.default.actors.${routerHost}/   # the router resumes it on demand`,
       '  torpor actor resume counter          # restore it on a free worker',
       '  curl $(torpor actor url counter)/    # 1, 2, 3… counted in memory',
       '  torpor actor suspend counter         # snapshot to storage, free the worker',
