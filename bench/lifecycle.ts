@@ -57,6 +57,8 @@ async function torpor(ref: string, work: string) {
       image: ref,
       port: 8080,
       readiness: { path: '/healthz' },
+      // Keep every snapshot: the byte figures read the first two back after the run (GC would take them).
+      snapshot: { retain: 100 },
     });
     await api(t.url, 'POST', '/v1/spaces/bench/actors', { name: 'counter', template: 'bench-counter' });
     let actor = await api<Actor>(t.url, 'POST', `${actorPath}/resume`, {});
