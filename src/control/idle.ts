@@ -66,7 +66,8 @@ export class IdlePolicy {
     for (const actor of await this.running().catch(() => [])) {
       const t = await this.templateOf(actor, templates);
       if (!t || t.idleTimeoutSeconds === 0) continue;
-      if (this.idleMs(actor) >= t.idleTimeoutSeconds * 1000) void this.suspend(actor, 'idle');
+      const timeoutMs = t.idleTimeoutSeconds * 1000;
+      if (this.idleMs(actor) >= timeoutMs) void this.suspend(actor, 'idle', (a) => this.idleMs(a) >= timeoutMs);
     }
   }
 
@@ -85,15 +86,15 @@ export class IdlePolicy {
     candidates.sort((a, b) => b.idle - a.idle);
     const victim = candidates[0];
     if (!victim) return false;
-    return this.suspend(victim.actor, 'make room');
+    return this.suspend(victim.actor, 'make room', (a) => this.idleMs(a) > 0);
   }
 
-  private async suspend(actor: Actor, why: string): Promise<boolean> {
+  private async suspend(actor: Actor, why: string, stillIdle: (a: Actor) => boolean): Promise<boolean> {
     const key = keyOf(actor);
     if (this.inFlight.has(key)) return false;
     this.inFlight.add(key);
     try {
-      await this.o.lifecycle.suspend(actor.space, actor.name);
+      await this.o.lifecycle.suspend(actor.space, actor.name, { onlyIf: stillIdle });
       this.o.log.info({ actor: key, why }, 'suspended idle actor');
       return true;
     } catch (err) {

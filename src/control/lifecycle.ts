@@ -298,15 +298,20 @@ export class Lifecycle {
 
   // ---------------------------------------------------------------- suspend / pause
 
-  async suspend(space: string, name: string): Promise<Actor> {
+  /** `opts.onlyIf` is checked under the actor's lock, just before the suspend starts: the idle policy uses it so
+   * that a request arriving between its decision and the suspend keeps the actor running. */
+  async suspend(space: string, name: string, opts: { onlyIf?: (actor: Actor) => boolean } = {}): Promise<Actor> {
     const ref = { space, name };
     await this.getActor(space, name);
-    return this.operate(ref, () => this.suspendLocked(ref));
+    return this.operate(ref, () => this.suspendLocked(ref, opts.onlyIf));
   }
 
-  private async suspendLocked(ref: ActorRef): Promise<Actor> {
+  private async suspendLocked(ref: ActorRef, onlyIf?: (actor: Actor) => boolean): Promise<Actor> {
     let actor = await this.getActor(ref.space, ref.name);
     if (actor.status === 'SUSPENDED') return actor;
+    if (onlyIf && !onlyIf(actor)) {
+      throw new TorporError('FAILED_PRECONDITION', 'actor is no longer idle', { field: 'status' });
+    }
     if (actor.status === 'PAUSED') return this.suspendPaused(actor);
     this.assertRunning(actor);
     const template = await this.getTemplate(actor.template);

@@ -225,7 +225,7 @@ export class Router {
     this.o.activity.opened(key);
     this.o.metrics.routerConnections.inc();
     try {
-      return await this.forward(req, res, actor, path, limit);
+      return await this.forwardResending(req, res, ref, actor, path, limit);
     } finally {
       this.o.activity.closed(key);
       this.o.metrics.routerConnections.dec();
@@ -240,6 +240,30 @@ export class Router {
       const e = asTorporError(err);
       if (['NOT_FOUND', 'NO_CAPACITY', 'UNAUTHENTICATED', 'PERMISSION_DENIED'].includes(e.code)) throw e;
       throw new TorporError('RUNTIME_ERROR', `could not resume actor "${keyOf(ref)}": ${e.message}`, { cause: err });
+    }
+  }
+
+  /** The actor can go away under a request (a suspend racing it). A safe method without a body is then sent
+   * again, after the actor is looked up afresh and resumed — a few times, within the queue deadline. */
+  private async forwardResending(
+    req: IncomingMessage,
+    res: ServerResponse,
+    ref: ActorRef,
+    first: Actor,
+    path: string,
+    limit: number,
+  ): Promise<string> {
+    const resendable = bodiless(req) && SAFE_METHODS.has(req.method ?? '');
+    const deadline = Date.now() + (this.o.queueDeadlineMs ?? 30_000);
+    let actor = first;
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await this.forward(req, res, actor, path, limit);
+      } catch (err) {
+        if (!(err instanceof UpstreamUnavailable) || !resendable || attempt >= 5 || Date.now() > deadline) throw err;
+        this.cache.delete(keyOf(ref));
+        actor = await this.runningOrBadGateway(ref);
+      }
     }
   }
 
@@ -292,7 +316,7 @@ export class Router {
       upstream.on('error', (err) => {
         clearTimeout(timer);
         if (res.headersSent) res.destroy(err);
-        else reject(new TorporError('RUNTIME_ERROR', `actor "${actor.space}/${actor.name}": ${err.message}`));
+        else reject(new UpstreamUnavailable(`actor "${actor.space}/${actor.name}": ${err.message}`));
       });
       upstream.on('response', (up) => {
         clearTimeout(timer);
@@ -307,7 +331,9 @@ export class Router {
           resolve(String(up.statusCode ?? 502));
         });
       });
-      req.pipe(upstream);
+      // A bodiless request is ended here rather than piped, so that a retry can send it again.
+      if (bodiless(req)) upstream.end();
+      else req.pipe(upstream);
     });
   }
 
@@ -363,6 +389,20 @@ export class Router {
     upstream.pipe(client);
     client.pipe(upstream);
   }
+}
+
+const SAFE_METHODS = new Set(['GET', 'HEAD', 'OPTIONS']);
+
+/** The upstream connection failed before any answer (refused or reset). */
+class UpstreamUnavailable extends TorporError {
+  constructor(message: string) {
+    super('RUNTIME_ERROR', message);
+  }
+}
+
+function bodiless(req: IncomingMessage): boolean {
+  const length = req.headers['content-length'];
+  return req.headers['transfer-encoding'] === undefined && (length === undefined || length === '0');
 }
 
 function forwardResponseHeaders(headers: IncomingHttpHeaders): Record<string, string | string[]> {

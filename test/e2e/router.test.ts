@@ -138,6 +138,35 @@ describe('router (gVisor, one worker)', { skip: gvisorSkipReason() }, () => {
     assert.equal((await t.json<Actor>('actor', 'get', 'a1')).status, 'RUNNING');
   });
 
+  test('requests racing suspends are all answered, in order, with memory intact', async () => {
+    const values: number[] = [];
+    const slow: number[] = [];
+    let suspends = 0;
+    const counting = (async () => {
+      for (let i = 0; i < 40; i++) {
+        const r = await request(t.routerUrl, { host: hostOf('a1') });
+        assert.equal(r.status, 200, r.body);
+        values.push(Number(r.body));
+      }
+    })();
+    // Requests in flight while the actor is checkpointed: their connection is cut, and the router resends them
+    // (GET, no body) to the resumed actor.
+    const sleeping = (async () => {
+      for (let i = 0; i < 12; i++)
+        slow.push((await request(t.routerUrl, { host: hostOf('a1'), path: '/sleep?ms=300' })).status);
+    })();
+    const suspender = (async () => {
+      for (let i = 0; i < 3; i++) {
+        await new Promise((r) => setTimeout(r, 500));
+        if ((await t.cli('actor', 'suspend', 'a1')).code === 0) suspends++;
+      }
+    })();
+    await Promise.all([counting, sleeping, suspender]);
+    assert.ok(suspends >= 2, 'the actor was suspended under traffic');
+    assert.deepEqual(slow, Array(12).fill(200));
+    for (let i = 1; i < values.length; i++) assert.equal(values[i], values[i - 1]! + 1, `count ${i} continues`);
+  });
+
   test('headers: hop-by-hop stripped, X-Forwarded-* set; bodies and SSE stream through', async () => {
     const r = await request(t.routerUrl, {
       host: hostOf('a1'),
