@@ -11,6 +11,7 @@ import type { Logger } from 'pino';
 import type { BlobStore } from '../blob/blob.ts';
 import { FsBlobStore } from '../blob/fs.ts';
 import { TorporError } from '../core/errors.ts';
+import { elapsedMs } from '../core/time.ts';
 import type { ActorRef, Phases, SnapshotManifest, Template, Worker } from '../core/types.ts';
 import type { ImageStore } from '../image/store.ts';
 import { WorkerNetwork } from '../net/worker-net.ts';
@@ -92,8 +93,6 @@ export interface CheckpointResult {
   stats: SnapshotStats;
   phases: Phases;
 }
-
-const since = (t0: number): number => Math.round(performance.now() - t0);
 
 /** Sandbox ids are per worker and per actor: a retry of the same actor on the same worker collides on purpose,
  * so its leftovers are cleaned before the next run. */
@@ -209,7 +208,7 @@ export class NodeAgent {
     const image = await this.opts.images.resolve(req.template.image);
     if (!slot.linkReady) await slot.net.freshLink();
     slot.linkReady = false;
-    phases.prepare = since(t0);
+    phases.prepare = elapsedMs(t0);
 
     const workDir = join(slot.dir, 'activation');
     await rm(workDir, { recursive: true, force: true });
@@ -251,7 +250,7 @@ export class NodeAgent {
           dir,
           cache: this.chunkCache,
         });
-        phases.fetch = since(t0);
+        phases.fetch = elapsedMs(t0);
         const files = restored.manifest.files.map((f) => f.name);
         const { sandbox, phases: p } = await slot.runtime.restore(spec, dir, files);
         slot.sandbox = sandbox;
@@ -259,7 +258,7 @@ export class NodeAgent {
       } else {
         t0 = performance.now();
         slot.sandbox = await slot.runtime.run(spec);
-        phases.boot = since(t0);
+        phases.boot = elapsedMs(t0);
       }
       slot.actor = req.actor;
       const readiness = req.template.readiness;

@@ -77,7 +77,6 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
     {
       dataDir,
       workers: opts.workers,
-      runsc: runsc.path,
       store,
       blob,
       images,

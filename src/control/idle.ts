@@ -4,6 +4,7 @@ import type { Logger } from 'pino';
 import { isTorporError } from '../core/errors.ts';
 import type { RuntimeClass } from '../core/schemas.ts';
 import type { Actor, Template } from '../core/types.ts';
+import { allActors } from '../store/all.ts';
 import type { StateStore } from '../store/store.ts';
 import type { ActivityTracker } from './activity.ts';
 import type { Lifecycle } from './lifecycle.ts';
@@ -46,12 +47,7 @@ export class IdlePolicy {
 
   private async running(): Promise<Actor[]> {
     const out: Actor[] = [];
-    let cursor: string | undefined;
-    do {
-      const page = await this.o.store.listActors(undefined, { limit: 1000, ...(cursor ? { cursor } : {}) });
-      out.push(...page.items.filter((a) => a.status === 'RUNNING'));
-      cursor = page.nextCursor;
-    } while (cursor);
+    for await (const actor of allActors(this.o.store)) if (actor.status === 'RUNNING') out.push(actor);
     return out;
   }
 

@@ -2,7 +2,7 @@
 // status change is a compare-and-set on the actor's version, and a failed step rolls the actor back to a state
 // that still has a restorable snapshot, saying why in `reason`.
 import { readdir, rm } from 'node:fs/promises';
-import { join } from 'node:path';
+import { basename, join } from 'node:path';
 import type { Logger } from 'pino';
 import type { ActivateResult, NodeAgent } from '../agent/agent.ts';
 import type { BlobStore } from '../blob/blob.ts';
@@ -17,9 +17,11 @@ import {
   templateSpec,
 } from '../core/schemas.ts';
 import { assertTransition, TRANSITIONAL } from '../core/state.ts';
+import { elapsedMs } from '../core/time.ts';
 import type { Actor, ActorRef, ActorStatus, Operation, Page, Template, Worker, WorkerFilter } from '../core/types.ts';
 import type { ImageStore } from '../image/store.ts';
 import { collectGarbage, newSnapshotId } from '../snapshot/index.ts';
+import { allActors, allTemplates } from '../store/all.ts';
 import type { StateStore } from '../store/store.ts';
 import { KeyedMutex } from './keyed-mutex.ts';
 import type { Metrics } from './metrics.ts';
@@ -43,7 +45,6 @@ export interface LifecycleOptions {
 }
 
 const now = (): string => new Date().toISOString();
-const since = (t0: number): number => Math.round(performance.now() - t0);
 const actorKey = (ref: ActorRef): string => `${ref.space}/${ref.name}`;
 /** Compaction waits for this long without any lifecycle operation. */
 const COMPACTION_IDLE_MS = 500;
@@ -253,7 +254,7 @@ export class Lifecycle {
       },
       ref,
     );
-    op.phases.claim = since(t0);
+    op.phases.claim = elapsedMs(t0);
     if (!worker) {
       await this.rollback(actor, from, op, 'no free worker');
       const which = workerId ? `worker "${workerId}" is not free` : `no free ${template.runtime} worker`;
@@ -281,7 +282,7 @@ export class Lifecycle {
         : new TorporError('RUNTIME_ERROR', `resume failed: ${e.message}`, { cause: err });
     }
     Object.assign(op.phases, result.phases);
-    op.phases.total = since(t0);
+    op.phases.total = elapsedMs(t0);
     op.finishedAt = now();
     const running = await this.transition(actor, 'RUNNING', {
       worker: worker.id,
@@ -361,7 +362,7 @@ export class Lifecycle {
       this.releaseAfterTeardown(agent, worker, ref);
     }
     void agent.keepLocal(dir, key).catch(() => rm(dir, { recursive: true, force: true }));
-    op.phases.total = since(t0);
+    op.phases.total = elapsedMs(t0);
     op.finishedAt = now();
     const suspended = await this.transition(actor, 'SUSPENDED', {
       ...this.withNewSnapshot(actor, key, template),
@@ -396,7 +397,7 @@ export class Lifecycle {
         throw await this.checkpointFailed(actor, op, agent, worker, err);
       }
       this.releaseAfterTeardown(agent, worker, ref);
-      op.phases.total = since(t0);
+      op.phases.total = elapsedMs(t0);
       op.finishedAt = now();
       const paused = await this.transition(actor, 'PAUSED', {
         lastOperation: op,
@@ -433,9 +434,15 @@ export class Lifecycle {
     const dir = actor.localSnapshot;
     if (dir) await this.pendingUploads.get(dir);
     const current = await this.getActor(actor.space, actor.name);
-    if (current.localSnapshot && current.snapshot && !this.pendingUploads.has(current.localSnapshot)) {
-      const durable = current.history.length === 0 || current.snapshot !== current.history[0];
-      if (!durable) throw new TorporError('FAILED_PRECONDITION', 'paused checkpoint has no durable copy yet');
+    // The paused checkpoint's directory and its durable snapshot share one id: if the actor does not point at
+    // that snapshot, the background upload failed and the node holds the only copy — keep it.
+    const pausedId = current.localSnapshot ? basename(current.localSnapshot) : undefined;
+    if (pausedId && current.snapshot?.split('/').at(-2) !== pausedId) {
+      throw new TorporError(
+        'FAILED_PRECONDITION',
+        'the paused checkpoint has no durable copy (its upload failed); resume the actor and suspend it again',
+        { field: 'status' },
+      );
     }
     const suspended = await this.transition(current, 'SUSPENDED', { localSnapshot: undefined, node: current.node });
     if (dir) await rm(dir, { recursive: true, force: true });
@@ -475,16 +482,12 @@ export class Lifecycle {
 
   /** On shutdown: suspend every running actor so that its state survives the process. */
   async suspendAll(): Promise<void> {
-    let cursor: string | undefined;
-    do {
-      const page = await this.o.store.listActors(undefined, { limit: 500, ...(cursor ? { cursor } : {}) });
-      for (const actor of page.items.filter((a) => a.status === 'RUNNING')) {
-        await this.suspend(actor.space, actor.name).catch((err: unknown) =>
-          this.o.log.warn({ err, actor: actorKey(actor) }, 'suspend on shutdown failed'),
-        );
-      }
-      cursor = page.nextCursor;
-    } while (cursor);
+    for await (const actor of allActors(this.o.store)) {
+      if (actor.status !== 'RUNNING') continue;
+      await this.suspend(actor.space, actor.name).catch((err: unknown) =>
+        this.o.log.warn({ err, actor: actorKey(actor) }, 'suspend on shutdown failed'),
+      );
+    }
     await Promise.allSettled([...this.pendingUploads.values(), ...this.goldenBuilds.values()]);
     await this.maintaining;
   }
@@ -495,15 +498,10 @@ export class Lifecycle {
    * a restorable snapshot. Actors with an operation in flight in this process are left alone. */
   async reconcile(): Promise<number> {
     let fixed = 0;
-    let cursor: string | undefined;
-    do {
-      const page = await this.o.store.listActors(undefined, { limit: 500, ...(cursor ? { cursor } : {}) });
-      for (const actor of page.items) {
-        if (this.mutex.isLocked(actorKey(actor))) continue;
-        if (await this.reconcileOne(actor)) fixed++;
-      }
-      cursor = page.nextCursor;
-    } while (cursor);
+    for await (const actor of allActors(this.o.store)) {
+      if (this.mutex.isLocked(actorKey(actor))) continue;
+      if (await this.reconcileOne(actor)) fixed++;
+    }
     return fixed;
   }
 
@@ -531,8 +529,7 @@ export class Lifecycle {
           .catch(() => undefined);
         await this.o.store.releaseWorker(current.worker, current);
       }
-      const to: ActorStatus = current.snapshot || !TRANSITIONAL.has(current.status) ? 'SUSPENDED' : 'SUSPENDED';
-      await this.transition(current, to, {
+      await this.transition(current, 'SUSPENDED', {
         worker: undefined,
         address: undefined,
         localSnapshot: undefined,
@@ -672,18 +669,8 @@ export class Lifecycle {
    * used. Runs with no snapshot write in flight (see maintain). */
   private async collectGarbage(): Promise<void> {
     const live = new Set<string>();
-    let cursor: string | undefined;
-    do {
-      const page = await this.o.store.listActors(undefined, { limit: 1000, ...(cursor ? { cursor } : {}) });
-      for (const a of page.items) for (const k of [a.snapshot, ...a.history]) if (k) live.add(k);
-      cursor = page.nextCursor;
-    } while (cursor);
-    cursor = undefined;
-    do {
-      const page = await this.o.store.listTemplates({ limit: 1000, ...(cursor ? { cursor } : {}) });
-      for (const t of page.items) if (t.goldenSnapshot) live.add(t.goldenSnapshot);
-      cursor = page.nextCursor;
-    } while (cursor);
+    for await (const a of allActors(this.o.store)) for (const k of [a.snapshot, ...a.history]) if (k) live.add(k);
+    for await (const t of allTemplates(this.o.store)) if (t.goldenSnapshot) live.add(t.goldenSnapshot);
     try {
       const result = await collectGarbage(this.o.blob, [...live]);
       this.o.metrics.gcDeleted.inc({ kind: 'manifest' }, result.deletedManifests);

@@ -1,7 +1,6 @@
 // The local engine: node agents in this process, on this machine. One node by default; the networking issue
 // adds several, each in its own network namespace.
 import { existsSync } from 'node:fs';
-import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { NodeAgent } from '../agent/agent.ts';
 import type { BlobStore } from '../blob/blob.ts';
@@ -14,7 +13,6 @@ export interface LocalEngineOptions {
   dataDir: string;
   workers: number;
   nodes?: number;
-  runsc: string;
   store: StateStore;
   blob: BlobStore;
   images: ImageStore;
@@ -30,7 +28,7 @@ export interface RunscAsset {
   features: RunscFeatures;
 }
 
-/** Finds runsc: an explicit path, TORPOR_RUNSC, the asset built by scripts/setup.sh, then PATH. */
+/** Finds runsc: an explicit path, TORPOR_RUNSC, the asset built by scripts/setup.sh, then the usual install paths. */
 export function locateRunsc(explicit?: string): string {
   const candidates = [
     explicit,
@@ -58,10 +56,8 @@ export async function loadRunscAsset(path: string, log: Logger): Promise<RunscAs
 
 export class LocalEngine {
   private readonly nodes = new Map<string, NodeAgent>();
-  private readonly opts: LocalEngineOptions;
 
   constructor(opts: LocalEngineOptions, runsc: RunscAsset) {
-    this.opts = opts;
     const nodeCount = opts.nodes ?? 1;
     const base = opts.networkBase ?? 0;
     for (let n = 0; n < nodeCount; n++) {
@@ -104,9 +100,5 @@ export class LocalEngine {
 
   async stop(): Promise<void> {
     for (const agent of this.nodes.values()) await agent.stop();
-  }
-
-  get dataDir(): string {
-    return join(this.opts.dataDir);
   }
 }

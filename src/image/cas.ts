@@ -9,6 +9,7 @@
 import { createHash, type Hash, randomBytes } from 'node:crypto';
 import { chmod, type FileHandle, mkdir, open, readdir, rename, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
+import { processRunning } from '../sys/process.ts';
 
 const HEX64 = /^[a-f0-9]{64}$/;
 const TEMP_PREFIX = '.tmp-';
@@ -151,7 +152,7 @@ export class ContentCache {
     this.#cleaned = true;
     for (const name of await readdir(this.dir)) {
       const pid = Number(/^\.tmp-(\d+)-/.exec(name)?.[1]);
-      if (pid && pid !== process.pid && !isAlive(pid)) await rm(join(this.dir, name), { force: true });
+      if (pid && pid !== process.pid && !(await processRunning(pid))) await rm(join(this.dir, name), { force: true });
     }
   }
 }
@@ -179,14 +180,5 @@ async function copy(
     state.hash.update(chunk);
     state.size += chunk.length;
     fetch.onBytes?.(chunk.length);
-  }
-}
-
-function isAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
   }
 }

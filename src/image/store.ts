@@ -9,6 +9,7 @@ import { randomBytes } from 'node:crypto';
 import { mkdir, readdir, rename, rm, stat } from 'node:fs/promises';
 import { join, resolve as resolvePath } from 'node:path';
 import { TorporError } from '../core/errors.ts';
+import { processRunning } from '../sys/process.ts';
 import { digestHex } from './digest.ts';
 import { openLayer } from './layer.ts';
 import { type ImageConfig, type ImageMetadata, readImageMetadata } from './manifest.ts';
@@ -134,7 +135,8 @@ export class ImageStore {
     this.#staleTempsCleaned = true;
     for (const name of await readdir(parent)) {
       const pid = Number(/^\.tmp-(\d+)-/.exec(name)?.[1]);
-      if (pid && pid !== process.pid && !isAlive(pid)) await rm(join(parent, name), { recursive: true, force: true });
+      if (pid && pid !== process.pid && !(await processRunning(pid)))
+        await rm(join(parent, name), { recursive: true, force: true });
     }
   }
 }
@@ -203,13 +205,4 @@ async function exists(path: string): Promise<boolean> {
 
 async function isDirectory(path: string): Promise<boolean> {
   return (await stat(path).catch(() => undefined))?.isDirectory() ?? false;
-}
-
-function isAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
 }

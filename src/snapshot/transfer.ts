@@ -1,6 +1,9 @@
 // Shared bits of snapshot transfers: progress reporting, timing, hashing, option checks.
 import { createHash } from 'node:crypto';
 import { TorporError } from '../core/errors.ts';
+import { elapsedMs, roundMs } from '../core/time.ts';
+
+export { elapsedMs, roundMs };
 
 export interface TransferProgress {
   bytesDone: number;
@@ -24,15 +27,6 @@ export class ProgressCounter {
     this.#done += bytes;
     this.#listener?.({ bytesDone: this.#done, bytesTotal: this.#total });
   }
-}
-
-/** Milliseconds since `start` (a performance.now() reading), to 0.01 ms. */
-export function elapsedMs(start: number): number {
-  return roundMs(performance.now() - start);
-}
-
-export function roundMs(ms: number): number {
-  return Math.round(ms * 100) / 100;
 }
 
 export function sha256Hex(bytes: Uint8Array): string {

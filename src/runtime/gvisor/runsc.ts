@@ -6,7 +6,9 @@ import { closeSync, createReadStream, openSync } from 'node:fs';
 import { mkdir, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { TorporError } from '../../core/errors.ts';
+import { elapsedMs } from '../../core/time.ts';
 import type { Phases } from '../../core/types.ts';
+import { processRunning } from '../../sys/process.ts';
 import { type RunOptions, run } from '../../sys/run.ts';
 import type { ActivationSpec, CheckpointResult, ExecResult, Sandbox, SandboxRuntime } from '../runtime.ts';
 import { buildOciSpec } from './spec.ts';
@@ -48,21 +50,12 @@ export interface GvisorOptions {
   stateRoot: string;
 }
 
-const since = (t0: number): number => Math.round(performance.now() - t0);
-
 function killQuietly(pid: number): void {
   try {
     process.kill(pid, 'SIGKILL');
   } catch {
     // already gone
   }
-}
-
-/** Alive and not a zombie: a killed sandbox whose parent has not reaped it still has a /proc entry. */
-async function processRunning(pid: number): Promise<boolean> {
-  const stat = await readFile(`/proc/${pid}/stat`, 'utf8').catch(() => '');
-  const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
-  return state !== '' && state !== 'Z' && state !== 'X';
 }
 
 async function waitGone(pid: number, timeoutMs: number): Promise<void> {
@@ -136,7 +129,7 @@ export class GvisorRuntime implements SandboxRuntime {
     // Our snapshot layer compresses and deduplicates chunks; runsc's own compression would defeat dedup.
     const compression = this.opts.features.checkpointCompression ? ['--compression=none'] : [];
     await this.runsc(['checkpoint', ...compression, '--image-path', dir, sandbox.id], { timeoutMs: 120_000 });
-    phases.checkpoint = since(t0);
+    phases.checkpoint = elapsedMs(t0);
     const files = (await readdir(dir, { withFileTypes: true })).filter((e) => e.isFile()).map((e) => e.name);
     return { files: files.sort(), phases };
   }
@@ -146,11 +139,11 @@ export class GvisorRuntime implements SandboxRuntime {
     let t0 = performance.now();
     await this.destroy(spec.id);
     const bundle = await this.prepareBundle(spec);
-    phases.prepare = since(t0);
+    phases.prepare = elapsedMs(t0);
     t0 = performance.now();
     const logFile = spec.logFile;
     await this.startDetached(['restore', '--detach', '--image-path', dir, '--bundle', bundle, spec.id], logFile);
-    phases.restore = since(t0);
+    phases.restore = elapsedMs(t0);
     return { sandbox: { id: spec.id, spec, logFile }, phases };
   }
 
