@@ -12,6 +12,8 @@ export interface RunOptions {
   env?: NodeJS.ProcessEnv;
   /** How errors name the command, e.g. "runsc checkpoint" (defaults to the program and its first argument). */
   label?: string;
+  /** Written to the child's stdin, which is then closed (e.g. a batch of `ip` commands, an nft ruleset). */
+  input?: string;
 }
 
 export interface RunResult {
@@ -24,7 +26,9 @@ export function run(program: string, args: string[], opts: RunOptions = {}): Pro
   const { timeoutMs = 60_000, okCodes = [0] } = opts;
   const label = opts.label ?? `${program} ${args[0] ?? ''}`.trim();
   return new Promise((resolve, reject) => {
-    const child = spawn(program, args, { stdio: opts.stdio ?? ['ignore', 'pipe', 'pipe'], env: opts.env });
+    const stdio = opts.stdio ?? [opts.input === undefined ? 'ignore' : 'pipe', 'pipe', 'pipe'];
+    const child = spawn(program, args, { stdio, env: opts.env });
+    if (opts.input !== undefined) child.stdin?.end(opts.input);
     let stdout = '';
     let stderr = '';
     child.stdout?.on('data', (d: Buffer) => {
