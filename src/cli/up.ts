@@ -100,6 +100,8 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
   }, opts.reconcileMs ?? 5000);
   // Actors left RUNNING by a previous process lost their sandboxes: settle them now, not in 5 s.
   await lifecycle.reconcile();
+  // An earlier process may have stopped with garbage uncollected (shutdown drops queued maintenance).
+  lifecycle.collectLater();
 
   let instances: Engine;
   if (opts.engine === 'standard') {

@@ -63,6 +63,7 @@ export class Lifecycle {
   private readonly transitionTimeoutMs: number;
   private readonly compactionQueue: { agent: NodeAgent; key: string }[] = [];
   private maintaining: Promise<void> | undefined;
+  private shuttingDown = false;
   private gcDue = false;
   private gcRunning: Promise<void> | undefined;
   private activeOperations = 0;
@@ -480,8 +481,10 @@ export class Lifecycle {
     return agent.logs({ space, name });
   }
 
-  /** On shutdown: suspend every running actor so that its state survives the process. */
+  /** On shutdown: suspends every running actor and waits for their uploads. Queued maintenance is dropped (it
+   * is an optimisation; the next process collects garbage again), the step in progress finishes. */
   async suspendAll(): Promise<void> {
+    this.shuttingDown = true;
     for await (const actor of allActors(this.o.store)) {
       if (actor.status !== 'RUNNING') continue;
       await this.suspend(actor.space, actor.name).catch((err: unknown) =>
@@ -620,7 +623,7 @@ export class Lifecycle {
   }
 
   /** Asks for a garbage collection of snapshots nothing points at any more (see maintain). */
-  private collectLater(): void {
+  collectLater(): void {
     this.gcDue = true;
     this.kickMaintenance();
   }
@@ -646,8 +649,8 @@ export class Lifecycle {
    * additionally holds operations off while it runs, because a snapshot being written may reuse a chunk GC
    * is about to delete. */
   private async maintain(): Promise<void> {
-    while (this.compactionQueue.length > 0 || this.gcDue) {
-      while (this.busy()) await new Promise((r) => setTimeout(r, COMPACTION_IDLE_MS));
+    while (!this.shuttingDown && (this.compactionQueue.length > 0 || this.gcDue)) {
+      while (this.busy() && !this.shuttingDown) await new Promise((r) => setTimeout(r, COMPACTION_IDLE_MS));
       const next = this.compactionQueue.shift();
       if (next) {
         const saved = await next.agent.compact(next.key).catch((err: unknown) => {

@@ -21,23 +21,26 @@ const IPV4_CIDR = /^((25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(25[0-5]|2[0-4]\d|1\
 
 /** Where an actor may connect: everything, nothing, or listed CIDRs (optionally only some ports). Link-local
  * (cloud metadata) and the node's own addresses are refused unless a rule names an address inside them. */
-export const egressPolicy = z.union([
-  z.enum(['allow-all', 'deny-all']),
-  z
-    .object({
-      allow: z
-        .array(
-          z
-            .object({
-              cidr: z.string().regex(IPV4_CIDR, 'must be an IPv4 address or CIDR, e.g. 10.0.0.0/8'),
-              ports: z.array(port).min(1, 'must list at least one port, or be omitted for all').optional(),
-            })
-            .strict(),
-        )
-        .max(64, 'must have at most 64 rules'),
-    })
-    .strict(),
-]);
+export const egressPolicy = z.union(
+  [
+    z.enum(['allow-all', 'deny-all']),
+    z
+      .object({
+        allow: z
+          .array(
+            z
+              .object({
+                cidr: z.string().regex(IPV4_CIDR, 'must be an IPv4 address or CIDR, e.g. 10.0.0.0/8'),
+                ports: z.array(port).min(1, 'must list at least one port, or be omitted for all').optional(),
+              })
+              .strict(),
+          )
+          .max(64, 'must have at most 64 rules'),
+      })
+      .strict(),
+  ],
+  { error: 'must be "allow-all", "deny-all" or { allow: [{ cidr, ports? }] }' },
+);
 export type EgressPolicy = z.infer<typeof egressPolicy>;
 
 export const templateSpec = z
