@@ -5,7 +5,8 @@ const STATE_ORDER = ['RUNNING', 'RESUMING', 'SUSPENDING', 'PAUSING', 'PAUSED', '
 const ACTIONS = {
   suspend: { allowed: ['RUNNING', 'PAUSED'], verb: 'Suspend', method: 'POST' },
   resume: { allowed: ['SUSPENDED', 'PAUSED'], verb: 'Resume', method: 'POST' },
-  delete: { allowed: ['SUSPENDED', 'FAILED'], verb: 'Delete', method: 'DELETE' },
+  // As the server: anything not in the middle of a transition (a running actor's worker is released).
+  delete: { allowed: ['RUNNING', 'PAUSED', 'SUSPENDED', 'FAILED'], verb: 'Delete', method: 'DELETE' },
 };
 const MAX_OPERATIONS_SHOWN = 50;
 
@@ -182,11 +183,13 @@ function renderLatency() {
   const p50 = sorted[Math.floor((sorted.length - 1) / 2)];
   nodes.push(svg('text', { x: 4, y: pad.top + 4 }, `${Math.round(maxMs)} ms`));
   nodes.push(svg('text', { x: 4, y: height - pad.bottom }, '0'));
+  const clock = (ms) => new Date(ms).toLocaleTimeString();
+  nodes.push(svg('text', { x: width - pad.right, y: height - 6, 'text-anchor': 'end' }, clock(t1)));
   nodes.push(
     svg(
       'text',
       { x: pad.left + 8, y: height - 6, class: 'summary' },
-      `${resumes.length} activations, p50 ${Math.round(p50)} ms`,
+      `${resumes.length} activations since ${clock(t0)}, p50 ${Math.round(p50)} ms`,
     ),
   );
   plot.replaceChildren(...nodes);
