@@ -55,6 +55,7 @@ interface UpFlags {
   host: string;
   port: string;
   workers: string;
+  nodes: string;
   networkBase: string;
   runsc?: string;
   sample?: boolean;
@@ -94,7 +95,8 @@ program
   .option('--data-dir <dir>', 'where state, snapshots and caches live', '/var/lib/torpor')
   .option('--host <host>', 'address to listen on', '127.0.0.1')
   .option('--port <port>', 'API port (0 = any free port)', '7070')
-  .option('--workers <n>', 'worker slots on this node', '2')
+  .option('--workers <n>', 'worker slots per node', '2')
+  .option('--nodes <n>', 'node agents, each in its own network namespace', '1')
   .option('--runsc <path>', 'runsc binary (default: the asset built by scripts/setup.sh)')
   .option(
     '--network-base <n>',
@@ -128,6 +130,7 @@ program
       host: o.host,
       port: integerFlag('port', o.port, 0, 65535),
       workers: integerFlag('workers', o.workers, 1, 64),
+      nodes: integerFlag('nodes', o.nodes, 1, 16),
       networkBase: integerFlag('network-base', o.networkBase, 0, 255),
       routerPort: integerFlag('router-port', o.routerPort, 0, 65535),
       domain: o.domain,

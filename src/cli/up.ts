@@ -28,7 +28,10 @@ export interface UpOptions {
   dataDir: string;
   host: string;
   port: number;
+  /** Worker slots per node. */
   workers: number;
+  /** Node agents, each in its own network namespace (default 1). */
+  nodes?: number;
   runsc?: string;
   /** First per-worker network index: lets two Torpor instances share one machine. */
   networkBase?: number;
@@ -60,10 +63,13 @@ export interface RunningTorpor {
 
 export async function up(opts: UpOptions): Promise<RunningTorpor> {
   const log = opts.log ?? pino({ name: 'torpor' });
-  if ((opts.networkBase ?? 0) + opts.workers > 256) {
-    throw new TorporError('INVALID_ARGUMENT', 'network-base + workers must be at most 256 (one /30 per worker)', {
-      field: 'workers',
-    });
+  const nodes = opts.nodes ?? 1;
+  if ((opts.networkBase ?? 0) + nodes * opts.workers > 256) {
+    throw new TorporError(
+      'INVALID_ARGUMENT',
+      'network-base + nodes × workers must be at most 256 (one /30 per worker)',
+      { field: 'workers' },
+    );
   }
   const dataDir = resolve(opts.dataDir);
   await mkdir(dataDir, { recursive: true });
@@ -77,6 +83,7 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
     {
       dataDir,
       workers: opts.workers,
+      nodes,
       store,
       blob,
       images,

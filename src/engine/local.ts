@@ -1,11 +1,12 @@
-// The local engine: node agents in this process, on this machine. One node by default; the networking issue
-// adds several, each in its own network namespace.
+// The local engine: node agents in this process, on this machine, each node in its own network namespace. One
+// node by default; several (`--nodes`) make moves between nodes real network moves.
 import { existsSync } from 'node:fs';
 import type { Logger } from 'pino';
 import { NodeAgent } from '../agent/agent.ts';
 import type { BlobStore } from '../blob/blob.ts';
 import { TorporError } from '../core/errors.ts';
 import type { ImageStore } from '../image/store.ts';
+import { NodeNetwork } from '../net/node-net.ts';
 import { detectRunsc, GvisorRuntime, type RunscFeatures, sha256File } from '../runtime/gvisor/runsc.ts';
 import type { StateStore } from '../store/store.ts';
 
@@ -17,7 +18,8 @@ export interface LocalEngineOptions {
   blob: BlobStore;
   images: ImageStore;
   log: Logger;
-  /** First per-worker network index (so two Torpor instances on one machine can coexist). */
+  /** First node and worker network index (so two Torpor instances on one machine can coexist): node n gets
+   * networkBase + n, its workers networkBase + n * workers + i. */
   networkBase?: number;
   deltaLevel?: number;
 }
@@ -69,6 +71,7 @@ export class LocalEngine {
           dataDir: opts.dataDir,
           workers: opts.workers,
           indexBase: base + n * opts.workers,
+          network: new NodeNetwork({ index: base + n }),
           store: opts.store,
           blob: opts.blob,
           images: opts.images,

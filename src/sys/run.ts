@@ -14,6 +14,8 @@ export interface RunOptions {
   label?: string;
   /** Called with each chunk of output as it arrives (it is also captured in the result). */
   onOutput?: (stream: 'stdout' | 'stderr', chunk: Buffer) => void;
+  /** Written to the child's stdin, which is then closed (e.g. a batch of `ip` commands, an nft ruleset). */
+  input?: string;
 }
 
 export interface RunResult {
@@ -26,7 +28,9 @@ export function run(program: string, args: string[], opts: RunOptions = {}): Pro
   const { timeoutMs = 60_000, okCodes = [0] } = opts;
   const label = opts.label ?? `${program} ${args[0] ?? ''}`.trim();
   return new Promise((resolve, reject) => {
-    const child = spawn(program, args, { stdio: opts.stdio ?? ['ignore', 'pipe', 'pipe'], env: opts.env });
+    const stdio = opts.stdio ?? [opts.input === undefined ? 'ignore' : 'pipe', 'pipe', 'pipe'];
+    const child = spawn(program, args, { stdio, env: opts.env });
+    if (opts.input !== undefined) child.stdin?.end(opts.input);
     let stdout = '';
     let stderr = '';
     child.stdout?.on('data', (d: Buffer) => {

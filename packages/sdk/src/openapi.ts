@@ -698,6 +698,22 @@ export interface components {
         /** @default 3 */
         retain?: number;
       };
+      /**
+       * @default {
+       *   "egress": "allow-all"
+       * }
+       */
+      network?: {
+        /** @default allow-all */
+        egress?:
+          | ('allow-all' | 'deny-all')
+          | {
+              allow: {
+                cidr: string;
+                ports?: number[];
+              }[];
+            };
+      };
     };
     CreateActor: {
       name: string;
@@ -772,6 +788,22 @@ export interface components {
       snapshot: {
         /** @default 3 */
         retain: number;
+      };
+      /**
+       * @default {
+       *   "egress": "allow-all"
+       * }
+       */
+      network: {
+        /** @default allow-all */
+        egress:
+          | ('allow-all' | 'deny-all')
+          | {
+              allow: {
+                cidr: string;
+                ports?: number[];
+              }[];
+            };
       };
     } & {
       /** Format: date-time */
