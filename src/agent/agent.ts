@@ -16,7 +16,7 @@ import type { ActorRef, Phases, SnapshotManifest, Template, Worker } from '../co
 import type { ImageStore } from '../image/store.ts';
 import type { NodeNetwork } from '../net/node-net.ts';
 import { WorkerNetwork } from '../net/worker-net.ts';
-import type { ExecResult, Sandbox, SandboxRuntime } from '../runtime/runtime.ts';
+import type { ExecResult, OutputListener, Sandbox, SandboxRuntime } from '../runtime/runtime.ts';
 import {
   COMPACT_DELTA_LEVEL,
   compactDelta,
@@ -400,10 +400,10 @@ export class NodeAgent {
     await this.slot(workerId).teardown;
   }
 
-  async exec(workerId: string, command: string[], timeoutMs: number): Promise<ExecResult> {
+  async exec(workerId: string, command: string[], timeoutMs: number, onOutput?: OutputListener): Promise<ExecResult> {
     const slot = this.slot(workerId);
     if (!slot.sandbox) throw new TorporError('FAILED_PRECONDITION', 'actor is not running', { field: 'status' });
-    return slot.runtime.exec(slot.sandbox, command, timeoutMs);
+    return slot.runtime.exec(slot.sandbox, command, timeoutMs, onOutput);
   }
 
   /** Where this node keeps its own copy of a snapshot it wrote (see keepLocal). */

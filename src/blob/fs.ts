@@ -97,6 +97,14 @@ export class FsBlobStore implements BlobStore {
     await this.#pruneEmptyParents(dirname(path));
   }
 
+  /** Objects stored and their bytes on disk (one stat per object: for a dashboard, not a hot path). */
+  async usage(): Promise<{ objects: number; bytes: number }> {
+    const keys = await this.#walk(this.root, '');
+    let bytes = 0;
+    for (const key of keys) bytes += (await stat(join(this.root, ...key.split('/'))).catch(() => ({ size: 0 }))).size;
+    return { objects: keys.length, bytes };
+  }
+
   #pathOf(key: string): string {
     assertValidKey(key);
     const segments = key.split('/');

@@ -143,7 +143,7 @@ program
       engine: (o.scheduleType ?? o.engine) as 'local' | 'standard',
       ...(o.standardUrl ? { standardUrl: o.standardUrl } : {}),
     });
-    process.stderr.write(`Torpor API listening on ${torpor.url}\n`);
+    process.stderr.write(`Torpor API listening on ${torpor.url} (dashboard: ${torpor.url}/dashboard/)\n`);
     process.stderr.write(`Torpor router listening on ${torpor.routerUrl} (Host: <actor>.<space>.actors.${o.domain})\n`);
     if (o.sample) {
       const { createSample } = await import('./sample.ts');

@@ -114,7 +114,7 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
     await local.start();
     instances = local;
   }
-  const api = buildApi({ lifecycle, store, metrics, log, instances });
+  const api = buildApi({ lifecycle, store, metrics, log, instances, storage: blob });
   await api.listen({ host: opts.host, port: opts.port });
   const url = `http://${opts.host}:${listeningPort(api.server)}`;
 

@@ -20,6 +20,7 @@ import { assertTransition, TRANSITIONAL } from '../core/state.ts';
 import { elapsedMs } from '../core/time.ts';
 import type { Actor, ActorRef, ActorStatus, Operation, Page, Template, Worker, WorkerFilter } from '../core/types.ts';
 import type { ImageStore } from '../image/store.ts';
+import type { OutputListener } from '../runtime/runtime.ts';
 import { collectGarbage, newSnapshotId } from '../snapshot/index.ts';
 import { allActors, allTemplates } from '../store/all.ts';
 import type { StateStore } from '../store/store.ts';
@@ -465,13 +466,14 @@ export class Lifecycle {
 
   // ---------------------------------------------------------------- exec / logs
 
-  async exec(space: string, name: string, input: unknown) {
+  /** Runs a command in the running actor; `onOutput` sees its output as it is produced. */
+  async exec(space: string, name: string, input: unknown, onOutput?: OutputListener) {
     const req = parse(execRequest, input);
     const actor = await this.getActor(space, name);
     if (actor.status !== 'RUNNING' || !actor.worker || !actor.node) {
       throw new TorporError('FAILED_PRECONDITION', `actor is ${actor.status}; resume it first`, { field: 'status' });
     }
-    return this.agentOf(actor.node).exec(actor.worker, req.command, req.timeoutSeconds * 1000);
+    return this.agentOf(actor.node).exec(actor.worker, req.command, req.timeoutSeconds * 1000, onOutput);
   }
 
   async logs(space: string, name: string) {

@@ -12,6 +12,8 @@ export interface RunOptions {
   env?: NodeJS.ProcessEnv;
   /** How errors name the command, e.g. "runsc checkpoint" (defaults to the program and its first argument). */
   label?: string;
+  /** Called with each chunk of output as it arrives (it is also captured in the result). */
+  onOutput?: (stream: 'stdout' | 'stderr', chunk: Buffer) => void;
   /** Written to the child's stdin, which is then closed (e.g. a batch of `ip` commands, an nft ruleset). */
   input?: string;
 }
@@ -33,9 +35,11 @@ export function run(program: string, args: string[], opts: RunOptions = {}): Pro
     let stderr = '';
     child.stdout?.on('data', (d: Buffer) => {
       stdout += d.toString();
+      opts.onOutput?.('stdout', d);
     });
     child.stderr?.on('data', (d: Buffer) => {
       stderr += d.toString();
+      opts.onOutput?.('stderr', d);
     });
     const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
     child.on('error', (err) => {
