@@ -1,5 +1,5 @@
 // Actor: a handle on one actor, with the lifecycle calls, exec, logs and fetch through the router.
-import { TorporApiError } from './errors.ts';
+import { type ErrorCode, TorporApiError } from './errors.ts';
 import { type Config, json, lines, resolveConfig, send, type TorporOptions, textChunks } from './http.ts';
 import type { components } from './openapi.ts';
 
@@ -195,22 +195,32 @@ export class Actor {
   }
 
   /** Sends a request to the actor through the router (which resumes it if it is suspended), like the platform's
-   * fetch: `path` is relative to the actor, e.g. "/" or "/api?x=1", and every response comes back as it is (the
-   * router's own errors are JSON `{error: {code, message}}` with 404/502/503/504). Not retried: only the caller
-   * knows whether its request is safe to send twice. Throws UNREACHABLE when the router cannot be reached. */
+   * fetch: `path` is relative to the actor, e.g. "/" or "/api?x=1". The actor is named by the X-Torpor-Actor
+   * header, so no DNS is needed for the router's domain. The actor's own responses come back as they are (a 404
+   * from the actor is a Response); the router's own failures (no such actor, no capacity, resume failed, upstream
+   * timeout) throw TorporApiError with the router's code. Not retried: only the caller knows whether its request
+   * is safe to send twice. Throws UNREACHABLE when the router cannot be reached. */
   async fetch(path: string, init: RequestInit = {}): Promise<Response> {
     if (!path.startsWith('/')) throw new TorporApiError('INVALID_ARGUMENT', 'path: must start with "/"', 400, 'path');
     const headers = new Headers(init.headers);
+    headers.set('x-torpor-actor', `${this.name}.${this.space}`);
     if (this.#config.ingressToken && !headers.has('authorization')) {
       headers.set('authorization', `Bearer ${this.#config.ingressToken}`);
     }
+    const router = new URL(this.#config.routerUrl).origin;
     let res: Response;
     try {
-      res = await fetch(this.url + path, { ...init, headers });
+      res = await fetch(router + path, { ...init, headers });
     } catch (err) {
       if (init.signal?.aborted) throw err;
-      const message = `cannot reach the router at ${this.url}: ${(err as Error).message}`;
+      const message = `cannot reach the router at ${router}: ${(err as Error).message}`;
       throw new TorporApiError('UNREACHABLE', message, 0, 'routerUrl', err);
+    }
+    const routerError = res.headers.get('x-torpor-error');
+    if (routerError) {
+      const body = (await res.json().catch(() => ({}))) as { error?: { message?: string; field?: string } };
+      const message = body.error?.message ?? `router answered ${res.status}`;
+      throw new TorporApiError(routerError as ErrorCode, message, res.status, body.error?.field);
     }
     return res;
   }
