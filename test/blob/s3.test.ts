@@ -11,6 +11,7 @@ import { after, describe, it } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { inspect } from 'node:util';
 import { HeadObjectCommand, ListMultipartUploadsCommand } from '@aws-sdk/client-s3';
+import { openBlobStore } from '../../src/blob/open.ts';
 import { MIN_PART_SIZE, S3BlobStore, type S3BlobStoreOptions } from '../../src/blob/s3.ts';
 import { isTorporError } from '../../src/core/errors.ts';
 import { blobStoreConformance, rejectsWith } from './conformance.ts';
@@ -208,6 +209,20 @@ describe('S3BlobStore on radosgw', () => {
     proxy.fail = () => 503;
     await rejectsWith(store.put('r/c', data), 'RUNTIME_ERROR', 'key');
     assert.equal(proxy.requests.length, 4, 'gives up after maxAttempts');
+  });
+
+  it('openBlobStore(s3://…) reaches radosgw with credentials from the environment', { skip }, async () => {
+    const { endpoint, accessKeyId, secretAccessKey } = server();
+    const prefix = `open-${randomUUID()}`;
+    const url = `s3://${BUCKET}/${prefix}/?endpoint=${encodeURIComponent(endpoint)}&pathStyle=true`;
+    const store = openBlobStore(url, { AWS_ACCESS_KEY_ID: accessKeyId, AWS_SECRET_ACCESS_KEY: secretAccessKey });
+    assert.ok(store instanceof S3BlobStore);
+    after(() => store.close());
+    await store.put('x/y', Buffer.from('via url'));
+    assert.equal(Buffer.from(await store.getBytes('x/y')).toString(), 'via url');
+    const direct = freshStore({ prefix });
+    after(() => direct.close());
+    assert.deepEqual((await direct.list('')).keys, ['x/y'], 'stored under the prefix the URL names');
   });
 
   it('refuses bad options naming the field', () => {
