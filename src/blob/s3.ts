@@ -372,7 +372,7 @@ export class S3BlobStore implements BlobStore {
     from: number,
     to: number,
     signal: AbortSignal,
-  ): Promise<Uint8Array> {
+  ): Promise<Buffer[]> {
     for (let attempt = 1; ; attempt++) {
       const out = await this.#send('GetObject', key, () =>
         this.client.send(
@@ -386,11 +386,15 @@ export class S3BlobStore implements BlobStore {
         ),
       );
       try {
-        const bytes = await buffer(out.Body as Readable);
-        if (bytes.length !== to - from + 1) {
-          throw new Error(`short part: ${bytes.length} of ${to - from + 1} bytes`);
+        // Kept as the chunks that arrived: joining them would copy every byte once more.
+        const chunks: Buffer[] = [];
+        let length = 0;
+        for await (const chunk of out.Body as Readable) {
+          chunks.push(chunk as Buffer);
+          length += (chunk as Buffer).length;
         }
-        return bytes;
+        if (length !== to - from + 1) throw new Error(`short part: ${length} of ${to - from + 1} bytes`);
+        return chunks;
       } catch (err) {
         if (signal.aborted || attempt >= PART_BODY_ATTEMPTS) {
           throw this.#error('RUNTIME_ERROR', `GetObject "${key}" bytes ${from}-${to}: ${reasonOf(err)}`, 'key');
@@ -507,10 +511,10 @@ async function* inOrder(
   first: Readable,
   rest: Array<[number, number]>,
   ahead: number,
-  fetchPart: (from: number, to: number, signal: AbortSignal) => Promise<Uint8Array>,
+  fetchPart: (from: number, to: number, signal: AbortSignal) => Promise<Buffer[]>,
 ): AsyncGenerator<Uint8Array> {
   const controller = new AbortController();
-  const pending: Promise<Uint8Array>[] = [];
+  const pending: Promise<Buffer[]>[] = [];
   let next = 0;
   const refill = () => {
     while (pending.length < Math.max(1, ahead) && next < rest.length) {
@@ -524,9 +528,9 @@ async function* inOrder(
     refill();
     yield* first;
     for (let part = pending.shift(); part !== undefined; part = pending.shift()) {
-      const bytes = await part;
+      const chunks = await part;
       refill();
-      yield bytes;
+      yield* chunks;
     }
   } finally {
     controller.abort();
