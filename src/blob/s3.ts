@@ -31,7 +31,7 @@ import {
   UploadPartCommand,
 } from '@aws-sdk/client-s3';
 import { type ErrorCode, isTorporError, TorporError } from '../core/errors.ts';
-import type { BlobList, BlobStore, ByteRange } from './blob.ts';
+import { assertValidRange, type BlobList, type BlobStore, type ByteRange, checkListLimit } from './blob.ts';
 import { assertValidKey } from './keys.ts';
 
 export interface S3Credentials {
@@ -68,7 +68,6 @@ export const MIN_PART_SIZE = 5 * 1024 * 1024;
 const DEFAULT_PART_SIZE = 8 * 1024 * 1024;
 const DEFAULT_CONCURRENCY = 4;
 const DEFAULT_MAX_ATTEMPTS = 5;
-const DEFAULT_LIST_LIMIT = 1000;
 /** ListObjectsV2 returns at most this many keys per request. */
 const S3_PAGE_MAX = 1000;
 const MAX_PARTS = 10_000;
@@ -140,7 +139,7 @@ export class S3BlobStore implements BlobStore {
   async get(key: string, range?: ByteRange): Promise<Readable> {
     const objectKey = this.#objectKey(key);
     const start = range?.start ?? 0;
-    if (range !== undefined) checkRange(range);
+    if (range !== undefined) assertValidRange(range);
     const wantedEnd = range?.end ?? Number.POSITIVE_INFINITY;
     const firstEnd = Math.min(wantedEnd, start + this.#partSize - 1);
     let first: GetObjectCommandOutput;
@@ -194,10 +193,7 @@ export class S3BlobStore implements BlobStore {
   }
 
   async list(prefix: string, opts: { cursor?: string; limit?: number } = {}): Promise<BlobList> {
-    const limit = opts.limit ?? DEFAULT_LIST_LIMIT;
-    if (!Number.isSafeInteger(limit) || limit < 1) {
-      throw new TorporError('INVALID_ARGUMENT', `limit must be a positive integer, got ${limit}`, { field: 'limit' });
-    }
+    const limit = checkListLimit(opts.limit);
     if (typeof prefix !== 'string') {
       throw new TorporError('INVALID_ARGUMENT', 'prefix must be a string', { field: 'prefix' });
     }
@@ -546,18 +542,6 @@ function md5Base64(bytes: Uint8Array): string {
 function contentRangeTotal(header: string | undefined): number | undefined {
   const match = /^bytes \d+-\d+\/(\d+)$/.exec(header ?? '');
   return match ? Number(match[1]) : undefined;
-}
-
-function checkRange(range: ByteRange): void {
-  const { start, end } = range;
-  if (!Number.isSafeInteger(start) || start < 0) throw badRange(`start must be a non-negative integer, got ${start}`);
-  if (end !== undefined && (!Number.isSafeInteger(end) || end < start)) {
-    throw badRange(`end must be an integer not below start (${start}), got ${end}`);
-  }
-}
-
-function badRange(message: string): TorporError {
-  return new TorporError('INVALID_ARGUMENT', `range: ${message}`, { field: 'range' });
 }
 
 function assertValidPrefix(prefix: string): void {
