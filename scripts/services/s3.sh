@@ -140,13 +140,16 @@ for _ in $(seq 600); do
   sleep 0.1
 done
 [ -n "$ready" ] || fail "radosgw did not answer on port $rgw_port"
+pid=$(cat "$dir/run/client.rgw.a.pid")
+# The port was free when we looked; make sure the server answering on it now is ours, not a racing neighbour's.
+owner=$(ss -Hltnp "sport = :$rgw_port" 2>/dev/null | grep -o 'pid=[0-9]*' | head -n 1 | cut -d= -f2 || true)
+[ -z "$owner" ] || [ "$owner" = "$pid" ] || fail "port $rgw_port was taken by another process (pid $owner)"
 
 access_key=$(head -c 512 /dev/urandom | LC_ALL=C tr -dc 'A-Z0-9' | cut -c1-20)
 secret_key=$(head -c 512 /dev/urandom | LC_ALL=C tr -dc 'A-Za-z0-9' | cut -c1-40)
 radosgw-admin -c "$conf" user create --uid=torpor-test --display-name=torpor-test \
   --access-key="$access_key" --secret-key="$secret_key" >/dev/null 2>>"$dir/log/admin.log" ||
   fail "radosgw-admin user create failed"
-pid=$(cat "$dir/run/client.rgw.a.pid")
 line="pid=$pid port=$rgw_port endpoint=http://127.0.0.1:$rgw_port access_key=$access_key secret_key=$secret_key"
 (umask 077 && echo "$line" >"$dir/env")
 echo "$line"
