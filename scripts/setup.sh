@@ -14,7 +14,8 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 
 need=()
 for pair in ip:iproute2 curl:curl cc:gcc python3:python3 busybox:busybox-static npm:npm \
-  docker-registry:docker-registry skopeo:skopeo htpasswd:apache2-utils openssl:openssl; do
+  docker-registry:docker-registry skopeo:skopeo htpasswd:apache2-utils openssl:openssl \
+  redis-server:redis-server; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
 [ -e /usr/lib/x86_64-linux-gnu/libc.a ] || need+=(libc6-dev)
