@@ -4,29 +4,42 @@
 
 import { createHash } from 'node:crypto';
 import { createReadStream, existsSync } from 'node:fs';
-import { mkdir, readdir, rename, rm, stat, utimes } from 'node:fs/promises';
-import { dirname, join } from 'node:path';
-import type { Readable } from 'node:stream';
+import { mkdir, readdir, readFile, rename, rm, stat, utimes, writeFile } from 'node:fs/promises';
+import { dirname, join, relative, resolve, sep } from 'node:path';
+import { PassThrough, Readable } from 'node:stream';
 import type { Logger } from 'pino';
 import type { BlobStore } from '../blob/blob.ts';
 import { FsBlobStore } from '../blob/fs.ts';
 import { TorporError } from '../core/errors.ts';
 import { elapsedMs } from '../core/time.ts';
-import type { ActorRef, Phases, SnapshotManifest, Template, Worker } from '../core/types.ts';
+import type { ActorRef, Phases } from '../core/types.ts';
 import type { ImageStore } from '../image/store.ts';
 import type { NodeNetwork } from '../net/node-net.ts';
 import { WorkerNetwork } from '../net/worker-net.ts';
 import type { ExecResult, OutputListener, Sandbox, SandboxRuntime } from '../runtime/runtime.ts';
-import {
-  COMPACT_DELTA_LEVEL,
-  compactDelta,
-  readManifest,
-  restoreSnapshot,
-  type WriteSnapshotStats,
-  writeSnapshot,
-} from '../snapshot/index.ts';
-import type { StateStore } from '../store/store.ts';
+import { COMPACT_DELTA_LEVEL, compactDelta, readManifest, restoreSnapshot, writeSnapshot } from '../snapshot/index.ts';
+import { crashPoint } from '../sys/crash.ts';
+import type {
+  ActivateRequest,
+  ActivateResult,
+  AgentClient,
+  CheckpointRequest,
+  CheckpointResult,
+  LocalCheckpoint,
+  LocalCheckpointTarget,
+  LogOptions,
+  UploadRequest,
+} from './client.ts';
 import { waitReady } from './ready.ts';
+import type { WorkerInfo, WorkerRegistry } from './registry.ts';
+
+export type {
+  ActivateRequest,
+  ActivateResult,
+  CheckpointRequest,
+  CheckpointResult,
+  SnapshotStats,
+} from './client.ts';
 
 export interface WorkerSlot {
   id: string;
@@ -53,48 +66,28 @@ export interface NodeAgentOptions {
   indexBase: number;
   /** The node's own network namespace, which its workers' namespaces hang off. */
   network: NodeNetwork;
-  store: StateStore;
+  /** Where the workers are registered and their leases renewed. */
+  registry: WorkerRegistry;
   blob: BlobStore;
   images: ImageStore;
   makeRuntime: (stateRoot: string) => SandboxRuntime;
   log: Logger;
-  leaseMs?: number;
   /** zstd level for delta-encoded snapshot files (0: chunks only). */
   deltaLevel?: number;
   /** Local copies of snapshots this node wrote, kept for fast resumes here (default 4 per worker). */
   keepSnapshots?: number;
 }
 
-export interface ActivateRequest {
-  workerId: string;
-  actor: ActorRef;
-  template: Template;
-  /** Durable snapshot to restore; none = boot from the image. */
-  snapshot?: string;
-  /** Node-local checkpoint directory (a paused actor's), restored in preference to `snapshot`. */
-  localSnapshot?: string;
-}
+/** Written into a checkpoint directory once the runtime's checkpoint completed: the files it reported. A directory
+ * without it holds a checkpoint cut short (by a crash) and is never uploaded. */
+const CHECKPOINT_FILES = '.torpor-files.json';
 
-export interface ActivateResult {
-  address: string;
-  phases: Phases;
-}
-
-export interface CheckpointRequest {
-  workerId: string;
-  actor: ActorRef;
-  template: Template;
-  /** Manifest key to write; the manifest is the commit marker. */
-  manifestKey: string;
-  parent: string | null;
-}
-
-export type SnapshotStats = Omit<WriteSnapshotStats, 'phases'>;
-
-export interface CheckpointResult {
-  manifest: SnapshotManifest;
-  stats: SnapshotStats;
-  phases: Phases;
+/** A path segment that cannot climb out of the directory it is joined to. */
+function safeSegment(value: string, field: string): string {
+  if (!/^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$/.test(value) || value.includes('..')) {
+    throw new TorporError('INVALID_ARGUMENT', `${field}: not a valid name`, { field });
+  }
+  return value;
 }
 
 /** Sandbox ids are per worker and per actor: a retry of the same actor on the same worker collides on purpose,
@@ -103,19 +96,18 @@ export function sandboxId(workerId: string, actor: ActorRef): string {
   return `${workerId}--${actor.space}--${actor.name}`;
 }
 
-export class NodeAgent {
+export class NodeAgent implements AgentClient {
   readonly node: string;
   readonly slots = new Map<string, WorkerSlot>();
   private readonly opts: NodeAgentOptions;
   private readonly chunkCache: FsBlobStore;
   private renewTimer?: NodeJS.Timeout;
-  private readonly leaseMs: number;
+  private heartbeating = false;
   private readonly keepSnapshots: number;
 
   constructor(opts: NodeAgentOptions) {
     this.opts = opts;
     this.node = opts.node;
-    this.leaseMs = opts.leaseMs ?? 15_000;
     this.keepSnapshots = opts.keepSnapshots ?? 4 * opts.workers;
     // Chunks this node has uploaded or fetched: a resume here needs no download for them.
     this.chunkCache = new FsBlobStore(join(this.nodeDir, 'chunks'), { durable: false });
@@ -142,16 +134,17 @@ export class NodeAgent {
     return this.chunkCache;
   }
 
-  /** Prepares every slot (cleaning leftovers of an earlier process) and registers the workers. */
+  /** Prepares every slot (cleaning leftovers of an earlier process: their sandboxes died with it as far as the
+   * control layer knows) and registers the workers, free. Heartbeats start only once that succeeded. */
   async start(): Promise<void> {
     await this.opts.network.ensure();
     for (const slot of this.slots.values()) {
       for (const id of await slot.runtime.list()) await slot.runtime.destroy(id);
       await slot.net.ensure();
       await this.prepareNetwork(slot);
-      await this.registerWorker(slot, undefined);
     }
-    this.renewTimer = setInterval(() => void this.renewLeases(), Math.max(500, this.leaseMs / 3));
+    const { leaseMs } = await this.opts.registry.register([...this.slots.values()].map((s) => this.freeWorker(s)));
+    this.renewTimer = setInterval(() => void this.heartbeat(), Math.max(200, leaseMs / 3));
     this.renewTimer.unref();
   }
 
@@ -163,34 +156,33 @@ export class NodeAgent {
       if (slot.sandbox) await slot.runtime.destroy(slot.sandbox.id);
       slot.sandbox = undefined;
       await slot.net.destroy();
-      await this.opts.store.deleteWorker(slot.id);
     }
+    await this.opts.registry.unregister([...this.slots.keys()]).catch((err: unknown) => {
+      this.opts.log.warn({ err }, 'unregistering the workers failed');
+    });
     await this.opts.network.destroy();
   }
 
-  private leaseExpiry(): string {
-    return new Date(Date.now() + this.leaseMs).toISOString();
+  private freeWorker(slot: WorkerSlot): WorkerInfo {
+    return { id: slot.id, node: this.node, runtime: 'gvisor', state: 'free', host: slot.net.address };
   }
 
-  private async registerWorker(slot: WorkerSlot, actor: ActorRef | undefined): Promise<Worker> {
-    const worker: Worker = {
-      id: slot.id,
-      node: this.node,
-      runtime: 'gvisor',
-      state: actor ? 'busy' : 'free',
-      host: slot.net.address,
-      leaseExpiresAt: this.leaseExpiry(),
-      ...(actor ? { actor } : {}),
-    };
-    return this.opts.store.putWorker(worker);
-  }
-
-  /** Heartbeat: extends each worker's lease without touching its claim (the control layer owns claims). */
-  private async renewLeases(): Promise<void> {
-    for (const slot of this.slots.values()) {
-      await this.opts.store.renewWorkerLease(slot.id, this.leaseExpiry()).catch((err: unknown) => {
-        this.opts.log.warn({ err, worker: slot.id }, 'lease renewal failed');
-      });
+  /** Extends the workers' leases without touching their claims (the control layer owns claims). A worker the
+   * registry forgot was declared lost (its lease ran out while this agent could not renew it): its actor has
+   * been rolled back elsewhere, so whatever still runs there is stale — released, then registered afresh. */
+  private async heartbeat(): Promise<void> {
+    if (this.heartbeating) return;
+    this.heartbeating = true;
+    try {
+      const { unknown } = await this.opts.registry.heartbeat([...this.slots.keys()]);
+      if (unknown.length === 0) return;
+      this.opts.log.warn({ workers: unknown }, 'workers were declared lost; releasing and registering them again');
+      for (const id of unknown) await this.release(id).catch(() => undefined);
+      await this.opts.registry.register(unknown.map((id) => this.freeWorker(this.slot(id))));
+    } catch (err) {
+      this.opts.log.warn({ err }, 'lease renewal failed');
+    } finally {
+      this.heartbeating = false;
     }
   }
 
@@ -204,6 +196,7 @@ export class NodeAgent {
   /** Restores (or boots) the actor on the worker and waits until it is ready. */
   async activate(req: ActivateRequest): Promise<ActivateResult> {
     const slot = this.slot(req.workerId);
+    const localSnapshot = req.localSnapshot === undefined ? undefined : this.localDir(req.localSnapshot);
     const phases: Phases = {};
     let t0 = performance.now();
     this.startTeardown(slot.id);
@@ -243,11 +236,7 @@ export class NodeAgent {
     try {
       const kept = req.snapshot ? this.keptSnapshot(req.snapshot) : undefined;
       const localDir =
-        req.localSnapshot && existsSync(req.localSnapshot)
-          ? req.localSnapshot
-          : kept && existsSync(kept)
-            ? kept
-            : undefined;
+        localSnapshot && existsSync(localSnapshot) ? localSnapshot : kept && existsSync(kept) ? kept : undefined;
       // Mark a kept copy as recently used, so eviction takes older ones first.
       if (localDir && localDir === kept) await utimes(kept, new Date(), new Date()).catch(() => undefined);
       if (localDir) {
@@ -264,6 +253,7 @@ export class NodeAgent {
           cache: this.chunkCache,
         });
         phases.fetch = elapsedMs(t0);
+        crashPoint('activate.fetched');
         const files = restored.manifest.files.map((f) => f.name);
         const { sandbox, phases: p } = await slot.runtime.restore(spec, dir, files);
         slot.sandbox = sandbox;
@@ -274,6 +264,7 @@ export class NodeAgent {
         phases.boot = elapsedMs(t0);
       }
       slot.actor = req.actor;
+      crashPoint('activate.restored');
       phases.ready = await waitReady(
         `http://${slot.net.address}:${readyPort}${readiness.path}`,
         readiness.timeoutSeconds * 1000,
@@ -282,7 +273,33 @@ export class NodeAgent {
       await this.release(slot.id);
       throw err;
     }
+    crashPoint('activate.ready');
     return { address: `${slot.net.address}:${req.template.port}`, phases };
+  }
+
+  /** The directory a node-local checkpoint lives in (see LocalCheckpointTarget). */
+  checkpointDir(target: LocalCheckpointTarget): string {
+    return join(
+      this.nodeDir,
+      target.kind === 'pause' ? 'paused' : 'checkpoints',
+      safeSegment(target.actor.space, 'actor.space'),
+      safeSegment(target.actor.name, 'actor.name'),
+      safeSegment(target.id, 'id'),
+    );
+  }
+
+  /** `dir` if it is one of this node's checkpoint directories; refuses anything else (the path comes from the
+   * control layer, possibly over the network). */
+  private localDir(dir: string): string {
+    const full = resolve(dir);
+    const inside = ['checkpoints', 'paused', 'snapshots'].some((kind) => {
+      const rel = relative(join(this.nodeDir, kind), full);
+      return rel !== '' && !rel.startsWith('..') && !rel.startsWith(sep);
+    });
+    if (!inside) {
+      throw new TorporError('INVALID_ARGUMENT', 'dir: not a checkpoint directory of this node', { field: 'dir' });
+    }
+    return full;
   }
 
   /** Checkpoints the actor into a node-local directory (the sandbox stops). Teardown runs in the background,
@@ -290,18 +307,41 @@ export class NodeAgent {
    * work to go away, and a suspend should not upload its snapshot while competing with that. */
   async checkpointLocal(
     workerId: string,
-    dir: string,
+    target: LocalCheckpointTarget,
     opts: { deferTeardown?: boolean } = {},
-  ): Promise<{ files: string[]; phases: Phases }> {
+  ): Promise<LocalCheckpoint> {
+    return this.checkpointInto(workerId, this.checkpointDir(target), opts);
+  }
+
+  private async checkpointInto(
+    workerId: string,
+    dir: string,
+    opts: { deferTeardown?: boolean },
+  ): Promise<LocalCheckpoint> {
     const slot = this.slot(workerId);
     if (!slot.sandbox)
       throw new TorporError('FAILED_PRECONDITION', `worker ${workerId} runs no actor`, { field: 'worker' });
     const sandbox = slot.sandbox;
+    crashPoint('checkpoint.started');
     const result = await slot.runtime.checkpoint(sandbox, dir);
     slot.sandbox = undefined;
     slot.stopped = sandbox.id;
+    await writeFile(join(dir, CHECKPOINT_FILES), JSON.stringify(result.files));
     if (!opts.deferTeardown) this.startTeardown(workerId);
-    return result;
+    crashPoint('checkpoint.done');
+    return { dir, ...result };
+  }
+
+  /** The files a completed checkpoint recorded; refuses a directory whose checkpoint was cut short. */
+  private async checkpointFiles(dir: string): Promise<string[]> {
+    const text = await readFile(join(dir, CHECKPOINT_FILES), 'utf8').catch(() => undefined);
+    const files = text === undefined ? undefined : (JSON.parse(text) as unknown);
+    if (!Array.isArray(files) || !files.every((f) => typeof f === 'string')) {
+      throw new TorporError('FAILED_PRECONDITION', 'the checkpoint did not complete: nothing to upload', {
+        field: 'dir',
+      });
+    }
+    return files;
   }
 
   /** Whether the worker's sandbox is still running (a failed checkpoint may have killed it). */
@@ -335,7 +375,12 @@ export class NodeAgent {
   }
 
   /** Uploads a local checkpoint as a durable snapshot (chunks first, manifest last). */
-  async upload(req: Omit<CheckpointRequest, 'workerId'>, dir: string, files: string[]): Promise<CheckpointResult> {
+  async upload(req: UploadRequest, dir: string, files?: string[]): Promise<CheckpointResult> {
+    const local = this.localDir(dir);
+    return this.uploadDir(req, local, files ?? (await this.checkpointFiles(local)));
+  }
+
+  private async uploadDir(req: UploadRequest, dir: string, files: string[]): Promise<CheckpointResult> {
     const runtime = [...this.slots.values()][0]!.runtime;
     // The parent is the delta base; a parent that cannot be read only costs dedup, never the snapshot.
     const previous = req.parent ? await readManifest(this.opts.blob, req.parent).catch(() => undefined) : undefined;
@@ -370,12 +415,17 @@ export class NodeAgent {
     return saved;
   }
 
-  /** Checkpoint + durable upload: what a suspend does on the node. */
+  /** Checkpoint + durable upload in one call (golden snapshots). */
   async checkpoint(req: CheckpointRequest): Promise<CheckpointResult> {
-    const dir = join(this.nodeDir, 'checkpoints', req.actor.space, req.actor.name);
-    const local = await this.checkpointLocal(req.workerId, dir, { deferTeardown: true });
+    const dir = join(
+      this.nodeDir,
+      'checkpoints',
+      safeSegment(req.actor.space, 'actor.space'),
+      safeSegment(req.actor.name, 'actor.name'),
+    );
+    const local = await this.checkpointInto(req.workerId, dir, { deferTeardown: true });
     try {
-      const uploaded = await this.upload(req, dir, local.files);
+      const uploaded = await this.uploadDir(req, dir, local.files);
       return { ...uploaded, phases: { ...local.phases, ...uploaded.phases } };
     } finally {
       this.startTeardown(req.workerId);
@@ -415,10 +465,16 @@ export class NodeAgent {
    * without fetching or rebuilding anything. The durable copy is the one in the blob store; local copies are a
    * bounded cache (the most recent `keepSnapshots`), dropped oldest first. */
   async keepLocal(dir: string, manifestKey: string): Promise<void> {
+    const local = this.localDir(dir);
     const target = this.keptSnapshot(manifestKey);
     await mkdir(dirname(target), { recursive: true });
     await rm(target, { recursive: true, force: true });
-    await rename(dir, target);
+    try {
+      await rename(local, target);
+    } catch (err) {
+      await rm(local, { recursive: true, force: true });
+      throw err;
+    }
     const root = dirname(target);
     const entries = await Promise.all(
       (await readdir(root)).map(async (name) => ({ name, mtime: (await stat(join(root, name))).mtimeMs })),
@@ -428,14 +484,58 @@ export class NodeAgent {
       await rm(join(root, old.name), { recursive: true, force: true });
   }
 
-  logPath(actor: ActorRef): string {
-    return join(this.nodeDir, 'logs', actor.space, `${actor.name}.log`);
+  async discardLocal(dir: string): Promise<void> {
+    await rm(this.localDir(dir), { recursive: true, force: true });
   }
 
-  /** The actor's stdout/stderr from every activation on this node. */
-  async logs(actor: ActorRef): Promise<{ path: string; size: number; read: (start: number) => Readable }> {
-    const path = this.logPath(actor);
-    const size = (await stat(path).catch(() => ({ size: 0 }))).size;
-    return { path, size, read: (start) => createReadStream(path, { start }) };
+  logPath(actor: ActorRef): string {
+    return join(
+      this.nodeDir,
+      'logs',
+      safeSegment(actor.space, 'actor.space'),
+      `${safeSegment(actor.name, 'actor.name')}.log`,
+    );
   }
+
+  /** The actor's stdout/stderr from every activation on this node; with `follow`, then whatever is appended,
+   * until `signal` aborts. */
+  async logs(actor: ActorRef, opts: LogOptions = {}): Promise<Readable> {
+    const path = this.logPath(actor);
+    if (!opts.follow) {
+      if (!existsSync(path)) return Readable.from([]);
+      return createReadStream(path);
+    }
+    return followFile(path, opts.signal);
+  }
+}
+
+/** Streams a file from the start and then whatever is appended (polled), until `signal` aborts or the reader
+ * goes away. */
+function followFile(path: string, signal: AbortSignal | undefined): Readable {
+  const out = new PassThrough();
+  let offset = 0;
+  let closed = false;
+  const close = () => {
+    closed = true;
+    out.end();
+  };
+  signal?.addEventListener('abort', close, { once: true });
+  out.on('close', () => {
+    closed = true;
+  });
+  const pump = async (): Promise<void> => {
+    while (!closed) {
+      const size = (await stat(path).catch(() => ({ size: offset }))).size;
+      if (size > offset) {
+        for await (const chunk of createReadStream(path, { start: offset, end: size - 1 })) {
+          if (closed) return;
+          offset += (chunk as Buffer).length;
+          out.write(chunk);
+        }
+      }
+      await new Promise((r) => setTimeout(r, 200));
+    }
+  };
+  void pump().catch(() => out.end());
+  return out;
 }

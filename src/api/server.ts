@@ -1,7 +1,5 @@
 // The REST API under /v1: thin handlers over the lifecycle. Every error leaves as
 // { error: { code, message, field? } } with the status its code maps to.
-import { stat } from 'node:fs/promises';
-import { PassThrough, type Readable } from 'node:stream';
 import Fastify, { type FastifyError } from 'fastify';
 import type { Logger } from 'pino';
 import { parse as parseYaml } from 'yaml';
@@ -139,10 +137,12 @@ export function buildApi(opts: ApiOptions) {
   app.get<{ Params: Params; Querystring: { follow?: string } }>(
     '/v1/spaces/:space/actors/:name/logs',
     async (req, reply) => {
-      const logs = await lifecycle.logs(req.params.space, req.params.name);
+      const stop = new AbortController();
+      reply.raw.on('close', () => stop.abort());
+      const follow = req.query.follow === 'true';
+      const logs = await lifecycle.logs(req.params.space, req.params.name, { follow, signal: stop.signal });
       void reply.type('text/plain; charset=utf-8');
-      if (req.query.follow !== 'true') return logs.read(0);
-      return followLog(logs, req.raw);
+      return logs;
     },
   );
 
@@ -168,34 +168,4 @@ export function buildApi(opts: ApiOptions) {
   void app.register(dashboardPlugin);
   if (opts.instances) void app.register(compatPlugin, { engine: opts.instances });
   return app;
-}
-
-/** Streams the log from the start and then whatever is appended, until the client goes away. */
-function followLog(
-  logs: { size: number; path: string; read: (start: number) => Readable },
-  request: NodeJS.EventEmitter,
-): Readable {
-  const out = new PassThrough();
-  let offset = 0;
-  let closed = false;
-  request.on('close', () => {
-    closed = true;
-    out.end();
-  });
-  const pump = async (): Promise<void> => {
-    while (!closed) {
-      const size = (await stat(logs.path).catch(() => ({ size: offset }))).size;
-      if (size > offset) {
-        for await (const chunk of logs.read(offset)) {
-          if (closed) return;
-          offset += (chunk as Buffer).length;
-          out.write(chunk);
-          if (offset >= size) break;
-        }
-      }
-      await new Promise((r) => setTimeout(r, 200));
-    }
-  };
-  void pump().catch(() => out.end());
-  return out;
 }

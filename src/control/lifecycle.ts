@@ -1,10 +1,13 @@
 // Lifecycle workflows: create, resume, suspend, pause, fork, delete. Each is a short list of named steps; every
 // status change is a compare-and-set on the actor's version, and a failed step rolls the actor back to a state
-// that still has a restorable snapshot, saying why in `reason`.
-import { readdir, rm } from 'node:fs/promises';
-import { basename, join } from 'node:path';
+// that still has a restorable snapshot, saying why in `reason`. Operations on one actor are serialized across
+// processes (ActorLocks); the reconciler settles whatever a dead process or a lost node left half done.
+import { randomUUID } from 'node:crypto';
+import { hostname } from 'node:os';
+import { basename } from 'node:path';
 import type { Logger } from 'pino';
-import type { ActivateResult, NodeAgent } from '../agent/agent.ts';
+import type { ActivateResult, AgentClient, LocalCheckpoint, LogOptions } from '../agent/client.ts';
+import { DEFAULT_LEASE_MS } from '../agent/registry.ts';
 import type { BlobStore } from '../blob/blob.ts';
 import { asTorporError, notFound, TorporError } from '../core/errors.ts';
 import {
@@ -22,14 +25,19 @@ import type { Actor, ActorRef, ActorStatus, Operation, Page, Template, Worker, W
 import type { ImageStore } from '../image/store.ts';
 import type { OutputListener } from '../runtime/runtime.ts';
 import { collectGarbage, newSnapshotId } from '../snapshot/index.ts';
-import { allActors, allTemplates } from '../store/all.ts';
+import { allActors, allTemplates, allWorkers } from '../store/all.ts';
 import type { StateStore } from '../store/store.ts';
-import { KeyedMutex } from './keyed-mutex.ts';
+import { crashPoint } from '../sys/crash.ts';
+import { Unreachable } from '../sys/http.ts';
+import { ActorLocks } from './actor-lock.ts';
 import type { Metrics } from './metrics.ts';
 
+/** Where the lifecycle finds node agents: in this process (LocalEngine) or behind their APIs (NodeDirectory). */
 export interface AgentDirectory {
-  agent(node: string): NodeAgent | undefined;
-  agents(): NodeAgent[];
+  /** The agent of `node`, or undefined when the node has no registered agent (it is gone). */
+  agent(node: string): Promise<AgentClient | undefined>;
+  /** Every registered agent. */
+  agents(): Promise<AgentClient[]>;
 }
 
 export interface LifecycleOptions {
@@ -43,10 +51,24 @@ export interface LifecycleOptions {
   transitionTimeoutMs?: number;
   /** How long a resume waits for a worker that is being freed before answering NO_CAPACITY. */
   claimWaitMs?: number;
+  /** Names this process's actor leases; unique per process. A restarted process given its old id takes its
+   * leases back at once (what it was doing died with it); by default a fresh id, so a restart waits for them to
+   * expire (lockTtlMs). */
+  holder?: string;
+  /** Lease of an operation on an actor, renewed while it runs (default 10 s). */
+  lockTtlMs?: number;
+  /** Worker lease length (as the registry gives it): after this process starts, expired worker leases are
+   * judged only once this much time has passed, so that agents that could not reach a server that was down get
+   * to renew them first. */
+  workerLeaseMs?: number;
 }
 
 const now = (): string => new Date().toISOString();
 const actorKey = (ref: ActorRef): string => `${ref.space}/${ref.name}`;
+const sameActor = (a: ActorRef | undefined, b: ActorRef): boolean => a?.space === b.space && a.name === b.name;
+const leaseExpired = (w: Worker): boolean => Date.parse(w.leaseExpiresAt) < Date.now();
+/** The snapshot id in a manifest key `snapshots/<space>/<name>/<id>/manifest.json`. */
+const snapshotIdOf = (key: string): string => key.split('/').at(-2)!;
 /** Compaction waits for this long without any lifecycle operation. */
 const COMPACTION_IDLE_MS = 500;
 
@@ -57,12 +79,13 @@ function sameSpec(a: Template, b: Template): boolean {
 
 export class Lifecycle {
   private readonly o: LifecycleOptions;
-  private readonly mutex = new KeyedMutex();
+  private readonly locks: ActorLocks;
+  private readonly startedAt = Date.now();
   private readonly goldenBuilds = new Map<string, Promise<void>>();
   /** Background durable uploads of paused actors, by local checkpoint directory. */
   private readonly pendingUploads = new Map<string, Promise<void>>();
   private readonly transitionTimeoutMs: number;
-  private readonly compactionQueue: { agent: NodeAgent; key: string }[] = [];
+  private readonly compactionQueue: { node: string; key: string }[] = [];
   private maintaining: Promise<void> | undefined;
   private shuttingDown = false;
   private gcDue = false;
@@ -77,6 +100,12 @@ export class Lifecycle {
     this.o = opts;
     this.transitionTimeoutMs = opts.transitionTimeoutMs ?? 120_000;
     this.claimWaitMs = opts.claimWaitMs ?? 10_000;
+    this.locks = new ActorLocks({
+      store: opts.store,
+      holder: opts.holder ?? `${hostname()}/${randomUUID()}`,
+      ttlMs: opts.lockTtlMs ?? 10_000,
+      waitMs: this.transitionTimeoutMs,
+    });
   }
 
   // ---------------------------------------------------------------- templates
@@ -126,8 +155,13 @@ export class Lifecycle {
     this.goldenBuilds.set(template.name, build);
   }
 
-  private async takeGolden(template: Template): Promise<void> {
+  /** Under the golden pseudo-actor's lock: the reconciler leaves the worker it holds alone. */
+  private takeGolden(template: Template): Promise<void> {
     const ref: ActorRef = { space: '_golden', name: template.name };
+    return this.locks.run(ref, () => this.takeGoldenLocked(template, ref));
+  }
+
+  private async takeGoldenLocked(template: Template, ref: ActorRef): Promise<void> {
     while (this.gcRunning) await this.gcRunning;
     // Templates applied together take turns on the workers; give up only after a minute without one.
     let worker = await this.claimWorker({ runtime: template.runtime }, ref);
@@ -136,7 +170,7 @@ export class Lifecycle {
       worker = await this.claimWorker({ runtime: template.runtime }, ref);
     }
     if (!worker) throw new TorporError('NO_CAPACITY', 'no free worker for the golden snapshot');
-    const agent = this.agentOf(worker.node);
+    const agent = await this.agentOf(worker.node);
     try {
       await agent.activate({ workerId: worker.id, actor: ref, template });
       const key = `snapshots/_golden/${template.name}/${newSnapshotId()}/manifest.json`;
@@ -144,8 +178,7 @@ export class Lifecycle {
       await this.o.store.setTemplateGolden(template.name, key);
       this.o.log.info({ template: template.name, snapshot: key }, 'golden snapshot taken');
     } finally {
-      await agent.release(worker.id).catch(() => undefined);
-      await this.o.store.releaseWorker(worker.id, ref);
+      await this.releaseHeld(worker.id, ref);
     }
   }
 
@@ -212,7 +245,7 @@ export class Lifecycle {
   async deleteActor(space: string, name: string): Promise<void> {
     const ref = { space, name };
     await this.getActor(space, name);
-    await this.mutex.run(actorKey(ref), async () => {
+    await this.locks.run(ref, async () => {
       const actor = await this.getActor(space, name);
       if (TRANSITIONAL.has(actor.status)) {
         throw new TorporError('FAILED_PRECONDITION', `actor is ${actor.status}; retry when it settles`, {
@@ -220,12 +253,12 @@ export class Lifecycle {
         });
       }
       if (actor.worker && actor.node) {
-        await this.agentOf(actor.node).release(actor.worker);
+        await (await this.agentOf(actor.node)).release(actor.worker);
         await this.o.store.releaseWorker(actor.worker, ref);
       }
-      await this.o.store.deleteActor(space, name, actor.version);
+      await this.o.store.deleteActor(space, name, actor.version, this.locks.fence(ref));
       this.collectLater();
-      if (actor.localSnapshot) await rm(actor.localSnapshot, { recursive: true, force: true });
+      if (actor.localSnapshot && actor.node) await this.discardLocal(actor.node, actor.localSnapshot);
       this.o.metrics.record('delete', 'ok', {});
     });
   }
@@ -244,59 +277,79 @@ export class Lifecycle {
     this.assertSettled(actor);
     const template = await this.getTemplate(actor.template);
     const from = actor.status;
+    const origin = actor.node;
     const op = this.startOperation('resume');
     const t0 = performance.now();
 
     actor = await this.transition(actor, 'RESUMING', { lastOperation: op });
-    const worker = await this.claimWorker(
-      {
-        runtime: template.runtime,
-        ...(workerId ? { workerId } : {}),
-        ...(actor.node ? { preferNodes: [actor.node] } : {}),
-      },
-      ref,
-    );
-    op.phases.claim = elapsedMs(t0);
-    if (!worker) {
-      await this.rollback(actor, from, op, 'no free worker');
-      const which = workerId ? `worker "${workerId}" is not free` : `no free ${template.runtime} worker`;
-      throw new TorporError('NO_CAPACITY', which, { field: workerId ? 'worker' : 'runtime' });
-    }
+    crashPoint('resume.marked');
+    // A node that died keeps its workers registered until their lease runs out: try another worker then.
+    const unreachable: string[] = [];
+    for (;;) {
+      const worker = await this.claimWorker(
+        {
+          runtime: template.runtime,
+          ...(workerId ? { workerId } : {}),
+          ...(origin ? { preferNodes: [origin] } : {}),
+          ...(unreachable.length ? { excludeWorkers: unreachable } : {}),
+        },
+        ref,
+      );
+      op.phases.claim = elapsedMs(t0);
+      if (!worker) {
+        await this.rollback(actor, from, op, 'no free worker');
+        const which = workerId ? `worker "${workerId}" is not free` : `no free ${template.runtime} worker`;
+        throw new TorporError('NO_CAPACITY', which, { field: workerId ? 'worker' : 'runtime' });
+      }
+      // Recorded before the agent is asked, so that whoever settles this resume after a crash knows the worker.
+      actor = await this.transition(actor, 'RESUMING', { worker: worker.id });
+      crashPoint('resume.claimed');
 
-    const agent = this.agentOf(worker.node);
-    const local = actor.localSnapshot && actor.node === worker.node ? actor.localSnapshot : undefined;
-    let result: ActivateResult;
-    try {
-      await agent.settled(worker.id);
-      result = await agent.activate({
-        workerId: worker.id,
-        actor: ref,
-        template,
-        ...(actor.snapshot ? { snapshot: actor.snapshot } : {}),
-        ...(local ? { localSnapshot: local } : {}),
+      const local = actor.localSnapshot && origin === worker.node ? actor.localSnapshot : undefined;
+      let result: ActivateResult;
+      try {
+        const agent = await this.agentOf(worker.node);
+        await agent.settled(worker.id);
+        result = await agent.activate({
+          workerId: worker.id,
+          actor: ref,
+          template,
+          ...(actor.snapshot ? { snapshot: actor.snapshot } : {}),
+          ...(local ? { localSnapshot: local } : {}),
+        });
+      } catch (err) {
+        const e = asTorporError(err, 'RUNTIME_ERROR');
+        if (err instanceof Unreachable && !workerId && unreachable.length < 3) {
+          // Left busy: the node's lease (or its agent, when it comes back) settles the worker.
+          this.o.log.warn({ worker: worker.id, err }, 'agent unreachable; resuming on another worker');
+          unreachable.push(worker.id);
+          actor = await this.transition(actor, 'RESUMING', { worker: undefined });
+          continue;
+        }
+        // The agent released its slot when the activation failed (or it is gone and its lease will tell).
+        if (!(err instanceof Unreachable)) await this.o.store.releaseWorker(worker.id, ref);
+        await this.rollback(actor, from, op, `resume failed: ${e.message}`, { node: origin });
+        throw e.code === 'SNAPSHOT_CORRUPT' || e.code === 'TIMEOUT' || e.code === 'IMAGE_REJECTED'
+          ? e
+          : new TorporError('RUNTIME_ERROR', `resume failed: ${e.message}`, { cause: err });
+      }
+      crashPoint('resume.activated');
+      Object.assign(op.phases, result.phases);
+      op.phases.total = elapsedMs(t0);
+      op.finishedAt = now();
+      const running = await this.transition(actor, 'RUNNING', {
+        worker: worker.id,
+        node: worker.node,
+        address: result.address,
+        lastOperation: op,
+        lastActivity: now(),
+        reason: undefined,
       });
-    } catch (err) {
-      await this.o.store.releaseWorker(worker.id, ref);
-      const e = asTorporError(err, 'RUNTIME_ERROR');
-      await this.rollback(actor, from, op, `resume failed: ${e.message}`);
-      throw e.code === 'SNAPSHOT_CORRUPT' || e.code === 'TIMEOUT' || e.code === 'IMAGE_REJECTED'
-        ? e
-        : new TorporError('RUNTIME_ERROR', `resume failed: ${e.message}`, { cause: err });
+      crashPoint('resume.committed');
+      this.o.metrics.record('resume', 'ok', op.phases);
+      if (local) this.dropLocalSnapshot(running, worker.node, local);
+      return running;
     }
-    Object.assign(op.phases, result.phases);
-    op.phases.total = elapsedMs(t0);
-    op.finishedAt = now();
-    const running = await this.transition(actor, 'RUNNING', {
-      worker: worker.id,
-      node: worker.node,
-      address: result.address,
-      lastOperation: op,
-      lastActivity: now(),
-      reason: undefined,
-    });
-    this.o.metrics.record('resume', 'ok', op.phases);
-    if (local) this.dropLocalSnapshot(running, local);
-    return running;
   }
 
   // ---------------------------------------------------------------- suspend / pause
@@ -321,24 +374,29 @@ export class Lifecycle {
     const op = this.startOperation('suspend');
     const t0 = performance.now();
     const worker = actor.worker!;
-    const agent = this.agentOf(actor.node!);
+    const node = actor.node!;
+    const agent = await this.agentOf(node);
     const key = this.snapshotKey(ref);
-    actor = await this.transition(actor, 'SUSPENDING', { lastOperation: op });
+    actor = await this.transition(actor, 'SUSPENDING', { lastOperation: op, pendingSnapshot: key });
+    crashPoint('suspend.marked');
 
-    const dir = join(agent.nodeDir, 'checkpoints', ref.space, ref.name, key.split('/').at(-2)!);
-    let files: string[];
+    let local: LocalCheckpoint;
     try {
-      const local = await agent.checkpointLocal(worker, dir, { deferTeardown: true });
-      files = local.files;
+      local = await agent.checkpointLocal(
+        worker,
+        { kind: 'suspend', actor: ref, id: snapshotIdOf(key) },
+        { deferTeardown: true },
+      );
       Object.assign(op.phases, local.phases);
     } catch (err) {
       throw await this.checkpointFailed(actor, op, agent, worker, err);
     }
+    crashPoint('suspend.checkpointed');
     try {
       const uploaded = await agent.upload(
         { actor: ref, template, manifestKey: key, parent: actor.snapshot ?? null },
-        dir,
-        files,
+        local.dir,
+        local.files,
       );
       Object.assign(op.phases, uploaded.phases);
       const { rawBytes, storedBytes, uploadedChunks, reusedChunks, zeroChunks, deltaFiles } = uploaded.stats;
@@ -346,35 +404,42 @@ export class Lifecycle {
       this.o.metrics.snapshotBytes.inc({ kind: 'raw' }, uploaded.stats.rawBytes);
       this.o.metrics.snapshotBytes.inc({ kind: 'stored' }, uploaded.stats.storedBytes);
     } catch (err) {
-      // The checkpoint exists only on this node: keep it there (PAUSED) rather than lose the actor's state.
-      const e = asTorporError(err);
-      op.error = e.message;
-      op.finishedAt = now();
-      const paused = await this.transition(actor, 'PAUSED', {
-        lastOperation: op,
-        localSnapshot: dir,
-        worker: undefined,
-        address: undefined,
-        reason: `upload failed, checkpoint kept on node ${actor.node}: ${e.message}`,
-      });
-      this.o.metrics.record('suspend', 'error', op.phases);
-      this.o.log.warn({ err, actor: actorKey(ref) }, 'suspend upload failed; actor kept paused on its node');
-      return paused;
-    } finally {
-      this.releaseAfterTeardown(agent, worker, ref);
+      // The manifest is the commit marker: if it got written (the agent died answering), the snapshot is whole.
+      if (!(await this.manifestExists(key))) {
+        // The checkpoint exists only on the node: keep it there (PAUSED) rather than lose the actor's state.
+        const e = asTorporError(err);
+        op.error = e.message;
+        op.finishedAt = now();
+        const paused = await this.transition(actor, 'PAUSED', {
+          lastOperation: op,
+          localSnapshot: local.dir,
+          pendingSnapshot: undefined,
+          worker: undefined,
+          address: undefined,
+          reason: `upload failed, checkpoint kept on node ${node}: ${e.message}`,
+        });
+        this.o.metrics.record('suspend', 'error', op.phases);
+        this.o.log.warn({ err, actor: actorKey(ref) }, 'suspend upload failed; actor kept paused on its node');
+        this.releaseAfterTeardown(agent, worker, ref);
+        return paused;
+      }
     }
-    void agent.keepLocal(dir, key).catch(() => rm(dir, { recursive: true, force: true }));
+    crashPoint('suspend.uploaded');
+    this.releaseAfterTeardown(agent, worker, ref);
+    void agent.keepLocal(local.dir, key).catch(() => agent.discardLocal(local.dir).catch(() => undefined));
     op.phases.total = elapsedMs(t0);
     op.finishedAt = now();
     const suspended = await this.transition(actor, 'SUSPENDED', {
       ...this.withNewSnapshot(actor, key, template),
+      pendingSnapshot: undefined,
       worker: undefined,
       address: undefined,
       lastOperation: op,
       reason: undefined,
     });
+    crashPoint('suspend.committed');
     this.o.metrics.record('suspend', 'ok', op.phases);
-    this.compactAfterRelease(agent, key);
+    this.compactAfterRelease(node, key);
     return suspended;
   }
 
@@ -388,13 +453,15 @@ export class Lifecycle {
       const template = await this.getTemplate(actor.template);
       const op = this.startOperation('pause');
       const t0 = performance.now();
-      const agent = this.agentOf(actor.node!);
+      const node = actor.node!;
+      const agent = await this.agentOf(node);
       const worker = actor.worker!;
       const key = this.snapshotKey(ref);
-      const dir = join(agent.nodeDir, 'paused', space, name, key.split('/').at(-2)!);
       actor = await this.transition(actor, 'PAUSING', { lastOperation: op });
+      let local: LocalCheckpoint;
       try {
-        Object.assign(op.phases, (await agent.checkpointLocal(worker, dir)).phases);
+        local = await agent.checkpointLocal(worker, { kind: 'pause', actor: ref, id: snapshotIdOf(key) });
+        Object.assign(op.phases, local.phases);
       } catch (err) {
         throw await this.checkpointFailed(actor, op, agent, worker, err);
       }
@@ -403,28 +470,31 @@ export class Lifecycle {
       op.finishedAt = now();
       const paused = await this.transition(actor, 'PAUSED', {
         lastOperation: op,
-        localSnapshot: dir,
+        localSnapshot: local.dir,
         worker: undefined,
         address: undefined,
         reason: undefined,
       });
       this.o.metrics.record('pause', 'ok', op.phases);
-      this.uploadPaused(paused, template, agent, dir, key);
+      this.uploadPaused(paused, template, agent, local.dir, key);
       return paused;
     });
   }
 
   /** A paused actor's checkpoint is copied to durable storage in the background, so a lost node never
    * strands it: the actor then points at the durable copy too. */
-  private uploadPaused(actor: Actor, template: Template, agent: NodeAgent, dir: string, key: string): void {
+  private uploadPaused(actor: Actor, template: Template, agent: AgentClient, dir: string, key: string): void {
     const ref = { space: actor.space, name: actor.name };
     const upload = (async () => {
-      const files = await readdir(dir);
-      await agent.upload({ actor: ref, template, manifestKey: key, parent: actor.snapshot ?? null }, dir, files);
-      await this.mutex.run(actorKey(ref), async () => {
+      await agent.upload({ actor: ref, template, manifestKey: key, parent: actor.snapshot ?? null }, dir);
+      await this.locks.run(ref, async () => {
         const current = await this.o.store.getActor(ref.space, ref.name);
         if (!current || current.localSnapshot !== dir) return;
-        await this.o.store.casActor({ ...current, ...this.withNewSnapshot(current, key, template) }, current.version);
+        await this.o.store.casActor(
+          { ...current, ...this.withNewSnapshot(current, key, template) },
+          current.version,
+          this.locks.fence(ref),
+        );
       });
     })()
       .catch((err: unknown) => this.o.log.warn({ err, actor: actorKey(ref) }, 'durable copy of paused actor failed'))
@@ -447,21 +517,31 @@ export class Lifecycle {
       );
     }
     const suspended = await this.transition(current, 'SUSPENDED', { localSnapshot: undefined, node: current.node });
-    if (dir) await rm(dir, { recursive: true, force: true });
+    if (dir && current.node) await this.discardLocal(current.node, dir);
     return suspended;
   }
 
-  private dropLocalSnapshot(actor: Actor, dir: string): void {
+  private dropLocalSnapshot(actor: Actor, node: string, dir: string): void {
     void (async () => {
       await this.pendingUploads.get(dir);
-      await this.mutex.run(actorKey(actor), async () => {
+      await this.locks.run(actor, async () => {
         const current = await this.o.store.getActor(actor.space, actor.name);
         if (current?.localSnapshot === dir) {
-          await this.o.store.casActor({ ...current, localSnapshot: undefined }, current.version);
+          await this.o.store.casActor(
+            { ...current, localSnapshot: undefined },
+            current.version,
+            this.locks.fence(actor),
+          );
         }
       });
-      await rm(dir, { recursive: true, force: true });
+      await this.discardLocal(node, dir);
     })().catch((err: unknown) => this.o.log.warn({ err }, 'dropping local snapshot failed'));
+  }
+
+  /** Deletes a node-local checkpoint, if its node is still there (a node that is gone took it along). */
+  private async discardLocal(node: string, dir: string): Promise<void> {
+    const agent = await this.o.agents.agent(node);
+    await agent?.discardLocal(dir).catch((err: unknown) => this.o.log.warn({ err, node }, 'discarding failed'));
   }
 
   // ---------------------------------------------------------------- exec / logs
@@ -473,14 +553,15 @@ export class Lifecycle {
     if (actor.status !== 'RUNNING' || !actor.worker || !actor.node) {
       throw new TorporError('FAILED_PRECONDITION', `actor is ${actor.status}; resume it first`, { field: 'status' });
     }
-    return this.agentOf(actor.node).exec(actor.worker, req.command, req.timeoutSeconds * 1000, onOutput);
+    return (await this.agentOf(actor.node)).exec(actor.worker, req.command, req.timeoutSeconds * 1000, onOutput);
   }
 
-  async logs(space: string, name: string) {
+  /** The actor's output as its last node kept it; with `follow`, streaming until `signal` aborts. */
+  async logs(space: string, name: string, opts: LogOptions = {}) {
     const actor = await this.getActor(space, name);
-    const agent = (actor.node && this.o.agents.agent(actor.node)) || this.o.agents.agents()[0];
+    const agent = (actor.node && (await this.o.agents.agent(actor.node))) || (await this.o.agents.agents())[0];
     if (!agent) throw new TorporError('NOT_FOUND', 'no node holds logs for this actor', { field: 'name' });
-    return agent.logs({ space, name });
+    return agent.logs({ space, name }, opts);
   }
 
   /** On shutdown: suspends every running actor and waits for their uploads. Queued maintenance is dropped (it
@@ -499,59 +580,160 @@ export class Lifecycle {
 
   // ---------------------------------------------------------------- reconciler
 
-  /** Ends transitions that stalled (a crashed process, a worker whose lease expired) in a state that still has
-   * a restorable snapshot. Actors with an operation in flight in this process are left alone. */
+  /** Settles what operations that died (their process crashed, their node was lost) left behind, in a state that
+   * still has a restorable snapshot: every transitional actor whose lock is free (its operation is over), every
+   * running actor whose worker was lost, every paused actor whose node is gone; then removes workers whose lease
+   * expired and frees workers held for an actor that does not hold them. Actors someone is working on (their
+   * lock is held, here or elsewhere) are left to them. Returns how many actors it settled. */
   async reconcile(): Promise<number> {
+    const judgeLeases = Date.now() - this.startedAt >= (this.o.workerLeaseMs ?? DEFAULT_LEASE_MS);
     let fixed = 0;
     for await (const actor of allActors(this.o.store)) {
-      if (this.mutex.isLocked(actorKey(actor))) continue;
-      if (await this.reconcileOne(actor)) fixed++;
+      if (this.locks.isLocal(actor) || !(await this.needsSettling(actor, judgeLeases))) continue;
+      let settled = false;
+      await this.locks.tryRun(actor, async () => {
+        const current = await this.o.store.getActor(actor.space, actor.name);
+        if (current && (await this.needsSettling(current, judgeLeases))) settled = await this.settle(current);
+      });
+      if (settled) fixed++;
     }
+    for await (const worker of allWorkers(this.o.store)) await this.reconcileWorker(worker, judgeLeases);
     return fixed;
   }
 
-  private async reconcileOne(actor: Actor): Promise<boolean> {
-    const stalled = TRANSITIONAL.has(actor.status) && Date.parse(actor.transitionDeadline ?? '') < Date.now();
-    const worker = actor.worker ? await this.o.store.getWorker(actor.worker) : undefined;
-    const workerLost =
-      actor.worker !== undefined &&
-      (actor.status === 'RUNNING' || TRANSITIONAL.has(actor.status)) &&
-      (!worker || Date.parse(worker.leaseExpiresAt) < Date.now() || worker.actor?.name !== actor.name);
-    const pausedNodeLost = actor.status === 'PAUSED' && actor.node !== undefined && !this.o.agents.agent(actor.node);
-    if (!stalled && !workerLost && !pausedNodeLost) return false;
-    const why = stalled
-      ? `${actor.status} passed its deadline`
-      : workerLost
-        ? `worker ${actor.worker} was lost`
-        : `node ${actor.node} holding the paused checkpoint is gone`;
-    await this.mutex.run(actorKey(actor), async () => {
-      const current = await this.o.store.getActor(actor.space, actor.name);
-      if (!current || current.version !== actor.version) return;
-      if (current.worker && current.node) {
-        await this.o.agents
-          .agent(current.node)
-          ?.release(current.worker)
-          .catch(() => undefined);
-        await this.o.store.releaseWorker(current.worker, current);
-      }
-      await this.transition(current, 'SUSPENDED', {
-        worker: undefined,
-        address: undefined,
-        localSnapshot: undefined,
-        reason: `reconciled: ${why}; rolled back to ${current.snapshot ?? 'a fresh boot'}`,
-      });
-      this.o.metrics.record('reconcile', 'ok', {});
-      this.o.log.warn({ actor: actorKey(current), why }, 'reconciled a stalled actor');
+  private async needsSettling(actor: Actor, judgeLeases: boolean): Promise<boolean> {
+    if (TRANSITIONAL.has(actor.status)) return true;
+    if (actor.status === 'RUNNING') return (await this.workerLoss(actor, judgeLeases)) !== undefined;
+    if (actor.status === 'PAUSED' && actor.node) return !(await this.o.agents.agent(actor.node));
+    return false;
+  }
+
+  /** Why a running actor's worker no longer serves it, or undefined when it does. */
+  private async workerLoss(actor: Actor, judgeLeases: boolean): Promise<string | undefined> {
+    if (!actor.worker) return 'it has no worker';
+    const worker = await this.o.store.getWorker(actor.worker);
+    if (!worker) return `node ${actor.node} was lost (worker ${actor.worker} is no longer registered)`;
+    if (judgeLeases && leaseExpired(worker)) return `node ${worker.node} was lost (its lease expired)`;
+    if (!sameActor(worker.actor, actor)) return `worker ${actor.worker} was lost (its agent restarted)`;
+    return undefined;
+  }
+
+  /** Brings one actor (whose lock this process holds) to a settled state. Returns whether it changed it. */
+  private async settle(actor: Actor): Promise<boolean> {
+    let to: ActorStatus;
+    let patch: Partial<Actor>;
+    let why: string;
+    if (actor.status === 'RUNNING') {
+      why = (await this.workerLoss(actor, true)) ?? 'its worker was lost';
+      await this.releaseHeld(actor.worker, actor);
+      [to, patch] = ['SUSPENDED', { localSnapshot: undefined }];
+    } else if (actor.status === 'PAUSED') {
+      why = `node ${actor.node} holding the paused checkpoint is gone`;
+      [to, patch] = ['SUSPENDED', { localSnapshot: undefined }];
+    } else if (actor.status === 'RESUMING') {
+      why = 'the resume was interrupted';
+      await this.releaseHeld(actor.worker, actor);
+      const keepPaused = actor.localSnapshot !== undefined && (await this.nodeAlive(actor.node));
+      [to, patch] = keepPaused ? ['PAUSED', {}] : ['SUSPENDED', { localSnapshot: undefined }];
+    } else {
+      [to, patch, why] = await this.settleCheckpoint(actor);
+    }
+    const snapshot = patch.snapshot ?? actor.snapshot;
+    await this.transition(actor, to, {
+      worker: undefined,
+      address: undefined,
+      pendingSnapshot: undefined,
+      ...patch,
+      reason:
+        to === 'SUSPENDED' && patch.snapshot === undefined
+          ? `reconciled: ${why}; rolled back to ${snapshot ?? 'a fresh boot'}`
+          : `reconciled: ${why}`,
     });
+    this.o.metrics.record('reconcile', 'ok', {});
+    this.o.log.warn({ actor: actorKey(actor), from: actor.status, to, why }, 'reconciled an actor');
     return true;
+  }
+
+  /** A suspend or pause that was cut short: completed if its snapshot was written, back to RUNNING if the
+   * sandbox still runs, otherwise back to the last snapshot. */
+  private async settleCheckpoint(actor: Actor): Promise<[ActorStatus, Partial<Actor>, string]> {
+    const pending = actor.pendingSnapshot;
+    if (actor.status === 'SUSPENDING' && pending && (await this.manifestExists(pending))) {
+      await this.releaseHeld(actor.worker, actor);
+      const template = await this.o.store.getTemplate(actor.template);
+      const patch = template ? this.withNewSnapshot(actor, pending, template) : { snapshot: pending };
+      return ['SUSPENDED', patch, `the suspend was interrupted after its snapshot was written; completed`];
+    }
+    const worker = actor.worker ? await this.o.store.getWorker(actor.worker) : undefined;
+    if (worker && sameActor(worker.actor, actor)) {
+      const agent = await this.o.agents.agent(worker.node);
+      if (agent && (await agent.sandboxAlive(worker.id).catch(() => false))) {
+        return ['RUNNING', { worker: worker.id, address: actor.address }, `the ${actor.status} was interrupted`];
+      }
+    }
+    await this.releaseHeld(actor.worker, actor);
+    return ['SUSPENDED', { localSnapshot: undefined }, `the ${actor.status} was interrupted`];
+  }
+
+  /** Removes workers whose lease expired (their node is lost), and frees workers held for an actor that does not
+   * hold them (a claim whose operation died before it recorded it, or a release that never happened). */
+  private async reconcileWorker(worker: Worker, judgeLeases: boolean): Promise<void> {
+    if (judgeLeases && leaseExpired(worker)) {
+      // An actor still pointing at it is settled first (next pass, once its lock is free).
+      const holder = worker.actor && (await this.o.store.getActor(worker.actor.space, worker.actor.name));
+      if (holder && holder.worker === worker.id) return;
+      await this.o.store.deleteWorker(worker.id);
+      this.o.log.warn({ worker: worker.id, node: worker.node }, 'removed a worker whose lease expired');
+      return;
+    }
+    const ref = worker.actor;
+    if (worker.state !== 'busy' || !ref) return;
+    await this.locks.tryRun(ref, async () => {
+      const current = await this.o.store.getWorker(worker.id);
+      if (!current || !sameActor(current.actor, ref)) return;
+      const actor = await this.o.store.getActor(ref.space, ref.name);
+      if (actor?.worker === worker.id) return;
+      if (await this.releaseHeld(worker.id, ref)) {
+        this.o.log.warn(
+          { worker: worker.id, actor: actorKey(ref) },
+          'freed a worker held for an actor it does not run',
+        );
+      }
+    });
   }
 
   // ---------------------------------------------------------------- helpers
 
-  private agentOf(node: string): NodeAgent {
-    const agent = this.o.agents.agent(node);
+  private async agentOf(node: string): Promise<AgentClient> {
+    const agent = await this.o.agents.agent(node);
     if (!agent) throw new TorporError('RUNTIME_ERROR', `node "${node}" has no agent`, { field: 'node' });
     return agent;
+  }
+
+  private async nodeAlive(node: string | undefined): Promise<boolean> {
+    return node !== undefined && (await this.o.agents.agent(node)) !== undefined;
+  }
+
+  private async manifestExists(key: string): Promise<boolean> {
+    return this.o.blob.has(key).catch(() => false);
+  }
+
+  /** Frees a worker the store says `ref` holds: its agent stops whatever runs there first. A worker whose agent
+   * cannot confirm that stays held — its node's lease (or its agent, re-registering it) settles it later, so a
+   * worker is never handed out while something may still run on it. Returns whether it freed it. */
+  private async releaseHeld(workerId: string | undefined, ref: ActorRef): Promise<boolean> {
+    if (!workerId) return false;
+    const worker = await this.o.store.getWorker(workerId);
+    if (!worker || !sameActor(worker.actor, ref)) return false;
+    const agent = await this.o.agents.agent(worker.node);
+    if (!agent) return false;
+    try {
+      await agent.release(workerId);
+    } catch (err) {
+      this.o.log.warn({ err, worker: workerId }, 'could not release a worker; leaving it to its lease');
+      return false;
+    }
+    return this.o.store.releaseWorker(workerId, ref);
   }
 
   private assertSettled(actor: Actor): void {
@@ -564,7 +746,7 @@ export class Lifecycle {
 
   /** After a failed checkpoint: back to RUNNING if the sandbox survived; if the checkpoint killed it, roll back
    * to the last snapshot rather than leave a RUNNING actor with nothing behind it. Returns the error to throw. */
-  private async checkpointFailed(actor: Actor, op: Operation, agent: NodeAgent, worker: string, err: unknown) {
+  private async checkpointFailed(actor: Actor, op: Operation, agent: AgentClient, worker: string, err: unknown) {
     const e = asTorporError(err, 'RUNTIME_ERROR');
     op.error = e.message;
     op.finishedAt = now();
@@ -573,12 +755,12 @@ export class Lifecycle {
       await this.transition(actor, 'RUNNING', { lastOperation: op, reason: `${op.kind} failed: ${e.message}` });
       return e;
     }
-    await agent.release(worker).catch(() => undefined);
-    await this.o.store.releaseWorker(worker, actor);
+    await this.releaseHeld(worker, actor);
     await this.transition(actor, 'SUSPENDED', {
       lastOperation: op,
       worker: undefined,
       address: undefined,
+      pendingSnapshot: undefined,
       reason: `${op.kind} failed and the sandbox died (${e.message}); rolled back to ${actor.snapshot ?? 'a fresh boot'}`,
     });
     return e;
@@ -608,7 +790,7 @@ export class Lifecycle {
   }
 
   /** A stopped sandbox takes a second or so to go away; its worker is freed only then. */
-  private releaseAfterTeardown(agent: NodeAgent, worker: string, ref: ActorRef): void {
+  private releaseAfterTeardown(agent: AgentClient, worker: string, ref: ActorRef): void {
     const release = agent
       .settled(worker)
       .then(() => this.o.store.releaseWorker(worker, ref))
@@ -619,8 +801,8 @@ export class Lifecycle {
   }
 
   /** Queues the new snapshot's deltas for compaction (see maintain). */
-  private compactAfterRelease(agent: NodeAgent, key: string): void {
-    this.compactionQueue.push({ agent, key });
+  private compactAfterRelease(node: string, key: string): void {
+    this.compactionQueue.push({ node, key });
     this.kickMaintenance();
   }
 
@@ -655,7 +837,8 @@ export class Lifecycle {
       while (this.busy() && !this.shuttingDown) await new Promise((r) => setTimeout(r, COMPACTION_IDLE_MS));
       const next = this.compactionQueue.shift();
       if (next) {
-        const saved = await next.agent.compact(next.key).catch((err: unknown) => {
+        const agent = await this.o.agents.agent(next.node);
+        const saved = await (agent?.compact(next.key) ?? Promise.resolve(0)).catch((err: unknown) => {
           this.o.log.warn({ err, snapshot: next.key }, 'delta compaction failed');
           return 0;
         });
@@ -674,7 +857,9 @@ export class Lifecycle {
    * used. Runs with no snapshot write in flight (see maintain). */
   private async collectGarbage(): Promise<void> {
     const live = new Set<string>();
-    for await (const a of allActors(this.o.store)) for (const k of [a.snapshot, ...a.history]) if (k) live.add(k);
+    for await (const a of allActors(this.o.store)) {
+      for (const k of [a.snapshot, a.pendingSnapshot, ...a.history]) if (k) live.add(k);
+    }
     for await (const t of allTemplates(this.o.store)) if (t.goldenSnapshot) live.add(t.goldenSnapshot);
     try {
       const result = await collectGarbage(this.o.blob, [...live]);
@@ -688,7 +873,7 @@ export class Lifecycle {
 
   /** Runs a lifecycle operation under the actor's lock, counted as activity (see compaction). */
   private operate<T>(ref: ActorRef, fn: () => Promise<T>): Promise<T> {
-    return this.mutex.run(actorKey(ref), async () => {
+    return this.locks.run(ref, async () => {
       while (this.gcRunning) await this.gcRunning;
       this.activeOperations++;
       try {
@@ -718,13 +903,19 @@ export class Lifecycle {
     if (TRANSITIONAL.has(to)) next.transitionDeadline = new Date(Date.now() + this.transitionTimeoutMs).toISOString();
     else delete next.transitionDeadline;
     for (const k of Object.keys(next) as (keyof Actor)[]) if (next[k] === undefined) delete next[k];
-    return this.o.store.casActor(next, actor.version);
+    return this.o.store.casActor(next, actor.version, this.locks.fence(actor));
   }
 
-  private async rollback(actor: Actor, to: ActorStatus, op: Operation, reason: string): Promise<void> {
+  private async rollback(
+    actor: Actor,
+    to: ActorStatus,
+    op: Operation,
+    reason: string,
+    patch: Partial<Actor> = {},
+  ): Promise<void> {
     op.error = reason;
     op.finishedAt = now();
-    await this.transition(actor, to, { lastOperation: op, reason, worker: undefined, address: undefined });
+    await this.transition(actor, to, { lastOperation: op, reason, worker: undefined, address: undefined, ...patch });
     this.o.metrics.record(op.kind, 'error', op.phases);
   }
 }

@@ -63,6 +63,9 @@ export interface Actor extends ActorRef {
   address?: string;
   /** For PAUSED actors: the node-local checkpoint directory that a resume on the same node restores first. */
   localSnapshot?: string;
+  /** While SUSPENDING: the manifest key the suspend is writing. A suspend cut short (its process died) whose
+   * manifest exists is completed by the reconciler rather than rolled back: the manifest is the commit marker. */
+  pendingSnapshot?: string;
   /** When a transitional state was entered: the reconciler rolls it forward or back after its deadline. */
   transitionDeadline?: string;
   reason?: string;
@@ -84,6 +87,9 @@ export interface Worker {
   actor?: ActorRef;
   /** The agent that owns the worker renews this; a worker whose lease expired is considered gone. */
   leaseExpiresAt: string;
+  /** Base URL of the node agent's API, for workers of an agent in another process (torpor agent); absent for
+   * agents in the server's own process (torpor up). */
+  agent?: string;
 }
 
 export interface WorkerFilter {

@@ -3,6 +3,7 @@
 import { existsSync } from 'node:fs';
 import type { Logger } from 'pino';
 import { NodeAgent } from '../agent/agent.ts';
+import { StoreRegistry } from '../agent/registry.ts';
 import type { BlobStore } from '../blob/blob.ts';
 import { TorporError } from '../core/errors.ts';
 import type { ImageStore } from '../image/store.ts';
@@ -56,12 +57,23 @@ export async function loadRunscAsset(path: string, log: Logger): Promise<RunscAs
   return { path, sha256, features };
 }
 
+export function gvisorRuntimeFactory(runsc: RunscAsset): (stateRoot: string) => GvisorRuntime {
+  return (stateRoot) =>
+    new GvisorRuntime({
+      runsc: runsc.path,
+      features: runsc.features,
+      asset: { url: `file://${runsc.path}`, sha256: runsc.sha256 },
+      stateRoot,
+    });
+}
+
 export class LocalEngine {
   private readonly nodes = new Map<string, NodeAgent>();
 
   constructor(opts: LocalEngineOptions, runsc: RunscAsset) {
     const nodeCount = opts.nodes ?? 1;
     const base = opts.networkBase ?? 0;
+    const registry = new StoreRegistry(opts.store);
     for (let n = 0; n < nodeCount; n++) {
       const node = `node${n}`;
       this.nodes.set(
@@ -72,28 +84,22 @@ export class LocalEngine {
           workers: opts.workers,
           indexBase: base + n * opts.workers,
           network: new NodeNetwork({ index: base + n }),
-          store: opts.store,
+          registry,
           blob: opts.blob,
           images: opts.images,
           log: opts.log.child({ node }),
           ...(opts.deltaLevel !== undefined ? { deltaLevel: opts.deltaLevel } : {}),
-          makeRuntime: (stateRoot) =>
-            new GvisorRuntime({
-              runsc: runsc.path,
-              features: runsc.features,
-              asset: { url: `file://${runsc.path}`, sha256: runsc.sha256 },
-              stateRoot,
-            }),
+          makeRuntime: gvisorRuntimeFactory(runsc),
         }),
       );
     }
   }
 
-  agent(node: string): NodeAgent | undefined {
+  async agent(node: string): Promise<NodeAgent | undefined> {
     return this.nodes.get(node);
   }
 
-  agents(): NodeAgent[] {
+  async agents(): Promise<NodeAgent[]> {
     return [...this.nodes.values()];
   }
 

@@ -11,6 +11,7 @@ import { assertValidKey, unsafePathReason } from '../blob/keys.ts';
 import { TorporError } from '../core/errors.ts';
 import { parse, type RuntimeClass } from '../core/schemas.ts';
 import type { Asset, ChunkedContent, ManifestFile, SnapshotManifest } from '../core/types.ts';
+import { crashPoint } from '../sys/crash.ts';
 import {
   DEFAULT_DELTA_LEVEL,
   DELTA_MAX_BYTES,
@@ -145,7 +146,9 @@ export async function writeSnapshot(opts: WriteSnapshotOptions): Promise<WriteSn
     files: manifestFiles,
     createdAt: new Date().toISOString(),
   };
+  crashPoint('upload.chunks-stored');
   await opts.blob.put(opts.key, encodeManifest(manifest));
+  crashPoint('upload.manifest-written');
 
   const phases = {
     chunk: roundMs(ctx.chunkMs),

@@ -855,6 +855,8 @@ export interface components {
       /** @description host:port on the worker, while RUNNING */
       address?: string;
       localSnapshot?: string;
+      /** @description while SUSPENDING: the manifest key being written */
+      pendingSnapshot?: string;
       /** Format: date-time */
       transitionDeadline?: string;
       reason?: string;
@@ -884,6 +886,8 @@ export interface components {
       };
       /** Format: date-time */
       leaseExpiresAt: string;
+      /** @description the node agent's API, for agents in another process */
+      agent?: string;
     };
     WorkerList: {
       items: components['schemas']['Worker'][];
@@ -922,6 +926,7 @@ export interface components {
         | 'ALREADY_EXISTS'
         | 'CONFLICT'
         | 'FAILED_PRECONDITION'
+        | 'LEASE_LOST'
         | 'PAYLOAD_TOO_LARGE'
         | 'IMAGE_REJECTED'
         | 'SNAPSHOT_CORRUPT'

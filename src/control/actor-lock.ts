@@ -1,0 +1,91 @@
+// One operation per actor at a time, across every process that runs a lifecycle (servers, `torpor up`): an
+// in-process mutex orders this process's callers, and a store lease (renewed while the operation runs) excludes
+// other processes. The lease's fencing token goes with every write the operation makes, so a process that
+// stalled past its lease cannot overwrite the work of whoever took over. A process that dies leaves its lease to
+// expire; the reconciler then takes it and settles the actor.
+import { TorporError } from '../core/errors.ts';
+import type { ActorRef } from '../core/types.ts';
+import type { Fence, StateStore } from '../store/store.ts';
+import { KeyedMutex } from './keyed-mutex.ts';
+
+export interface ActorLocksOptions {
+  store: StateStore;
+  /** Who holds the leases: unique per process (a restarted process with the same id takes its leases back). */
+  holder: string;
+  ttlMs: number;
+  /** How long `run` waits for another process's operation on the same actor before giving up. */
+  waitMs: number;
+}
+
+const keyOf = (ref: ActorRef) => `${ref.space}/${ref.name}`;
+/** Lease keys start with the actor's space, as fenced writes require (see Fence). */
+const leaseOf = (ref: ActorRef) => `${ref.space}/actor/${ref.name}`;
+
+export class ActorLocks {
+  private readonly o: ActorLocksOptions;
+  private readonly mutex = new KeyedMutex();
+  private readonly fences = new Map<string, Fence>();
+
+  constructor(opts: ActorLocksOptions) {
+    this.o = opts;
+  }
+
+  /** Whether an operation on the actor is in flight in this process. */
+  isLocal(ref: ActorRef): boolean {
+    return this.mutex.isLocked(keyOf(ref));
+  }
+
+  /** The fence of the operation this process runs on the actor, if any. */
+  fence(ref: ActorRef): Fence | undefined {
+    return this.fences.get(keyOf(ref));
+  }
+
+  /** Runs `fn` holding the actor's lock; waits (bounded) for an operation elsewhere to finish. */
+  run<T>(ref: ActorRef, fn: () => Promise<T>): Promise<T> {
+    return this.mutex.run(keyOf(ref), async () => {
+      const deadline = Date.now() + this.o.waitMs;
+      for (;;) {
+        const token = await this.o.store.acquireLease(leaseOf(ref), this.o.holder, this.o.ttlMs);
+        if (token !== undefined) return this.holding(ref, token, fn);
+        if (Date.now() >= deadline) {
+          throw new TorporError(
+            'FAILED_PRECONDITION',
+            `another operation on actor "${keyOf(ref)}" is in flight elsewhere; retry when it settles`,
+            { field: 'name' },
+          );
+        }
+        await new Promise((r) => setTimeout(r, 50 + Math.random() * 100));
+      }
+    });
+  }
+
+  /** Runs `fn` only if the actor's lock is free right now (the reconciler: an actor someone is working on is left
+   * to them). Returns whether it ran. */
+  async tryRun(ref: ActorRef, fn: () => Promise<void>): Promise<boolean> {
+    if (this.isLocal(ref)) return false;
+    return this.mutex.run(keyOf(ref), async () => {
+      const token = await this.o.store.acquireLease(leaseOf(ref), this.o.holder, this.o.ttlMs);
+      if (token === undefined) return false;
+      await this.holding(ref, token, fn);
+      return true;
+    });
+  }
+
+  private async holding<T>(ref: ActorRef, token: number, fn: () => Promise<T>): Promise<T> {
+    const key = keyOf(ref);
+    const lease = leaseOf(ref);
+    this.fences.set(key, { lease, token });
+    // Renewal failures are not fatal here: if the lease is really lost, the next fenced write says so.
+    const renew = setInterval(
+      () => void this.o.store.acquireLease(lease, this.o.holder, this.o.ttlMs).catch(() => undefined),
+      Math.max(100, this.o.ttlMs / 3),
+    );
+    try {
+      return await fn();
+    } finally {
+      clearInterval(renew);
+      this.fences.delete(key);
+      await this.o.store.releaseLease(lease, this.o.holder).catch(() => undefined);
+    }
+  }
+}
