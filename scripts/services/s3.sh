@@ -8,7 +8,8 @@
 #       an S3 user with fresh random keys and prints one line (also written to DIR/env):
 #       `pid=<radosgw pid> port=<port> endpoint=http://127.0.0.1:<port> access_key=<id> secret_key=<secret>`.
 #       The radosgw port is the first free one in 17480-17489 (RGW_PORTS="first last" to change the range);
-#       the monitor's port is a free random one, so several clusters can run side by side.
+#       the monitor's port is a free random one, so several clusters can run side by side. radosgw listens on
+#       S3_ADDRESS (default 127.0.0.1), e.g. an address that processes in other network namespaces can reach.
 #   s3.sh stop DIR
 #       Stops every daemon started in DIR, by the PIDs in DIR/run/*.pid.
 # Exits 3 when the packages are missing (run scripts/setup.sh), so callers can report a skip.
@@ -54,7 +55,8 @@ stop
 rm -rf "${dir:?}"/{run,log,mon.a,osd0,rgw,ceph.conf,keyring,monmap,env}
 mkdir -p "$dir"/{run,log,mon.a,osd0,rgw}
 conf=$dir/ceph.conf
-port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+rgw_addr=${S3_ADDRESS:-127.0.0.1}
+port_free() { ! (exec 3<>"/dev/tcp/${2:-127.0.0.1}/$1") 2>/dev/null; }
 fail() {
   echo "$1; log tails:" >&2
   tail -n 5 "$dir"/log/*.log >&2 || true
@@ -65,7 +67,7 @@ fail() {
 read -r first last <<<"${RGW_PORTS:-17480 17489}"
 rgw_port=''
 for port in $(seq "$first" "$last"); do
-  if port_free "$port"; then rgw_port=$port; break; fi
+  if port_free "$port" "$rgw_addr"; then rgw_port=$port; break; fi
 done
 [ -n "$rgw_port" ] || { echo "no free port in $first-$last for radosgw" >&2; exit 1; }
 mon_port=''
@@ -111,7 +113,7 @@ memstore device bytes = 4294967296
 osd max object name len = 460
 osd max object namespace len = 64
 [client.rgw.a]
-rgw frontends = beast endpoint=127.0.0.1:$rgw_port
+rgw frontends = beast endpoint=$rgw_addr:$rgw_port
 rgw data = $dir/rgw
 rgw enable usage log = false
 ms mon client mode = crc secure
@@ -136,13 +138,13 @@ done
 radosgw -c "$conf" -n client.rgw.a 2>>"$dir/log/daemons.log" || fail "radosgw did not start"
 ready=''
 for _ in $(seq 600); do
-  if curl -fs -o /dev/null "http://127.0.0.1:$rgw_port/"; then ready=1; break; fi
+  if curl -fs -o /dev/null "http://$rgw_addr:$rgw_port/"; then ready=1; break; fi
   sleep 0.1
 done
 [ -n "$ready" ] || fail "radosgw did not answer on port $rgw_port"
 pid=$(cat "$dir/run/client.rgw.a.pid")
 # The port was free when we looked; make sure the server answering on it now is ours, not a racing neighbour's.
-owner=$(ss -Hltnp "sport = :$rgw_port" 2>/dev/null | grep -o 'pid=[0-9]*' | head -n 1 | cut -d= -f2 || true)
+owner=$(ss -Hltnp "src $rgw_addr:$rgw_port" 2>/dev/null | grep -o 'pid=[0-9]*' | head -n 1 | cut -d= -f2 || true)
 [ -z "$owner" ] || [ "$owner" = "$pid" ] || fail "port $rgw_port was taken by another process (pid $owner)"
 
 access_key=$(head -c 512 /dev/urandom | LC_ALL=C tr -dc 'A-Z0-9' | cut -c1-20)
@@ -150,6 +152,6 @@ secret_key=$(head -c 512 /dev/urandom | LC_ALL=C tr -dc 'A-Za-z0-9' | cut -c1-40
 radosgw-admin -c "$conf" user create --uid=torpor-test --display-name=torpor-test \
   --access-key="$access_key" --secret-key="$secret_key" >/dev/null 2>>"$dir/log/admin.log" ||
   fail "radosgw-admin user create failed"
-line="pid=$pid port=$rgw_port endpoint=http://127.0.0.1:$rgw_port access_key=$access_key secret_key=$secret_key"
+line="pid=$pid port=$rgw_port endpoint=http://$rgw_addr:$rgw_port access_key=$access_key secret_key=$secret_key"
 (umask 077 && echo "$line" >"$dir/env")
 echo "$line"

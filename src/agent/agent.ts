@@ -76,6 +76,9 @@ export interface NodeAgentOptions {
   deltaLevel?: number;
   /** Local copies of snapshots this node wrote, kept for fast resumes here (default 4 per worker). */
   keepSnapshots?: number;
+  /** Keep retrying the first registration (every second) instead of failing: a `torpor agent` may well start
+   * before its server. */
+  waitForRegistry?: boolean;
 }
 
 /** Written into a checkpoint directory once the runtime's checkpoint completed: the files it reported. A directory
@@ -143,7 +146,7 @@ export class NodeAgent implements AgentClient {
       await slot.net.ensure();
       await this.prepareNetwork(slot);
     }
-    const { leaseMs } = await this.opts.registry.register([...this.slots.values()].map((s) => this.freeWorker(s)));
+    const { leaseMs } = await this.registerAll();
     this.renewTimer = setInterval(() => void this.heartbeat(), Math.max(200, leaseMs / 3));
     this.renewTimer.unref();
   }
@@ -161,6 +164,19 @@ export class NodeAgent implements AgentClient {
       this.opts.log.warn({ err }, 'unregistering the workers failed');
     });
     await this.opts.network.destroy();
+  }
+
+  private async registerAll(): Promise<{ leaseMs: number }> {
+    const workers = [...this.slots.values()].map((s) => this.freeWorker(s));
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await this.opts.registry.register(workers);
+      } catch (err) {
+        if (!this.opts.waitForRegistry) throw err;
+        if (attempt % 10 === 1) this.opts.log.warn({ err, attempt }, 'registering the workers failed; retrying');
+        await new Promise((r) => setTimeout(r, 1000));
+      }
+    }
   }
 
   private freeWorker(slot: WorkerSlot): WorkerInfo {

@@ -160,13 +160,13 @@ export interface ServerRegistryOptions {
   server: string;
   token: string;
   node: string;
-  /** Where the server reaches this agent's API. */
-  agentUrl: string;
 }
 
 /** Registers a `torpor agent`'s workers through the server, which keeps them in the store with its own clock. */
 export class ServerRegistry implements WorkerRegistry {
   private readonly o: ServerRegistryOptions;
+  /** Where the server reaches this agent's API: set once it listens, before the first registration. */
+  agentUrl = '';
 
   constructor(opts: ServerRegistryOptions) {
     this.o = opts;
@@ -177,7 +177,8 @@ export class ServerRegistry implements WorkerRegistry {
   }
 
   register(workers: WorkerInfo[]): Promise<{ leaseMs: number }> {
-    return callJson(this.o.server, 'PUT', this.path(), { agent: this.o.agentUrl, workers }, { token: this.o.token });
+    if (!this.agentUrl) throw new TorporError('FAILED_PRECONDITION', 'the agent API is not listening yet');
+    return callJson(this.o.server, 'PUT', this.path(), { agent: this.agentUrl, workers }, { token: this.o.token });
   }
 
   heartbeat(ids: string[]): Promise<{ unknown: string[] }> {

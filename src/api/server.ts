@@ -12,6 +12,7 @@ import { compatPlugin } from './compat.ts';
 import { dashboardPlugin } from './dashboard.ts';
 import { execStream } from './exec-stream.ts';
 import { CachedUsage, RecentOperations, type StorageMeter, streamEvents } from './live.ts';
+import { type NodesOptions, nodesPlugin } from './nodes.ts';
 import { openApiDocument } from './openapi.ts';
 
 export interface ApiOptions {
@@ -25,6 +26,8 @@ export interface ApiOptions {
   instances?: Engine;
   /** The snapshot store, for `GET /v1/storage` and the dashboard (FsBlobStore measures itself). */
   storage?: StorageMeter;
+  /** Node registration for agents in other processes (torpor server): /v1/nodes, with the agent token. */
+  nodes?: Omit<NodesOptions, 'store'>;
 }
 
 type Params = { space: string; name: string };
@@ -167,5 +170,6 @@ export function buildApi(opts: ApiOptions) {
   });
   void app.register(dashboardPlugin);
   if (opts.instances) void app.register(compatPlugin, { engine: opts.instances });
+  if (opts.nodes) void app.register(nodesPlugin, { ...opts.nodes, store });
   return app;
 }

@@ -160,6 +160,168 @@ program
     process.once('SIGTERM', shutdown);
   });
 
+// ------------------------------------------------------------------ beyond one machine
+
+/** Runs a long-lived process until SIGINT/SIGTERM, announcing where it listens on stderr. */
+async function serveUntilSignal(what: string, start: () => Promise<{ url: string; stop: () => Promise<void> }>) {
+  const running = await start();
+  process.stderr.write(`Torpor ${what} listening on ${running.url}\n`);
+  const shutdown = () => {
+    running.stop().then(
+      () => process.exit(0),
+      () => process.exit(1),
+    );
+  };
+  process.once('SIGINT', shutdown);
+  process.once('SIGTERM', shutdown);
+}
+
+program
+  .command('server')
+  .description('the control API, scheduler and reconciler, over a shared store and blob store (agents register here)')
+  .requiredOption('--store <url>', 'state store: redis://host:port, or a SQLite file shared by processes')
+  .requiredOption('--blob <url>', 'blob store: s3://bucket/prefix?endpoint=URL&pathStyle=true, or a directory')
+  .option('--host <host>', 'address to listen on (agents must reach it)', '127.0.0.1')
+  .option('--port <port>', 'API port (0 = any free port)', '7070')
+  .option('--agent-token <token>', 'token agents and this server present to each other (or TORPOR_AGENT_TOKEN)')
+  .option('--agent-token-file <file>', 'read the agent token from this file')
+  .option('--data-dir <dir>', 'image cache', '/var/lib/torpor/server')
+  .option('--worker-lease <seconds>', 'a node whose agent has not renewed its lease for this long is lost', '15')
+  .option('--reconcile-interval <ms>', 'how often the reconciler runs', '2000')
+  .option('--id <id>', "this server's identity, unique among servers: a restart with the same id resumes its leases")
+  .action(
+    async (o: {
+      store: string;
+      blob: string;
+      host: string;
+      port: string;
+      agentToken?: string;
+      agentTokenFile?: string;
+      dataDir: string;
+      workerLease: string;
+      reconcileInterval: string;
+      id?: string;
+    }) => {
+      const { server, agentToken } = await import('./distributed.ts');
+      await serveUntilSignal('server', () =>
+        server({
+          store: o.store,
+          blob: o.blob,
+          host: o.host,
+          port: integerFlag('port', o.port, 0, 65535),
+          agentToken: agentToken(o.agentToken, o.agentTokenFile, 'agent-token'),
+          dataDir: o.dataDir,
+          workerLeaseMs: integerFlag('worker-lease', o.workerLease, 1, 3600) * 1000,
+          reconcileMs: integerFlag('reconcile-interval', o.reconcileInterval, 50, 3_600_000),
+          ...(o.id ? { id: o.id } : {}),
+        }),
+      );
+    },
+  );
+
+program
+  .command('agent')
+  .description(
+    "a node agent: runs this node's workers, registered with the server given by --server (run it in the node's " +
+      'namespace)',
+  )
+  .option('--token <token>', 'the agent token (or TORPOR_AGENT_TOKEN)')
+  .option('--token-file <file>', 'read the agent token from this file')
+  .requiredOption('--node <name>', 'node name (DNS-1123 label, unique)')
+  .option('--workers <n>', 'worker slots', '2')
+  .requiredOption('--network-base <n>', "the node's network index: namespace torpor-node<n>, workers n…n+workers-1")
+  .requiredOption('--blob <url>', 'blob store (the same as the server’s)')
+  .option('--listen <addr:port>', "agent API address (default: the node's address, port 7071)")
+  .option('--data-dir <dir>', 'where this node keeps checkpoints, caches and logs', '/var/lib/torpor/agent')
+  .option('--runsc <path>', 'runsc binary (default: the asset built by scripts/setup.sh)')
+  .action(
+    async (o: {
+      token?: string;
+      tokenFile?: string;
+      node: string;
+      workers: string;
+      networkBase: string;
+      blob: string;
+      listen?: string;
+      dataDir: string;
+      runsc?: string;
+    }) => {
+      const { agent, agentToken } = await import('./distributed.ts');
+      const { dnsLabel, parse } = await import('../core/schemas.ts');
+      await serveUntilSignal(`agent ${o.node}`, () =>
+        agent({
+          server: program.opts<{ server: string }>().server,
+          token: agentToken(o.token, o.tokenFile, 'token'),
+          node: parse(dnsLabel, o.node, 'node'),
+          workers: integerFlag('workers', o.workers, 1, 64),
+          networkBase: integerFlag('network-base', o.networkBase, 0, 255),
+          blob: o.blob,
+          dataDir: o.dataDir,
+          ...(o.listen ? { listen: o.listen } : {}),
+          ...(o.runsc ? { runsc: o.runsc } : {}),
+        }),
+      );
+    },
+  );
+
+program
+  .command('router')
+  .description('the resume-on-request proxy, over a shared store; resumes and suspends through --server')
+  .requiredOption('--store <url>', 'state store (the same as the server’s)')
+  .option('--host <host>', 'address to listen on', '127.0.0.1')
+  .option('--port <port>', 'router port (0 = any free port)', '7080')
+  .option('--domain <domain>', 'router domain', 'torpor.localhost')
+  .option('--queue-size <n>', 'requests that may wait for a resume at once', '1000')
+  .option('--queue-deadline <seconds>', 'how long a request waits for a resume before 503', '30')
+  .option('--upstream-timeout <seconds>', 'how long the router waits for an actor to answer before 504', '60')
+  .option('--max-body <mib>', 'largest request body the router forwards, in MiB (413 beyond)', '64')
+  .option('--ingress-token <space=token...>', 'require Authorization: Bearer <token> for actors of a space')
+  .action(
+    async (o: {
+      store: string;
+      host: string;
+      port: string;
+      domain: string;
+      queueSize: string;
+      queueDeadline: string;
+      upstreamTimeout: string;
+      maxBody: string;
+      ingressToken?: string[];
+    }) => {
+      const { router } = await import('./distributed.ts');
+      const tokens = ingressTokens(o.ingressToken);
+      await serveUntilSignal('router', () =>
+        router({
+          store: o.store,
+          server: program.opts<{ server: string }>().server,
+          host: o.host,
+          port: integerFlag('port', o.port, 0, 65535),
+          domain: o.domain,
+          queueSize: integerFlag('queue-size', o.queueSize, 1, 1_000_000),
+          queueDeadlineMs: integerFlag('queue-deadline', o.queueDeadline, 1, 3600) * 1000,
+          upstreamTimeoutMs: integerFlag('upstream-timeout', o.upstreamTimeout, 1, 86400) * 1000,
+          maxBodyBytes: integerFlag('max-body', o.maxBody, 1, 65536) * 1024 * 1024,
+          ...(tokens ? { ingressTokens: tokens } : {}),
+        }),
+      );
+    },
+  );
+
+program
+  .command('node-net <action>')
+  .description("create|delete a node's network namespace on this machine (for a torpor agent) and the host's routes")
+  .requiredOption('--network-base <n>', "the node's network index (as given to torpor agent)")
+  .option('--workers <n>', 'worker slots of the agent (as given to torpor agent)', '2')
+  .action(async (action: string, o: { networkBase: string; workers: string }) => {
+    if (action !== 'create' && action !== 'delete') {
+      throw new TorporError('INVALID_ARGUMENT', 'node-net: the action is create or delete', { field: 'action' });
+    }
+    const { nodeNet } = await import('./distributed.ts');
+    const base = integerFlag('network-base', o.networkBase, 0, 255);
+    const namespace = await nodeNet(action, base, integerFlag('workers', o.workers, 1, 256 - base));
+    console.log(action === 'create' ? `/var/run/netns/${namespace}` : `deleted ${namespace}`);
+  });
+
 // ------------------------------------------------------------------ templates
 
 const template = program.command('template').description('manage templates');

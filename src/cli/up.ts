@@ -1,13 +1,10 @@
 // `torpor up`: the embedded deployment in one process — SQLite state, filesystem blobs, a local engine with
 // in-process node agents, the reconciler and the REST API.
 import { mkdir } from 'node:fs/promises';
-import http, { type Server } from 'node:http';
 import { join, resolve } from 'node:path';
 import { type Logger, pino } from 'pino';
 import { buildApi } from '../api/server.ts';
 import { FsBlobStore } from '../blob/fs.ts';
-import { ActivityTracker } from '../control/activity.ts';
-import { IdlePolicy } from '../control/idle.ts';
 import { Lifecycle } from '../control/lifecycle.ts';
 import { Metrics } from '../control/metrics.ts';
 import { TorporError } from '../core/errors.ts';
@@ -16,13 +13,8 @@ import { LocalEngine, loadRunscAsset, locateRunsc } from '../engine/local.ts';
 import { LocalInstances } from '../engine/local-instances.ts';
 import { StandardEngine } from '../engine/standard.ts';
 import { ImageStore } from '../image/store.ts';
-import { Router } from '../router/router.ts';
+import { listeningPort, serveRouter } from '../router/serve.ts';
 import { SqliteStore } from '../store/sqlite.ts';
-
-function listeningPort(server: Server): number {
-  const address = server.address();
-  return typeof address === 'object' && address ? address.port : 0;
-}
 
 export interface UpOptions {
   dataDir: string;
@@ -118,36 +110,26 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
   await api.listen({ host: opts.host, port: opts.port });
   const url = `http://${opts.host}:${listeningPort(api.server)}`;
 
-  const activity = new ActivityTracker();
-  const idle = new IdlePolicy({ store, lifecycle, activity, log });
-  idle.start();
-  const router = new Router({
+  const router = await serveRouter({
     store,
     lifecycle,
-    idle,
-    activity,
     metrics,
     log,
+    host: opts.host,
+    port: opts.routerPort ?? 7080,
     domain: opts.domain ?? 'torpor.localhost',
     ...(opts.queueSize !== undefined ? { queueSize: opts.queueSize } : {}),
     ...(opts.queueDeadlineMs !== undefined ? { queueDeadlineMs: opts.queueDeadlineMs } : {}),
     ...(opts.ingressTokens ? { ingressTokens: opts.ingressTokens } : {}),
-    ...(opts.upstreamTimeoutMs !== undefined ? { timeoutMs: opts.upstreamTimeoutMs } : {}),
-    ...(opts.maxBodyBytes !== undefined ? { bodyLimit: opts.maxBodyBytes } : {}),
+    ...(opts.upstreamTimeoutMs !== undefined ? { upstreamTimeoutMs: opts.upstreamTimeoutMs } : {}),
+    ...(opts.maxBodyBytes !== undefined ? { maxBodyBytes: opts.maxBodyBytes } : {}),
   });
-  const routerServer = http.createServer({ keepAlive: true }, router.handle);
-  routerServer.on('upgrade', router.upgrade);
-  await new Promise<void>((resolve) => routerServer.listen(opts.routerPort ?? 7080, opts.host, resolve));
-  const routerUrl = `http://${opts.host}:${listeningPort(routerServer)}`;
 
   let stopping: Promise<void> | undefined;
   const stop = (): Promise<void> => {
     stopping ??= (async () => {
       clearInterval(reconciler);
-      idle.stop();
-      router.close();
-      routerServer.closeAllConnections();
-      await new Promise((r) => routerServer.close(r));
+      await router.close();
       await api.close();
       await instances.close();
       await lifecycle.suspendAll();
@@ -156,5 +138,5 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
     })();
     return stopping;
   };
-  return { url, routerUrl, lifecycle, instances, stop };
+  return { url, routerUrl: router.url, lifecycle, instances, stop };
 }

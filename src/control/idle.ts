@@ -7,11 +7,12 @@ import type { Actor, Template } from '../core/types.ts';
 import { allActors } from '../store/all.ts';
 import type { StateStore } from '../store/store.ts';
 import type { ActivityTracker } from './activity.ts';
-import type { Lifecycle } from './lifecycle.ts';
+import type { ActorOperations } from './lifecycle.ts';
 
 export interface IdlePolicyOptions {
   store: StateStore;
-  lifecycle: Lifecycle;
+  /** Resumes and suspends: a lifecycle in this process, or a server's (ServerOperations). */
+  lifecycle: ActorOperations;
   activity: ActivityTracker;
   log: Logger;
   intervalMs?: number;

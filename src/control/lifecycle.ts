@@ -7,7 +7,6 @@ import { hostname } from 'node:os';
 import { basename } from 'node:path';
 import type { Logger } from 'pino';
 import type { ActivateResult, AgentClient, LocalCheckpoint, LogOptions } from '../agent/client.ts';
-import { DEFAULT_LEASE_MS } from '../agent/registry.ts';
 import type { BlobStore } from '../blob/blob.ts';
 import { asTorporError, notFound, TorporError } from '../core/errors.ts';
 import {
@@ -40,6 +39,9 @@ export interface AgentDirectory {
   agents(): Promise<AgentClient[]>;
 }
 
+/** What the router and the idle policy ask of a lifecycle: this process's, or a server's over its API. */
+export type ActorOperations = Pick<Lifecycle, 'resume' | 'suspend'>;
+
 export interface LifecycleOptions {
   store: StateStore;
   blob: BlobStore;
@@ -57,9 +59,9 @@ export interface LifecycleOptions {
   holder?: string;
   /** Lease of an operation on an actor, renewed while it runs (default 10 s). */
   lockTtlMs?: number;
-  /** Worker lease length (as the registry gives it): after this process starts, expired worker leases are
-   * judged only once this much time has passed, so that agents that could not reach a server that was down get
-   * to renew them first. */
+  /** Worker lease length, for agents in other processes (torpor server): for this long after this process
+   * starts, expired worker leases are not judged and a resume finding no worker waits (bounded) — agents that
+   * could not reach a server that was down get to renew them first. Agents in this process need no grace. */
   workerLeaseMs?: number;
 }
 
@@ -586,7 +588,7 @@ export class Lifecycle {
    * expired and frees workers held for an actor that does not hold them. Actors someone is working on (their
    * lock is held, here or elsewhere) are left to them. Returns how many actors it settled. */
   async reconcile(): Promise<number> {
-    const judgeLeases = Date.now() - this.startedAt >= (this.o.workerLeaseMs ?? DEFAULT_LEASE_MS);
+    const judgeLeases = !this.inAgentGrace();
     let fixed = 0;
     for await (const actor of allActors(this.o.store)) {
       if (this.locks.isLocal(actor) || !(await this.needsSettling(actor, judgeLeases))) continue;
@@ -708,6 +710,10 @@ export class Lifecycle {
     const agent = await this.o.agents.agent(node);
     if (!agent) throw new TorporError('RUNTIME_ERROR', `node "${node}" has no agent`, { field: 'node' });
     return agent;
+  }
+
+  private inAgentGrace(): boolean {
+    return Date.now() - this.startedAt < (this.o.workerLeaseMs ?? 0);
   }
 
   private async nodeAlive(node: string | undefined): Promise<boolean> {
@@ -886,13 +892,20 @@ export class Lifecycle {
   }
 
   /** Claims a worker; when none is free but some are being torn down, waits for them (bounded) rather than
-   * failing a resume that would succeed a moment later. */
+   * failing a resume that would succeed a moment later. So it does just after this process started, while agents
+   * that could not renew their leases during a restart come back. */
   private async claimWorker(filter: WorkerFilter, ref: ActorRef): Promise<Worker | undefined> {
     const deadline = Date.now() + this.claimWaitMs;
     for (;;) {
       const worker = await this.o.store.claimWorker(filter, ref);
-      if (worker || this.releasing.size === 0 || Date.now() >= deadline) return worker;
-      await Promise.race([...this.releasing, new Promise((r) => setTimeout(r, Math.max(0, deadline - Date.now())))]);
+      if (worker || Date.now() >= deadline) return worker;
+      if (this.releasing.size > 0) {
+        await Promise.race([...this.releasing, new Promise((r) => setTimeout(r, Math.max(0, deadline - Date.now())))]);
+      } else if (this.inAgentGrace()) {
+        await new Promise((r) => setTimeout(r, 100));
+      } else {
+        return undefined;
+      }
     }
   }
 

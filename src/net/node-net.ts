@@ -2,12 +2,20 @@
 // veth pair. The host routes each of the node's worker subnets to it; the node routes them on to the workers'
 // namespaces and masquerades their egress behind its own address. Several nodes on one machine each get one,
 // so moving an actor between nodes crosses a real network boundary.
+//
+// With `self`, the calling process already lives in the node's namespace (a `torpor agent` started there by
+// whoever made the namespace, e.g. `torpor node-net create` + nsenter): the node then sets up only its own side
+// (forwarding, masquerade) and leaves the namespace, the host's link and the host's routes to their maker.
+import { stat } from 'node:fs/promises';
+import { TorporError } from '../core/errors.ts';
 import { run } from '../sys/run.ts';
-import { deleteLink, deleteNetns, deleteTable, ensureNetns, ip, nft, sysctl } from './netns.ts';
+import { deleteLink, deleteNetns, deleteTable, ensureNetns, ip, netnsPath, nft, sysctl } from './netns.ts';
 
 export interface NodeNetworkOptions {
   /** Small integer unique on this machine (0..255): picks the namespace, the link names and the /30. */
   index: number;
+  /** This process runs inside the node's namespace, made by someone else (see above). */
+  self?: boolean;
 }
 
 /** The interface inside a node's (and a worker's) namespace that leads towards the host. */
@@ -24,12 +32,14 @@ export class NodeNetwork {
   private readonly natTable: string;
   /** The host's own IPv4 addresses: actors are refused egress to them by default. */
   hostAddresses: string[] = [];
+  readonly self: boolean;
 
   constructor(opts: NodeNetworkOptions) {
     if (!Number.isInteger(opts.index) || opts.index < 0 || opts.index > 255) {
       throw new RangeError(`node network index must be 0..255, got ${opts.index}`);
     }
     this.index = opts.index;
+    this.self = opts.self ?? false;
     this.namespace = `torpor-node${opts.index}`;
     this.hostAddress = `10.214.${opts.index}.1`;
     this.address = `10.214.${opts.index}.2`;
@@ -39,6 +49,7 @@ export class NodeNetwork {
 
   /** Recreates the node's namespace from scratch: whatever an earlier process left there is gone. */
   async ensure(): Promise<void> {
+    if (this.self) return this.ensureSelf();
     await this.destroy();
     await ensureNetns(this.namespace);
     await ip(undefined, [
@@ -59,17 +70,40 @@ export class NodeNetwork {
     this.hostAddresses = await hostIpv4Addresses();
   }
 
+  /** Inside the node's namespace: checks that this process really is there, then sets up the node's side. The
+   * addresses actors are refused by default are then this node's own (it is the machine, as far as it knows). */
+  private async ensureSelf(): Promise<void> {
+    const [mine, node] = await Promise.all([
+      stat('/proc/self/ns/net'),
+      stat(netnsPath(this.namespace)).catch(() => undefined),
+    ]);
+    if (!node || node.ino !== mine.ino || node.dev !== mine.dev) {
+      throw new TorporError(
+        'FAILED_PRECONDITION',
+        `this process must run in the node's network namespace ${this.namespace}: create it (torpor node-net ` +
+          `create --network-base ${this.index}) and start it with nsenter --net=${netnsPath(this.namespace)}`,
+        { field: 'network-base' },
+      );
+    }
+    await sysctl(this.namespace, 'net.ipv4.ip_forward', '1');
+    await nft(this.namespace, this.nodeRules());
+    this.hostAddresses = await hostIpv4Addresses();
+  }
+
   /** The host reaches a worker's subnet through this node. */
   async routeToHost(subnet: string): Promise<void> {
+    if (this.self) return;
     await run('ip', ['route', 'replace', subnet, 'via', this.address, 'dev', this.hostLink]);
   }
 
   async unrouteFromHost(subnet: string): Promise<void> {
+    if (this.self) return;
     await run('ip', ['route', 'del', subnet], { okCodes: [0, 1, 2] });
   }
 
   /** Idempotent: the namespace (and every link into it) and the host's rules for it go. */
   async destroy(): Promise<void> {
+    if (this.self) return;
     await deleteNetns(this.namespace);
     await deleteLink(undefined, this.hostLink);
     await deleteTable(undefined, 'ip', this.natTable);

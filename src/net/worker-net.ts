@@ -17,7 +17,7 @@ import {
   renderActivationRules,
   TABLE,
 } from './egress.ts';
-import { deleteNetns, deleteTable, ensureNetns, ip, netnsPath, nft, sysctl } from './netns.ts';
+import { deleteLink, deleteNetns, deleteTable, ensureNetns, ip, netnsPath, nft, sysctl } from './netns.ts';
 import { type NodeNetwork, UPLINK } from './node-net.ts';
 
 export interface WorkerNetworkOptions {
@@ -42,7 +42,8 @@ export class WorkerNetwork {
   /** The worker's address: what the router and readiness checks connect to (DNAT to the actor). */
   readonly address: string;
   private readonly node: NodeNetwork;
-  private readonly subnet: string;
+  /** The worker's /30, which the host routes through the node. */
+  readonly subnet: string;
   private readonly nodeAddress: string;
   private readonly nodeLink: string;
   private readonly interior: string;
@@ -70,6 +71,9 @@ export class WorkerNetwork {
   async ensure(): Promise<void> {
     await deleteNetns(this.interior);
     await deleteNetns(this.namespace);
+    // The node's end goes with the namespace only once nothing holds that any more: remove it by name, as a node
+    // that outlived the agent that made it (torpor agent in its own namespace) still has it.
+    await deleteLink(this.node.namespace, this.nodeLink);
     await ensureNetns(this.namespace);
     await ip(this.node.namespace, [
       `link add ${this.nodeLink} type veth peer name ${UPLINK} netns ${this.namespace}`,

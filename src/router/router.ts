@@ -8,7 +8,7 @@ import type { Duplex } from 'node:stream';
 import type { Logger } from 'pino';
 import type { ActivityTracker } from '../control/activity.ts';
 import type { IdlePolicy } from '../control/idle.ts';
-import type { Lifecycle } from '../control/lifecycle.ts';
+import type { ActorOperations } from '../control/lifecycle.ts';
 import type { Metrics } from '../control/metrics.ts';
 import { asTorporError, ERROR_STATUS, isTorporError, TorporError } from '../core/errors.ts';
 import type { Actor, ActorRef } from '../core/types.ts';
@@ -17,7 +17,8 @@ import { ACTOR_HEADER, actorOf, originFormPath } from './host.ts';
 
 export interface RouterOptions {
   store: StateStore;
-  lifecycle: Lifecycle;
+  /** Resumes and suspends: a lifecycle in this process, or a server's (ServerOperations). */
+  lifecycle: ActorOperations;
   idle: IdlePolicy;
   activity: ActivityTracker;
   metrics: Metrics;

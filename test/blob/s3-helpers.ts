@@ -24,12 +24,14 @@ export interface RunningS3 {
   stop(): Promise<void>;
 }
 
-/** Starts radosgw, or answers why it cannot (then the caller skips, saying so). */
-export async function startS3(): Promise<RunningS3 | string> {
+/** Starts radosgw (listening on `address`, default 127.0.0.1), or answers why it cannot (then the caller skips,
+ * saying so). */
+export async function startS3(opts: { address?: string } = {}): Promise<RunningS3 | string> {
   const dir = await mkdtemp(join(tmpdir(), 'torpor-s3-'));
   let stdout: string;
   try {
-    ({ stdout } = await run('bash', [SCRIPT, 'start', dir], { timeout: 120_000 }));
+    const env = opts.address ? { ...process.env, S3_ADDRESS: opts.address } : process.env;
+    ({ stdout } = await run('bash', [SCRIPT, 'start', dir], { timeout: 120_000, env }));
   } catch (err) {
     await rm(dir, { recursive: true, force: true });
     const e = err as { code?: number; stderr?: string };

@@ -1,0 +1,251 @@
+// Torpor beyond one machine, as separate processes: `torpor server` (control API, scheduler, reconciler),
+// `torpor agent` (one per node: its workers, registered through a server with a lease, and the agent API only
+// servers may call) and `torpor router`; all share one store (Redis) and one blob store (S3). `torpor node-net`
+// makes a node's network namespace on this machine for an agent to run in (tests, demos: several nodes on one
+// host). `torpor up` remains the all-in-one embedded deployment.
+import { readFileSync } from 'node:fs';
+import { mkdir } from 'node:fs/promises';
+import { join, resolve } from 'node:path';
+import { type Logger, pino } from 'pino';
+import { NodeAgent } from '../agent/agent.ts';
+import { buildAgentApi } from '../agent/api.ts';
+import { ServerRegistry } from '../agent/remote.ts';
+import type { StorageMeter } from '../api/live.ts';
+import { buildApi } from '../api/server.ts';
+import { openBlobStore } from '../blob/open.ts';
+import { Lifecycle } from '../control/lifecycle.ts';
+import { Metrics } from '../control/metrics.ts';
+import { NodeDirectory } from '../control/nodes.ts';
+import { TorporError } from '../core/errors.ts';
+import { gvisorRuntimeFactory, loadRunscAsset, locateRunsc } from '../engine/local.ts';
+import { LocalInstances } from '../engine/local-instances.ts';
+import { ImageStore } from '../image/store.ts';
+import { NodeNetwork } from '../net/node-net.ts';
+import { WorkerNetwork } from '../net/worker-net.ts';
+import { listeningPort, serveRouter } from '../router/serve.ts';
+import { ServerOperations } from '../router/server-operations.ts';
+import { SqliteStore } from '../store/sqlite.ts';
+import type { StateStore } from '../store/store.ts';
+
+export interface Running {
+  url: string;
+  stop: () => Promise<void>;
+}
+
+/** The agent token: from a file (preferred: it appears in no process listing), the flag, or TORPOR_AGENT_TOKEN. */
+export function agentToken(flag: string | undefined, file: string | undefined, field: string): string {
+  const token = file ? readFileSync(file, 'utf8').trim() : (flag ?? process.env.TORPOR_AGENT_TOKEN);
+  if (!token) {
+    throw new TorporError(
+      'INVALID_ARGUMENT',
+      `the agent token is needed: --${field}-file FILE, --${field} TOKEN or TORPOR_AGENT_TOKEN`,
+      { field },
+    );
+  }
+  if (token.length < 16) {
+    throw new TorporError('INVALID_ARGUMENT', `the agent token must be at least 16 characters`, { field });
+  }
+  return token;
+}
+
+/** The state store a URL names. */
+async function openStateStore(url: string): Promise<StateStore> {
+  return SqliteStore.open(url.startsWith('sqlite:') ? url.slice('sqlite:'.length) : url);
+}
+
+function meter(blob: unknown): StorageMeter | undefined {
+  return typeof (blob as Partial<StorageMeter>).usage === 'function' ? (blob as StorageMeter) : undefined;
+}
+
+// ------------------------------------------------------------------ server
+
+export interface ServerOptions {
+  store: string;
+  blob: string;
+  host: string;
+  port: number;
+  agentToken: string;
+  /** Image cache (templates are checked against their image when applied). */
+  dataDir: string;
+  workerLeaseMs: number;
+  reconcileMs: number;
+  /** This server's identity (see LifecycleOptions.holder). */
+  id?: string;
+  log?: Logger;
+}
+
+export async function server(o: ServerOptions): Promise<Running> {
+  const log = o.log ?? pino({ name: 'torpor-server' });
+  const dataDir = resolve(o.dataDir);
+  await mkdir(dataDir, { recursive: true });
+  const store = await openStateStore(o.store);
+  const blob = openBlobStore(o.blob);
+  const metrics = new Metrics();
+  const lifecycle = new Lifecycle({
+    store,
+    blob,
+    images: new ImageStore(join(dataDir, 'images')),
+    agents: new NodeDirectory({ store, token: o.agentToken }),
+    metrics,
+    log,
+    workerLeaseMs: o.workerLeaseMs,
+    ...(o.id ? { holder: o.id } : {}),
+  });
+  const instances = new LocalInstances({ lifecycle, log });
+  await instances.start();
+  const storage = meter(blob);
+  const api = buildApi({
+    lifecycle,
+    store,
+    metrics,
+    log,
+    instances,
+    ...(storage ? { storage } : {}),
+    nodes: { token: o.agentToken, leaseMs: o.workerLeaseMs },
+  });
+  await api.listen({ host: o.host, port: o.port });
+  // After listening: settling an actor may need its agent, and agents register through this API.
+  let reconciling: Promise<unknown> = Promise.resolve();
+  const reconciler = setInterval(() => {
+    reconciling = lifecycle.reconcile().catch((err: unknown) => log.warn({ err }, 'reconcile failed'));
+  }, o.reconcileMs);
+  lifecycle.collectLater();
+  return {
+    url: `http://${o.host}:${listeningPort(api.server)}`,
+    stop: async () => {
+      clearInterval(reconciler);
+      await reconciling;
+      await api.close();
+      await instances.close();
+      await store.close();
+    },
+  };
+}
+
+// ------------------------------------------------------------------ agent
+
+export interface AgentOptions {
+  server: string;
+  token: string;
+  node: string;
+  workers: number;
+  /** The node's network index: namespace torpor-node<n>; workers n … n+workers-1. */
+  networkBase: number;
+  blob: string;
+  /** ADDR:PORT for the agent API (default: the node's address, port 7071). */
+  listen?: string;
+  dataDir: string;
+  runsc?: string;
+  deltaLevel?: number;
+  log?: Logger;
+}
+
+function hostPort(listen: string, field: string): { host: string; port: number } {
+  const i = listen.lastIndexOf(':');
+  const port = Number(listen.slice(i + 1));
+  if (i <= 0 || !Number.isInteger(port) || port < 0 || port > 65535) {
+    throw new TorporError('INVALID_ARGUMENT', `--${field} must be ADDRESS:PORT, got "${listen}"`, { field });
+  }
+  return { host: listen.slice(0, i), port };
+}
+
+export async function agent(o: AgentOptions): Promise<Running> {
+  const log = o.log ?? pino({ name: 'torpor-agent' }).child({ node: o.node });
+  if (o.networkBase + o.workers > 256) {
+    throw new TorporError('INVALID_ARGUMENT', 'network-base + workers must be at most 256', { field: 'workers' });
+  }
+  const network = new NodeNetwork({ index: o.networkBase, self: true });
+  const { host, port } = hostPort(o.listen ?? `${network.address}:7071`, 'listen');
+  if (host === '0.0.0.0' || host === '::') {
+    throw new TorporError('INVALID_ARGUMENT', '--listen must name the address servers reach this agent at', {
+      field: 'listen',
+    });
+  }
+  const dataDir = resolve(o.dataDir);
+  await mkdir(dataDir, { recursive: true });
+  const runsc = await loadRunscAsset(locateRunsc(o.runsc), log);
+  // Where the server reaches this agent is known once its API listens (the port may be 0: any free one).
+  const registry = new ServerRegistry({ server: o.server, token: o.token, node: o.node });
+  const nodeAgent = new NodeAgent({
+    node: o.node,
+    dataDir,
+    workers: o.workers,
+    indexBase: o.networkBase,
+    network,
+    registry,
+    blob: openBlobStore(o.blob),
+    images: new ImageStore(join(dataDir, 'images')),
+    makeRuntime: gvisorRuntimeFactory(runsc),
+    log,
+    waitForRegistry: true,
+    ...(o.deltaLevel !== undefined ? { deltaLevel: o.deltaLevel } : {}),
+  });
+  const api = buildAgentApi({ agent: nodeAgent, token: o.token, log });
+  await api.listen({ host, port });
+  const url = `http://${host}:${listeningPort(api.server)}`;
+  registry.agentUrl = url;
+  await nodeAgent.start();
+  return {
+    url,
+    stop: async () => {
+      await api.close();
+      await nodeAgent.stop();
+    },
+  };
+}
+
+// ------------------------------------------------------------------ router
+
+export interface RouterOptions {
+  store: string;
+  server: string;
+  host: string;
+  port: number;
+  domain: string;
+  queueSize?: number;
+  queueDeadlineMs?: number;
+  upstreamTimeoutMs?: number;
+  maxBodyBytes?: number;
+  ingressTokens?: Record<string, string>;
+  log?: Logger;
+}
+
+export async function router(o: RouterOptions): Promise<Running> {
+  const log = o.log ?? pino({ name: 'torpor-router' });
+  const store = await openStateStore(o.store);
+  const { store: _s, server: _v, log: _l, ...rest } = o;
+  const served = await serveRouter({
+    ...rest,
+    store,
+    lifecycle: new ServerOperations(o.server),
+    metrics: new Metrics(),
+    log,
+  });
+  return {
+    url: served.url,
+    stop: async () => {
+      await served.close();
+      await store.close();
+    },
+  };
+}
+
+// ------------------------------------------------------------------ node-net
+
+/** Makes (or removes) a node's network namespace on this machine, with the host's routes to its workers, for a
+ * `torpor agent --network-base N --workers W` to run in (nsenter --net=/var/run/netns/torpor-node<N>). */
+export async function nodeNet(action: 'create' | 'delete', networkBase: number, workers: number): Promise<string> {
+  const network = new NodeNetwork({ index: networkBase });
+  const subnets = Array.from(
+    { length: workers },
+    (_, i) => new WorkerNetwork({ index: networkBase + i, node: network }),
+  );
+  if (action === 'delete') {
+    for (const w of subnets) await network.unrouteFromHost(w.subnet);
+    await network.destroy();
+    return network.namespace;
+  }
+  await network.ensure();
+  for (const w of subnets) await network.routeToHost(w.subnet);
+  return network.namespace;
+}
