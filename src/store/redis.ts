@@ -700,7 +700,8 @@ export class RedisStore implements StateStore {
 interface Sequenced {
   tag: string;
   seq: number;
-  change: Change;
+  /** The change as published; its record is parsed only when someone watches. */
+  change: { kind: string; key: string; value: string | undefined };
 }
 
 /** Feeds a ChangeFeed from the change channel, filling gaps from the streams (see the top of this file). All
@@ -811,7 +812,7 @@ class ChangeFollower {
         this.#last.set(tag, items[items.length - 1]!.seq);
         return false;
       }
-      if (this.#watched()) this.#feed!.publish(item.change);
+      if (this.#watched()) this.#feed!.publish(toChange(item.change));
       this.#last.set(tag, item.seq);
       expected++;
     }
@@ -840,7 +841,7 @@ class ChangeFollower {
     return entries.map(([id, fields]) => {
       const f = new Map<string, string>();
       for (let i = 0; i < fields.length; i += 2) f.set(fields[i]!, fields[i + 1]!);
-      return { tag, seq: sequence(id), change: toChange(f.get('k')!, f.get('key')!, f.get('v')) };
+      return { tag, seq: sequence(id), change: { kind: f.get('k')!, key: f.get('key')!, value: f.get('v') } };
     });
   }
 }
@@ -849,10 +850,10 @@ type StreamEntry = [string, string[]];
 
 function parseMessage(message: string): Sequenced {
   const [tag, id, kind, key, value] = JSON.parse(message) as [string, string, string, string, string?];
-  return { tag, seq: sequence(id), change: toChange(kind, key, value) };
+  return { tag, seq: sequence(id), change: { kind, key, value } };
 }
 
-function toChange(kind: string, key: string, value: string | undefined): Change {
+function toChange({ kind, key, value }: Sequenced['change']): Change {
   return { kind: kind as ChangeKind, key, value: value === undefined ? undefined : JSON.parse(value) };
 }
 
