@@ -46,11 +46,16 @@ for attempt in 1 2 3 4 5; do
   port_free "$port" || continue
   args=(--bind 127.0.0.1 --port "$port" --save '' --appendonly no --daemonize yes
     --pidfile "$dir/redis.pid" --logfile "$dir/redis.log" --dir "$dir")
-  [ "$cluster" = 0 ] || args+=(--cluster-enabled yes --cluster-config-file "$dir/nodes-$port.conf")
+  # A lone node does not know its own address (it learns it from peers): announce it, or CLUSTER SLOTS
+  # answers an empty host and clients cannot route.
+  [ "$cluster" = 0 ] || args+=(--cluster-enabled yes --cluster-config-file "$dir/nodes-$port.conf"
+    --cluster-announce-ip 127.0.0.1)
   # A port taken between the probe and the bind makes redis-server exit at once: try another one.
   redis-server "${args[@]}" || { echo "redis-server attempt $attempt on port $port failed to start" >&2; continue; }
   for _ in $(seq 100); do
     [ "$(redis-cli -p "$port" ping 2>/dev/null)" = PONG ] && break
+    # Daemonized, it forks before binding: a bind failure shows as its pid being gone.
+    pid=$(cat "$dir/redis.pid" 2>/dev/null) && ! kill -0 "$pid" 2>/dev/null && break
     sleep 0.05
   done
   if [ "$(redis-cli -p "$port" ping 2>/dev/null)" = PONG ] && [ -s "$dir/redis.pid" ]; then
