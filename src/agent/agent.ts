@@ -11,6 +11,7 @@ import type { Logger } from 'pino';
 import type { BlobStore } from '../blob/blob.ts';
 import { FsBlobStore } from '../blob/fs.ts';
 import { TorporError } from '../core/errors.ts';
+import { KeyedMutex } from '../core/keyed-mutex.ts';
 import { elapsedMs } from '../core/time.ts';
 import type { ActorRef, Phases } from '../core/types.ts';
 import type { ImageStore } from '../image/store.ts';
@@ -106,6 +107,11 @@ export class NodeAgent implements AgentClient {
   private readonly chunkCache: FsBlobStore;
   private renewTimer?: NodeJS.Timeout;
   private heartbeating = false;
+  /** Activation, checkpoint and release of one slot run one at a time (the server, its reconciler and this agent's
+   * heartbeat may all ask at once). */
+  private readonly slotLocks = new KeyedMutex();
+  /** Set once start() has prepared every slot: the agent API refuses calls before (see api.ts). */
+  ready = false;
   private readonly keepSnapshots: number;
 
   constructor(opts: NodeAgentOptions) {
@@ -146,6 +152,7 @@ export class NodeAgent implements AgentClient {
       await slot.net.ensure();
       await this.prepareNetwork(slot);
     }
+    this.ready = true;
     const { leaseMs } = await this.registerAll();
     this.renewTimer = setInterval(() => void this.heartbeat(), Math.max(200, leaseMs / 3));
     this.renewTimer.unref();
@@ -210,7 +217,12 @@ export class NodeAgent implements AgentClient {
   }
 
   /** Restores (or boots) the actor on the worker and waits until it is ready. */
-  async activate(req: ActivateRequest): Promise<ActivateResult> {
+  activate(req: ActivateRequest): Promise<ActivateResult> {
+    this.slot(req.workerId);
+    return this.slotLocks.run(req.workerId, () => this.activateLocked(req));
+  }
+
+  private async activateLocked(req: ActivateRequest): Promise<ActivateResult> {
     const slot = this.slot(req.workerId);
     const localSnapshot = req.localSnapshot === undefined ? undefined : this.localDir(req.localSnapshot);
     const phases: Phases = {};
@@ -286,7 +298,7 @@ export class NodeAgent implements AgentClient {
         readiness.timeoutSeconds * 1000,
       );
     } catch (err) {
-      await this.release(slot.id);
+      await this.releaseLocked(slot);
       throw err;
     }
     crashPoint('activate.ready');
@@ -329,7 +341,12 @@ export class NodeAgent implements AgentClient {
     return this.checkpointInto(workerId, this.checkpointDir(target), opts);
   }
 
-  private async checkpointInto(
+  private checkpointInto(workerId: string, dir: string, opts: { deferTeardown?: boolean }): Promise<LocalCheckpoint> {
+    this.slot(workerId);
+    return this.slotLocks.run(workerId, () => this.checkpointLocked(workerId, dir, opts));
+  }
+
+  private async checkpointLocked(
     workerId: string,
     dir: string,
     opts: { deferTeardown?: boolean },
@@ -450,9 +467,13 @@ export class NodeAgent implements AgentClient {
   }
 
   /** Stops whatever runs on the worker without a snapshot (delete, failed activation). Idempotent. */
-  async release(workerId: string): Promise<void> {
+  release(workerId: string): Promise<void> {
     const slot = this.slot(workerId);
-    this.startTeardown(workerId);
+    return this.slotLocks.run(workerId, () => this.releaseLocked(slot));
+  }
+
+  private async releaseLocked(slot: WorkerSlot): Promise<void> {
+    this.startTeardown(slot.id);
     await slot.teardown;
     if (slot.sandbox) await slot.runtime.destroy(slot.sandbox.id);
     slot.sandbox = undefined;

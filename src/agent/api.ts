@@ -16,6 +16,9 @@ export interface AgentApiOptions {
   agent: AgentClient;
   token: string;
   log: Logger;
+  /** Until this says so, calls are refused with NO_CAPACITY (503): the API listens before the agent has prepared
+   * its slots, and a server that still knows this node's workers (from before a restart) must wait. */
+  ready?: () => boolean;
 }
 
 const segment = z.string().min(1).max(128);
@@ -73,6 +76,9 @@ export function buildAgentApi(opts: AgentApiOptions) {
     }
     if (!secretsEqual(presented, token)) {
       throw new TorporError('PERMISSION_DENIED', 'the agent token is not valid', { field: 'authorization' });
+    }
+    if (opts.ready && !opts.ready() && req.url !== '/healthz') {
+      throw new TorporError('NO_CAPACITY', `the agent of node ${agent.node} is starting`, { field: 'node' });
     }
   });
   app.setErrorHandler((err: FastifyError | TorporError, request, reply) => {

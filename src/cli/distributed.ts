@@ -24,8 +24,7 @@ import { NodeNetwork } from '../net/node-net.ts';
 import { WorkerNetwork } from '../net/worker-net.ts';
 import { listeningPort, serveRouter } from '../router/serve.ts';
 import { ServerOperations } from '../router/server-operations.ts';
-import { SqliteStore } from '../store/sqlite.ts';
-import type { StateStore } from '../store/store.ts';
+import { openStore } from '../store/open.ts';
 
 export interface Running {
   url: string;
@@ -46,11 +45,6 @@ export function agentToken(flag: string | undefined, file: string | undefined, f
     throw new TorporError('INVALID_ARGUMENT', `the agent token must be at least 16 characters`, { field });
   }
   return token;
-}
-
-/** The state store a URL names. */
-async function openStateStore(url: string): Promise<StateStore> {
-  return SqliteStore.open(url.startsWith('sqlite:') ? url.slice('sqlite:'.length) : url);
 }
 
 function meter(blob: unknown): StorageMeter | undefined {
@@ -78,7 +72,7 @@ export async function server(o: ServerOptions): Promise<Running> {
   const log = o.log ?? pino({ name: 'torpor-server' });
   const dataDir = resolve(o.dataDir);
   await mkdir(dataDir, { recursive: true });
-  const store = await openStateStore(o.store);
+  const store = await openStore(o.store);
   const blob = openBlobStore(o.blob);
   const metrics = new Metrics();
   const lifecycle = new Lifecycle({
@@ -155,6 +149,8 @@ export async function agent(o: AgentOptions): Promise<Running> {
     throw new TorporError('INVALID_ARGUMENT', 'network-base + workers must be at most 256', { field: 'workers' });
   }
   const network = new NodeNetwork({ index: o.networkBase, self: true });
+  // First: an agent started outside its node's namespace says so, before anything else fails less clearly.
+  await network.ensure();
   const { host, port } = hostPort(o.listen ?? `${network.address}:7071`, 'listen');
   if (host === '0.0.0.0' || host === '::') {
     throw new TorporError('INVALID_ARGUMENT', '--listen must name the address servers reach this agent at', {
@@ -180,7 +176,7 @@ export async function agent(o: AgentOptions): Promise<Running> {
     waitForRegistry: true,
     ...(o.deltaLevel !== undefined ? { deltaLevel: o.deltaLevel } : {}),
   });
-  const api = buildAgentApi({ agent: nodeAgent, token: o.token, log });
+  const api = buildAgentApi({ agent: nodeAgent, token: o.token, log, ready: () => nodeAgent.ready });
   await api.listen({ host, port });
   const url = `http://${host}:${listeningPort(api.server)}`;
   registry.agentUrl = url;
@@ -212,7 +208,7 @@ export interface RouterOptions {
 
 export async function router(o: RouterOptions): Promise<Running> {
   const log = o.log ?? pino({ name: 'torpor-router' });
-  const store = await openStateStore(o.store);
+  const store = await openStore(o.store);
   const { store: _s, server: _v, log: _l, ...rest } = o;
   const served = await serveRouter({
     ...rest,
@@ -241,7 +237,8 @@ export async function nodeNet(action: 'create' | 'delete', networkBase: number, 
     (_, i) => new WorkerNetwork({ index: networkBase + i, node: network }),
   );
   if (action === 'delete') {
-    for (const w of subnets) await network.unrouteFromHost(w.subnet);
+    // The workers' namespaces too: an agent that was killed left them behind.
+    for (const w of subnets) await w.destroy();
     await network.destroy();
     return network.namespace;
   }

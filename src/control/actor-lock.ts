@@ -4,9 +4,9 @@
 // stalled past its lease cannot overwrite the work of whoever took over. A process that dies leaves its lease to
 // expire; the reconciler then takes it and settles the actor.
 import { TorporError } from '../core/errors.ts';
+import { KeyedMutex } from '../core/keyed-mutex.ts';
 import type { ActorRef } from '../core/types.ts';
 import type { Fence, StateStore } from '../store/store.ts';
-import { KeyedMutex } from './keyed-mutex.ts';
 
 export interface ActorLocksOptions {
   store: StateStore;

@@ -93,6 +93,9 @@ export class WorkerNetwork {
    * namespace and veth pair. Idempotent, and safe after a crash: whatever exists under these names is replaced. */
   async prepare(): Promise<void> {
     await this.clear();
+    // The old pair goes with the interior namespace only once nothing holds that (a sandbox still exiting may):
+    // remove it by name.
+    await deleteLink(this.namespace, ACTOR_LINK);
     await ensureNetns(this.interior);
     await ip(this.namespace, [
       `link add ${ACTOR_LINK} address ${GATEWAY_MAC} type veth peer name eth0 address ${ACTOR_MAC} netns ${this.interior}`,

@@ -97,13 +97,19 @@ export class Router {
     void this.follow();
   }
 
-  /** Keeps the location cache fresh from store change notifications; closes connections of actors that stop. */
+  /** Keeps the location cache fresh from store change notifications; closes connections of actors that stop. A
+   * watch the store ends (a watcher of a shared store that fell too far behind) is started again with an empty
+   * cache: what it held may have gone stale meanwhile. */
   private async follow(): Promise<void> {
-    for await (const change of this.o.store.watch(['actor'], this.watching.signal)) {
-      const actor = change.value as Actor | undefined;
-      if (actor) this.cache.set(change.key, actor);
-      else this.cache.delete(change.key);
-      if (actor?.status !== 'RUNNING') this.closeConnections(change.key);
+    while (!this.watching.signal.aborted) {
+      for await (const change of this.o.store.watch(['actor'], this.watching.signal)) {
+        const actor = change.value as Actor | undefined;
+        if (actor) this.cache.set(change.key, actor);
+        else this.cache.delete(change.key);
+        if (actor?.status !== 'RUNNING') this.closeConnections(change.key);
+      }
+      this.cache.clear();
+      await new Promise((r) => setTimeout(r, 100));
     }
   }
 

@@ -1,4 +1,4 @@
-// Serializes operations per key (one actor) inside this process; different keys run concurrently.
+// Serializes operations per key (one actor, one worker slot) inside this process; different keys run concurrently.
 export class KeyedMutex {
   private readonly tails = new Map<string, Promise<void>>();
 
