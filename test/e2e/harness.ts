@@ -1,5 +1,5 @@
 // Runs a real `torpor up` (as a user would) and the `torpor` CLI against it.
-import { type ChildProcess, execFile, spawn } from 'node:child_process';
+import { type ChildProcess, execFile, execFileSync, spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -15,6 +15,16 @@ export function gvisorSkipReason(): string | undefined {
   if (!existsSync(runsc)) return `runsc not found at ${runsc}: run scripts/setup.sh`;
   if (!existsSync('/usr/sbin/ip') && !existsSync('/sbin/ip')) return 'iproute2 (ip) not installed';
   return undefined;
+}
+
+/** Why nftables cannot be used here (per-activation rules need it), or undefined when it can. */
+export function nftSkipReason(): string | undefined {
+  try {
+    execFileSync('nft', ['--version'], { stdio: 'ignore' });
+    return undefined;
+  } catch {
+    return 'nft (nftables) is not installed: run scripts/setup.sh';
+  }
 }
 
 export interface CliResult {

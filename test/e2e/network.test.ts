@@ -9,7 +9,7 @@ import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { counterImage } from '../fixtures/images.ts';
-import { gvisorSkipReason, startTorpor, type Torpor } from './harness.ts';
+import { gvisorSkipReason, nftSkipReason, startTorpor, type Torpor } from './harness.ts';
 
 const BASE = 70;
 const NODE0 = `torpor-node${BASE}`;
@@ -22,15 +22,6 @@ const METADATA = '169.254.169.254';
 const OURS = new RegExp(`^torpor-(node|net)(${BASE}|${BASE + 1})(-actor)?$`);
 
 const skip = gvisorSkipReason() ?? nftSkipReason();
-
-function nftSkipReason(): string | undefined {
-  try {
-    execFileSync('nft', ['--version'], { stdio: 'ignore' });
-    return undefined;
-  } catch {
-    return 'nft (nftables) is not installed: run scripts/setup.sh';
-  }
-}
 
 interface Actor {
   name: string;
