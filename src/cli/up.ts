@@ -18,6 +18,7 @@ import { StandardEngine } from '../engine/standard.ts';
 import { ImageStore } from '../image/store.ts';
 import { Router } from '../router/router.ts';
 import { SqliteStore } from '../store/sqlite.ts';
+import { startTracing } from './tracing.ts';
 
 function listeningPort(server: Server): number {
   const address = server.address();
@@ -63,6 +64,7 @@ export interface RunningTorpor {
 
 export async function up(opts: UpOptions): Promise<RunningTorpor> {
   const log = opts.log ?? pino({ name: 'torpor' });
+  const tracing = startTracing('torpor', log);
   const nodes = opts.nodes ?? 1;
   if ((opts.networkBase ?? 0) + nodes * opts.workers > 256) {
     throw new TorporError(
@@ -73,10 +75,12 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
   }
   const dataDir = resolve(opts.dataDir);
   await mkdir(dataDir, { recursive: true });
-  const store = SqliteStore.open(join(dataDir, 'state.db'));
-  const blob = new FsBlobStore(join(dataDir, 'blobs'));
-  const images = new ImageStore(join(dataDir, 'images'));
   const metrics = new Metrics();
+  const store = metrics.timed(SqliteStore.open(join(dataDir, 'state.db')), metrics.storeOperations);
+  metrics.observeStore(store);
+  const blobFiles = new FsBlobStore(join(dataDir, 'blobs'));
+  const blob = metrics.blob(blobFiles);
+  const images = new ImageStore(join(dataDir, 'images'));
   const runsc = await loadRunscAsset(locateRunsc(opts.runsc), log);
   log.info({ runsc: runsc.path, version: runsc.features.version, sha256: runsc.sha256 }, 'runtime asset');
   const engine = new LocalEngine(
@@ -114,7 +118,7 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
     await local.start();
     instances = local;
   }
-  const api = buildApi({ lifecycle, store, metrics, log, instances, storage: blob });
+  const api = buildApi({ lifecycle, store, metrics, log, instances, storage: blobFiles });
   await api.listen({ host: opts.host, port: opts.port });
   const url = `http://${opts.host}:${listeningPort(api.server)}`;
 
@@ -153,6 +157,7 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
       await lifecycle.suspendAll();
       await engine.stop();
       await store.close();
+      await tracing?.shutdown();
     })();
     return stopping;
   };

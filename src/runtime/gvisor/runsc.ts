@@ -6,7 +6,7 @@ import { closeSync, createReadStream, openSync } from 'node:fs';
 import { mkdir, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { TorporError } from '../../core/errors.ts';
-import { elapsedMs } from '../../core/time.ts';
+import { timed } from '../../core/trace.ts';
 import type { Phases } from '../../core/types.ts';
 import { processRunning } from '../../sys/process.ts';
 import { type RunOptions, run } from '../../sys/run.ts';
@@ -132,25 +132,25 @@ export class GvisorRuntime implements SandboxRuntime {
     const phases: Phases = {};
     await rm(dir, { recursive: true, force: true });
     await mkdir(dir, { recursive: true });
-    const t0 = performance.now();
     // Our snapshot layer compresses and deduplicates chunks; runsc's own compression would defeat dedup.
     const compression = this.opts.features.checkpointCompression ? ['--compression=none'] : [];
-    await this.runsc(['checkpoint', ...compression, '--image-path', dir, sandbox.id], { timeoutMs: 120_000 });
-    phases.checkpoint = elapsedMs(t0);
+    await timed(phases, 'checkpoint', () =>
+      this.runsc(['checkpoint', ...compression, '--image-path', dir, sandbox.id], { timeoutMs: 120_000 }),
+    );
     const files = (await readdir(dir, { withFileTypes: true })).filter((e) => e.isFile()).map((e) => e.name);
     return { files: files.sort(), phases };
   }
 
   async restore(spec: ActivationSpec, dir: string, _files: string[]): Promise<{ sandbox: Sandbox; phases: Phases }> {
     const phases: Phases = {};
-    let t0 = performance.now();
-    await this.destroy(spec.id);
-    const bundle = await this.prepareBundle(spec);
-    phases.prepare = elapsedMs(t0);
-    t0 = performance.now();
+    const bundle = await timed(phases, 'bundle', async () => {
+      await this.destroy(spec.id);
+      return this.prepareBundle(spec);
+    });
     const logFile = spec.logFile;
-    await this.startDetached(['restore', '--detach', '--image-path', dir, '--bundle', bundle, spec.id], logFile);
-    phases.restore = elapsedMs(t0);
+    await timed(phases, 'restore', () =>
+      this.startDetached(['restore', '--detach', '--image-path', dir, '--bundle', bundle, spec.id], logFile),
+    );
     return { sandbox: { id: spec.id, spec, logFile }, phases };
   }
 
