@@ -3,6 +3,7 @@
 // It never decides *which* actor goes where: that is the control layer's job.
 
 import { createHash } from 'node:crypto';
+import { EventEmitter } from 'node:events';
 import { createReadStream, existsSync } from 'node:fs';
 import { mkdir, readdir, rename, rm, stat, utimes } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
@@ -20,8 +21,10 @@ import type { ExecResult, OutputListener, Sandbox, SandboxRuntime } from '../run
 import {
   COMPACT_DELTA_LEVEL,
   compactDelta,
+  type ProgressListener,
   readManifest,
   restoreSnapshot,
+  type TransferProgress,
   type WriteSnapshotStats,
   writeSnapshot,
 } from '../snapshot/index.ts';
@@ -91,6 +94,10 @@ export interface CheckpointRequest {
 
 export type SnapshotStats = Omit<WriteSnapshotStats, 'phases'>;
 
+export interface TransferEvent extends ActorRef, TransferProgress {
+  direction: 'upload' | 'download';
+}
+
 export interface CheckpointResult {
   manifest: SnapshotManifest;
   stats: SnapshotStats;
@@ -132,6 +139,13 @@ export class NodeAgent {
         networkReady: false,
       });
     }
+  }
+
+  /** Snapshot transfers in progress on this node, per actor: for progress displays. */
+  readonly transfers = new EventEmitter<{ progress: [TransferEvent] }>();
+
+  private progressOf(actor: ActorRef, direction: TransferEvent['direction']): ProgressListener {
+    return (p) => this.transfers.emit('progress', { ...actor, direction, ...p });
   }
 
   get nodeDir(): string {
@@ -263,8 +277,9 @@ export class NodeAgent {
       } else if (req.snapshot) {
         const dir = join(workDir, 'checkpoint');
         const snapshot = req.snapshot;
+        const onProgress = this.progressOf(req.actor, 'download');
         const restored = await timed(phases, 'fetch', () =>
-          restoreSnapshot({ blob: this.opts.blob, key: snapshot, dir, cache: this.chunkCache }),
+          restoreSnapshot({ blob: this.opts.blob, key: snapshot, dir, cache: this.chunkCache, onProgress }),
         );
         const files = restored.manifest.files.map((f) => f.name);
         const { sandbox, phases: p } = await slot.runtime.restore(spec, dir, files);
@@ -346,6 +361,7 @@ export class NodeAgent {
       key: req.manifestKey,
       meta: { runtime: runtime.name, template: req.template.name, assets: runtime.assets, parent: req.parent },
       cache: this.chunkCache,
+      onProgress: this.progressOf(req.actor, 'upload'),
       ...(this.opts.deltaLevel !== undefined ? { deltaLevel: this.opts.deltaLevel } : {}),
     });
     const { phases: uploadPhases, ...stats } = result.stats;
