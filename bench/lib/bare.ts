@@ -3,7 +3,6 @@ import { stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { waitReady } from '../../src/agent/ready.ts';
-import { loadRunscAsset } from '../../src/engine/local.ts';
 import { WorkerNetwork } from '../../src/net/worker-net.ts';
 import { GvisorRuntime } from '../../src/runtime/gvisor/runsc.ts';
 
@@ -34,12 +33,9 @@ export async function bare(
   log: Logger,
   networkIndex = 250,
 ) {
-  const runsc = await loadRunscAsset(runscPath, log);
   const rt = new GvisorRuntime({
-    runsc: runsc.path,
-    features: runsc.features,
-    asset: { url: '', sha256: runsc.sha256 },
     stateRoot: join(work, 'bare-state'),
+    onWarning: (message, fields) => log.warn(fields, message),
   });
   const net = new WorkerNetwork({ index: networkIndex, namespace: `torpor-bench-bare${networkIndex}` });
   await net.ensureNamespace();
@@ -55,6 +51,7 @@ export async function bare(
     netnsPath: net.netnsPath,
     workDir: join(work, 'bare-work'),
     logFile: join(work, 'bare.log'),
+    assets: { runsc: runscPath },
   };
   const url = `http://${net.sandboxAddress}:8080/healthz`;
   const checkpoint: number[] = [];

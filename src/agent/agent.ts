@@ -4,17 +4,20 @@
 
 import { createHash } from 'node:crypto';
 import { createReadStream, existsSync } from 'node:fs';
-import { mkdir, readdir, rename, rm, stat, utimes } from 'node:fs/promises';
+import { mkdir, readdir, readFile, rename, rm, stat, utimes, writeFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import type { Readable } from 'node:stream';
 import type { Logger } from 'pino';
 import type { BlobStore } from '../blob/blob.ts';
 import { FsBlobStore } from '../blob/fs.ts';
 import { TorporError } from '../core/errors.ts';
+import { assetRef, parse, type RuntimeClass } from '../core/schemas.ts';
 import { elapsedMs } from '../core/time.ts';
-import type { ActorRef, Phases, SnapshotManifest, Template, Worker } from '../core/types.ts';
+import type { ActorRef, Asset, Phases, SnapshotManifest, Template, Worker } from '../core/types.ts';
 import type { ImageStore } from '../image/store.ts';
 import { WorkerNetwork } from '../net/worker-net.ts';
+import { checkAssetNames, fetchAssets, hostArch, pinnedAssets } from '../runtime/asset-set.ts';
+import type { AssetStore } from '../runtime/assets.ts';
 import type { ExecResult, Sandbox, SandboxRuntime } from '../runtime/runtime.ts';
 import {
   COMPACT_DELTA_LEVEL,
@@ -42,7 +45,13 @@ export interface WorkerSlot {
   linkReady: boolean;
   /** A checkpointed sandbox whose teardown has not started yet. */
   stopped?: string;
+  /** The asset set the current (or last) activation runs with: what its checkpoints pin. */
+  pinned?: Record<string, Asset>;
 }
+
+/** Written into every checkpoint directory: the assets the checkpoint was made with (a local restore uses them;
+ * the upload pins them in the manifest). Not part of the snapshot's files. */
+export const PINNED_ASSETS_FILE = 'torpor-assets.json';
 
 export interface NodeAgentOptions {
   node: string;
@@ -54,6 +63,11 @@ export interface NodeAgentOptions {
   blob: BlobStore;
   images: ImageStore;
   makeRuntime: (stateRoot: string) => SandboxRuntime;
+  /** The node's content-addressed runtime asset cache. */
+  assets: AssetStore;
+  /** The pool's current asset set for a runtime class on this node's architecture (boots without a template
+   * override use it; restores use what their snapshot pinned). */
+  poolAssets: (runtime: RuntimeClass) => Record<string, Asset> | undefined;
   log: Logger;
   leaseMs?: number;
   /** zstd level for delta-encoded snapshot files (0: chunks only). */
@@ -225,6 +239,7 @@ export class NodeAgent {
       netnsPath: slot.net.netnsPath,
       workDir,
       logFile: this.logPath(req.actor),
+      assets: {} as Record<string, string>,
     };
     await mkdir(join(this.nodeDir, 'logs', req.actor.space), { recursive: true });
     try {
@@ -238,6 +253,9 @@ export class NodeAgent {
       // Mark a kept copy as recently used, so eviction takes older ones first.
       if (localDir && localDir === kept) await utimes(kept, new Date(), new Date()).catch(() => undefined);
       if (localDir) {
+        const pinned =
+          (await readPinned(localDir)) ?? this.bootAssets(req.template, `the local checkpoint ${localDir}`);
+        spec.assets = await this.prepareAssets(slot, req.template.runtime, pinned, 'the local checkpoint');
         const { sandbox, phases: p } = await slot.runtime.restore(spec, localDir, []);
         slot.sandbox = sandbox;
         Object.assign(phases, p);
@@ -250,12 +268,23 @@ export class NodeAgent {
           dir,
           cache: this.chunkCache,
         });
+        // The assets the snapshot was made with, not the pool's current ones.
+        spec.assets = await this.prepareAssets(
+          slot,
+          restored.manifest.runtime,
+          restored.manifest.assets,
+          `snapshot ${req.snapshot}`,
+        );
         phases.fetch = elapsedMs(t0);
         const files = restored.manifest.files.map((f) => f.name);
         const { sandbox, phases: p } = await slot.runtime.restore(spec, dir, files);
         slot.sandbox = sandbox;
         Object.assign(phases, p);
       } else {
+        t0 = performance.now();
+        const pinned = this.bootAssets(req.template);
+        spec.assets = await this.prepareAssets(slot, req.template.runtime, pinned, `template "${req.template.name}"`);
+        phases.assets = elapsedMs(t0);
         t0 = performance.now();
         slot.sandbox = await slot.runtime.run(spec);
         phases.boot = elapsedMs(t0);
@@ -287,6 +316,7 @@ export class NodeAgent {
       throw new TorporError('FAILED_PRECONDITION', `worker ${workerId} runs no actor`, { field: 'worker' });
     const sandbox = slot.sandbox;
     const result = await slot.runtime.checkpoint(sandbox, dir);
+    if (slot.pinned) await writeFile(join(dir, PINNED_ASSETS_FILE), JSON.stringify(slot.pinned));
     slot.sandbox = undefined;
     slot.stopped = sandbox.id;
     if (!opts.deferTeardown) this.startTeardown(workerId);
@@ -326,20 +356,49 @@ export class NodeAgent {
   /** Uploads a local checkpoint as a durable snapshot (chunks first, manifest last). */
   async upload(req: Omit<CheckpointRequest, 'workerId'>, dir: string, files: string[]): Promise<CheckpointResult> {
     const runtime = [...this.slots.values()][0]!.runtime;
+    const assets = (await readPinned(dir)) ?? this.bootAssets(req.template, `the checkpoint ${dir}`);
     // The parent is the delta base; a parent that cannot be read only costs dedup, never the snapshot.
     const previous = req.parent ? await readManifest(this.opts.blob, req.parent).catch(() => undefined) : undefined;
     const result = await writeSnapshot({
       ...(previous ? { previous } : {}),
       blob: this.opts.blob,
       dir,
-      files,
+      files: files.filter((f) => f !== PINNED_ASSETS_FILE),
       key: req.manifestKey,
-      meta: { runtime: runtime.name, template: req.template.name, assets: runtime.assets, parent: req.parent },
+      meta: { runtime: runtime.name, template: req.template.name, assets, parent: req.parent },
       cache: this.chunkCache,
       ...(this.opts.deltaLevel !== undefined ? { deltaLevel: this.opts.deltaLevel } : {}),
     });
     const { phases: uploadPhases, ...stats } = result.stats;
     return { manifest: result.manifest, stats, phases: { ...uploadPhases } };
+  }
+
+  /** The assets a boot of `template` runs with: its own override, else the pool's set for its runtime class.
+   * `legacy` names a checkpoint made before checkpoints recorded their assets (the pool's set is the best guess). */
+  private bootAssets(template: Template, legacy?: string): Record<string, Asset> {
+    if (legacy) this.opts.log.warn({ checkpoint: legacy }, 'checkpoint records no assets; using the pool set');
+    const assets = template.assets ? pinnedAssets({ assets: template.assets }) : this.opts.poolAssets(template.runtime);
+    if (!assets) {
+      throw new TorporError(
+        'FAILED_PRECONDITION',
+        `no ${template.runtime} asset set for ${hostArch()} on node ${this.node}: give the pool one (torpor up --assets FILE)`,
+        { field: 'assets' },
+      );
+    }
+    return assets;
+  }
+
+  /** Gets an activation's assets into the node's cache (a hit is a stat) and makes them the slot's pinned set. */
+  private async prepareAssets(
+    slot: WorkerSlot,
+    runtime: RuntimeClass,
+    pinned: Record<string, Asset>,
+    what: string,
+  ): Promise<Record<string, string>> {
+    checkAssetNames(runtime, pinned, what);
+    const paths = await fetchAssets(this.opts.assets, pinned);
+    slot.pinned = pinned;
+    return paths;
   }
 
   /** Background: re-encodes the snapshot's deltas at a higher level, in place. Returns the bytes saved. */
@@ -427,4 +486,15 @@ export class NodeAgent {
     const size = (await stat(path).catch(() => ({ size: 0 }))).size;
     return { path, size, read: (start) => createReadStream(path, { start }) };
   }
+}
+
+/** The assets recorded in a checkpoint directory, or undefined for one made before they were recorded. */
+async function readPinned(dir: string): Promise<Record<string, Asset> | undefined> {
+  const text = await readFile(join(dir, PINNED_ASSETS_FILE), 'utf8').catch(() => undefined);
+  if (text === undefined) return undefined;
+  const out: Record<string, Asset> = {};
+  for (const [name, value] of Object.entries(JSON.parse(text) as Record<string, unknown>)) {
+    out[name] = parse(assetRef, value, `${dir}/${PINNED_ASSETS_FILE}: assets.${name}`);
+  }
+  return out;
 }

@@ -57,6 +57,7 @@ interface UpFlags {
   workers: string;
   networkBase: string;
   runsc?: string;
+  assets?: string;
   sample?: boolean;
   routerPort: string;
   domain: string;
@@ -96,6 +97,7 @@ program
   .option('--port <port>', 'API port (0 = any free port)', '7070')
   .option('--workers <n>', 'worker slots on this node', '2')
   .option('--runsc <path>', 'runsc binary (default: the asset built by scripts/setup.sh)')
+  .option('--assets <file>', "the pool's runtime asset sets (YAML; `torpor assets stage` prints one)")
   .option(
     '--network-base <n>',
     'first per-worker network index, 0..255 (two instances on one machine need distinct ranges)',
@@ -137,6 +139,7 @@ program
       maxBodyBytes: integerFlag('max-body', o.maxBody, 1, 65536) * 1024 * 1024,
       ...(ingressTokens(o.ingressToken) ? { ingressTokens: ingressTokens(o.ingressToken)! } : {}),
       ...(o.runsc ? { runsc: o.runsc } : {}),
+      ...(o.assets ? { assets: o.assets } : {}),
       engine: (o.scheduleType ?? o.engine) as 'local' | 'standard',
       ...(o.standardUrl ? { standardUrl: o.standardUrl } : {}),
     });

@@ -12,11 +12,13 @@ import { Lifecycle } from '../control/lifecycle.ts';
 import { Metrics } from '../control/metrics.ts';
 import { TorporError } from '../core/errors.ts';
 import type { Engine } from '../engine/engine.ts';
-import { LocalEngine, loadRunscAsset, locateRunsc } from '../engine/local.ts';
+import { LocalEngine, localGvisorAssets, locateRunsc } from '../engine/local.ts';
 import { LocalInstances } from '../engine/local-instances.ts';
 import { StandardEngine } from '../engine/standard.ts';
 import { ImageStore } from '../image/store.ts';
 import { Router } from '../router/router.ts';
+import { fetchAssets, loadAssetSets, pinnedAssets } from '../runtime/asset-set.ts';
+import { AssetStore } from '../runtime/assets.ts';
 import { SqliteStore } from '../store/sqlite.ts';
 
 function listeningPort(server: Server): number {
@@ -30,6 +32,8 @@ export interface UpOptions {
   port: number;
   workers: number;
   runsc?: string;
+  /** An asset-set file (YAML): the pool's default sets; without one, the gVisor set of the local runsc. */
+  assets?: string;
   /** First per-worker network index: lets two Torpor instances share one machine. */
   networkBase?: number;
   /** zstd level for delta-encoded snapshot files (0: chunks only). */
@@ -71,21 +75,34 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
   const blob = new FsBlobStore(join(dataDir, 'blobs'));
   const images = new ImageStore(join(dataDir, 'images'));
   const metrics = new Metrics();
-  const runsc = await loadRunscAsset(locateRunsc(opts.runsc), log);
-  log.info({ runsc: runsc.path, version: runsc.features.version, sha256: runsc.sha256 }, 'runtime asset');
-  const engine = new LocalEngine(
-    {
-      dataDir,
-      workers: opts.workers,
-      store,
-      blob,
-      images,
-      log,
-      networkBase: opts.networkBase ?? 0,
-      ...(opts.deltaLevel !== undefined ? { deltaLevel: opts.deltaLevel } : {}),
-    },
-    runsc,
-  );
+  if (opts.assets && opts.runsc) {
+    throw new TorporError('INVALID_ARGUMENT', '--runsc and --assets exclude each other: name runsc in the asset set', {
+      field: 'runsc',
+    });
+  }
+  const assetSets = opts.assets ? await loadAssetSets(opts.assets) : [await localGvisorAssets(locateRunsc(opts.runsc))];
+  const assetStore = new AssetStore(join(dataDir, 'assets'));
+  for (const set of assetSets) {
+    // Fetched now so the first activation does not wait; a failure here is not fatal (a later fetch may succeed).
+    const assets = pinnedAssets(set);
+    const sha256 = Object.fromEntries(Object.entries(assets).map(([name, a]) => [name, a.sha256]));
+    log.info({ runtime: set.runtime, arch: set.arch, sha256 }, 'pool asset set');
+    await fetchAssets(assetStore, assets).catch((err: unknown) =>
+      log.warn({ err, runtime: set.runtime, arch: set.arch }, 'pool assets could not be fetched yet'),
+    );
+  }
+  const engine = new LocalEngine({
+    dataDir,
+    workers: opts.workers,
+    store,
+    blob,
+    images,
+    log,
+    networkBase: opts.networkBase ?? 0,
+    ...(opts.deltaLevel !== undefined ? { deltaLevel: opts.deltaLevel } : {}),
+    assetSets,
+    assetStore,
+  });
   await engine.start();
   const lifecycle = new Lifecycle({ store, blob, images, agents: engine, metrics, log });
   const reconciler = setInterval(() => {
