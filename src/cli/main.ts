@@ -16,7 +16,7 @@ const program = new Command('torpor')
 
 const client = () => new ApiClient(program.opts<{ server: string }>().server);
 const format = () => program.opts<{ output: OutputFormat }>().output;
-const print = (kind: Kind, value: unknown) => console.log(render(kind, value, format()));
+const print = (kind: Kind, value: unknown, as: OutputFormat = format()) => console.log(render(kind, value, as));
 const actorPath = (space: string, name: string, action = '') =>
   `/v1/spaces/${encodeURIComponent(space)}/actors/${encodeURIComponent(name)}${action ? `/${action}` : ''}`;
 
@@ -320,6 +320,42 @@ program
     }
     await client().call('DELETE', actorPath(o.space, name));
     console.log(`actor "${o.space}/${name}" deleted`);
+  });
+
+// ------------------------------------------------------------------ runtime assets and images (this machine)
+
+const assets = program.command('assets').description('build and stage runtime asset sets (on this machine)');
+assets
+  .command('build <runtime>')
+  .description('assemble gvisor (runsc) or microvm (kernel, initrd, qemu, bios) assets from Debian packages')
+  .option('--out <dir>', 'where to put them (default: /var/cache/torpor/assets, …/assets/microvm)')
+  .action(async (runtime: string, o: { out?: string }) => {
+    const { buildAssets, runtimeOf } = await import('./assets.ts');
+    const built = await buildAssets(runtimeOf(runtime), o.out);
+    if (format() !== 'table') return print('asset', built.set);
+    print('asset', { items: built.assets });
+    process.stderr.write(`asset set: ${built.file}\n`);
+  });
+assets
+  .command('stage <set>')
+  .description('copy a set (gvisor, microvm: the built one; or a set file) to <name>-<sha256> files; print its YAML')
+  .requiredOption('--to <url>', 'file://DIR or s3://bucket/prefix')
+  .option('--cache <dir>', 'where sources are fetched and verified first', '/var/cache/torpor/asset-cache')
+  .action(async (what: string, o: { to: string; cache: string }) => {
+    const { stageAssets } = await import('./assets.ts');
+    const staged = await stageAssets(what, o.to, o.cache);
+    print('asset', staged, format() === 'table' ? 'yaml' : format());
+  });
+
+program
+  .command('image')
+  .description('OCI images (on this machine)')
+  .command('pull <ref>')
+  .description("pull an image into this node's cache (registry layers, then the unpacked rootfs)")
+  .option('--data-dir <dir>', "the node's data directory (as for torpor up)", '/var/lib/torpor')
+  .action(async (ref: string, o: { dataDir: string }) => {
+    const { pullImage } = await import('./image.ts');
+    print('image', await pullImage(ref, o.dataDir));
   });
 
 program.parseAsync(process.argv).catch((err: unknown) => {

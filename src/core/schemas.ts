@@ -20,7 +20,8 @@ export type RuntimeClass = z.infer<typeof runtimeClass>;
  * and any of `optional`. Nothing else: an unknown name is a typo, not an extension point. */
 export const RUNTIME_ASSETS = {
   gvisor: { required: ['runsc'], oneOf: [], optional: [] },
-  microvm: { required: ['kernel', 'initrd'], oneOf: ['qemu', 'cloud-hypervisor'], optional: ['bios'] },
+  // qemu-tcg: QEMU's TCG accelerator module, for hosts whose KVM cannot run the guest.
+  microvm: { required: ['kernel', 'initrd'], oneOf: ['qemu', 'cloud-hypervisor'], optional: ['bios', 'qemu-tcg'] },
 } as const satisfies Record<RuntimeClass, { required: string[]; oneOf: string[]; optional: string[] }>;
 
 export const assetArch = z.enum(['amd64', 'arm64']);
