@@ -47,6 +47,8 @@ export interface WorkerSlot {
   stopped?: string;
   /** The asset set the current (or last) activation runs with: what its checkpoints pin. */
   pinned?: Record<string, Asset>;
+  /** Digest of the image the current (or last) activation runs: its rootfs is not evicted from the cache. */
+  image?: string;
 }
 
 /** Written into every checkpoint directory: the assets the checkpoint was made with (a local restore uses them;
@@ -220,6 +222,7 @@ export class NodeAgent {
     if (slot.sandbox) await slot.runtime.destroy(slot.sandbox.id);
     slot.sandbox = undefined;
     const image = await this.opts.images.resolve(req.template.image);
+    slot.image = image.digest;
     if (!slot.linkReady) await slot.net.freshLink();
     slot.linkReady = false;
     phases.prepare = elapsedMs(t0);

@@ -58,6 +58,8 @@ interface UpFlags {
   networkBase: string;
   runsc?: string;
   assets?: string;
+  layerCacheMib?: string;
+  rootfsCacheMib?: string;
   sample?: boolean;
   routerPort: string;
   domain: string;
@@ -98,6 +100,8 @@ program
   .option('--workers <n>', 'worker slots on this node', '2')
   .option('--runsc <path>', 'runsc binary (default: the asset built by scripts/setup.sh)')
   .option('--assets <file>', "the pool's runtime asset sets (YAML; `torpor assets stage` prints one)")
+  .option('--layer-cache-mib <n>', 'cap of the image layer cache; least recently used layers go first')
+  .option('--rootfs-cache-mib <n>', 'cap of the unpacked image cache; least recently used, unused images go first')
   .option(
     '--network-base <n>',
     'first per-worker network index, 0..255 (two instances on one machine need distinct ranges)',
@@ -140,6 +144,12 @@ program
       ...(ingressTokens(o.ingressToken) ? { ingressTokens: ingressTokens(o.ingressToken)! } : {}),
       ...(o.runsc ? { runsc: o.runsc } : {}),
       ...(o.assets ? { assets: o.assets } : {}),
+      ...(o.layerCacheMib
+        ? { layerCacheBytes: integerFlag('layer-cache-mib', o.layerCacheMib, 1, 1 << 24) * 1024 * 1024 }
+        : {}),
+      ...(o.rootfsCacheMib
+        ? { rootfsCacheBytes: integerFlag('rootfs-cache-mib', o.rootfsCacheMib, 1, 1 << 24) * 1024 * 1024 }
+        : {}),
       engine: (o.scheduleType ?? o.engine) as 'local' | 'standard',
       ...(o.standardUrl ? { standardUrl: o.standardUrl } : {}),
     });

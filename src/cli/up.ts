@@ -20,6 +20,7 @@ import { Router } from '../router/router.ts';
 import { fetchAssets, loadAssetSets, pinnedAssets } from '../runtime/asset-set.ts';
 import { AssetStore } from '../runtime/assets.ts';
 import { SqliteStore } from '../store/sqlite.ts';
+import { Progress } from './progress.ts';
 
 function listeningPort(server: Server): number {
   const address = server.address();
@@ -34,6 +35,9 @@ export interface UpOptions {
   runsc?: string;
   /** An asset-set file (YAML): the pool's default sets; without one, the gVisor set of the local runsc. */
   assets?: string;
+  /** Byte caps of the node's image caches (registry layers; unpacked rootfs): least recently used go first. */
+  layerCacheBytes?: number;
+  rootfsCacheBytes?: number;
   /** First per-worker network index: lets two Torpor instances share one machine. */
   networkBase?: number;
   /** zstd level for delta-encoded snapshot files (0: chunks only). */
@@ -73,7 +77,13 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
   await mkdir(dataDir, { recursive: true });
   const store = SqliteStore.open(join(dataDir, 'state.db'));
   const blob = new FsBlobStore(join(dataDir, 'blobs'));
-  const images = new ImageStore(join(dataDir, 'images'));
+  let engine: LocalEngine | undefined;
+  const images = new ImageStore(join(dataDir, 'images'), {
+    ...(opts.layerCacheBytes !== undefined ? { layerCacheBytes: opts.layerCacheBytes } : {}),
+    ...(opts.rootfsCacheBytes !== undefined ? { rootfsCacheBytes: opts.rootfsCacheBytes } : {}),
+    inUse: () =>
+      (engine?.agents() ?? []).flatMap((agent) => [...agent.slots.values()].flatMap((s) => (s.image ? [s.image] : []))),
+  });
   const metrics = new Metrics();
   if (opts.assets && opts.runsc) {
     throw new TorporError('INVALID_ARGUMENT', '--runsc and --assets exclude each other: name runsc in the asset set', {
@@ -87,11 +97,14 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
     const assets = pinnedAssets(set);
     const sha256 = Object.fromEntries(Object.entries(assets).map(([name, a]) => [name, a.sha256]));
     log.info({ runtime: set.runtime, arch: set.arch, sha256 }, 'pool asset set');
-    await fetchAssets(assetStore, assets).catch((err: unknown) =>
-      log.warn({ err, runtime: set.runtime, arch: set.arch }, 'pool assets could not be fetched yet'),
-    );
+    const progress = new Progress(`fetching ${set.runtime} assets`);
+    await fetchAssets(assetStore, assets, { onProgress: (name, p) => progress.update(name, p.bytesDone, p.bytesTotal) })
+      .catch((err: unknown) =>
+        log.warn({ err, runtime: set.runtime, arch: set.arch }, 'pool assets could not be fetched yet'),
+      )
+      .finally(() => progress.finish());
   }
-  const engine = new LocalEngine({
+  engine = new LocalEngine({
     dataDir,
     workers: opts.workers,
     store,
