@@ -1,7 +1,7 @@
 // Runtime assets are chosen per activation and pinned in every snapshot: after a pool's asset set changes (here to
 // a runsc that does not run), snapshots made with the old set still restore with the binary they pinned, fetched
-// again from its URL; fresh boots use the new set and fail clearly; a snapshot whose pinned asset cannot be
-// fetched fails its resume and stays restorable.
+// again from its URL; fresh boots use the new set and fail clearly, unless their template overrides it; a snapshot
+// whose pinned asset cannot be fetched fails its resume and stays restorable.
 import assert from 'node:assert/strict';
 import { copyFile, mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -91,6 +91,21 @@ describe('runtime assets pinned in snapshots (gVisor)', { skip: gvisorSkipReason
     assert.equal(boot.code, 1, 'a fresh boot runs with the pool set B');
     assert.match(boot.stderr, /runsc asset .* does not run/);
     assert.equal((await torpor.json<Actor>('actor', 'get', 'f1')).status, 'SUSPENDED');
+
+    // A template that overrides the pool's set boots with its own runsc (here A's, under another URL).
+    const runscO = join(work, 'override-runsc');
+    await copyFile(RUNSC, runscO);
+    const override = { url: pathToFileURL(runscO).href, sha256: setA.sha256 };
+    await writeFile(
+      join(work, 'override.yaml'),
+      `${template('override')}assets: { runsc: { url: "${override.url}", sha256: "${override.sha256}" } }\n`,
+    );
+    await torpor.json('template', 'apply', '-f', join(work, 'override.yaml'));
+    await torpor.json('actor', 'create', 'o1', '--template', 'override');
+    const o1 = await torpor.json<Actor>('actor', 'resume', 'o1');
+    assert.equal(await get(o1.address!), '1');
+    assert.deepEqual(await pinnedRunsc(torpor, o1.snapshot!), override, 'its golden snapshot pins the override');
+    await torpor.json<Actor>('actor', 'suspend', 'o1');
 
     a = await torpor.json<Actor>('actor', 'suspend', 'p1');
     const pinned = a.snapshot!;
