@@ -11,7 +11,7 @@ import type { Logger } from 'pino';
 import type { BlobStore } from '../blob/blob.ts';
 import { FsBlobStore } from '../blob/fs.ts';
 import { TorporError } from '../core/errors.ts';
-import { assetRef, parse, type RuntimeClass } from '../core/schemas.ts';
+import { assetMap, parse, type RuntimeClass } from '../core/schemas.ts';
 import { elapsedMs } from '../core/time.ts';
 import type { ActorRef, Asset, Phases, SnapshotManifest, Template, Worker } from '../core/types.ts';
 import type { ImageStore } from '../image/store.ts';
@@ -493,11 +493,14 @@ export class NodeAgent {
 
 /** The assets recorded in a checkpoint directory, or undefined for one made before they were recorded. */
 async function readPinned(dir: string): Promise<Record<string, Asset> | undefined> {
-  const text = await readFile(join(dir, PINNED_ASSETS_FILE), 'utf8').catch(() => undefined);
+  const file = join(dir, PINNED_ASSETS_FILE);
+  const text = await readFile(file, 'utf8').catch(() => undefined);
   if (text === undefined) return undefined;
-  const out: Record<string, Asset> = {};
-  for (const [name, value] of Object.entries(JSON.parse(text) as Record<string, unknown>)) {
-    out[name] = parse(assetRef, value, `${dir}/${PINNED_ASSETS_FILE}: assets.${name}`);
+  let recorded: unknown;
+  try {
+    recorded = JSON.parse(text);
+  } catch {
+    throw new TorporError('SNAPSHOT_CORRUPT', `${file} is not valid JSON`, { field: 'assets' });
   }
-  return out;
+  return parse(assetMap, recorded, `${file}: assets`);
 }

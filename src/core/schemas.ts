@@ -87,7 +87,8 @@ export type AssetAuthRef = z.infer<typeof assetAuth>;
 export const assetRef = z.object({ url: assetUrl, sha256: assetSha256, auth: assetAuth.optional() }).strict();
 
 const assetName = z.string().regex(/^[a-z0-9][a-z0-9-]{0,62}$/, 'must be an asset name (lower-case, digits, "-")');
-const assetMap = z.record(assetName, assetRef);
+/** Assets by name, as a template overrides them and a checkpoint records them. */
+export const assetMap = z.record(assetName, assetRef);
 
 function checkAssetNames(runtime: RuntimeClass, assets: Record<string, unknown>, ctx: z.RefinementCtx, at: string[]) {
   for (const [name, message] of assetNameIssues(runtime, Object.keys(assets))) {

@@ -25,7 +25,8 @@ export interface LocalEngineOptions {
   /** First per-worker network index (so two Torpor instances on one machine can coexist). */
   networkBase?: number;
   deltaLevel?: number;
-  /** The pool's asset sets, one per runtime class and architecture (see setAssetSets). */
+  /** The pool's asset sets, one per runtime class and architecture: boots use them; restores use what their
+   * snapshot pinned. */
   assetSets: AssetSet[];
   /** The node-wide runtime asset cache. */
   assetStore: AssetStore;
@@ -56,10 +57,8 @@ export async function localGvisorAssets(path: string): Promise<AssetSet> {
 
 export class LocalEngine {
   private readonly nodes = new Map<string, NodeAgent>();
-  private assetSets: AssetSet[];
 
   constructor(opts: LocalEngineOptions) {
-    this.assetSets = opts.assetSets;
     const nodeCount = opts.nodes ?? 1;
     const base = opts.networkBase ?? 0;
     for (let n = 0; n < nodeCount; n++) {
@@ -78,7 +77,7 @@ export class LocalEngine {
           ...(opts.deltaLevel !== undefined ? { deltaLevel: opts.deltaLevel } : {}),
           assets: opts.assetStore,
           poolAssets: (runtime) => {
-            const set = selectAssetSet(this.assetSets, runtime);
+            const set = selectAssetSet(opts.assetSets, runtime);
             return set ? pinnedAssets(set) : undefined;
           },
           makeRuntime: (stateRoot) =>
@@ -86,11 +85,6 @@ export class LocalEngine {
         }),
       );
     }
-  }
-
-  /** Replaces the pool's asset sets: later boots use them; snapshots keep restoring with what they pinned. */
-  setAssetSets(sets: AssetSet[]): void {
-    this.assetSets = sets;
   }
 
   agent(node: string): NodeAgent | undefined {
