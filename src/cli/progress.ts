@@ -82,8 +82,11 @@ export class Progress {
       done += p.done;
       total = total === undefined || p.total === undefined ? undefined : total + p.total;
     }
-    const line = formatProgress(this.#label, done, total, now - this.#start);
-    // Carriage return, the line cut to the terminal's width, then "erase to the end of the line".
-    this.#stream.write(`\r${line.slice(0, (this.#stream.columns ?? 100) - 1)}\x1b[K`);
+    // The figures always fit; a label too long for the terminal is cut (with "…").
+    const figures = formatProgress('', done, total, now - this.#start).trimStart();
+    const room = Math.max(1, (this.#stream.columns || 100) - 1 - figures.length - 2);
+    const label = this.#label.length > room ? `${this.#label.slice(0, room - 1)}…` : this.#label;
+    // Carriage return, the line, then "erase to the end of the line".
+    this.#stream.write(`\r${label}  ${figures}\x1b[K`);
   }
 }

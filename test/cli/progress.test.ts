@@ -46,6 +46,16 @@ test('on a terminal: parts add up into one line redrawn in place, ended by finis
   assert.doesNotMatch(other.writes.at(-2)!, /%|ETA/);
 });
 
+test('on a narrow terminal the label is cut, never the figures', () => {
+  const { writes, stream } = fakeStream(true);
+  stream.columns = 90;
+  const p = new Progress(`pulling registry.example/${'x'.repeat(80)}:v1`, stream);
+  p.update('layer', 3 << 20, 12 << 20);
+  const line = writes[0]!.slice(1, -'\x1b[K'.length);
+  assert.ok(line.length <= 89, line);
+  assert.match(line, /^pulling registry\.example\/x+… {2}3\.0 MiB \/ 12\.0 MiB {2}25% {2}\S+ \S+\/s/);
+});
+
 test('redraws are throttled, and nothing is drawn when not on a terminal or when nothing moved', () => {
   const tty = fakeStream(true);
   const p = new Progress('many', tty.stream);
