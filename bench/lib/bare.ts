@@ -3,6 +3,7 @@ import { stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { waitReady } from '../../src/agent/ready.ts';
+import { NodeNetwork } from '../../src/net/node-net.ts';
 import { WorkerNetwork } from '../../src/net/worker-net.ts';
 import { GvisorRuntime } from '../../src/runtime/gvisor/runsc.ts';
 
@@ -37,8 +38,13 @@ export async function bare(
     stateRoot: join(work, 'bare-state'),
     onWarning: (message, fields) => log.warn(fields, message),
   });
-  const net = new WorkerNetwork({ index: networkIndex, namespace: `torpor-bench-bare${networkIndex}` });
-  await net.ensureNamespace();
+  // The same network a worker has (node and worker namespaces, a fresh interior per activation), so the ratio
+  // compares runtime operations only.
+  const node = new NodeNetwork({ index: networkIndex });
+  const net = new WorkerNetwork({ index: networkIndex, node });
+  const activation = { ports: [8080], egress: 'allow-all' as const, actor: 'bench/bare' };
+  await node.ensure();
+  await net.ensure();
   const spec = {
     id: 'bench-bare',
     actorId: 'bench/bare',
@@ -53,12 +59,13 @@ export async function bare(
     logFile: join(work, 'bare.log'),
     assets: { runsc: runscPath },
   };
-  const url = `http://${net.sandboxAddress}:8080/healthz`;
+  const url = `http://${net.address}:8080/healthz`;
   const checkpoint: number[] = [];
   const restore: number[] = [];
   let rawBytes = 0;
   try {
-    await net.freshLink();
+    await net.prepare();
+    await net.activate(activation);
     let sandbox = await rt.run(spec);
     await waitReady(url, 20_000);
     for (let i = 0; i < cycles; i++) {
@@ -69,7 +76,8 @@ export async function bare(
       rawBytes = 0;
       for (const f of cp.files) rawBytes += (await stat(join(dir, f))).size;
       await rt.destroy(spec.id);
-      await net.freshLink();
+      await net.prepare();
+      await net.activate(activation);
       t0 = performance.now();
       sandbox = (await rt.restore(spec, dir, cp.files)).sandbox;
       await waitReady(url, 20_000);
@@ -78,6 +86,7 @@ export async function bare(
     await rt.destroy(spec.id);
   } finally {
     await net.destroy();
+    await node.destroy();
   }
   return { checkpoint: summary(checkpoint), restore: summary(restore), rawBytes };
 }

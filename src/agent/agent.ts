@@ -15,10 +15,11 @@ import { assetMap, parse, type RuntimeClass } from '../core/schemas.ts';
 import { elapsedMs } from '../core/time.ts';
 import type { ActorRef, Asset, Phases, SnapshotManifest, Template, Worker } from '../core/types.ts';
 import type { ImageStore } from '../image/store.ts';
+import type { NodeNetwork } from '../net/node-net.ts';
 import { WorkerNetwork } from '../net/worker-net.ts';
 import { checkAssetNames, fetchAssets, hostArch, pinnedAssets } from '../runtime/asset-set.ts';
 import type { AssetStore } from '../runtime/assets.ts';
-import type { ExecResult, Sandbox, SandboxRuntime } from '../runtime/runtime.ts';
+import type { ExecResult, OutputListener, Sandbox, SandboxRuntime } from '../runtime/runtime.ts';
 import {
   COMPACT_DELTA_LEVEL,
   compactDelta,
@@ -41,8 +42,8 @@ export interface WorkerSlot {
   /** Set while the previous sandbox is being torn down and the next activation's link prepared: the slot is not
    * free until it settles. */
   teardown?: Promise<void>;
-  /** A fresh veth made ahead of the next activation, so a resume does not pay for it. */
-  linkReady: boolean;
+  /** The next activation's interior namespace and veth, made ahead so a resume does not pay for them. */
+  networkReady: boolean;
   /** A checkpointed sandbox whose teardown has not started yet. */
   stopped?: string;
   /** The asset set the current (or last) activation runs with: what its checkpoints pin. */
@@ -61,6 +62,8 @@ export interface NodeAgentOptions {
   workers: number;
   /** First network index of this node's workers (indices must be unique on the machine). */
   indexBase: number;
+  /** The node's own network namespace, which its workers' namespaces hang off. */
+  network: NodeNetwork;
   store: StateStore;
   blob: BlobStore;
   images: ImageStore;
@@ -140,9 +143,9 @@ export class NodeAgent {
         id,
         index,
         dir,
-        net: new WorkerNetwork({ index, namespace: `torpor-net${index}` }),
+        net: new WorkerNetwork({ index, node: opts.network }),
         runtime: opts.makeRuntime(join(dir, 'runsc')),
-        linkReady: false,
+        networkReady: false,
       });
     }
   }
@@ -157,10 +160,11 @@ export class NodeAgent {
 
   /** Prepares every slot (cleaning leftovers of an earlier process) and registers the workers. */
   async start(): Promise<void> {
+    await this.opts.network.ensure();
     for (const slot of this.slots.values()) {
       for (const id of await slot.runtime.list()) await slot.runtime.destroy(id);
-      await slot.net.ensureNamespace();
-      await this.prepareLink(slot);
+      await slot.net.ensure();
+      await this.prepareNetwork(slot);
       await this.registerWorker(slot, undefined);
     }
     this.renewTimer = setInterval(() => void this.renewLeases(), Math.max(500, this.leaseMs / 3));
@@ -177,6 +181,7 @@ export class NodeAgent {
       await slot.net.destroy();
       await this.opts.store.deleteWorker(slot.id);
     }
+    await this.opts.network.destroy();
   }
 
   private leaseExpiry(): string {
@@ -189,7 +194,7 @@ export class NodeAgent {
       node: this.node,
       runtime: 'gvisor',
       state: actor ? 'busy' : 'free',
-      host: slot.net.sandboxAddress,
+      host: slot.net.address,
       leaseExpiresAt: this.leaseExpiry(),
       ...(actor ? { actor } : {}),
     };
@@ -223,8 +228,16 @@ export class NodeAgent {
     slot.sandbox = undefined;
     const image = await this.opts.images.resolve(req.template.image);
     slot.image = image.digest;
-    if (!slot.linkReady) await slot.net.freshLink();
-    slot.linkReady = false;
+    if (!slot.networkReady) await slot.net.prepare();
+    slot.networkReady = false;
+    const readiness = req.template.readiness;
+    const readyPort = readiness.port ?? req.template.port;
+    await slot.net.activate({
+      ports: [req.template.port, readyPort],
+      // Templates stored before egress policies existed have none: they keep the default.
+      egress: req.template.network?.egress ?? 'allow-all',
+      actor: `${req.actor.space}/${req.actor.name}`,
+    });
     phases.prepare = elapsedMs(t0);
 
     const workDir = join(slot.dir, 'activation');
@@ -293,17 +306,15 @@ export class NodeAgent {
         phases.boot = elapsedMs(t0);
       }
       slot.actor = req.actor;
-      const readiness = req.template.readiness;
-      const readyPort = readiness.port ?? req.template.port;
       phases.ready = await waitReady(
-        `http://${slot.net.sandboxAddress}:${readyPort}${readiness.path}`,
+        `http://${slot.net.address}:${readyPort}${readiness.path}`,
         readiness.timeoutSeconds * 1000,
       );
     } catch (err) {
       await this.release(slot.id);
       throw err;
     }
-    return { address: `${slot.net.sandboxAddress}:${req.template.port}`, phases };
+    return { address: `${slot.net.address}:${req.template.port}`, phases };
   }
 
   /** Checkpoints the actor into a node-local directory (the sandbox stops). Teardown runs in the background,
@@ -343,17 +354,17 @@ export class NodeAgent {
   private async tearDown(slot: WorkerSlot, id: string): Promise<void> {
     try {
       await slot.runtime.destroy(id);
-      await this.prepareLink(slot);
+      await this.prepareNetwork(slot);
     } catch (err) {
       this.opts.log.warn({ err, worker: slot.id }, 'teardown failed');
     }
   }
 
-  /** The sandbox takes over its namespace's interfaces, so every activation needs a new link; make it now. */
-  private async prepareLink(slot: WorkerSlot): Promise<void> {
-    slot.linkReady = false;
-    await slot.net.freshLink();
-    slot.linkReady = true;
+  /** Ends the last activation's network and makes the next one's now, off the resume path. */
+  private async prepareNetwork(slot: WorkerSlot): Promise<void> {
+    slot.networkReady = false;
+    await slot.net.prepare();
+    slot.networkReady = true;
   }
 
   /** Uploads a local checkpoint as a durable snapshot (chunks first, manifest last). */
@@ -442,7 +453,7 @@ export class NodeAgent {
     if (slot.sandbox) await slot.runtime.destroy(slot.sandbox.id);
     slot.sandbox = undefined;
     slot.actor = undefined;
-    await this.prepareLink(slot);
+    await this.prepareNetwork(slot);
   }
 
   /** Resolves when the worker's previous sandbox is fully gone (the worker may be handed out again). */
@@ -451,10 +462,10 @@ export class NodeAgent {
     await this.slot(workerId).teardown;
   }
 
-  async exec(workerId: string, command: string[], timeoutMs: number): Promise<ExecResult> {
+  async exec(workerId: string, command: string[], timeoutMs: number, onOutput?: OutputListener): Promise<ExecResult> {
     const slot = this.slot(workerId);
     if (!slot.sandbox) throw new TorporError('FAILED_PRECONDITION', 'actor is not running', { field: 'status' });
-    return slot.runtime.exec(slot.sandbox, command, timeoutMs);
+    return slot.runtime.exec(slot.sandbox, command, timeoutMs, onOutput);
   }
 
   /** Where this node keeps its own copy of a snapshot it wrote (see keepLocal). */

@@ -1,8 +1,22 @@
 // The OpenAPI document, generated from the same zod schemas that validate requests, so it cannot drift.
 import { z } from 'zod';
-import { createActorRequest, execRequest, forkActorRequest, templateSpec } from '../core/schemas.ts';
+import { ERROR_STATUS } from '../core/errors.ts';
+import { createActorRequest, execRequest, forkActorRequest, runtimeClass, templateSpec } from '../core/schemas.ts';
+import { ACTOR_STATUSES } from '../core/types.ts';
 
-const json = (schema: z.ZodType) => z.toJSONSchema(schema, { io: 'input', unrepresentable: 'any' });
+const json = (schema: z.ZodType, io: 'input' | 'output' = 'input') =>
+  z.toJSONSchema(schema, { io, unrepresentable: 'any' });
+const string = { type: 'string' };
+const integer = { type: 'integer' };
+const number = { type: 'number' };
+const time = { type: 'string', format: 'date-time' };
+const stringMap = { type: 'object', additionalProperties: { type: 'string' } };
+const object = (properties: Record<string, object>, required: string[] = Object.keys(properties)) => ({
+  type: 'object',
+  properties,
+  required,
+});
+const list = (item: string) => object({ items: { type: 'array', items: ref(item) }, nextCursor: string }, ['items']);
 const ref = (name: string) => ({ $ref: `#/components/schemas/${name}` });
 const body = (name: string) => ({ required: true, content: { 'application/json': { schema: ref(name) } } });
 const ok = (name: string, description = 'OK') => ({
@@ -16,13 +30,13 @@ const errors = {
 };
 const spaceParam = { name: 'space', in: 'path', required: true, schema: { type: 'string' } };
 const nameParam = { name: 'name', in: 'path', required: true, schema: { type: 'string' } };
-const actorAction = (summary: string, requestBody?: object) => ({
+const actorAction = (summary: string, requestBody?: object, status = '200') => ({
   post: {
     summary,
     parameters: [spaceParam, nameParam],
     ...(requestBody ? { requestBody } : {}),
     responses: {
-      '200': ok('Actor'),
+      [status]: ok('Actor'),
       ...errors,
       '502': ok('Error', 'Runtime failure'),
       '503': ok('Error', 'No capacity'),
@@ -75,13 +89,26 @@ export function openApiDocument(): object {
       }),
       '/v1/spaces/{space}/actors/{name}/suspend': actorAction('Suspend to durable storage'),
       '/v1/spaces/{space}/actors/{name}/pause': actorAction('Pause (checkpoint kept on the node)'),
-      '/v1/spaces/{space}/actors/{name}/fork': actorAction('Fork from the latest snapshot', body('ForkActor')),
+      '/v1/spaces/{space}/actors/{name}/fork': actorAction('Fork from the latest snapshot', body('ForkActor'), '201'),
       '/v1/spaces/{space}/actors/{name}/exec': {
         post: {
-          summary: 'Run a command in a running actor',
+          summary:
+            'Run a command in a running actor. With Accept: application/x-ndjson the output streams as it is ' +
+            'produced: one ExecEvent per line ({stdout} / {stderr} chunks, then {exitCode}, or {error} when the ' +
+            'run fails midway); a failure before any output is an ordinary error response.',
           parameters: [spaceParam, nameParam],
           requestBody: body('Exec'),
-          responses: { '200': ok('ExecResult'), ...errors },
+          responses: {
+            '200': {
+              description: 'OK',
+              content: {
+                'application/json': { schema: ref('ExecResult') },
+                'application/x-ndjson': { schema: ref('ExecEvent') },
+              },
+            },
+            ...errors,
+            '502': ok('Error', 'Runtime failure'),
+          },
         },
       },
       '/v1/spaces/{space}/actors/{name}/logs': {
@@ -91,7 +118,31 @@ export function openApiDocument(): object {
           responses: { '200': { description: 'text/plain' }, ...errors },
         },
       },
+      '/v1/actors': { get: { summary: 'List actors of every space', responses: { '200': ok('ActorList') } } },
       '/v1/workers': { get: { summary: 'List workers', responses: { '200': ok('WorkerList') } } },
+      '/v1/operations': {
+        get: {
+          summary: 'Recent finished operations (kept in memory since the server started), oldest first',
+          parameters: [{ name: 'limit', in: 'query', schema: { type: 'integer', minimum: 1, maximum: 500 } }],
+          responses: { '200': ok('OperationList'), ...errors },
+        },
+      },
+      '/v1/storage': {
+        get: {
+          summary: 'Snapshot storage used (measured at most every 5 s)',
+          responses: { '200': ok('StorageUsage'), '501': ok('Error', 'Not measured by this server') },
+        },
+      },
+      '/v1/events': {
+        get: {
+          summary:
+            'Server-Sent Events: `snapshot` ({actors, workers, operations, storage}) once, then `actor` ' +
+            '({key, actor|null}), `worker` ({key, worker|null}), `operation` (Operation) and `storage` ' +
+            '(StorageUsage) as they change',
+          responses: { '200': { description: 'text/event-stream' } },
+        },
+      },
+      '/dashboard/': { get: { summary: 'The web dashboard', responses: { '200': { description: 'text/html' } } } },
     },
     components: {
       schemas: {
@@ -99,38 +150,90 @@ export function openApiDocument(): object {
         CreateActor: json(createActorRequest),
         ForkActor: json(forkActorRequest),
         Exec: json(execRequest),
-        Template: { type: 'object' },
-        TemplateList: {
-          type: 'object',
-          properties: { items: { type: 'array', items: ref('Template') }, nextCursor: { type: 'string' } },
+        Template: {
+          allOf: [json(templateSpec, 'output'), object({ createdAt: time, goldenSnapshot: string }, ['createdAt'])],
         },
-        Actor: {
-          type: 'object',
-          properties: {
-            space: { type: 'string' },
-            name: { type: 'string' },
-            status: { type: 'string' },
-            version: { type: 'integer' },
+        TemplateList: list('Template'),
+        ActorStatus: { type: 'string', enum: [...ACTOR_STATUSES] },
+        Phases: { type: 'object', additionalProperties: number, description: 'milliseconds per phase' },
+        Operation: object(
+          {
+            kind: { type: 'string', enum: ['create', 'resume', 'suspend', 'pause', 'fork', 'delete', 'reconcile'] },
+            startedAt: time,
+            finishedAt: time,
+            phases: ref('Phases'),
+            snapshot: object({
+              rawBytes: integer,
+              storedBytes: integer,
+              uploadedChunks: integer,
+              reusedChunks: integer,
+              zeroChunks: integer,
+              deltaFiles: integer,
+            }),
+            error: string,
           },
-        },
-        ActorList: {
-          type: 'object',
-          properties: { items: { type: 'array', items: ref('Actor') }, nextCursor: { type: 'string' } },
-        },
-        WorkerList: { type: 'object', properties: { items: { type: 'array' } } },
-        ExecResult: {
-          type: 'object',
-          properties: { exitCode: { type: 'integer' }, stdout: { type: 'string' }, stderr: { type: 'string' } },
-        },
-        Error: {
-          type: 'object',
-          properties: {
-            error: {
-              type: 'object',
-              properties: { code: { type: 'string' }, message: { type: 'string' }, field: { type: 'string' } },
-            },
+          ['kind', 'startedAt', 'phases'],
+        ),
+        Actor: object(
+          {
+            space: string,
+            name: string,
+            template: string,
+            status: ref('ActorStatus'),
+            version: integer,
+            labels: stringMap,
+            snapshot: { ...string, description: 'manifest key of the latest durable snapshot' },
+            history: { type: 'array', items: string },
+            worker: string,
+            node: string,
+            address: { ...string, description: 'host:port on the worker, while RUNNING' },
+            localSnapshot: string,
+            transitionDeadline: time,
+            reason: string,
+            lastOperation: ref('Operation'),
+            lastActivity: time,
+            createdAt: time,
+            updatedAt: time,
           },
+          [
+            'space',
+            'name',
+            'template',
+            'status',
+            'version',
+            'labels',
+            'history',
+            'lastActivity',
+            'createdAt',
+            'updatedAt',
+          ],
+        ),
+        ActorList: list('Actor'),
+        Worker: object(
+          {
+            id: string,
+            node: string,
+            runtime: json(runtimeClass),
+            state: { type: 'string', enum: ['free', 'busy'] },
+            host: string,
+            actor: object({ space: string, name: string }),
+            leaseExpiresAt: time,
+          },
+          ['id', 'node', 'runtime', 'state', 'host', 'leaseExpiresAt'],
+        ),
+        WorkerList: list('Worker'),
+        OperationRecord: {
+          allOf: [ref('Operation'), object({ space: string, name: string, durationMs: number })],
         },
+        OperationList: object({ items: { type: 'array', items: ref('OperationRecord') } }),
+        StorageUsage: object({ objects: integer, bytes: integer }),
+        ExecResult: object({ exitCode: integer, stdout: string, stderr: string }),
+        ExecEvent: object({ stdout: string, stderr: string, exitCode: integer, error: ref('ErrorBody') }, []),
+        ErrorBody: object(
+          { code: { type: 'string', enum: Object.keys(ERROR_STATUS) }, message: string, field: string },
+          ['code', 'message'],
+        ),
+        Error: object({ error: ref('ErrorBody') }),
       },
     },
   };

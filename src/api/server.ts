@@ -11,6 +11,9 @@ import { asTorporError, ERROR_STATUS, TorporError } from '../core/errors.ts';
 import type { Engine } from '../engine/engine.ts';
 import type { StateStore } from '../store/store.ts';
 import { compatPlugin } from './compat.ts';
+import { dashboardPlugin } from './dashboard.ts';
+import { execStream } from './exec-stream.ts';
+import { CachedUsage, RecentOperations, type StorageMeter, streamEvents } from './live.ts';
 import { openApiDocument } from './openapi.ts';
 
 export interface ApiOptions {
@@ -22,6 +25,8 @@ export interface ApiOptions {
   bodyLimit?: number;
   /** Serves the AEnvironment API and the standard engine contract over this engine (src/api/compat.ts). */
   instances?: Engine;
+  /** The snapshot store, for `GET /v1/storage` and the dashboard (FsBlobStore measures itself). */
+  storage?: StorageMeter;
 }
 
 type Params = { space: string; name: string };
@@ -66,6 +71,12 @@ export function buildApi(opts: ApiOptions) {
   app.setNotFoundHandler((request, reply) => {
     void reply.status(404).send({ error: { code: 'NOT_FOUND', message: `no route ${request.method} ${request.url}` } });
   });
+
+  const operations = new RecentOperations(store);
+  const storage = opts.storage ? new CachedUsage(opts.storage) : undefined;
+  const shutdown = new AbortController();
+  app.addHook('preClose', async () => shutdown.abort());
+  app.addHook('onClose', async () => operations.close());
 
   app.get('/healthz', async () => ({ status: 'ok' }));
   app.get('/openapi.json', async () => openApiDocument());
@@ -117,9 +128,14 @@ export function buildApi(opts: ApiOptions) {
     void reply.status(201);
     return lifecycle.fork(req.params.space, req.params.name, req.body);
   });
-  app.post<{ Params: Params }>('/v1/spaces/:space/actors/:name/exec', async (req) =>
-    lifecycle.exec(req.params.space, req.params.name, req.body),
-  );
+  app.post<{ Params: Params }>('/v1/spaces/:space/actors/:name/exec', async (req, reply) => {
+    // Accept: application/x-ndjson streams the output as it is produced (see exec-stream.ts).
+    if (!String(req.headers.accept ?? '').includes('application/x-ndjson')) {
+      return lifecycle.exec(req.params.space, req.params.name, req.body);
+    }
+    void reply.type('application/x-ndjson; charset=utf-8');
+    return execStream((onOutput) => lifecycle.exec(req.params.space, req.params.name, req.body, onOutput));
+  });
   app.get<{ Params: Params; Querystring: { follow?: string } }>(
     '/v1/spaces/:space/actors/:name/logs',
     async (req, reply) => {
@@ -131,6 +147,25 @@ export function buildApi(opts: ApiOptions) {
   );
 
   app.get('/v1/workers', async (req) => store.listWorkers(req.query as { limit?: number; cursor?: string }));
+  app.get<{ Querystring: { limit?: string } }>('/v1/operations', async (req) => {
+    const limit = req.query.limit === undefined ? undefined : Number(req.query.limit);
+    if (limit !== undefined && !(Number.isInteger(limit) && limit >= 1 && limit <= 500)) {
+      throw new TorporError('INVALID_ARGUMENT', 'limit: must be an integer from 1 to 500', { field: 'limit' });
+    }
+    return { items: operations.list(limit) };
+  });
+  app.get('/v1/storage', async () => {
+    if (!storage) throw new TorporError('NOT_SUPPORTED', 'this server does not measure its snapshot store');
+    return storage.get();
+  });
+  app.get('/v1/events', (req, reply) => {
+    reply.hijack();
+    streamEvents({ store, operations, storage }, reply.raw, shutdown.signal).catch((err: unknown) => {
+      req.log.warn({ err }, 'event stream failed');
+      reply.raw.destroy();
+    });
+  });
+  void app.register(dashboardPlugin);
   if (opts.instances) void app.register(compatPlugin, { engine: opts.instances });
   return app;
 }

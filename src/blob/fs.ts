@@ -9,12 +9,11 @@ import { dirname, join, resolve } from 'node:path';
 import type { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { TorporError } from '../core/errors.ts';
-import type { BlobList, BlobStore, ByteRange } from './blob.ts';
+import { assertValidRange, type BlobList, type BlobStore, type ByteRange, badRange, checkListLimit } from './blob.ts';
 import { assertValidKey, unsafePathReason } from './keys.ts';
 
 /** Staging area for puts in progress; inside the root so the final rename never crosses filesystems. */
 const TMP_DIR = '.tmp';
-const DEFAULT_LIST_LIMIT = 1000;
 /** A concurrent delete may prune the parent directory between our mkdir and rename; retry that many times. */
 const RENAME_ATTEMPTS = 4;
 
@@ -75,7 +74,7 @@ export class FsBlobStore implements BlobStore {
   }
 
   async list(prefix: string, opts: { cursor?: string; limit?: number } = {}): Promise<BlobList> {
-    const limit = checkLimit(opts.limit ?? DEFAULT_LIST_LIMIT);
+    const limit = checkListLimit(opts.limit);
     const { cursor } = opts;
     const candidates = await this.#keysUnder(prefix);
     const matching = candidates
@@ -95,6 +94,14 @@ export class FsBlobStore implements BlobStore {
       throw err;
     }
     await this.#pruneEmptyParents(dirname(path));
+  }
+
+  /** Objects stored and their bytes on disk (one stat per object: for a dashboard, not a hot path). */
+  async usage(): Promise<{ objects: number; bytes: number }> {
+    const keys = await this.#walk(this.root, '');
+    let bytes = 0;
+    for (const key of keys) bytes += (await stat(join(this.root, ...key.split('/'))).catch(() => ({ size: 0 }))).size;
+    return { objects: keys.length, bytes };
   }
 
   #pathOf(key: string): string {
@@ -198,20 +205,10 @@ export class FsBlobStore implements BlobStore {
 /** Turns an inclusive ByteRange into createReadStream options. A range running past the end is cut at the end. */
 function resolveRange(range: ByteRange | undefined, size: number): { start?: number; end?: number } {
   if (range === undefined) return {};
+  assertValidRange(range);
   const { start, end } = range;
-  if (!Number.isSafeInteger(start) || start < 0) throw badRange(`start must be a non-negative integer, got ${start}`);
-  if (end !== undefined && (!Number.isSafeInteger(end) || end < start)) {
-    throw badRange(`end must be an integer not below start (${start}), got ${end}`);
-  }
   if (start >= size) throw badRange(`start ${start} is beyond the object's ${size} bytes`);
   return { start, end: Math.min(end ?? size - 1, size - 1) };
-}
-
-function checkLimit(limit: number): number {
-  if (!Number.isSafeInteger(limit) || limit < 1) {
-    throw new TorporError('INVALID_ARGUMENT', `limit must be a positive integer, got ${limit}`, { field: 'limit' });
-  }
-  return limit;
 }
 
 /** fsync the directory so the rename itself survives a crash, not just the file's data. */
@@ -229,10 +226,6 @@ async function syncDirectory(dir: string): Promise<void> {
 
 function blobNotFound(key: string): TorporError {
   return new TorporError('NOT_FOUND', `blob "${key}" not found`, { field: 'key' });
-}
-
-function badRange(message: string): TorporError {
-  return new TorporError('INVALID_ARGUMENT', `range: ${message}`, { field: 'range' });
 }
 
 function prefixConflict(key: string, cause: unknown): TorporError {

@@ -55,6 +55,7 @@ interface UpFlags {
   host: string;
   port: string;
   workers: string;
+  nodes: string;
   networkBase: string;
   runsc?: string;
   assets?: string;
@@ -97,7 +98,8 @@ program
   .option('--data-dir <dir>', 'where state, snapshots and caches live', '/var/lib/torpor')
   .option('--host <host>', 'address to listen on', '127.0.0.1')
   .option('--port <port>', 'API port (0 = any free port)', '7070')
-  .option('--workers <n>', 'worker slots on this node', '2')
+  .option('--workers <n>', 'worker slots per node', '2')
+  .option('--nodes <n>', 'node agents, each in its own network namespace', '1')
   .option('--runsc <path>', 'runsc binary (default: the asset built by scripts/setup.sh)')
   .option('--assets <file>', "the pool's runtime asset sets (YAML; `torpor assets stage` prints one)")
   .option('--layer-cache-mib <n>', 'cap of the image layer cache; least recently used layers go first')
@@ -134,6 +136,7 @@ program
       host: o.host,
       port: integerFlag('port', o.port, 0, 65535),
       workers: integerFlag('workers', o.workers, 1, 64),
+      nodes: integerFlag('nodes', o.nodes, 1, 16),
       networkBase: integerFlag('network-base', o.networkBase, 0, 255),
       routerPort: integerFlag('router-port', o.routerPort, 0, 65535),
       domain: o.domain,
@@ -153,7 +156,7 @@ program
       engine: (o.scheduleType ?? o.engine) as 'local' | 'standard',
       ...(o.standardUrl ? { standardUrl: o.standardUrl } : {}),
     });
-    process.stderr.write(`Torpor API listening on ${torpor.url}\n`);
+    process.stderr.write(`Torpor API listening on ${torpor.url} (dashboard: ${torpor.url}/dashboard/)\n`);
     process.stderr.write(`Torpor router listening on ${torpor.routerUrl} (Host: <actor>.<space>.actors.${o.domain})\n`);
     if (o.sample) {
       const { createSample } = await import('./sample.ts');

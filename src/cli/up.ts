@@ -31,7 +31,10 @@ export interface UpOptions {
   dataDir: string;
   host: string;
   port: number;
+  /** Worker slots per node. */
   workers: number;
+  /** Node agents, each in its own network namespace (default 1). */
+  nodes?: number;
   runsc?: string;
   /** An asset-set file (YAML): the pool's default sets; without one, the gVisor set of the local runsc. */
   assets?: string;
@@ -68,10 +71,13 @@ export interface RunningTorpor {
 
 export async function up(opts: UpOptions): Promise<RunningTorpor> {
   const log = opts.log ?? pino({ name: 'torpor' });
-  if ((opts.networkBase ?? 0) + opts.workers > 256) {
-    throw new TorporError('INVALID_ARGUMENT', 'network-base + workers must be at most 256 (one /30 per worker)', {
-      field: 'workers',
-    });
+  const nodes = opts.nodes ?? 1;
+  if ((opts.networkBase ?? 0) + nodes * opts.workers > 256) {
+    throw new TorporError(
+      'INVALID_ARGUMENT',
+      'network-base + nodes × workers must be at most 256 (one /30 per worker)',
+      { field: 'workers' },
+    );
   }
   const dataDir = resolve(opts.dataDir);
   await mkdir(dataDir, { recursive: true });
@@ -107,6 +113,7 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
   engine = new LocalEngine({
     dataDir,
     workers: opts.workers,
+    nodes,
     store,
     blob,
     images,
@@ -123,6 +130,8 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
   }, opts.reconcileMs ?? 5000);
   // Actors left RUNNING by a previous process lost their sandboxes: settle them now, not in 5 s.
   await lifecycle.reconcile();
+  // An earlier process may have stopped with garbage uncollected (shutdown drops queued maintenance).
+  lifecycle.collectLater();
 
   let instances: Engine;
   if (opts.engine === 'standard') {
@@ -135,7 +144,7 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
     await local.start();
     instances = local;
   }
-  const api = buildApi({ lifecycle, store, metrics, log, instances });
+  const api = buildApi({ lifecycle, store, metrics, log, instances, storage: blob });
   await api.listen({ host: opts.host, port: opts.port });
   const url = `http://${opts.host}:${listeningPort(api.server)}`;
 

@@ -20,6 +20,7 @@ import { assertTransition, TRANSITIONAL } from '../core/state.ts';
 import { elapsedMs } from '../core/time.ts';
 import type { Actor, ActorRef, ActorStatus, Operation, Page, Template, Worker, WorkerFilter } from '../core/types.ts';
 import type { ImageStore } from '../image/store.ts';
+import type { OutputListener } from '../runtime/runtime.ts';
 import { collectGarbage, newSnapshotId } from '../snapshot/index.ts';
 import { allActors, allTemplates } from '../store/all.ts';
 import type { StateStore } from '../store/store.ts';
@@ -63,6 +64,7 @@ export class Lifecycle {
   private readonly transitionTimeoutMs: number;
   private readonly compactionQueue: { agent: NodeAgent; key: string }[] = [];
   private maintaining: Promise<void> | undefined;
+  private shuttingDown = false;
   private gcDue = false;
   private gcRunning: Promise<void> | undefined;
   private activeOperations = 0;
@@ -464,13 +466,14 @@ export class Lifecycle {
 
   // ---------------------------------------------------------------- exec / logs
 
-  async exec(space: string, name: string, input: unknown) {
+  /** Runs a command in the running actor; `onOutput` sees its output as it is produced. */
+  async exec(space: string, name: string, input: unknown, onOutput?: OutputListener) {
     const req = parse(execRequest, input);
     const actor = await this.getActor(space, name);
     if (actor.status !== 'RUNNING' || !actor.worker || !actor.node) {
       throw new TorporError('FAILED_PRECONDITION', `actor is ${actor.status}; resume it first`, { field: 'status' });
     }
-    return this.agentOf(actor.node).exec(actor.worker, req.command, req.timeoutSeconds * 1000);
+    return this.agentOf(actor.node).exec(actor.worker, req.command, req.timeoutSeconds * 1000, onOutput);
   }
 
   async logs(space: string, name: string) {
@@ -480,8 +483,10 @@ export class Lifecycle {
     return agent.logs({ space, name });
   }
 
-  /** On shutdown: suspend every running actor so that its state survives the process. */
+  /** On shutdown: suspends every running actor and waits for their uploads. Queued maintenance is dropped (it
+   * is an optimisation; the next process collects garbage again), the step in progress finishes. */
   async suspendAll(): Promise<void> {
+    this.shuttingDown = true;
     for await (const actor of allActors(this.o.store)) {
       if (actor.status !== 'RUNNING') continue;
       await this.suspend(actor.space, actor.name).catch((err: unknown) =>
@@ -620,7 +625,7 @@ export class Lifecycle {
   }
 
   /** Asks for a garbage collection of snapshots nothing points at any more (see maintain). */
-  private collectLater(): void {
+  collectLater(): void {
     this.gcDue = true;
     this.kickMaintenance();
   }
@@ -646,8 +651,8 @@ export class Lifecycle {
    * additionally holds operations off while it runs, because a snapshot being written may reuse a chunk GC
    * is about to delete. */
   private async maintain(): Promise<void> {
-    while (this.compactionQueue.length > 0 || this.gcDue) {
-      while (this.busy()) await new Promise((r) => setTimeout(r, COMPACTION_IDLE_MS));
+    while (!this.shuttingDown && (this.compactionQueue.length > 0 || this.gcDue)) {
+      while (this.busy() && !this.shuttingDown) await new Promise((r) => setTimeout(r, COMPACTION_IDLE_MS));
       const next = this.compactionQueue.shift();
       if (next) {
         const saved = await next.agent.compact(next.key).catch((err: unknown) => {

@@ -72,7 +72,7 @@ const assetUrl = z.string().superRefine((value, ctx) => {
 const assetSha256 = z
   .string()
   .regex(/^(?:sha256:)?[a-fA-F0-9]{64}$/, 'must be a sha256 of 64 hex digits')
-  .transform((s) => s.replace(/^sha256:/, '').toLowerCase());
+  .overwrite((s) => s.replace(/^sha256:/, '').toLowerCase());
 
 /** Where a credential lives: `env:NAME` (an environment variable) or `file:/absolute/path`. It is read only when
  * an asset is fetched, and only the reference is ever stored or printed. */
@@ -110,6 +110,32 @@ export const assetSetList = z.array(assetSet).min(1, 'must hold at least one ass
 const port = z.number().int().min(1).max(65535);
 const envName = z.string().regex(/^[A-Za-z_][A-Za-z0-9_]*$/, 'must be a valid environment variable name');
 
+const IPV4_CIDR = /^((25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(\/(3[0-2]|[12]?\d))?$/;
+
+/** Where an actor may connect: everything, nothing, or listed CIDRs (optionally only some ports). Link-local
+ * (cloud metadata) and the node's own addresses are refused unless a rule names an address inside them. */
+export const egressPolicy = z.union(
+  [
+    z.enum(['allow-all', 'deny-all']),
+    z
+      .object({
+        allow: z
+          .array(
+            z
+              .object({
+                cidr: z.string().regex(IPV4_CIDR, 'must be an IPv4 address or CIDR, e.g. 10.0.0.0/8'),
+                ports: z.array(port).min(1, 'must list at least one port, or be omitted for all').optional(),
+              })
+              .strict(),
+          )
+          .max(64, 'must have at most 64 rules'),
+      })
+      .strict(),
+  ],
+  { error: 'must be "allow-all", "deny-all" or { allow: [{ cidr, ports? }] }' },
+);
+export type EgressPolicy = z.infer<typeof egressPolicy>;
+
 export const templateSpec = z
   .object({
     name: dnsLabel,
@@ -138,6 +164,10 @@ export const templateSpec = z
       .object({ retain: z.number().int().min(1).max(100).default(3) })
       .strict()
       .default({ retain: 3 }),
+    network: z
+      .object({ egress: egressPolicy.default('allow-all') })
+      .strict()
+      .default({ egress: 'allow-all' }),
     /** Overrides the pool's asset set for this template's boots (snapshots restore with what they pinned). */
     assets: assetMap.optional(),
   })

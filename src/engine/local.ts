@@ -1,5 +1,5 @@
-// The local engine: node agents in this process, on this machine. One node by default; the networking issue
-// adds several, each in its own network namespace.
+// The local engine: node agents in this process, on this machine, each node in its own network namespace. One
+// node by default; several (`--nodes`) make moves between nodes real network moves.
 import { existsSync } from 'node:fs';
 import { realpath } from 'node:fs/promises';
 import { pathToFileURL } from 'node:url';
@@ -9,6 +9,7 @@ import type { BlobStore } from '../blob/blob.ts';
 import { TorporError } from '../core/errors.ts';
 import type { AssetSet } from '../core/schemas.ts';
 import type { ImageStore } from '../image/store.ts';
+import { NodeNetwork } from '../net/node-net.ts';
 import { hostArch, pinnedAssets, selectAssetSet } from '../runtime/asset-set.ts';
 import type { AssetStore } from '../runtime/assets.ts';
 import { GvisorRuntime, sha256File } from '../runtime/gvisor/runsc.ts';
@@ -22,7 +23,8 @@ export interface LocalEngineOptions {
   blob: BlobStore;
   images: ImageStore;
   log: Logger;
-  /** First per-worker network index (so two Torpor instances on one machine can coexist). */
+  /** First node and worker network index (so two Torpor instances on one machine can coexist): node n gets
+   * networkBase + n, its workers networkBase + n * workers + i. */
   networkBase?: number;
   deltaLevel?: number;
   /** The pool's asset sets, one per runtime class and architecture: boots use them; restores use what their
@@ -70,6 +72,7 @@ export class LocalEngine {
           dataDir: opts.dataDir,
           workers: opts.workers,
           indexBase: base + n * opts.workers,
+          network: new NodeNetwork({ index: base + n }),
           store: opts.store,
           blob: opts.blob,
           images: opts.images,

@@ -1,71 +1,133 @@
-// The network of one worker slot: a network namespace that lives as long as the worker, and a fresh veth pair
-// per activation. gVisor's netstack takes over the addresses of the interfaces in its namespace, so an
-// activation cannot reuse the previous one's link. Each worker gets its own /30 so host routes never overlap.
-import { existsSync } from 'node:fs';
-import { run } from '../sys/run.ts';
+// The network of one worker slot, shaped like a pod: a namespace with the worker's address on `uplink` (linked to
+// its node), and inside it, per activation, an interior namespace for the sandbox with `eth0` at the stable actor
+// address. Because the actor side is identical on every worker of every node, a snapshot's frozen network
+// configuration is valid wherever it is restored: nothing inside the actor is re-addressed after a move.
+//
+// gVisor's netstack takes over the addresses of the interfaces in its namespace, so every activation gets a
+// fresh interior namespace and veth pair; the next one is prepared while the worker is idle. The activation's
+// nftables table (DNAT of the service ports, masquerade, egress policy) is loaded when the actor is known and
+// deleted with the interior namespace when the activation ends.
+import type { EgressPolicy } from '../core/schemas.ts';
+import {
+  ACTOR_ADDRESS,
+  ACTOR_MAC,
+  ACTOR_PREFIX,
+  GATEWAY_ADDRESS,
+  GATEWAY_MAC,
+  renderActivationRules,
+  TABLE,
+} from './egress.ts';
+import { deleteNetns, deleteTable, ensureNetns, ip, netnsPath, nft, sysctl } from './netns.ts';
+import { type NodeNetwork, UPLINK } from './node-net.ts';
 
 export interface WorkerNetworkOptions {
-  /** Small integer unique on this machine (0..255): picks the link names and the /30. */
+  /** Small integer unique on this machine (0..255): picks the namespaces, the link name and the /30. */
   index: number;
-  /** Namespace name; the OCI spec names it by path (/var/run/netns/<name>). */
-  namespace: string;
-  /** First two octets of the /16 that per-worker /30s are carved from. */
-  subnetPrefix?: string;
+  node: NodeNetwork;
 }
+
+export interface ActivationNetwork {
+  /** Service and readiness ports of the actor, reached at the same ports of the worker address. */
+  ports: number[];
+  egress: EgressPolicy;
+  /** Who the rules are for (`space/name`), shown in the ruleset. */
+  actor: string;
+}
+
+/** The worker-side interface of the activation's veth pair (the actor's gateway). */
+const ACTOR_LINK = 'actor0';
 
 export class WorkerNetwork {
   readonly namespace: string;
-  readonly hostAddress: string;
-  /** The address the sandbox serves on, reachable from the host. */
-  readonly sandboxAddress: string;
-  private readonly hostLink: string;
-  private readonly peerLink: string;
+  /** The worker's address: what the router and readiness checks connect to (DNAT to the actor). */
+  readonly address: string;
+  private readonly node: NodeNetwork;
+  private readonly subnet: string;
+  private readonly nodeAddress: string;
+  private readonly nodeLink: string;
+  private readonly interior: string;
 
   constructor(opts: WorkerNetworkOptions) {
     if (!Number.isInteger(opts.index) || opts.index < 0 || opts.index > 255) {
       throw new RangeError(`worker network index must be 0..255, got ${opts.index}`);
     }
-    const prefix = opts.subnetPrefix ?? '10.213';
-    this.namespace = opts.namespace;
-    this.hostAddress = `${prefix}.${opts.index}.1`;
-    this.sandboxAddress = `${prefix}.${opts.index}.2`;
-    this.hostLink = `tq${opts.index}h`;
-    this.peerLink = `tq${opts.index}c`;
+    this.node = opts.node;
+    this.namespace = `torpor-net${opts.index}`;
+    this.interior = `torpor-net${opts.index}-actor`;
+    this.subnet = `10.213.${opts.index}.0/30`;
+    this.nodeAddress = `10.213.${opts.index}.1`;
+    this.address = `10.213.${opts.index}.2`;
+    this.nodeLink = `tq${opts.index}h`;
   }
 
+  /** The namespace the sandbox runs in (the current activation's interior). */
   get netnsPath(): string {
-    return `/var/run/netns/${this.namespace}`;
+    return netnsPath(this.interior);
   }
 
-  /** Creates the namespace if missing (idempotent). */
-  async ensureNamespace(): Promise<void> {
-    if (!existsSync(this.netnsPath)) await run('ip', ['netns', 'add', this.namespace]);
-    await this.inNamespace(['link', 'set', 'lo', 'up']);
+  /** Creates the worker's namespace and its link to the node, replacing any leftovers (the node's namespace
+   * must exist). */
+  async ensure(): Promise<void> {
+    await deleteNetns(this.interior);
+    await deleteNetns(this.namespace);
+    await ensureNetns(this.namespace);
+    await ip(this.node.namespace, [
+      `link add ${this.nodeLink} type veth peer name ${UPLINK} netns ${this.namespace}`,
+      `addr add ${this.nodeAddress}/30 dev ${this.nodeLink}`,
+      `link set ${this.nodeLink} up`,
+    ]);
+    await ip(this.namespace, [
+      `addr add ${this.address}/30 dev ${UPLINK}`,
+      `link set ${UPLINK} up`,
+      `route add default via ${this.nodeAddress}`,
+    ]);
+    await sysctl(this.namespace, 'net.ipv4.ip_forward', '1');
+    await this.node.routeToHost(this.subnet);
   }
 
-  /** Replaces any previous activation's link with a new veth pair, addressed and routed. */
-  async freshLink(): Promise<void> {
-    await this.removeLink();
-    await run('ip', ['link', 'add', this.hostLink, 'type', 'veth', 'peer', 'name', this.peerLink]);
-    await run('ip', ['link', 'set', this.peerLink, 'netns', this.namespace]);
-    await run('ip', ['addr', 'add', `${this.hostAddress}/30`, 'dev', this.hostLink]);
-    await run('ip', ['link', 'set', this.hostLink, 'up']);
-    await this.inNamespace(['addr', 'add', `${this.sandboxAddress}/30`, 'dev', this.peerLink]);
-    await this.inNamespace(['link', 'set', this.peerLink, 'up']);
-    await this.inNamespace(['route', 'add', 'default', 'via', this.hostAddress]);
+  /** Ends the previous activation's network (rules, interior namespace, veth) and makes the next one's interior
+   * namespace and veth pair. Idempotent, and safe after a crash: whatever exists under these names is replaced. */
+  async prepare(): Promise<void> {
+    await this.clear();
+    await ensureNetns(this.interior);
+    await ip(this.namespace, [
+      `link add ${ACTOR_LINK} address ${GATEWAY_MAC} type veth peer name eth0 address ${ACTOR_MAC} netns ${this.interior}`,
+      `addr add ${GATEWAY_ADDRESS}/${ACTOR_PREFIX} dev ${ACTOR_LINK}`,
+      `link set ${ACTOR_LINK} up`,
+    ]);
+    await ip(this.interior, [
+      `addr add ${ACTOR_ADDRESS}/${ACTOR_PREFIX} dev eth0`,
+      'link set eth0 up',
+      `route add default via ${GATEWAY_ADDRESS}`,
+    ]);
   }
 
-  /** Idempotent: deleting the host end removes the pair. */
-  async removeLink(): Promise<void> {
-    await run('ip', ['link', 'del', this.hostLink], { okCodes: [0, 1, 2] });
+  /** Loads the activation's rules: the worker address's ports lead to the actor, its egress is policed. Must run
+   * before the sandbox does, so the actor never runs unpoliced. */
+  async activate(activation: ActivationNetwork): Promise<void> {
+    await nft(
+      this.namespace,
+      renderActivationRules({
+        uplink: UPLINK,
+        actorLink: ACTOR_LINK,
+        workerAddress: this.address,
+        ports: activation.ports,
+        egress: activation.egress,
+        denied: this.node.hostAddresses,
+        comment: `actor ${activation.actor} on ${this.namespace}`,
+      }),
+    );
+  }
+
+  /** Removes the activation's rules and interior namespace (its veth pair goes with it). Idempotent. */
+  async clear(): Promise<void> {
+    await deleteTable(this.namespace, 'ip', TABLE).catch(() => undefined);
+    await deleteNetns(this.interior);
   }
 
   async destroy(): Promise<void> {
-    await this.removeLink();
-    if (existsSync(this.netnsPath)) await run('ip', ['netns', 'del', this.namespace], { okCodes: [0, 1] });
-  }
-
-  private inNamespace(args: string[]): Promise<unknown> {
-    return run('ip', ['-n', this.namespace, ...args]);
+    await deleteNetns(this.interior);
+    await deleteNetns(this.namespace);
+    await this.node.unrouteFromHost(this.subnet);
   }
 }

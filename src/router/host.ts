@@ -1,6 +1,8 @@
-// Which actor a request names. Only the Host header counts, and only in the form
-// <actor>.<space>.actors.<domain>[:port]; absolute-form targets are refused, so a client can never steer the
-// router at an address or port of its choosing.
+// Which actor a request names: the Host header, in the form <actor>.<space>.actors.<domain>[:port], or — for
+// clients that cannot set Host (Node's fetch, browsers) or resolve wildcard names — the X-Torpor-Actor header,
+// `<actor>.<space>`. Either names an actor, never an address: absolute-form targets are refused, so a client can
+// never steer the router at an address or port of its choosing.
+import type { IncomingHttpHeaders } from 'node:http';
 import { TorporError } from '../core/errors.ts';
 import type { ActorRef } from '../core/types.ts';
 
@@ -18,6 +20,22 @@ export function originFormPath(url: string | undefined): string {
     );
   }
   return url;
+}
+
+export const ACTOR_HEADER = 'x-torpor-actor';
+
+/** The actor a request names: X-Torpor-Actor when present, else Host. */
+export function actorOf(headers: IncomingHttpHeaders, domain: string): ActorRef {
+  const named = headers[ACTOR_HEADER];
+  if (named === undefined) return actorFromHost(headers.host, domain);
+  const value = Array.isArray(named) ? '' : named;
+  const [name, space, ...rest] = value.toLowerCase().split('.');
+  if (rest.length > 0 || !name || !space || !LABEL.test(name) || !LABEL.test(space)) {
+    throw new TorporError('NOT_FOUND', `${ACTOR_HEADER} "${value}" does not name an actor: use <actor>.<space>`, {
+      field: ACTOR_HEADER,
+    });
+  }
+  return { space, name };
 }
 
 export function actorFromHost(host: string | undefined, domain: string): ActorRef {

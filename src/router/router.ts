@@ -13,7 +13,7 @@ import type { Metrics } from '../control/metrics.ts';
 import { asTorporError, ERROR_STATUS, isTorporError, TorporError } from '../core/errors.ts';
 import type { Actor, ActorRef } from '../core/types.ts';
 import type { StateStore } from '../store/store.ts';
-import { actorFromHost, originFormPath } from './host.ts';
+import { ACTOR_HEADER, actorOf, originFormPath } from './host.ts';
 
 export interface RouterOptions {
   store: StateStore;
@@ -71,6 +71,7 @@ export function forwardHeaders(
     if (value === undefined) continue;
     if ((HOP_BY_HOP.has(name) || listed.has(name)) && !(keepUpgrade && name === 'upgrade')) continue;
     if (name === 'authorization' && opts.dropAuthorization) continue;
+    if (name === ACTOR_HEADER) continue;
     out[name] = value;
   }
   const prior = headers['x-forwarded-for'];
@@ -214,7 +215,7 @@ export class Router {
 
   private async route(req: IncomingMessage, res: ServerResponse): Promise<string> {
     const path = originFormPath(req.url);
-    const ref = actorFromHost(req.headers.host, this.o.domain);
+    const ref = actorOf(req.headers, this.o.domain);
     this.authorize(ref, req.headers);
     const limit = this.o.bodyLimit ?? 64 * 1024 * 1024;
     if (Number(req.headers['content-length'] ?? 0) > limit) {
@@ -345,6 +346,7 @@ export class Router {
       const body = JSON.stringify({ error: e.toJSON() });
       socket.end(
         `HTTP/1.1 ${e.status} ${http.STATUS_CODES[e.status] ?? ''}\r\ncontent-type: application/json\r\n` +
+          `x-torpor-error: ${e.code}\r\n` +
           `content-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`,
       );
     });
@@ -352,7 +354,7 @@ export class Router {
 
   private async tunnel(req: IncomingMessage, client: Duplex, head: Buffer): Promise<void> {
     const path = originFormPath(req.url);
-    const ref = actorFromHost(req.headers.host, this.o.domain);
+    const ref = actorOf(req.headers, this.o.domain);
     this.authorize(ref, req.headers);
     const actor = await this.runningOrBadGateway(ref);
     const [host, port] = splitAddress(actor.address!);
@@ -428,7 +430,8 @@ function sendError(res: ServerResponse, e: TorporError): void {
     res.destroy();
     return;
   }
-  const headers: Record<string, string> = { 'content-type': 'application/json' };
+  // Marks the router's own answers, so a client can tell them from the actor's (which may also be a 404 or 503).
+  const headers: Record<string, string> = { 'content-type': 'application/json', 'x-torpor-error': e.code };
   if (e.code === 'NO_CAPACITY') headers['retry-after'] = '5';
   res.writeHead(ERROR_STATUS[e.code], headers);
   res.end(JSON.stringify({ error: e.toJSON() }));

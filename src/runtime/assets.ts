@@ -6,12 +6,15 @@
 //
 // Sources: file://, http:// and https://. Credentials (bearer or basic) go only to the origin of the URL,
 // only over HTTPS or loopback, and never into a message: URLs are printed without user info or query.
-// s3:// sources are not supported yet (NOT_SUPPORTED).
+// s3://bucket/key: GetObject (ranged, in parallel for large objects) through src/blob/s3.ts, with S3
+// credentials the caller resolved from its secret store (an asset set names them, never holds them), or
+// without: the AWS SDK's default chain (environment, instance or pod role).
 
 import { createReadStream } from 'node:fs';
 import { stat } from 'node:fs/promises';
 import { resolve as resolvePath } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { S3BlobStore, type S3Connection, type S3Credentials } from '../blob/s3.ts';
 import { type ErrorCode, TorporError } from '../core/errors.ts';
 import { type CasErrors, type CasFetch, ContentCache, type OpenedBody } from '../image/cas.ts';
 import { httpGet, isLoopbackHost, redactUrl } from '../image/http.ts';
@@ -22,7 +25,10 @@ export interface AssetRef {
   sha256: string;
 }
 
-export type AssetAuth = { bearer: string } | { username: string; password: string };
+/** Access to an s3:// source. Secrets: resolved by the caller, never stored in an asset set or printed. */
+export type S3AssetAuth = S3Credentials & Omit<S3Connection, 'credentials' | 'maxAttempts'>;
+
+export type AssetAuth = { bearer: string } | { username: string; password: string } | { s3: S3AssetAuth };
 
 export interface AssetFetchOptions {
   /** Size cap in bytes (default 1 GiB). */
@@ -83,12 +89,13 @@ export class AssetStore {
     }
     const where = `asset "${name}" from ${redactUrl(url.toString())}`;
     const progress = progressOf(options.onProgress);
+    const open = opener(name, url, where, options.auth, progress?.total);
     const fetch: CasFetch = {
       maxBytes,
       mode,
       errors: assetErrors(name, where),
       retryable: (err) => !(err instanceof TorporError),
-      open: opener(name, url, where, options.auth, progress?.total),
+      open,
       ...(progress ? { onBytes: progress.bytes } : {}),
     };
     try {
@@ -97,6 +104,8 @@ export class AssetStore {
       if (err instanceof TorporError) throw err;
       const reason = err instanceof Error ? err.message : String(err);
       throw new TorporError('RUNTIME_ERROR', `${where}: download failed: ${reason}`, { field: `assets.${name}` });
+    } finally {
+      open.close?.();
     }
   }
 }
@@ -107,8 +116,12 @@ function opener(
   where: string,
   auth: AssetAuth | undefined,
   onTotal: ((bytes: number) => void) | undefined,
-): (offset: number) => Promise<OpenedBody> {
+): Opener {
   const field = `assets.${name}.url`;
+  const s3Auth = auth !== undefined && 's3' in auth;
+  if (auth !== undefined && s3Auth !== (url.protocol === 's3:')) {
+    throw new TorporError('INVALID_ARGUMENT', `${where}: s3 credentials go with s3:// sources only`, { field });
+  }
   switch (url.protocol) {
     case 'file:': {
       const path = fileURLToPath(url);
@@ -128,7 +141,7 @@ function opener(
           { field },
         );
       }
-      const secretHeaders = auth ? { authorization: authorizationOf(auth) } : undefined;
+      const secretHeaders = auth && !('s3' in auth) ? { authorization: authorizationOf(auth) } : undefined;
       return async (offset) => {
         let res: Awaited<ReturnType<typeof httpGet>>;
         try {
@@ -156,12 +169,63 @@ function opener(
       };
     }
     case 's3:':
-      // Lazily: an asset already in the cache (staged by other means) is still usable.
-      return async () => {
-        throw new TorporError('NOT_SUPPORTED', `${where}: s3:// asset sources are not supported yet`, { field });
-      };
+      return s3Opener(url, where, field, auth && 's3' in auth ? auth.s3 : undefined);
     default:
       throw new TorporError('INVALID_ARGUMENT', `${where}: unsupported scheme ${url.protocol}`, { field });
+  }
+}
+
+/** Opens the source at an offset; close (when there is one) releases its connections once the fetch is over. */
+type Opener = ((offset: number) => Promise<OpenedBody>) & { close?: () => void };
+
+function s3Opener(url: URL, where: string, field: string, auth: S3AssetAuth | undefined): Opener {
+  const key = decodeURIComponent(url.pathname.slice(1));
+  if (url.hostname === '' || key === '') {
+    throw new TorporError('INVALID_ARGUMENT', `${where}: an s3:// source is s3://bucket/key`, { field });
+  }
+  if (auth?.sessionToken && auth.endpoint !== undefined && isPlainRemote(auth.endpoint)) {
+    // SigV4 never sends the secret key, but the session token travels as a header.
+    throw new TorporError('INVALID_ARGUMENT', `${where}: a session token is only sent over https (or to loopback)`, {
+      field,
+    });
+  }
+  let store: S3BlobStore | undefined; // made on the first open: a cache hit needs no client
+  const open: Opener = async (offset) => {
+    store ??= s3Store(url.hostname, auth, where, field);
+    try {
+      // A resumed download asks for the rest; S3BlobStore answers exactly that range (or refuses it).
+      return { body: await store.get(key, offset > 0 ? { start: offset } : undefined), start: offset };
+    } catch (err) {
+      if (!(err instanceof TorporError)) throw err;
+      throw new TorporError(err.code, `${where}: ${err.message}`, { field });
+    }
+  };
+  open.close = () => store?.close();
+  return open;
+}
+
+function isPlainRemote(endpoint: string): boolean {
+  try {
+    const url = new URL(endpoint);
+    return url.protocol === 'http:' && !isLoopbackHost(url.host);
+  } catch {
+    return false; // not a URL at all: the S3 client refuses it
+  }
+}
+
+function s3Store(bucket: string, auth: S3AssetAuth | undefined, where: string, field: string): S3BlobStore {
+  const { accessKeyId, secretAccessKey, sessionToken, ...connection } = auth ?? {};
+  try {
+    return new S3BlobStore({
+      ...connection,
+      bucket,
+      ...(accessKeyId !== undefined && secretAccessKey !== undefined
+        ? { credentials: { accessKeyId, secretAccessKey, ...(sessionToken ? { sessionToken } : {}) } }
+        : {}),
+    });
+  } catch (err) {
+    if (!(err instanceof TorporError)) throw err;
+    throw new TorporError('INVALID_ARGUMENT', `${where}: ${err.message}`, { field });
   }
 }
 
@@ -207,7 +271,7 @@ function statusCode(status: number): ErrorCode {
   return 'RUNTIME_ERROR';
 }
 
-function authorizationOf(auth: AssetAuth): string {
+function authorizationOf(auth: Exclude<AssetAuth, { s3: S3AssetAuth }>): string {
   if ('bearer' in auth) return `Bearer ${auth.bearer}`;
   return `Basic ${Buffer.from(`${auth.username}:${auth.password}`).toString('base64')}`;
 }

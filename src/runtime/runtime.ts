@@ -49,6 +49,9 @@ export interface ExecResult {
   stderr: string;
 }
 
+/** Receives a command's output as it is produced (exec streaming). */
+export type OutputListener = (stream: 'stdout' | 'stderr', chunk: Buffer) => void;
+
 export interface SandboxRuntime {
   readonly name: 'gvisor' | 'microvm';
   run(spec: ActivationSpec): Promise<Sandbox>;
@@ -56,7 +59,7 @@ export interface SandboxRuntime {
    * caller may run it off the critical path). */
   checkpoint(sandbox: Sandbox, dir: string): Promise<CheckpointResult>;
   restore(spec: ActivationSpec, dir: string, files: string[]): Promise<{ sandbox: Sandbox; phases: Phases }>;
-  exec(sandbox: Sandbox, command: string[], timeoutMs: number): Promise<ExecResult>;
+  exec(sandbox: Sandbox, command: string[], timeoutMs: number, onOutput?: OutputListener): Promise<ExecResult>;
   /** Whether the sandbox is still running (e.g. after a failed checkpoint). */
   alive(id: string): Promise<boolean>;
   /** Idempotent: destroying a sandbox that is gone (or never started) succeeds. */

@@ -12,6 +12,10 @@ export interface RunOptions {
   env?: NodeJS.ProcessEnv;
   /** How errors name the command, e.g. "runsc checkpoint" (defaults to the program and its first argument). */
   label?: string;
+  /** Called with each chunk of output as it arrives (it is also captured in the result). */
+  onOutput?: (stream: 'stdout' | 'stderr', chunk: Buffer) => void;
+  /** Written to the child's stdin, which is then closed (e.g. a batch of `ip` commands, an nft ruleset). */
+  input?: string;
 }
 
 export interface RunResult {
@@ -24,14 +28,18 @@ export function run(program: string, args: string[], opts: RunOptions = {}): Pro
   const { timeoutMs = 60_000, okCodes = [0] } = opts;
   const label = opts.label ?? `${program} ${args[0] ?? ''}`.trim();
   return new Promise((resolve, reject) => {
-    const child = spawn(program, args, { stdio: opts.stdio ?? ['ignore', 'pipe', 'pipe'], env: opts.env });
+    const stdio = opts.stdio ?? [opts.input === undefined ? 'ignore' : 'pipe', 'pipe', 'pipe'];
+    const child = spawn(program, args, { stdio, env: opts.env });
+    if (opts.input !== undefined) child.stdin?.end(opts.input);
     let stdout = '';
     let stderr = '';
     child.stdout?.on('data', (d: Buffer) => {
       stdout += d.toString();
+      opts.onOutput?.('stdout', d);
     });
     child.stderr?.on('data', (d: Buffer) => {
       stderr += d.toString();
+      opts.onOutput?.('stderr', d);
     });
     const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
     child.on('error', (err) => {

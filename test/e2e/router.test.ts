@@ -282,6 +282,23 @@ describe('router (gVisor, one worker)', { skip: gvisorSkipReason() }, () => {
       // A port in Host is ignored: the request goes to a1's worker, not to that port.
       const ported = await request(t.routerUrl, { host: `${hostOf('a1')}:${canaryPort}`, path: '/id' });
       assert.equal(ported.body, 'default/a1');
+      // X-Torpor-Actor names an actor (for clients that cannot set Host); it wins over Host and is not passed on.
+      const named = await request(t.routerUrl, {
+        host: `127.0.0.1:${canaryPort}`,
+        path: '/headers',
+        headers: { 'x-torpor-actor': 'a1.default' },
+      });
+      assert.equal(named.status, 200);
+      assert.doesNotMatch(named.body.toLowerCase(), /x-torpor-actor/);
+      assert.equal(
+        (await request(t.routerUrl, { host: 'x', path: '/id', headers: { 'x-torpor-actor': 'a1.default' } })).body,
+        'default/a1',
+      );
+      for (const forged of [`127.0.0.1:${canaryPort}`, 'a1', 'a1.default.x', `a1.default.actors.${DOMAIN}`]) {
+        const r = await request(t.routerUrl, { host: hostOf('a1'), headers: { 'x-torpor-actor': forged } });
+        assert.equal(r.status, 404, forged);
+        assert.equal(r.headers['x-torpor-error'], 'NOT_FOUND', 'the router marks its own answers');
+      }
       assert.equal(canaryHits, 0);
     } finally {
       canary.close();
@@ -313,6 +330,9 @@ describe('router (gVisor, one worker)', { skip: gvisorSkipReason() }, () => {
     const unknown = await request(t.routerUrl, { host: hostOf('nobody') });
     assert.equal(unknown.status, 404);
     assert.equal(JSON.parse(unknown.body).error.code, 'NOT_FOUND');
+    assert.equal(unknown.headers['x-torpor-error'], 'NOT_FOUND');
+    const actors404 = await request(t.routerUrl, { host: hostOf('a1'), path: '/no-such-path' });
+    assert.equal(actors404.headers['x-torpor-error'], undefined, "the actor's own answers are not marked");
 
     // Announced as 3 MiB against a 2 MiB limit: refused from the header, before any body is read.
     const url = new URL(t.routerUrl);

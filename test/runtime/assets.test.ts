@@ -243,7 +243,10 @@ test('bad references are refused before any download', async (t) => {
   assert.equal(invalid.field, 'assets.runsc.sha256');
   await rejects(store.fetch('runsc', { url: 'not a url', sha256: good }), 'INVALID_ARGUMENT');
   await rejects(store.fetch('runsc', { url: 'ftp://h/x', sha256: good }), 'INVALID_ARGUMENT');
-  await rejects(store.fetch('runsc', { url: 's3://bucket/runsc', sha256: good }), 'NOT_SUPPORTED');
+  await rejects(
+    store.fetch('runsc', { url: 's3://bucket/runsc', sha256: good }, { auth: { bearer: 't' } }),
+    'INVALID_ARGUMENT',
+  );
   await rejects(
     store.fetch('runsc', { url: 'http://assets.example/x', sha256: good }, { auth: { bearer: 't' } }),
     'INVALID_ARGUMENT',

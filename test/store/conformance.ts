@@ -63,6 +63,7 @@ export function template(name: string, overrides: Partial<Template> = {}): Templ
     resources: { memoryMiB: 256, vcpus: 1 },
     idleTimeoutSeconds: 300,
     snapshot: { retain: 3 },
+    network: { egress: 'allow-all' },
     createdAt: '2025-01-01T00:00:00.000Z',
     ...overrides,
   };

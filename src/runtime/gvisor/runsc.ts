@@ -10,7 +10,14 @@ import { elapsedMs } from '../../core/time.ts';
 import type { Phases } from '../../core/types.ts';
 import { processRunning } from '../../sys/process.ts';
 import { type RunOptions, run } from '../../sys/run.ts';
-import type { ActivationSpec, CheckpointResult, ExecResult, Sandbox, SandboxRuntime } from '../runtime.ts';
+import type {
+  ActivationSpec,
+  CheckpointResult,
+  ExecResult,
+  OutputListener,
+  Sandbox,
+  SandboxRuntime,
+} from '../runtime.ts';
 import { buildOciSpec } from './spec.ts';
 
 export interface RunscFeatures {
@@ -230,10 +237,11 @@ export class GvisorRuntime implements SandboxRuntime {
     return { sandbox: { id: spec.id, spec, logFile }, phases };
   }
 
-  async exec(sandbox: Sandbox, command: string[], timeoutMs: number): Promise<ExecResult> {
+  async exec(sandbox: Sandbox, command: string[], timeoutMs: number, onOutput?: OutputListener): Promise<ExecResult> {
     const result = await this.runsc(await this.binaryOf(sandbox.spec), ['exec', sandbox.id, ...command], {
       timeoutMs,
       okCodes: Array.from({ length: 256 }, (_, i) => i),
+      ...(onOutput ? { onOutput } : {}),
     });
     return { exitCode: result.code, stdout: result.stdout, stderr: result.stderr };
   }
