@@ -10,7 +10,7 @@ import { stringify } from 'yaml';
 import { TorporError } from '../core/errors.ts';
 import type { AssetSet, RuntimeClass } from '../core/schemas.ts';
 import { hostArch, loadAssetSets, parseAssetSets } from '../runtime/asset-set.ts';
-import { destinationDir, stageAssetSet } from '../runtime/asset-stage.ts';
+import { parseDestination, stageAssetSet } from '../runtime/asset-stage.ts';
 import { AssetStore } from '../runtime/assets.ts';
 import { run } from '../sys/run.ts';
 import { Progress } from './progress.ts';
@@ -70,14 +70,15 @@ export async function buildAssets(runtime: RuntimeClass, outDir = defaultAssetDi
 }
 
 /** `what` is a runtime class (its built set, built now when needed: cached, that is a few stats) or a set file. */
-export async function stageAssets(what: string, to: string, cacheDir: string): Promise<AssetSet> {
-  destinationDir(to);
+export async function stageAssets(what: string, to: string, cacheDir: string, secretRef?: string): Promise<AssetSet> {
+  parseDestination(to, secretRef);
   const set =
     what === 'gvisor' || what === 'microvm' ? (await buildAssets(what)).set : onlySet(await loadAssetSets(what), what);
   const progress = new Progress(`staging ${set.runtime} assets`);
   try {
     return await stageAssetSet(set, to, {
       store: new AssetStore(cacheDir),
+      ...(secretRef ? { secretRef } : {}),
       onProgress: (name, p) => progress.update(name, p.bytesDone, p.bytesTotal),
     });
   } finally {

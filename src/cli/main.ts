@@ -352,11 +352,12 @@ assets
 assets
   .command('stage <set>')
   .description('copy a set (gvisor, microvm: the built one; or a set file) to <name>-<sha256> files; print its YAML')
-  .requiredOption('--to <url>', 'file://DIR or s3://bucket/prefix')
+  .requiredOption('--to <url>', 'file://DIR or s3://bucket/prefix[?endpoint=URL&region=R&pathStyle=true]')
+  .option('--secret-ref <ref>', 's3: where nodes find "accessKeyId:secretAccessKey" (env:NAME or file:/path)')
   .option('--cache <dir>', 'where sources are fetched and verified first', '/var/cache/torpor/asset-cache')
-  .action(async (what: string, o: { to: string; cache: string }) => {
+  .action(async (what: string, o: { to: string; cache: string; secretRef?: string }) => {
     const { stageAssets } = await import('./assets.ts');
-    const staged = await stageAssets(what, o.to, o.cache);
+    const staged = await stageAssets(what, o.to, o.cache, o.secretRef);
     print('asset', staged, format() === 'table' ? 'yaml' : format());
   });
 

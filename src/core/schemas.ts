@@ -80,8 +80,29 @@ export const secretRef = z
   .string()
   .regex(/^(?:env:[A-Za-z_][A-Za-z0-9_]*|file:\/\S+)$/, 'must be env:NAME or file:/absolute/path');
 
-/** bearer: the secret is the token; basic: "username:password"; s3: "accessKeyId:secretAccessKey[:sessionToken]". */
-export const assetAuth = z.object({ type: z.enum(['bearer', 'basic', 's3']), secretRef }).strict();
+/** bearer: the secret is the token; basic: "username:password"; s3: "accessKeyId:secretAccessKey[:sessionToken]",
+ * with where the S3 service is (not secret: endpoint, region, path-style URLs for MinIO and Ceph). */
+export const assetAuth = z
+  .object({
+    type: z.enum(['bearer', 'basic', 's3']),
+    secretRef,
+    endpoint: z
+      .url({ protocol: /^https?$/, error: 'must be an http(s) URL' })
+      .refine((u) => !new URL(u).username && !new URL(u).password, 'must not carry credentials')
+      .optional(),
+    region: z
+      .string()
+      .regex(/^[a-z0-9-]{1,64}$/, 'must be a region name')
+      .optional(),
+    pathStyle: z.boolean().optional(),
+  })
+  .strict()
+  .superRefine((auth, ctx) => {
+    if (auth.type === 's3') return;
+    for (const key of ['endpoint', 'region', 'pathStyle'] as const) {
+      if (auth[key] !== undefined) ctx.addIssue({ code: 'custom', path: [key], message: 'only for type s3' });
+    }
+  });
 export type AssetAuthRef = z.infer<typeof assetAuth>;
 
 export const assetRef = z.object({ url: assetUrl, sha256: assetSha256, auth: assetAuth.optional() }).strict();

@@ -5,7 +5,8 @@
 // current ones, so upgrading a pool's assets never breaks restoring an older snapshot.
 //
 // Credentials are referenced by name (`env:NAME` or `file:/path`) and read here, only when an asset is fetched
-// and not in the cache. Only the reference is ever stored, printed or written into a manifest.
+// and not in the cache (bearer token, basic "user:password", or S3 keys with the service's endpoint). Only the
+// reference is ever stored, printed or written into a manifest.
 
 import { readFile } from 'node:fs/promises';
 import { arch } from 'node:process';
@@ -127,8 +128,26 @@ export async function resolveAuth(name: string, ref: AssetAuthRef): Promise<Asse
       }
       return { username: secret.slice(0, colon), password: secret.slice(colon + 1) };
     }
-    case 's3':
-      throw new TorporError('NOT_SUPPORTED', `asset "${name}": S3 credentials are not supported yet`, { field });
+    case 's3': {
+      const [accessKeyId, secretAccessKey, sessionToken, ...rest] = secret.split(':');
+      if (!accessKeyId || !secretAccessKey || rest.length > 0) {
+        throw new TorporError(
+          'FAILED_PRECONDITION',
+          `secret ${ref.secretRef} must hold "accessKeyId:secretAccessKey[:sessionToken]"`,
+          { field },
+        );
+      }
+      return {
+        s3: {
+          accessKeyId,
+          secretAccessKey,
+          ...(sessionToken ? { sessionToken } : {}),
+          ...(ref.endpoint ? { endpoint: ref.endpoint } : {}),
+          ...(ref.region ? { region: ref.region } : {}),
+          ...(ref.pathStyle !== undefined ? { forcePathStyle: ref.pathStyle } : {}),
+        },
+      };
+    }
   }
 }
 

@@ -91,6 +91,19 @@ test('asset sets are checked: names per runtime class, sha256, schemes, no crede
     'assets.auth.secretRef',
   );
   invalid(() => parseAssetSets(gvisorSet({ runsc: ok }, { auth: { token: 'hunter2' } }), 'f'), 'assets.auth.type');
+  const bearer = { type: 'bearer', secretRef: 'env:T' };
+  invalid(
+    () => parseAssetSets(gvisorSet({ runsc: ok }, { auth: { ...bearer, region: 'eu' } }), 'f'),
+    'assets.auth.region',
+  );
+  const s3 = { type: 's3', secretRef: 'env:T', endpoint: 'https://k:hunter2@s3.example' };
+  const endpoint = invalid(() => parseAssetSets(gvisorSet({ runsc: ok }, { auth: s3 }), 'f'), 'assets.auth.endpoint');
+  assert.ok(!endpoint.message.includes('hunter2'));
+  const [withS3] = parseAssetSets(
+    gvisorSet({ runsc: ok }, { auth: { ...s3, endpoint: 'http://127.0.0.1:7480' } }),
+    'f',
+  );
+  assert.equal(withS3!.auth?.endpoint, 'http://127.0.0.1:7480');
   const microvm = (assets: Record<string, unknown>) => stringify({ runtime: 'microvm', arch: 'amd64', assets });
   invalid(() => parseAssetSets(microvm({ kernel: ok, initrd: ok }), 'f'), 'assets.assets', /exactly one of/);
   invalid(

@@ -722,6 +722,10 @@ export interface components {
             /** @enum {string} */
             type: 'bearer' | 'basic' | 's3';
             secretRef: string;
+            /** Format: uri */
+            endpoint?: string;
+            region?: string;
+            pathStyle?: boolean;
           };
         };
       };
@@ -824,6 +828,10 @@ export interface components {
             /** @enum {string} */
             type: 'bearer' | 'basic' | 's3';
             secretRef: string;
+            /** Format: uri */
+            endpoint?: string;
+            region?: string;
+            pathStyle?: boolean;
           };
         };
       };
