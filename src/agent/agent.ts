@@ -12,7 +12,7 @@ import type { BlobStore } from '../blob/blob.ts';
 import { FsBlobStore } from '../blob/fs.ts';
 import { TorporError } from '../core/errors.ts';
 import { assetMap, parse, type RuntimeClass } from '../core/schemas.ts';
-import { elapsedMs } from '../core/time.ts';
+import { recordPhases, timed, withSpan } from '../core/trace.ts';
 import type { ActorRef, Asset, Phases, SnapshotManifest, Template, Worker } from '../core/types.ts';
 import type { ImageStore } from '../image/store.ts';
 import type { NodeNetwork } from '../net/node-net.ts';
@@ -219,26 +219,32 @@ export class NodeAgent {
 
   /** Restores (or boots) the actor on the worker and waits until it is ready. */
   async activate(req: ActivateRequest): Promise<ActivateResult> {
+    const attributes = { 'torpor.worker': req.workerId, 'torpor.actor': `${req.actor.space}/${req.actor.name}` };
+    return withSpan('agent.activate', attributes, () => this.activateTraced(req));
+  }
+
+  private async activateTraced(req: ActivateRequest): Promise<ActivateResult> {
     const slot = this.slot(req.workerId);
     const phases: Phases = {};
-    let t0 = performance.now();
-    this.startTeardown(slot.id);
-    await slot.teardown;
-    if (slot.sandbox) await slot.runtime.destroy(slot.sandbox.id);
-    slot.sandbox = undefined;
-    const image = await this.opts.images.resolve(req.template.image);
-    slot.image = image.digest;
-    if (!slot.networkReady) await slot.net.prepare();
-    slot.networkReady = false;
     const readiness = req.template.readiness;
     const readyPort = readiness.port ?? req.template.port;
-    await slot.net.activate({
-      ports: [req.template.port, readyPort],
-      // Templates stored before egress policies existed have none: they keep the default.
-      egress: req.template.network?.egress ?? 'allow-all',
-      actor: `${req.actor.space}/${req.actor.name}`,
+    const image = await timed(phases, 'prepare', async () => {
+      this.startTeardown(slot.id);
+      await slot.teardown;
+      if (slot.sandbox) await slot.runtime.destroy(slot.sandbox.id);
+      slot.sandbox = undefined;
+      const resolved = await this.opts.images.resolve(req.template.image);
+      slot.image = resolved.digest;
+      if (!slot.networkReady) await slot.net.prepare();
+      slot.networkReady = false;
+      await slot.net.activate({
+        ports: [req.template.port, readyPort],
+        // Templates stored before egress policies existed have none: they keep the default.
+        egress: req.template.network?.egress ?? 'allow-all',
+        actor: `${req.actor.space}/${req.actor.name}`,
+      });
+      return resolved;
     });
-    phases.prepare = elapsedMs(t0);
 
     const workDir = join(slot.dir, 'activation');
     await rm(workDir, { recursive: true, force: true });
@@ -271,44 +277,35 @@ export class NodeAgent {
       if (localDir) {
         const pinned =
           (await readPinned(localDir)) ?? this.bootAssets(req.template, `the local checkpoint ${localDir}`);
-        spec.assets = await this.prepareAssets(slot, req.template.runtime, pinned, 'the local checkpoint');
+        spec.assets = await timed(phases, 'assets', () =>
+          this.prepareAssets(slot, req.template.runtime, pinned, 'the local checkpoint'),
+        );
         const { sandbox, phases: p } = await slot.runtime.restore(spec, localDir, []);
         slot.sandbox = sandbox;
         Object.assign(phases, p);
       } else if (req.snapshot) {
-        t0 = performance.now();
         const dir = join(workDir, 'checkpoint');
-        const restored = await restoreSnapshot({
-          blob: this.opts.blob,
-          key: req.snapshot,
-          dir,
-          cache: this.chunkCache,
-        });
-        // The assets the snapshot was made with, not the pool's current ones.
-        spec.assets = await this.prepareAssets(
-          slot,
-          restored.manifest.runtime,
-          restored.manifest.assets,
-          `snapshot ${req.snapshot}`,
+        const snapshot = req.snapshot;
+        const restored = await timed(phases, 'fetch', () =>
+          restoreSnapshot({ blob: this.opts.blob, key: snapshot, dir, cache: this.chunkCache }),
         );
-        phases.fetch = elapsedMs(t0);
+        // The assets the snapshot was made with, not the pool's current ones.
+        spec.assets = await timed(phases, 'assets', () =>
+          this.prepareAssets(slot, restored.manifest.runtime, restored.manifest.assets, `snapshot ${snapshot}`),
+        );
         const files = restored.manifest.files.map((f) => f.name);
         const { sandbox, phases: p } = await slot.runtime.restore(spec, dir, files);
         slot.sandbox = sandbox;
         Object.assign(phases, p);
       } else {
-        t0 = performance.now();
         const pinned = this.bootAssets(req.template);
-        spec.assets = await this.prepareAssets(slot, req.template.runtime, pinned, `template "${req.template.name}"`);
-        phases.assets = elapsedMs(t0);
-        t0 = performance.now();
-        slot.sandbox = await slot.runtime.run(spec);
-        phases.boot = elapsedMs(t0);
+        const what = `template "${req.template.name}"`;
+        spec.assets = await timed(phases, 'assets', () => this.prepareAssets(slot, req.template.runtime, pinned, what));
+        slot.sandbox = await timed(phases, 'boot', () => slot.runtime.run(spec));
       }
       slot.actor = req.actor;
-      phases.ready = await waitReady(
-        `http://${slot.net.address}:${readyPort}${readiness.path}`,
-        readiness.timeoutSeconds * 1000,
+      await timed(phases, 'ready', () =>
+        waitReady(`http://${slot.net.address}:${readyPort}${readiness.path}`, readiness.timeoutSeconds * 1000),
       );
     } catch (err) {
       await this.release(slot.id);
@@ -384,6 +381,8 @@ export class NodeAgent {
       ...(this.opts.deltaLevel !== undefined ? { deltaLevel: this.opts.deltaLevel } : {}),
     });
     const { phases: uploadPhases, ...stats } = result.stats;
+    // The write pipelines its phases internally: they become spans here, from its own measurements.
+    recordPhases(uploadPhases, 'upload');
     return { manifest: result.manifest, stats, phases: { ...uploadPhases } };
   }
 

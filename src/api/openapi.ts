@@ -123,7 +123,16 @@ export function openApiDocument(): object {
       '/v1/operations': {
         get: {
           summary: 'Recent finished operations (kept in memory since the server started), oldest first',
-          parameters: [{ name: 'limit', in: 'query', schema: { type: 'integer', minimum: 1, maximum: 500 } }],
+          parameters: [
+            { name: 'limit', in: 'query', schema: { type: 'integer', minimum: 1, maximum: 500 } },
+            { name: 'actor', in: 'query', description: "only this actor's", schema: { type: 'string' } },
+            {
+              name: 'space',
+              in: 'query',
+              description: 'the actor\'s space (default "default")',
+              schema: { type: 'string' },
+            },
+          ],
           responses: { '200': ok('OperationList'), ...errors },
         },
       },

@@ -8,6 +8,7 @@ import { parse as parseYaml } from 'yaml';
 import type { Lifecycle } from '../control/lifecycle.ts';
 import type { Metrics } from '../control/metrics.ts';
 import { asTorporError, ERROR_STATUS, TorporError } from '../core/errors.ts';
+import { DEFAULT_SPACE } from '../core/types.ts';
 import type { Engine } from '../engine/engine.ts';
 import type { StateStore } from '../store/store.ts';
 import { compatPlugin } from './compat.ts';
@@ -77,6 +78,14 @@ export function buildApi(opts: ApiOptions) {
   const shutdown = new AbortController();
   app.addHook('preClose', async () => shutdown.abort());
   app.addHook('onClose', async () => operations.close());
+  app.addHook('onResponse', async (req, reply) => {
+    // The route pattern, not the URL: actor names must not become label values.
+    const route = req.routeOptions.url ?? 'unmatched';
+    metrics.apiRequests.observe(
+      { method: req.method, route, status: String(reply.statusCode) },
+      reply.elapsedTime / 1000,
+    );
+  });
 
   app.get('/healthz', async () => ({ status: 'ok' }));
   app.get('/openapi.json', async () => openApiDocument());
@@ -147,12 +156,13 @@ export function buildApi(opts: ApiOptions) {
   );
 
   app.get('/v1/workers', async (req) => store.listWorkers(req.query as { limit?: number; cursor?: string }));
-  app.get<{ Querystring: { limit?: string } }>('/v1/operations', async (req) => {
+  app.get<{ Querystring: { limit?: string; space?: string; actor?: string } }>('/v1/operations', async (req) => {
     const limit = req.query.limit === undefined ? undefined : Number(req.query.limit);
     if (limit !== undefined && !(Number.isInteger(limit) && limit >= 1 && limit <= 500)) {
       throw new TorporError('INVALID_ARGUMENT', 'limit: must be an integer from 1 to 500', { field: 'limit' });
     }
-    return { items: operations.list(limit) };
+    const { actor, space = DEFAULT_SPACE } = req.query;
+    return { items: operations.list(limit, actor === undefined ? undefined : { space, name: actor }) };
   });
   app.get('/v1/storage', async () => {
     if (!storage) throw new TorporError('NOT_SUPPORTED', 'this server does not measure its snapshot store');

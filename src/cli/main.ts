@@ -4,9 +4,9 @@ import { dirname, isAbsolute, resolve } from 'node:path';
 import { Command, Option } from 'commander';
 import { parse as parseYaml } from 'yaml';
 import { asTorporError, TorporError } from '../core/errors.ts';
-import { DEFAULT_SPACE } from '../core/types.ts';
+import { type Actor, DEFAULT_SPACE, type Operation } from '../core/types.ts';
 import { ApiClient } from './client.ts';
-import { type Kind, type OutputFormat, render } from './output.ts';
+import { describeActor, type Kind, type OutputFormat, render } from './output.ts';
 
 const program = new Command('torpor')
   .description('Run many AI-agent sandboxes on few machines: suspend idle actors, resume them anywhere.')
@@ -219,6 +219,24 @@ actor
   .action(async (name: string, o: { space: string }) =>
     print('actor', await client().call('GET', actorPath(o.space, name))),
   );
+actor
+  .command('describe <name>')
+  .description('the actor, and its recent operations with per-phase timings')
+  .addOption(spaceOption())
+  .action(async (name: string, o: { space: string }) => {
+    const api = client();
+    const found = (await api.call('GET', actorPath(o.space, name))) as Actor;
+    const query = `?space=${encodeURIComponent(o.space)}&actor=${encodeURIComponent(name)}&limit=20`;
+    const recent = ((await api.call('GET', `/v1/operations${query}`)) as { items: Operation[] }).items;
+    // The record's lastOperation is durable; the list is what this server saw since it started.
+    const last = found.lastOperation;
+    const operations = last && !recent.some((op) => op.startedAt === last.startedAt) ? [...recent, last] : recent;
+    const description = { actor: found, operations: operations.reverse() };
+    const f = format();
+    console.log(
+      f === 'table' ? describeActor(description.actor, description.operations) : render('actor', description, f),
+    );
+  });
 actor
   .command('list')
   .option('-s, --space <space>', 'space (default: every space)')

@@ -17,10 +17,12 @@ import { LocalInstances } from '../engine/local-instances.ts';
 import { StandardEngine } from '../engine/standard.ts';
 import { ImageStore } from '../image/store.ts';
 import { Router } from '../router/router.ts';
-import { fetchAssets, loadAssetSets, pinnedAssets } from '../runtime/asset-set.ts';
+import { fetchAssets, hostArch, loadAssetSets, pinnedAssets } from '../runtime/asset-set.ts';
 import { AssetStore } from '../runtime/assets.ts';
+import { prepareRunsc } from '../runtime/gvisor/runsc.ts';
 import { SqliteStore } from '../store/sqlite.ts';
 import { Progress } from './progress.ts';
+import { startTracing } from './tracing.ts';
 
 function listeningPort(server: Server): number {
   const address = server.address();
@@ -71,6 +73,7 @@ export interface RunningTorpor {
 
 export async function up(opts: UpOptions): Promise<RunningTorpor> {
   const log = opts.log ?? pino({ name: 'torpor' });
+  const tracing = startTracing('torpor', log);
   const nodes = opts.nodes ?? 1;
   if ((opts.networkBase ?? 0) + nodes * opts.workers > 256) {
     throw new TorporError(
@@ -81,8 +84,11 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
   }
   const dataDir = resolve(opts.dataDir);
   await mkdir(dataDir, { recursive: true });
-  const store = SqliteStore.open(join(dataDir, 'state.db'));
-  const blob = new FsBlobStore(join(dataDir, 'blobs'));
+  const metrics = new Metrics();
+  const store = metrics.timed(SqliteStore.open(join(dataDir, 'state.db')), metrics.storeOperations);
+  metrics.observeStore(store);
+  const blobFiles = new FsBlobStore(join(dataDir, 'blobs'));
+  const blob = metrics.blob(blobFiles);
   let engine: LocalEngine | undefined;
   const images = new ImageStore(join(dataDir, 'images'), {
     ...(opts.layerCacheBytes !== undefined ? { layerCacheBytes: opts.layerCacheBytes } : {}),
@@ -90,7 +96,6 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
     inUse: () =>
       (engine?.agents() ?? []).flatMap((agent) => [...agent.slots.values()].flatMap((s) => (s.image ? [s.image] : []))),
   });
-  const metrics = new Metrics();
   if (opts.assets && opts.runsc) {
     throw new TorporError('INVALID_ARGUMENT', '--runsc and --assets exclude each other: name runsc in the asset set', {
       field: 'runsc',
@@ -104,11 +109,19 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
     const sha256 = Object.fromEntries(Object.entries(assets).map(([name, a]) => [name, a.sha256]));
     log.info({ runtime: set.runtime, arch: set.arch, sha256 }, 'pool asset set');
     const progress = new Progress(`fetching ${set.runtime} assets`);
-    await fetchAssets(assetStore, assets, { onProgress: (name, p) => progress.update(name, p.bytesDone, p.bytesTotal) })
-      .catch((err: unknown) =>
-        log.warn({ err, runtime: set.runtime, arch: set.arch }, 'pool assets could not be fetched yet'),
-      )
-      .finally(() => progress.finish());
+    try {
+      const paths = await fetchAssets(assetStore, assets, {
+        onProgress: (name, p) => progress.update(name, p.bytesDone, p.bytesTotal),
+      });
+      // Detected now, not in the first activation; a runsc that does not run is worth a warning, not a refusal.
+      if (set.runtime === 'gvisor' && set.arch === hostArch() && paths.runsc) {
+        await prepareRunsc(paths.runsc, (message, fields) => log.warn(fields, message));
+      }
+    } catch (err) {
+      log.warn({ err, runtime: set.runtime, arch: set.arch }, 'pool assets not ready: activations will try again');
+    } finally {
+      progress.finish();
+    }
   }
   engine = new LocalEngine({
     dataDir,
@@ -144,7 +157,7 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
     await local.start();
     instances = local;
   }
-  const api = buildApi({ lifecycle, store, metrics, log, instances, storage: blob });
+  const api = buildApi({ lifecycle, store, metrics, log, instances, storage: blobFiles });
   await api.listen({ host: opts.host, port: opts.port });
   const url = `http://${opts.host}:${listeningPort(api.server)}`;
 
@@ -183,6 +196,7 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
       await lifecycle.suspendAll();
       await engine.stop();
       await store.close();
+      await tracing?.shutdown();
     })();
     return stopping;
   };

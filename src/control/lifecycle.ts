@@ -1,6 +1,7 @@
 // Lifecycle workflows: create, resume, suspend, pause, fork, delete. Each is a short list of named steps; every
 // status change is a compare-and-set on the actor's version, and a failed step rolls the actor back to a state
 // that still has a restorable snapshot, saying why in `reason`.
+import { randomUUID } from 'node:crypto';
 import { readdir, rm } from 'node:fs/promises';
 import { basename, join } from 'node:path';
 import type { Logger } from 'pino';
@@ -18,6 +19,7 @@ import {
 } from '../core/schemas.ts';
 import { assertTransition, TRANSITIONAL } from '../core/state.ts';
 import { elapsedMs } from '../core/time.ts';
+import { timed, traceId, withSpan } from '../core/trace.ts';
 import type { Actor, ActorRef, ActorStatus, Operation, Page, Template, Worker, WorkerFilter } from '../core/types.ts';
 import type { ImageStore } from '../image/store.ts';
 import type { OutputListener } from '../runtime/runtime.ts';
@@ -47,6 +49,7 @@ export interface LifecycleOptions {
 
 const now = (): string => new Date().toISOString();
 const actorKey = (ref: ActorRef): string => `${ref.space}/${ref.name}`;
+const spanAttributes = (ref: ActorRef) => ({ 'torpor.space': ref.space, 'torpor.actor': ref.name });
 /** Compaction waits for this long without any lifecycle operation. */
 const COMPACTION_IDLE_MS = 500;
 
@@ -235,7 +238,9 @@ export class Lifecycle {
   async resume(space: string, name: string, input: { worker?: string } = {}): Promise<Actor> {
     const ref = { space, name };
     await this.getActor(space, name);
-    return this.operate(ref, () => this.resumeLocked(ref, input.worker));
+    return withSpan('actor.resume', spanAttributes(ref), () =>
+      this.operate(ref, () => this.resumeLocked(ref, input.worker)),
+    );
   }
 
   private async resumeLocked(ref: ActorRef, workerId: string | undefined): Promise<Actor> {
@@ -248,15 +253,16 @@ export class Lifecycle {
     const t0 = performance.now();
 
     actor = await this.transition(actor, 'RESUMING', { lastOperation: op });
-    const worker = await this.claimWorker(
-      {
-        runtime: template.runtime,
-        ...(workerId ? { workerId } : {}),
-        ...(actor.node ? { preferNodes: [actor.node] } : {}),
-      },
-      ref,
+    const worker = await timed(op.phases, 'claim', () =>
+      this.claimWorker(
+        {
+          runtime: template.runtime,
+          ...(workerId ? { workerId } : {}),
+          ...(actor.node ? { preferNodes: [actor.node] } : {}),
+        },
+        ref,
+      ),
     );
-    op.phases.claim = elapsedMs(t0);
     if (!worker) {
       await this.rollback(actor, from, op, 'no free worker');
       const which = workerId ? `worker "${workerId}" is not free` : `no free ${template.runtime} worker`;
@@ -294,7 +300,7 @@ export class Lifecycle {
       lastActivity: now(),
       reason: undefined,
     });
-    this.o.metrics.record('resume', 'ok', op.phases);
+    this.finished(running, op, 'ok');
     if (local) this.dropLocalSnapshot(running, local);
     return running;
   }
@@ -306,7 +312,9 @@ export class Lifecycle {
   async suspend(space: string, name: string, opts: { onlyIf?: (actor: Actor) => boolean } = {}): Promise<Actor> {
     const ref = { space, name };
     await this.getActor(space, name);
-    return this.operate(ref, () => this.suspendLocked(ref, opts.onlyIf));
+    return withSpan('actor.suspend', spanAttributes(ref), () =>
+      this.operate(ref, () => this.suspendLocked(ref, opts.onlyIf)),
+    );
   }
 
   private async suspendLocked(ref: ActorRef, onlyIf?: (actor: Actor) => boolean): Promise<Actor> {
@@ -357,8 +365,7 @@ export class Lifecycle {
         address: undefined,
         reason: `upload failed, checkpoint kept on node ${actor.node}: ${e.message}`,
       });
-      this.o.metrics.record('suspend', 'error', op.phases);
-      this.o.log.warn({ err, actor: actorKey(ref) }, 'suspend upload failed; actor kept paused on its node');
+      this.finished(paused, op, 'error');
       return paused;
     } finally {
       this.releaseAfterTeardown(agent, worker, ref);
@@ -373,7 +380,7 @@ export class Lifecycle {
       lastOperation: op,
       reason: undefined,
     });
-    this.o.metrics.record('suspend', 'ok', op.phases);
+    this.finished(suspended, op, 'ok');
     this.compactAfterRelease(agent, key);
     return suspended;
   }
@@ -381,6 +388,11 @@ export class Lifecycle {
   async pause(space: string, name: string): Promise<Actor> {
     const ref = { space, name };
     await this.getActor(space, name);
+    return withSpan('actor.pause', spanAttributes(ref), () => this.pauseLocked(ref));
+  }
+
+  private pauseLocked(ref: ActorRef): Promise<Actor> {
+    const { space, name } = ref;
     return this.operate(ref, async () => {
       let actor = await this.getActor(space, name);
       if (actor.status === 'PAUSED') return actor;
@@ -408,7 +420,7 @@ export class Lifecycle {
         address: undefined,
         reason: undefined,
       });
-      this.o.metrics.record('pause', 'ok', op.phases);
+      this.finished(paused, op, 'ok');
       this.uploadPaused(paused, template, agent, dir, key);
       return paused;
     });
@@ -568,7 +580,7 @@ export class Lifecycle {
     const e = asTorporError(err, 'RUNTIME_ERROR');
     op.error = e.message;
     op.finishedAt = now();
-    this.o.metrics.record(op.kind, 'error', op.phases);
+    this.finished(actor, op, 'error');
     if (await agent.sandboxAlive(worker).catch(() => false)) {
       await this.transition(actor, 'RUNNING', { lastOperation: op, reason: `${op.kind} failed: ${e.message}` });
       return e;
@@ -592,7 +604,25 @@ export class Lifecycle {
   }
 
   private startOperation(kind: Operation['kind']): Operation {
-    return { kind, startedAt: now(), phases: {} };
+    return { id: randomUUID(), kind, startedAt: now(), phases: {} };
+  }
+
+  /** The end of an operation: its metrics, and one log line naming actor, space, template, operation and trace. */
+  private finished(actor: Actor, op: Operation, result: 'ok' | 'error'): void {
+    this.o.metrics.record(op.kind, result, op.phases);
+    const fields = {
+      actor: actor.name,
+      space: actor.space,
+      template: actor.template,
+      operation: op.id,
+      kind: op.kind,
+      result,
+      phases: op.phases,
+      traceId: traceId(),
+      ...(op.error ? { error: op.error } : {}),
+    };
+    if (result === 'ok') this.o.log.info(fields, `${op.kind} done`);
+    else this.o.log.warn(fields, `${op.kind} failed`);
   }
 
   private snapshotKey(ref: ActorRef): string {
@@ -725,6 +755,6 @@ export class Lifecycle {
     op.error = reason;
     op.finishedAt = now();
     await this.transition(actor, to, { lastOperation: op, reason, worker: undefined, address: undefined });
-    this.o.metrics.record(op.kind, 'error', op.phases);
+    this.finished(actor, op, 'error');
   }
 }

@@ -25,6 +25,8 @@ export type ActorStatus = (typeof ACTOR_STATUSES)[number];
 export type Phases = Record<string, number>;
 
 export interface Operation {
+  /** Names the operation in log lines (and the dashboard); absent on records written before it existed. */
+  id?: string;
   kind: 'create' | 'resume' | 'suspend' | 'pause' | 'fork' | 'delete' | 'reconcile';
   startedAt: string;
   finishedAt?: string;

@@ -1,16 +1,19 @@
 // The router: maps Host to an actor, wakes it if needed (one resume per actor however many requests wait),
 // proxies HTTP, SSE and WebSocket to the worker the store says it runs on, and records activity for the idle
 // policy. It never forwards anywhere a client names.
+
 import { createHash, timingSafeEqual } from 'node:crypto';
 import http, { type IncomingHttpHeaders, type IncomingMessage, type ServerResponse } from 'node:http';
 import net from 'node:net';
 import type { Duplex } from 'node:stream';
+import { context, propagation } from '@opentelemetry/api';
 import type { Logger } from 'pino';
 import type { ActivityTracker } from '../control/activity.ts';
 import type { IdlePolicy } from '../control/idle.ts';
 import type { Lifecycle } from '../control/lifecycle.ts';
 import type { Metrics } from '../control/metrics.ts';
 import { asTorporError, ERROR_STATUS, isTorporError, TorporError } from '../core/errors.ts';
+import { withSpan } from '../core/trace.ts';
 import type { Actor, ActorRef } from '../core/types.ts';
 import type { StateStore } from '../store/store.ts';
 import { ACTOR_HEADER, actorOf, originFormPath } from './host.ts';
@@ -203,7 +206,10 @@ export class Router {
 
   readonly handle = (req: IncomingMessage, res: ServerResponse): void => {
     const t0 = performance.now();
-    this.route(req, res).then(
+    // A client's traceparent is continued; the resume this request may trigger becomes part of its trace.
+    const traced = () =>
+      withSpan('router.request', { 'http.request.method': req.method ?? '' }, () => this.route(req, res));
+    context.with(propagation.extract(context.active(), req.headers), traced).then(
       (outcome) => this.o.metrics.routerRequests.observe({ outcome }, (performance.now() - t0) / 1000),
       (err: unknown) => {
         const e = asTorporError(err);

@@ -42,6 +42,8 @@ export async function startTorpor(opts: {
   dataDir?: string;
   /** More `torpor up` flags. */
   args?: string[];
+  /** More environment for `torpor up`. */
+  env?: Record<string, string>;
 }): Promise<Torpor> {
   const dataDir = opts.dataDir ?? (await mkdtemp(join(tmpdir(), 'torpor-e2e-')));
   const child: ChildProcess = spawn(
@@ -61,7 +63,7 @@ export async function startTorpor(opts: {
       String(opts.networkBase),
       ...(opts.args ?? []),
     ],
-    { stdio: ['ignore', 'pipe', 'pipe'], env: process.env },
+    { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...opts.env } },
   );
   let output = '';
   child.stdout?.on('data', (d: Buffer) => {

@@ -567,6 +567,10 @@ export interface paths {
       parameters: {
         query?: {
           limit?: number;
+          /** @description only this actor's */
+          actor?: string;
+          /** @description the actor's space (default "default") */
+          space?: string;
         };
       };
       responses: {

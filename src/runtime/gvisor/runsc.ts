@@ -6,7 +6,7 @@ import { closeSync, createReadStream, existsSync, openSync } from 'node:fs';
 import { mkdir, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { TorporError } from '../../core/errors.ts';
-import { elapsedMs } from '../../core/time.ts';
+import { timed } from '../../core/trace.ts';
 import type { Phases } from '../../core/types.ts';
 import { processRunning } from '../../sys/process.ts';
 import { type RunOptions, run } from '../../sys/run.ts';
@@ -57,8 +57,9 @@ export interface GvisorOptions {
 
 const featuresByBinary = new Map<string, Promise<RunscFeatures>>();
 
-/** Features of a runsc binary, detected once per path (activation assets live at content-addressed paths). */
-function featuresOf(path: string, onWarning: GvisorOptions['onWarning']): Promise<RunscFeatures> {
+/** Features of a runsc binary, detected once per path (activation assets live at content-addressed paths; a
+ * failure is not kept). Called ahead of the first activation too, so that one does not pay for it. */
+export function prepareRunsc(path: string, onWarning: GvisorOptions['onWarning']): Promise<RunscFeatures> {
   let features = featuresByBinary.get(path);
   if (!features) {
     features = detectRunsc(path).then(
@@ -124,7 +125,7 @@ export class GvisorRuntime implements SandboxRuntime {
     if (!path) {
       throw new TorporError('FAILED_PRECONDITION', 'the activation has no runsc asset', { field: 'assets.runsc' });
     }
-    return { path, features: await featuresOf(path, this.opts.onWarning) };
+    return { path, features: await prepareRunsc(path, this.opts.onWarning) };
   }
 
   /** Makes `runsc` the binary of the commands that follow (state, delete, list), also for a later process. */
@@ -145,7 +146,7 @@ export class GvisorRuntime implements SandboxRuntime {
       this.loaded = true;
       const path = (await readFile(`${this.opts.stateRoot}.binary`, 'utf8').catch(() => '')).trim();
       if (path && existsSync(path)) {
-        this.current = await featuresOf(path, this.opts.onWarning).then(
+        this.current = await prepareRunsc(path, this.opts.onWarning).then(
           (features) => ({ path, features }),
           () => undefined,
         );
@@ -213,27 +214,25 @@ export class GvisorRuntime implements SandboxRuntime {
     const phases: Phases = {};
     await rm(dir, { recursive: true, force: true });
     await mkdir(dir, { recursive: true });
-    const t0 = performance.now();
     // Our snapshot layer compresses and deduplicates chunks; runsc's own compression would defeat dedup.
     const runsc = await this.binaryOf(sandbox.spec);
     const compression = runsc.features.checkpointCompression ? ['--compression=none'] : [];
-    await this.runsc(runsc, ['checkpoint', ...compression, '--image-path', dir, sandbox.id], { timeoutMs: 120_000 });
-    phases.checkpoint = elapsedMs(t0);
+    await timed(phases, 'checkpoint', () =>
+      this.runsc(runsc, ['checkpoint', ...compression, '--image-path', dir, sandbox.id], { timeoutMs: 120_000 }),
+    );
     const files = (await readdir(dir, { withFileTypes: true })).filter((e) => e.isFile()).map((e) => e.name);
     return { files: files.sort(), phases };
   }
 
   async restore(spec: ActivationSpec, dir: string, _files: string[]): Promise<{ sandbox: Sandbox; phases: Phases }> {
     const phases: Phases = {};
-    let t0 = performance.now();
-    const runsc = await this.fresh(spec);
-    const bundle = await this.prepareBundle(spec);
-    phases.prepare = elapsedMs(t0);
-    t0 = performance.now();
+    const { runsc, bundle } = await timed(phases, 'bundle', async () => {
+      const runsc = await this.fresh(spec);
+      return { runsc, bundle: await this.prepareBundle(spec) };
+    });
     const logFile = spec.logFile;
     const args = ['restore', '--detach', '--image-path', dir, '--bundle', bundle, spec.id];
-    await this.startDetached(runsc, args, logFile);
-    phases.restore = elapsedMs(t0);
+    await timed(phases, 'restore', () => this.startDetached(runsc, args, logFile));
     return { sandbox: { id: spec.id, spec, logFile }, phases };
   }
 
