@@ -753,6 +753,21 @@ export interface components {
               }[];
             };
       };
+      assets?: {
+        [key: string]: {
+          url: string;
+          sha256: string;
+          auth?: {
+            /** @enum {string} */
+            type: 'bearer' | 'basic' | 's3';
+            secretRef: string;
+            /** Format: uri */
+            endpoint?: string;
+            region?: string;
+            pathStyle?: boolean;
+          };
+        };
+      };
     };
     CreateActor: {
       name: string;
@@ -843,6 +858,21 @@ export interface components {
                 ports?: number[];
               }[];
             };
+      };
+      assets?: {
+        [key: string]: {
+          url: string;
+          sha256: string;
+          auth?: {
+            /** @enum {string} */
+            type: 'bearer' | 'basic' | 's3';
+            secretRef: string;
+            /** Format: uri */
+            endpoint?: string;
+            region?: string;
+            pathStyle?: boolean;
+          };
+        };
       };
     } & {
       /** Format: date-time */
