@@ -7,6 +7,7 @@ import { asTorporError, TorporError } from '../core/errors.ts';
 import { type Actor, DEFAULT_SPACE, type Operation } from '../core/types.ts';
 import { ApiClient } from './client.ts';
 import { describeActor, type Kind, type OutputFormat, render } from './output.ts';
+import { withTransferProgress } from './transfers.ts';
 
 const program = new Command('torpor')
   .description('Run many AI-agent sandboxes on few machines: suspend idle actors, resume them anywhere.')
@@ -248,20 +249,32 @@ actor
   .command('resume <name>')
   .option('-w, --worker <id>', 'resume on exactly this worker')
   .addOption(spaceOption())
-  .action(async (name: string, o: { space: string; worker?: string }) =>
-    print(
-      'actor',
-      await client().call('POST', actorPath(o.space, name, 'resume'), o.worker ? { worker: o.worker } : {}),
-    ),
-  );
-for (const action of ['suspend', 'pause'] as const) {
-  actor
-    .command(`${action} <name>`)
-    .addOption(spaceOption())
-    .action(async (name: string, o: { space: string }) =>
-      print('actor', await client().call('POST', actorPath(o.space, name, action), {})),
+  .action(async (name: string, o: { space: string; worker?: string }) => {
+    const api = client();
+    const body = o.worker ? { worker: o.worker } : {};
+    const path = actorPath(o.space, name);
+    const resumed = await withTransferProgress(api.server, path, `resuming ${name}`, () =>
+      api.call('POST', `${path}/resume`, body),
     );
-}
+    print('actor', resumed);
+  });
+actor
+  .command('suspend <name>')
+  .addOption(spaceOption())
+  .action(async (name: string, o: { space: string }) => {
+    const api = client();
+    const path = actorPath(o.space, name);
+    const suspended = await withTransferProgress(api.server, path, `suspending ${name}`, () =>
+      api.call('POST', `${path}/suspend`, {}),
+    );
+    print('actor', suspended);
+  });
+actor
+  .command('pause <name>')
+  .addOption(spaceOption())
+  .action(async (name: string, o: { space: string }) =>
+    print('actor', await client().call('POST', actorPath(o.space, name, 'pause'), {})),
+  );
 actor
   .command('fork <name>')
   .requiredOption('--name <new>', 'name of the new actor')
