@@ -10,7 +10,7 @@ import type { Metrics } from '../control/metrics.ts';
 import { asTorporError, ERROR_STATUS, TorporError } from '../core/errors.ts';
 import type { Engine } from '../engine/engine.ts';
 import type { StateStore } from '../store/store.ts';
-import { compatPlugin } from './compat.ts';
+import { type ApiKeys, compatPlugin } from './compat.ts';
 import { openApiDocument } from './openapi.ts';
 
 export interface ApiOptions {
@@ -22,6 +22,8 @@ export interface ApiOptions {
   bodyLimit?: number;
   /** Serves the AEnvironment API and the standard engine contract over this engine (src/api/compat.ts). */
   instances?: Engine;
+  /** When given, the AEnvironment API needs one of these keys. */
+  instanceKeys?: ApiKeys | undefined;
 }
 
 type Params = { space: string; name: string };
@@ -131,7 +133,7 @@ export function buildApi(opts: ApiOptions) {
   );
 
   app.get('/v1/workers', async (req) => store.listWorkers(req.query as { limit?: number; cursor?: string }));
-  if (opts.instances) void app.register(compatPlugin, { engine: opts.instances });
+  if (opts.instances) void app.register(compatPlugin, { engine: opts.instances, keys: opts.instanceKeys });
   return app;
 }
 

@@ -1,7 +1,6 @@
 // The router: maps Host to an actor, wakes it if needed (one resume per actor however many requests wait),
 // proxies HTTP, SSE and WebSocket to the worker the store says it runs on, and records activity for the idle
 // policy. It never forwards anywhere a client names.
-import { createHash, timingSafeEqual } from 'node:crypto';
 import http, { type IncomingHttpHeaders, type IncomingMessage, type ServerResponse } from 'node:http';
 import net from 'node:net';
 import type { Duplex } from 'node:stream';
@@ -11,6 +10,7 @@ import type { IdlePolicy } from '../control/idle.ts';
 import type { Lifecycle } from '../control/lifecycle.ts';
 import type { Metrics } from '../control/metrics.ts';
 import { asTorporError, ERROR_STATUS, isTorporError, TorporError } from '../core/errors.ts';
+import { bearerToken, secretEquals } from '../core/secret.ts';
 import type { Actor, ActorRef } from '../core/types.ts';
 import type { StateStore } from '../store/store.ts';
 import { actorFromHost, originFormPath } from './host.ts';
@@ -50,7 +50,6 @@ const HOP_BY_HOP = new Set([
 ]);
 
 const keyOf = (ref: ActorRef) => `${ref.space}/${ref.name}`;
-const digest = (s: string) => createHash('sha256').update(s).digest();
 
 /** Headers for the upstream request: hop-by-hop ones removed, X-Forwarded-* set, and the ingress token (when the
  * space has one) kept from the actor. */
@@ -130,8 +129,7 @@ export class Router {
       throw new TorporError('UNAUTHENTICATED', `space "${ref.space}" needs an ingress token`, {
         field: 'authorization',
       });
-    const presented = /^Bearer (.+)$/i.exec(auth)?.[1] ?? '';
-    if (!timingSafeEqual(digest(presented), digest(token))) {
+    if (!secretEquals(bearerToken(auth) ?? '', token)) {
       throw new TorporError('PERMISSION_DENIED', `the ingress token is not valid for space "${ref.space}"`, {
         field: 'authorization',
       });
@@ -200,9 +198,15 @@ export class Router {
 
   // ------------------------------------------------------------------ HTTP
 
-  readonly handle = (req: IncomingMessage, res: ServerResponse): void => {
+  readonly handle = (req: IncomingMessage, res: ServerResponse): void => this.serve(req, res);
+
+  /** Proxies a request to an actor its caller resolved by other means than Host (the MCP gateway, by instance id),
+   * with everything else as for Host-routed requests: resume on demand, activity, ingress token, limits. */
+  readonly handleFor = (ref: ActorRef, req: IncomingMessage, res: ServerResponse): void => this.serve(req, res, ref);
+
+  private serve(req: IncomingMessage, res: ServerResponse, ref?: ActorRef): void {
     const t0 = performance.now();
-    this.route(req, res).then(
+    this.route(req, res, ref).then(
       (outcome) => this.o.metrics.routerRequests.observe({ outcome }, (performance.now() - t0) / 1000),
       (err: unknown) => {
         const e = asTorporError(err);
@@ -210,11 +214,11 @@ export class Router {
         sendError(res, e);
       },
     );
-  };
+  }
 
-  private async route(req: IncomingMessage, res: ServerResponse): Promise<string> {
+  private async route(req: IncomingMessage, res: ServerResponse, given?: ActorRef): Promise<string> {
     const path = originFormPath(req.url);
-    const ref = actorFromHost(req.headers.host, this.o.domain);
+    const ref = given ?? actorFromHost(req.headers.host, this.o.domain);
     this.authorize(ref, req.headers);
     const limit = this.o.bodyLimit ?? 64 * 1024 * 1024;
     if (Number(req.headers['content-length'] ?? 0) > limit) {

@@ -26,6 +26,8 @@ export interface CliResult {
 export interface Torpor {
   url: string;
   routerUrl: string;
+  /** The MCP gateway (tool traffic by instance id). */
+  mcpUrl: string;
   dataDir: string;
   cli: (...args: string[]) => Promise<CliResult>;
   /** Runs the CLI with -o json and parses stdout; throws with stderr when it fails. */
@@ -40,8 +42,10 @@ export async function startTorpor(opts: {
   workers?: number;
   networkBase: number;
   dataDir?: string;
-  /** More `torpor up` flags. */
+  /** More `torpor up` flags (a flag given again here wins over the defaults above it). */
   args?: string[];
+  /** More environment for `torpor up` (secrets such as TORPOR_API_KEYS). */
+  env?: Record<string, string>;
 }): Promise<Torpor> {
   const dataDir = opts.dataDir ?? (await mkdtemp(join(tmpdir(), 'torpor-e2e-')));
   const child: ChildProcess = spawn(
@@ -59,23 +63,26 @@ export async function startTorpor(opts: {
       String(opts.workers ?? 2),
       '--network-base',
       String(opts.networkBase),
+      '--mcp-port',
+      '0',
       ...(opts.args ?? []),
     ],
-    { stdio: ['ignore', 'pipe', 'pipe'], env: process.env },
+    { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...opts.env } },
   );
   let output = '';
   child.stdout?.on('data', (d: Buffer) => {
     output += d.toString();
   });
-  const [url, routerUrl] = await new Promise<[string, string]>((resolveUrl, reject) => {
+  const [url, routerUrl, mcpUrl] = await new Promise<[string, string, string]>((resolveUrl, reject) => {
     const timer = setTimeout(() => reject(new Error(`torpor up did not start:\n${output}`)), 60_000);
     child.stderr?.on('data', (d: Buffer) => {
       output += d.toString();
       const api = /API listening on (http:\/\/\S+)/.exec(output);
       const router = /router listening on (http:\/\/\S+)/.exec(output);
-      if (api && router) {
+      const mcp = /MCP gateway listening on (http:\/\/\S+)/.exec(output);
+      if (api && router && mcp) {
         clearTimeout(timer);
-        resolveUrl([api[1]!, router[1]!]);
+        resolveUrl([api[1]!, router[1]!, mcp[1]!]);
       }
     });
     child.on('exit', (code) => {
@@ -115,5 +122,5 @@ export async function startTorpor(opts: {
     child.kill('SIGKILL');
     await exited;
   };
-  return { url, routerUrl, dataDir, cli, json, stop, crash, log: () => output };
+  return { url, routerUrl, mcpUrl, dataDir, cli, json, stop, crash, log: () => output };
 }
