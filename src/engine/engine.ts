@@ -105,6 +105,8 @@ const UNIT_MS: Record<string, number> = { ns: 1e-6, us: 1e-3, µs: 1e-3, ms: 1, 
 /** Longest TTL accepted: 30 days. */
 export const MAX_TTL_MS = 30 * 24 * 3_600_000;
 
+const TTL_RULE = 'must be a positive duration such as "30m" or "1h30m", at most 720h';
+
 /** Parses a Go duration ("30m", "1h30m", "1.5h", "90s"); "" means no TTL (undefined). */
 export function parseTtl(ttl: string | undefined, field = 'ttl'): number | undefined {
   if (ttl === undefined || ttl === '') return undefined;
@@ -116,11 +118,7 @@ export function parseTtl(ttl: string | undefined, field = 'ttl'): number | undef
     consumed = re.lastIndex;
   }
   if (consumed !== ttl.length || ms <= 0 || ms > MAX_TTL_MS) {
-    throw new TorporError(
-      'INVALID_ARGUMENT',
-      `${field}: must be a positive duration such as "30m" or "1h30m", at most 720h, got "${ttl}"`,
-      { field },
-    );
+    throw new TorporError('INVALID_ARGUMENT', `${field}: ${TTL_RULE}, got "${ttl}"`, { field });
   }
   return Math.round(ms);
 }
@@ -129,6 +127,15 @@ export function parseTtl(ttl: string | undefined, field = 'ttl'): number | undef
 export const rfc3339 = (t: string | number | Date): string => new Date(t).toISOString().replace(/\.\d{3}Z$/, 'Z');
 
 // ------------------------------------------------------------------ schemas (validation and the OpenAPI document)
+
+function validTtl(ttl: string): boolean {
+  try {
+    parseTtl(ttl);
+    return true;
+  } catch {
+    return false;
+  }
+}
 
 const envVarName = z.string().regex(/^[A-Za-z_][A-Za-z0-9_]*$/, 'must be a valid environment variable name');
 
@@ -139,6 +146,7 @@ const instanceFields = {
   ttl: z
     .string()
     .optional()
+    .refine((v) => v === undefined || validTtl(v), { error: (issue) => `${TTL_RULE}, got "${String(issue.input)}"` })
     .describe('a Go duration ("30m", "1h30m"): the instance is deleted that long after creation'),
   owner: z.string().max(63, 'must be at most 63 characters').optional(),
   labels: labelsSchema.nullish(),
@@ -147,7 +155,11 @@ const instanceFields = {
 /** Body of `POST /env-instance` (AEnvironment's CreateEnvInstanceRequest). */
 export const createInstanceRequest = z
   .object({
-    envName: z.string({ error: 'is required' }).min(1, 'is required').describe('"name@version"'),
+    envName: z
+      .string({ error: 'is required' })
+      .min(1, 'is required')
+      .regex(/^[^@]+@[^@]+$/, 'must be "name@version"')
+      .describe('"name@version"'),
     datasource: z.string().optional(),
     ...instanceFields,
     name: z
