@@ -18,6 +18,7 @@ for pair in ip:iproute2 curl:curl cc:gcc python3:python3 busybox:busybox-static 
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
 [ -e /usr/lib/x86_64-linux-gnu/libc.a ] || need+=(libc6-dev)
+/usr/bin/python3 -c 'import ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   log "apt-get install ${need[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
@@ -48,6 +49,14 @@ if [ ! -d "$ROOT/node_modules" ] || [ "$ROOT/package-lock.json" -nt "$ROOT/node_
   # (biome's optional platform packages). `install --no-save` installs the locked versions, writes nothing.
   log "npm install (locked versions)"
   (cd "$ROOT" && npm install --no-save --no-audit --no-fund --loglevel=error)
+fi
+
+# Optional: the Python environment in which AEnvironment's own SDK drives Torpor (test/e2e/aenv-sdk.test.ts is
+# skipped, with the reason, when no package index can provide it).
+if py=$(bash "$ROOT/scripts/aenv-sdk-venv.sh" 2>/dev/null); then
+  log "AEnvironment SDK python: $py"
+else
+  log "AEnvironment SDK python unavailable (no package index?): its test will be skipped"
 fi
 
 cat > /usr/local/bin/torpor <<SH

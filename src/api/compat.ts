@@ -203,6 +203,15 @@ export async function compatPlugin(app: FastifyInstance, opts: CompatOptions): P
     void reply.status(ERROR_STATUS[e.code]).send(failure(e));
   });
 
+  // AEnvironment's clients send `Content-Type: application/json` on every request, bodiless GETs and DELETEs too
+  // (httpx client defaults): an empty body is no body here, as it is to api-service.
+  const json = app.getDefaultJsonParser('error', 'error');
+  app.removeContentTypeParser('application/json');
+  app.addContentTypeParser('application/json', { parseAs: 'string' }, (req, body, done) => {
+    if (body === '') done(null, undefined);
+    else json(req, body as string, done);
+  });
+
   type Id = { Params: { id: string } };
 
   // ---------------------------------------------------------------- AEnvironment public API

@@ -8,12 +8,14 @@
 import { randomUUID } from 'node:crypto';
 import { Agent, request } from 'undici';
 import { type ErrorCode, TorporError } from '../core/errors.ts';
+import { parse } from '../core/schemas.ts';
 import type { ActorRef } from '../core/types.ts';
 import {
   type Caller,
   type Capability,
   type CreateInstanceRequest,
   type CreateOptions,
+  createInstanceRequest,
   createOwner,
   type Engine,
   type EnvObject,
@@ -101,7 +103,9 @@ export class StandardEngine implements Engine {
     this.dispatcher = new Agent({ keepAliveTimeout: 10_000, connections: 64 });
   }
 
-  async create(req: CreateInstanceRequest, opts: CreateOptions = {}): Promise<Instance> {
+  async create(input: CreateInstanceRequest, opts: CreateOptions = {}): Promise<Instance> {
+    // Bad input is refused here, as by every engine, before anything is sent.
+    const req = parse(createInstanceRequest, input) as CreateInstanceRequest;
     const { name, version } = splitEnvName(req.envName);
     const owner = createOwner(req, opts);
     const env = {

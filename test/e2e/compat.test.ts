@@ -7,8 +7,7 @@ import type { AddressInfo } from 'node:net';
 import { after, before, describe, test } from 'node:test';
 import { z } from 'zod';
 import { createInstanceRequest, instanceSchema, standardEnvRequest } from '../../src/engine/engine.ts';
-import { counterImage } from '../fixtures/images.ts';
-import { gvisorSkipReason, startTorpor, type Torpor } from './harness.ts';
+import { applyTemplate, counterEnvTemplate, gvisorSkipReason, startTorpor, type Torpor } from './harness.ts';
 
 const skip = gvisorSkipReason();
 // Keys as `torpor up` takes them from TORPOR_API_KEYS: two owners and a trusted service (owner "*").
@@ -82,18 +81,7 @@ describe('AEnvironment API and standard contract over HTTP (gVisor)', { skip }, 
       networkBase: 100,
       env: { TORPOR_API_KEYS: `alice=${ALICE},bob=${BOB},*=${SERVICE}` },
     });
-    const res = await fetch(`${t.url}/v1/templates`, {
-      method: 'POST',
-      headers: { 'content-type': 'application/json' },
-      body: JSON.stringify({
-        name: 'counter-v1',
-        image: await counterImage(),
-        port: 8080,
-        readiness: { path: '/healthz', timeoutSeconds: 20 },
-        resources: { memoryMiB: 128, vcpus: 1 },
-      }),
-    });
-    assert.equal(res.status, 201, await res.text());
+    await applyTemplate(t.url, await counterEnvTemplate());
   });
   after(async () => {
     await t?.stop();
@@ -139,7 +127,10 @@ describe('AEnvironment API and standard contract over HTTP (gVisor)', { skip }, 
     assert.deepEqual(okData(await call('GET', '/env-instance/other@v1/list')), []);
 
     refused(await call('DELETE', `/env-instance/${id}`, undefined, { 'x-owner': 'bob' }), 403, 'owner');
-    assert.equal(okData(await call('DELETE', `/env-instance/${id}`)), 'Deleted successfully');
+    // AEnvironment's SDK sends Content-Type: application/json with bodiless GETs and DELETEs.
+    const json = { 'content-type': 'application/json' };
+    assert.equal(okData(await call('GET', `/env-instance/${id}`, undefined, json)).id, id);
+    assert.equal(okData(await call('DELETE', `/env-instance/${id}`, undefined, json)), 'Deleted successfully');
     refused(await call('GET', `/env-instance/${id}`), 404);
     refused(await call('DELETE', `/env-instance/${id}`), 404);
   });

@@ -4,6 +4,7 @@ import { existsSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
+import { counterImage } from '../fixtures/images.ts';
 
 const ROOT = resolve(import.meta.dirname, '../..');
 const BIN = join(ROOT, 'bin/torpor.js');
@@ -15,6 +16,28 @@ export function gvisorSkipReason(): string | undefined {
   if (!existsSync(runsc)) return `runsc not found at ${runsc}: run scripts/setup.sh`;
   if (!existsSync('/usr/sbin/ip') && !existsSync('/sbin/ip')) return 'iproute2 (ip) not installed';
   return undefined;
+}
+
+/** The counter as AEnvironment's env "counter@v1" (template "counter-v1"). */
+export async function counterEnvTemplate(extra: Record<string, unknown> = {}): Promise<Record<string, unknown>> {
+  return {
+    name: 'counter-v1',
+    image: await counterImage(),
+    port: 8080,
+    readiness: { path: '/healthz', timeoutSeconds: 20 },
+    resources: { memoryMiB: 128, vcpus: 1 },
+    ...extra,
+  };
+}
+
+/** Applies a template over the REST API; throws unless it was created. */
+export async function applyTemplate(url: string, spec: Record<string, unknown>): Promise<void> {
+  const res = await fetch(`${url}/v1/templates`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify(spec),
+  });
+  if (res.status !== 201) throw new Error(`template ${String(spec.name)}: ${res.status} ${await res.text()}`);
 }
 
 export interface CliResult {

@@ -3,8 +3,7 @@
 // and answers its next tool call with its memory intact.
 import assert from 'node:assert/strict';
 import { after, describe, test } from 'node:test';
-import { counterImage } from '../fixtures/images.ts';
-import { gvisorSkipReason, startTorpor, type Torpor } from './harness.ts';
+import { applyTemplate, counterEnvTemplate, gvisorSkipReason, startTorpor, type Torpor } from './harness.ts';
 
 interface Instance {
   id: string;
@@ -14,22 +13,6 @@ interface Instance {
 }
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, Math.max(0, ms)));
-
-async function applyTemplate(t: Torpor, extra: Record<string, unknown> = {}): Promise<void> {
-  const res = await fetch(`${t.url}/v1/templates`, {
-    method: 'POST',
-    headers: { 'content-type': 'application/json' },
-    body: JSON.stringify({
-      name: 'counter-v1',
-      image: await counterImage(),
-      port: 8080,
-      readiness: { path: '/healthz', timeoutSeconds: 20 },
-      resources: { memoryMiB: 128, vcpus: 1 },
-      ...extra,
-    }),
-  });
-  assert.equal(res.status, 201, await res.text());
-}
 
 async function create(t: Torpor, body: Record<string, unknown>): Promise<Instance> {
   const res = await fetch(`${t.url}/env-instance`, {
@@ -61,7 +44,7 @@ describe('instances over time (gVisor)', { skip: gvisorSkipReason() }, () => {
 
   test('TTL timers survive a crash: re-armed from the store, an overdue one fires at start', async (ctx) => {
     const first = await startTorpor({ workers: 2, networkBase: 170 });
-    await applyTemplate(first);
+    await applyTemplate(first.url, await counterEnvTemplate());
     const short = await create(first, { ttl: '4s' });
     const long = await create(first, { ttl: '16s' });
     // created_at has second precision; the timer counts from the stored millisecond, at most 1 s later.
@@ -92,7 +75,7 @@ describe('instances over time (gVisor)', { skip: gvisorSkipReason() }, () => {
   test('an idle instance is suspended, not deleted, and its next tool call finds its memory', async () => {
     const t = await startTorpor({ workers: 1, networkBase: 175 });
     running.push(t);
-    await applyTemplate(t, { idleTimeoutSeconds: 2 });
+    await applyTemplate(t.url, await counterEnvTemplate({ idleTimeoutSeconds: 2 }));
     const i = await create(t, {});
     const tool = async () => {
       const res = await fetch(`${t.mcpUrl}/`, { headers: { 'AEnvCore-EnvInstance-ID': i.id } });

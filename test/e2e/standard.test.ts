@@ -4,8 +4,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import { instanceSchema } from '../../src/engine/engine.ts';
-import { counterImage } from '../fixtures/images.ts';
-import { gvisorSkipReason, startTorpor, type Torpor } from './harness.ts';
+import { applyTemplate, counterEnvTemplate, gvisorSkipReason, startTorpor, type Torpor } from './harness.ts';
 
 const SERVICE = 'front-service-key-5e1f9c3a';
 
@@ -62,18 +61,7 @@ describe('torpor up --engine standard: a front Torpor delegating to a back Torpo
 
   before(async () => {
     back = await startTorpor({ workers: 2, networkBase: 160, env: { TORPOR_API_KEYS: `*=${SERVICE}` } });
-    const res = await fetch(`${back.url}/v1/templates`, {
-      method: 'POST',
-      headers: { 'content-type': 'application/json' },
-      body: JSON.stringify({
-        name: 'counter-v1',
-        image: await counterImage(),
-        port: 8080,
-        readiness: { path: '/healthz', timeoutSeconds: 20 },
-        resources: { memoryMiB: 128, vcpus: 1 },
-      }),
-    });
-    assert.equal(res.status, 201, await res.text());
+    await applyTemplate(back.url, await counterEnvTemplate());
     front = await startTorpor({
       workers: 1,
       networkBase: 165,
