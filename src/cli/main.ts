@@ -129,8 +129,8 @@ program
   )
   .option(
     '--api-key <owner=key...>',
-    'require Authorization: Bearer <key> on the AEnvironment API; the key speaks for owner ("*": a service ' +
-      'that states the owner in X-Owner). Also TORPOR_API_KEYS=owner=key,… (repeatable)',
+    'require Authorization: Bearer <key> on the AEnvironment API, the key speaking for owner ("*": a service ' +
+      'that states the owner in X-Owner); repeatable, or TORPOR_API_KEYS=owner=key,…',
   )
   .option('--sample', 'create the sample "counter" template and actor')
   .action(async (o: UpFlags) => {
