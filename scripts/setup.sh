@@ -27,6 +27,7 @@ QEMU_LIBS="libaio1 libbpf1 libcapstone4 libfdt1 libfuse3-3 libglib2.0-0 libgmp10
 for pkg in $QEMU_LIBS xz-utils; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || need+=("$pkg")
 done
+/usr/bin/python3 -c 'import ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   log "apt-get install ${need[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
@@ -57,6 +58,14 @@ if [ ! -d "$ROOT/node_modules" ] || [ "$ROOT/package-lock.json" -nt "$ROOT/node_
   # (biome's optional platform packages). `install --no-save` installs the locked versions, writes nothing.
   log "npm install (locked versions)"
   (cd "$ROOT" && npm install --no-save --no-audit --no-fund --loglevel=error)
+fi
+
+# Optional: the Python environment in which AEnvironment's own SDK drives Torpor (test/e2e/aenv-sdk.test.ts is
+# skipped, with the reason, when no package index can provide it).
+if py=$(bash "$ROOT/scripts/aenv-sdk-venv.sh" 2>/dev/null); then
+  log "AEnvironment SDK python: $py"
+else
+  log "AEnvironment SDK python unavailable (no package index?): its test will be skipped"
 fi
 
 cat > /usr/local/bin/torpor <<SH

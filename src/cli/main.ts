@@ -73,24 +73,26 @@ interface UpFlags {
   engine: string;
   scheduleType?: string;
   standardUrl?: string;
+  mcpPort: string;
+  apiKey?: string[];
 }
 
-/** `space=token` pairs; tokens may also come from TORPOR_INGRESS_TOKENS (same form, comma-separated), so they
- * need not appear in a process listing. */
-function ingressTokens(flags: string[] | undefined): Record<string, string> | undefined {
-  const pairs = [...(flags ?? []), ...(process.env.TORPOR_INGRESS_TOKENS?.split(',').filter(Boolean) ?? [])];
-  if (pairs.length === 0) return undefined;
-  const out: Record<string, string> = {};
-  for (const pair of pairs) {
+/** `name=secret` pairs from a repeatable flag and from an environment variable (same form, comma-separated), so
+ * that secrets need not appear in a process listing. */
+function secretPairs(flags: string[] | undefined, envVar: string, field: string, form: string): [string, string][] {
+  const pairs = [...(flags ?? []), ...(process.env[envVar]?.split(',').filter(Boolean) ?? [])];
+  return pairs.map((pair) => {
     const eq = pair.indexOf('=');
     if (eq <= 0 || eq === pair.length - 1) {
-      throw new TorporError('INVALID_ARGUMENT', 'an ingress token must be given as space=token', {
-        field: 'ingress-token',
-      });
+      throw new TorporError('INVALID_ARGUMENT', `--${field} must be given as ${form}`, { field });
     }
-    out[pair.slice(0, eq)] = pair.slice(eq + 1);
-  }
-  return out;
+    return [pair.slice(0, eq), pair.slice(eq + 1)];
+  });
+}
+
+function ingressTokens(flags: string[] | undefined): Record<string, string> | undefined {
+  const pairs = secretPairs(flags, 'TORPOR_INGRESS_TOKENS', 'ingress-token', 'space=token');
+  return pairs.length > 0 ? Object.fromEntries(pairs) : undefined;
 }
 
 program
@@ -129,6 +131,16 @@ program
     new Option('--schedule-type <engine>', "alias of --engine (AEnvironment's name)").choices(['local', 'standard']),
   )
   .option('--standard-url <url>', 'with --engine standard: the engine serving the standard contract')
+  .option(
+    '--mcp-port <port>',
+    "MCP gateway port: tool traffic by AEnvCore-EnvInstance-ID (AEnvironment's SDK expects 8081 beside the API on 8080)",
+    '7081',
+  )
+  .option(
+    '--api-key <owner=key...>',
+    'require Authorization: Bearer <key> on the AEnvironment API, the key speaking for owner ("*": a service ' +
+      'that states the owner in X-Owner); repeatable, or TORPOR_API_KEYS=owner=key,…',
+  )
   .option('--sample', 'create the sample "counter" template and actor')
   .action(async (o: UpFlags) => {
     const { up } = await import('./up.ts');
@@ -156,9 +168,14 @@ program
         : {}),
       engine: (o.scheduleType ?? o.engine) as 'local' | 'standard',
       ...(o.standardUrl ? { standardUrl: o.standardUrl } : {}),
+      // The key this Torpor presents to its standard engine: from the environment only, never a flag.
+      ...(process.env.TORPOR_STANDARD_API_KEY ? { standardApiKey: process.env.TORPOR_STANDARD_API_KEY } : {}),
+      mcpPort: integerFlag('mcp-port', o.mcpPort, 0, 65535),
+      apiKeys: secretPairs(o.apiKey, 'TORPOR_API_KEYS', 'api-key', 'owner=key'),
     });
     process.stderr.write(`Torpor API listening on ${torpor.url} (dashboard: ${torpor.url}/dashboard/)\n`);
     process.stderr.write(`Torpor router listening on ${torpor.routerUrl} (Host: <actor>.<space>.actors.${o.domain})\n`);
+    if (torpor.mcpUrl) process.stderr.write(`Torpor MCP gateway listening on ${torpor.mcpUrl}\n`);
     if (o.sample) {
       const { createSample } = await import('./sample.ts');
       await createSample(torpor.lifecycle, resolve(o.dataDir), `${o.domain}:${new URL(torpor.routerUrl).port}`);

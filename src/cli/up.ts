@@ -4,6 +4,8 @@ import { mkdir } from 'node:fs/promises';
 import http, { type Server } from 'node:http';
 import { join, resolve } from 'node:path';
 import { type Logger, pino } from 'pino';
+import { ApiKeys } from '../api/compat.ts';
+import { mcpGateway } from '../api/mcp-gateway.ts';
 import { buildApi } from '../api/server.ts';
 import { FsBlobStore } from '../blob/fs.ts';
 import { ActivityTracker } from '../control/activity.ts';
@@ -60,12 +62,20 @@ export interface UpOptions {
    * (local) or an external service speaking the standard contract at standardUrl. */
   engine?: 'local' | 'standard';
   standardUrl?: string;
+  /** Presented to the standard engine as `Authorization: Bearer` (a service key there). */
+  standardApiKey?: string;
+  /** The MCP gateway (tool traffic by instance id, src/api/mcp-gateway.ts) on this port; none when undefined. */
+  mcpPort?: number;
+  /** [owner, key] pairs: when any, the AEnvironment API needs one of these keys (src/api/compat.ts). */
+  apiKeys?: [string, string][];
   log?: Logger;
 }
 
 export interface RunningTorpor {
   url: string;
   routerUrl: string;
+  /** The MCP gateway, when one was asked for. */
+  mcpUrl?: string;
   lifecycle: Lifecycle;
   instances: Engine;
   stop: () => Promise<void>;
@@ -151,13 +161,17 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
     if (!opts.standardUrl) {
       throw new TorporError('INVALID_ARGUMENT', '--engine standard needs --standard-url', { field: 'standard-url' });
     }
-    instances = new StandardEngine({ url: opts.standardUrl });
+    instances = new StandardEngine({
+      url: opts.standardUrl,
+      ...(opts.standardApiKey ? { apiKey: opts.standardApiKey } : {}),
+    });
   } else {
     const local = new LocalInstances({ lifecycle, log });
     await local.start();
     instances = local;
   }
-  const api = buildApi({ lifecycle, store, metrics, log, instances, storage: blobFiles });
+  const keys = opts.apiKeys?.length ? new ApiKeys(opts.apiKeys) : undefined;
+  const api = buildApi({ lifecycle, store, metrics, log, instances, storage: blobFiles, instanceKeys: keys });
   await api.listen({ host: opts.host, port: opts.port });
   const url = `http://${opts.host}:${listeningPort(api.server)}`;
 
@@ -183,6 +197,17 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
   await new Promise<void>((resolve) => routerServer.listen(opts.routerPort ?? 7080, opts.host, resolve));
   const routerUrl = `http://${opts.host}:${listeningPort(routerServer)}`;
 
+  let mcpServer: Server | undefined;
+  if (opts.mcpPort !== undefined) {
+    mcpServer = http.createServer(
+      { keepAlive: true },
+      mcpGateway({ engine: instances, keys, proxy: router.handleFor }),
+    );
+    const server = mcpServer;
+    await new Promise<void>((resolve) => server.listen(opts.mcpPort, opts.host, resolve));
+  }
+  const mcpUrl = mcpServer ? `http://${opts.host}:${listeningPort(mcpServer)}` : undefined;
+
   let stopping: Promise<void> | undefined;
   const stop = (): Promise<void> => {
     stopping ??= (async () => {
@@ -191,6 +216,10 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
       router.close();
       routerServer.closeAllConnections();
       await new Promise((r) => routerServer.close(r));
+      if (mcpServer) {
+        mcpServer.closeAllConnections();
+        await new Promise((r) => mcpServer.close(r));
+      }
       await api.close();
       await instances.close();
       await lifecycle.suspendAll();
@@ -200,5 +229,5 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
     })();
     return stopping;
   };
-  return { url, routerUrl, lifecycle, instances, stop };
+  return { url, routerUrl, ...(mcpUrl ? { mcpUrl } : {}), lifecycle, instances, stop };
 }
