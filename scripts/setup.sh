@@ -68,6 +68,13 @@ else
   log "AEnvironment SDK python unavailable (no package index?): its test will be skipped"
 fi
 
+# Optional: Bun and Deno, to run the TypeScript SDK outside Node (test/sdk/runtimes.test.ts skips without them).
+if rt=$(bash "$ROOT/scripts/js-runtimes.sh" "$CACHE/runtimes" 2>/dev/null); then
+  log "SDK runtimes: $rt"
+else
+  log "Bun/Deno unavailable (npm registry unreachable?): their SDK test will be skipped"
+fi
+
 cat > /usr/local/bin/torpor <<SH
 #!/bin/sh
 exec "$NODE_BIN" "$ROOT/bin/torpor.js" "\$@"
