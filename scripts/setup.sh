@@ -16,7 +16,7 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 need=()
 for pair in ip:iproute2 curl:curl cc:gcc python3:python3 busybox:busybox-static npm:npm \
   docker-registry:docker-registry skopeo:skopeo htpasswd:apache2-utils openssl:openssl nft:nftables \
-  chromium:chromium ceph-mon:ceph-mon ceph-osd:ceph-osd radosgw:radosgw ceph:ceph-common; do
+  chromium:chromium ceph-mon:ceph-mon ceph-osd:ceph-osd radosgw:radosgw ceph:ceph-common redis-server:redis-server; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
 [ -e /usr/lib/x86_64-linux-gnu/libc.a ] || need+=(libc6-dev)
