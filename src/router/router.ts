@@ -97,13 +97,25 @@ export class Router {
     void this.follow();
   }
 
-  /** Keeps the location cache fresh from store change notifications; closes connections of actors that stop. */
+  /** Keeps the location cache fresh from store change notifications; closes connections of actors that stop. A
+   * watch can end (a store may end one that fell too far behind, a connection may fail): then whatever the cache
+   * holds may be stale, so it is dropped (it refills on demand) and the watch starts again. */
   private async follow(): Promise<void> {
-    for await (const change of this.o.store.watch(['actor'], this.watching.signal)) {
-      const actor = change.value as Actor | undefined;
-      if (actor) this.cache.set(change.key, actor);
-      else this.cache.delete(change.key);
-      if (actor?.status !== 'RUNNING') this.closeConnections(change.key);
+    for (let retry = 0; !this.watching.signal.aborted; retry++) {
+      try {
+        for await (const change of this.o.store.watch(['actor'], this.watching.signal)) {
+          retry = 0;
+          const actor = change.value as Actor | undefined;
+          if (actor) this.cache.set(change.key, actor);
+          else this.cache.delete(change.key);
+          if (actor?.status !== 'RUNNING') this.closeConnections(change.key);
+        }
+      } catch (err) {
+        if (!this.watching.signal.aborted) this.o.log.warn({ err }, 'store watch failed');
+      }
+      if (this.watching.signal.aborted) return;
+      this.cache.clear();
+      await new Promise((r) => setTimeout(r, Math.min(5000, 100 * 2 ** retry)));
     }
   }
 
