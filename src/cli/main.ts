@@ -57,6 +57,7 @@ interface UpFlags {
   workers: string;
   nodes: string;
   networkBase: string;
+  microvmWorkers: string;
   runsc?: string;
   sample?: boolean;
   routerPort: string;
@@ -98,6 +99,7 @@ program
   .option('--workers <n>', 'worker slots per node', '2')
   .option('--nodes <n>', 'node agents, each in its own network namespace', '1')
   .option('--runsc <path>', 'runsc binary (default: the asset built by scripts/setup.sh)')
+  .option('--microvm-workers <n>', 'micro-VM worker slots per node, besides the gVisor ones (QEMU)', '0')
   .option(
     '--network-base <n>',
     'first per-worker network index, 0..255 (two instances on one machine need distinct ranges)',
@@ -131,6 +133,7 @@ program
       port: integerFlag('port', o.port, 0, 65535),
       workers: integerFlag('workers', o.workers, 1, 64),
       nodes: integerFlag('nodes', o.nodes, 1, 16),
+      microvmWorkers: integerFlag('microvm-workers', o.microvmWorkers, 0, 64),
       networkBase: integerFlag('network-base', o.networkBase, 0, 255),
       routerPort: integerFlag('router-port', o.routerPort, 0, 65535),
       domain: o.domain,

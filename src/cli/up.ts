@@ -12,7 +12,7 @@ import { Lifecycle } from '../control/lifecycle.ts';
 import { Metrics } from '../control/metrics.ts';
 import { TorporError } from '../core/errors.ts';
 import type { Engine } from '../engine/engine.ts';
-import { LocalEngine, loadRunscAsset, locateRunsc } from '../engine/local.ts';
+import { LocalEngine, loadMicrovmAssets, loadRunscAsset, locateRunsc } from '../engine/local.ts';
 import { LocalInstances } from '../engine/local-instances.ts';
 import { StandardEngine } from '../engine/standard.ts';
 import { ImageStore } from '../image/store.ts';
@@ -33,6 +33,8 @@ export interface UpOptions {
   /** Node agents, each in its own network namespace (default 1). */
   nodes?: number;
   runsc?: string;
+  /** Micro-VM worker slots per node (QEMU), besides the `workers` gVisor ones. */
+  microvmWorkers?: number;
   /** First per-worker network index: lets two Torpor instances share one machine. */
   networkBase?: number;
   /** zstd level for delta-encoded snapshot files (0: chunks only). */
@@ -64,10 +66,11 @@ export interface RunningTorpor {
 export async function up(opts: UpOptions): Promise<RunningTorpor> {
   const log = opts.log ?? pino({ name: 'torpor' });
   const nodes = opts.nodes ?? 1;
-  if ((opts.networkBase ?? 0) + nodes * opts.workers > 256) {
+  const microvmWorkers = opts.microvmWorkers ?? 0;
+  if ((opts.networkBase ?? 0) + nodes * (opts.workers + microvmWorkers) > 256) {
     throw new TorporError(
       'INVALID_ARGUMENT',
-      'network-base + nodes × workers must be at most 256 (one /30 per worker)',
+      'network-base + nodes × (workers + microvm-workers) must be at most 256 (one /30 per worker)',
       { field: 'workers' },
     );
   }
@@ -79,6 +82,7 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
   const metrics = new Metrics();
   const runsc = await loadRunscAsset(locateRunsc(opts.runsc), log);
   log.info({ runsc: runsc.path, version: runsc.features.version, sha256: runsc.sha256 }, 'runtime asset');
+  const microvm = microvmWorkers > 0 ? await loadMicrovmAssets({}, log) : undefined;
   const engine = new LocalEngine(
     {
       dataDir,
@@ -89,6 +93,8 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
       images,
       log,
       networkBase: opts.networkBase ?? 0,
+      microvmWorkers,
+      ...(microvm ? { microvm } : {}),
       ...(opts.deltaLevel !== undefined ? { deltaLevel: opts.deltaLevel } : {}),
     },
     runsc,

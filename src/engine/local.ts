@@ -1,13 +1,21 @@
 // The local engine: node agents in this process, on this machine, each node in its own network namespace. One
 // node by default; several (`--nodes`) make moves between nodes real network moves.
+import { createHash } from 'node:crypto';
 import { existsSync } from 'node:fs';
+import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { NodeAgent } from '../agent/agent.ts';
 import type { BlobStore } from '../blob/blob.ts';
 import { TorporError } from '../core/errors.ts';
 import type { ImageStore } from '../image/store.ts';
+import { ACTOR_ADDRESS, ACTOR_MAC, ACTOR_PREFIX, GATEWAY_ADDRESS } from '../net/egress.ts';
 import { NodeNetwork } from '../net/node-net.ts';
+import { TAP } from '../net/worker-net.ts';
 import { detectRunsc, GvisorRuntime, type RunscFeatures, sha256File } from '../runtime/gvisor/runsc.ts';
+import { locateMicrovm, type MicrovmPaths } from '../runtime/microvm/locate.ts';
+import { probeKvm, QemuDriver } from '../runtime/microvm/qemu.ts';
+import { MicrovmRuntime } from '../runtime/microvm/runtime.ts';
+import type { VmmStatus } from '../runtime/microvm/vmm.ts';
 import type { StateStore } from '../store/store.ts';
 
 export interface LocalEngineOptions {
@@ -22,6 +30,37 @@ export interface LocalEngineOptions {
    * networkBase + n, its workers networkBase + n * workers + i. */
   networkBase?: number;
   deltaLevel?: number;
+  /** Micro-VM worker slots per node, besides the `workers` gVisor ones (needs `microvm`). */
+  microvmWorkers?: number;
+  microvm?: MicrovmAssets;
+}
+
+/** The micro-VM runtime's binaries on this machine and the accelerator a probe boot chose. */
+export interface MicrovmAssets {
+  paths: MicrovmPaths;
+  sha256: MicrovmPaths;
+  accel: 'kvm' | 'tcg';
+  kvm: VmmStatus;
+}
+
+/** Finds QEMU and the guest, hashes them (snapshot manifests pin them) and probes KVM by booting the guest. */
+export async function loadMicrovmAssets(explicit: Partial<MicrovmPaths>, log: Logger): Promise<MicrovmAssets> {
+  const found = locateMicrovm(explicit);
+  if (!found.paths) {
+    throw new TorporError('FAILED_PRECONDITION', `micro-VM workers: ${found.missing.join('; ')}`, {
+      field: 'microvm-workers',
+    });
+  }
+  const { qemu, kernel, initrd } = found.paths;
+  const [kvm, qemuSha, kernelSha, initrdSha] = await Promise.all([
+    probeKvm(qemu, kernel, initrd),
+    sha256File(qemu),
+    sha256File(kernel),
+    sha256File(initrd),
+  ]);
+  const accel = kvm.usable ? 'kvm' : 'tcg';
+  log.info({ qemu, kernel, initrd, accel, kvm: kvm.detail }, 'micro-VM runtime');
+  return { paths: found.paths, sha256: { qemu: qemuSha, kernel: kernelSha, initrd: initrdSha }, accel, kvm };
 }
 
 export interface RunscAsset {
@@ -62,6 +101,11 @@ export class LocalEngine {
   constructor(opts: LocalEngineOptions, runsc: RunscAsset) {
     const nodeCount = opts.nodes ?? 1;
     const base = opts.networkBase ?? 0;
+    const microvmWorkers = opts.microvmWorkers ?? 0;
+    const microvm = opts.microvm;
+    if (microvmWorkers > 0 && !microvm) throw new Error('microvmWorkers needs the micro-VM assets');
+    // Guest RAM files of this instance, on tmpfs, apart from any other instance's.
+    const memoryDir = `/dev/shm/torpor-${createHash('sha256').update(opts.dataDir).digest('hex').slice(0, 12)}`;
     for (let n = 0; n < nodeCount; n++) {
       const node = `node${n}`;
       this.nodes.set(
@@ -70,7 +114,7 @@ export class LocalEngine {
           node,
           dataDir: opts.dataDir,
           workers: opts.workers,
-          indexBase: base + n * opts.workers,
+          indexBase: base + n * (opts.workers + microvmWorkers),
           network: new NodeNetwork({ index: base + n }),
           store: opts.store,
           blob: opts.blob,
@@ -84,6 +128,34 @@ export class LocalEngine {
               asset: { url: `file://${runsc.path}`, sha256: runsc.sha256 },
               stateRoot,
             }),
+          microvmWorkers,
+          ...(microvm
+            ? {
+                makeMicrovmRuntime: (stateRoot: string) =>
+                  new MicrovmRuntime({
+                    driver: new QemuDriver({ binary: microvm.paths.qemu }),
+                    kernel: microvm.paths.kernel,
+                    initrd: microvm.paths.initrd,
+                    accel: microvm.accel,
+                    stateRoot,
+                    diskCache: join(opts.dataDir, 'microvm', 'disks'),
+                    memoryDir,
+                    network: {
+                      address: ACTOR_ADDRESS,
+                      prefix: ACTOR_PREFIX,
+                      gateway: GATEWAY_ADDRESS,
+                      mac: ACTOR_MAC,
+                      tap: TAP,
+                    },
+                    assets: Object.fromEntries(
+                      (['kernel', 'initrd', 'qemu'] as const).map((k) => [
+                        k,
+                        { url: `file://${microvm.paths[k]}`, sha256: microvm.sha256[k] },
+                      ]),
+                    ),
+                  }),
+              }
+            : {}),
         }),
       );
     }
