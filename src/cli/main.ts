@@ -2,7 +2,7 @@
 import { readFileSync } from 'node:fs';
 import { dirname, isAbsolute, resolve } from 'node:path';
 import { Command, Option } from 'commander';
-import { parse as parseYaml } from 'yaml';
+import { parse as parseYaml, stringify as stringifyYaml } from 'yaml';
 import { asTorporError, TorporError } from '../core/errors.ts';
 import { DEFAULT_SPACE } from '../core/types.ts';
 import { ApiClient } from './client.ts';
@@ -164,6 +164,21 @@ program
   });
 
 // ------------------------------------------------------------------ templates
+
+program
+  .command('doctor')
+  .description('for each runtime: usable on this machine, and why not (runsc version, QEMU, KVM probe boot, …)')
+  .option('--runsc <path>', 'runsc binary to check')
+  .action(async (o: { runsc?: string }) => {
+    const { checkRuntimes } = await import('./doctor.ts');
+    const checks = await checkRuntimes(o.runsc ? { runsc: o.runsc } : {});
+    if (format() === 'json') return console.log(JSON.stringify(checks, null, 2));
+    if (format() === 'yaml') return console.log(stringifyYaml(checks).trimEnd());
+    for (const c of checks) {
+      const name = c.vmm ? `${c.runtime} (${c.vmm})` : c.runtime;
+      console.log(`${c.usable ? 'ok  ' : 'no  '} ${name.padEnd(28)} ${c.detail}`);
+    }
+  });
 
 const template = program.command('template').description('manage templates');
 template

@@ -86,13 +86,14 @@ export class GuestControl {
     );
   }
 
-  async setActorId(actorId: string, timeoutMs: number): Promise<void> {
-    await this.request('id', [b64(actorId)], timeoutMs);
-  }
-
-  /** Sets the guest's wall clock (its clock stood still while the VM was suspended). */
-  async setClock(date: Date, timeoutMs: number): Promise<void> {
-    await this.request('clock', [String(Math.round(date.getTime() / 1000))], timeoutMs);
+  /** After a restore: sets the guest's wall clock (it stood still while the VM was suspended) and rewrites the
+   * actor id (a restore may be another actor: a fork), in one round trip. */
+  async resync(date: Date, actorId: string, timeoutMs: number): Promise<void> {
+    // Sent as plain text (the guest writes it with a shell builtin): actor ids are "space/name" DNS labels.
+    if (!/^[a-z0-9_][-a-z0-9_]*\/[a-z0-9][-a-z0-9]*$/.test(actorId)) {
+      throw new TorporError('INVALID_ARGUMENT', `actor id "${actorId}" is not space/name`, { field: 'actorId' });
+    }
+    await this.request('resync', [String(Math.round(date.getTime() / 1000)), actorId], timeoutMs);
   }
 
   async exec(argv: string[], timeoutMs: number): Promise<GuestExecResult> {

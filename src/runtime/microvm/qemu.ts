@@ -183,6 +183,7 @@ class QemuVm implements Vm {
 
 export class QemuDriver implements VmmDriver {
   readonly name = 'qemu' as const;
+  readonly ramInFile = true;
   private readonly opts: QemuOptions;
 
   constructor(opts: QemuOptions) {

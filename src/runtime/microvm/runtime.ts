@@ -229,7 +229,7 @@ export class MicrovmRuntime implements SandboxRuntime {
     t0 = performance.now();
     // Guest RAM in a shared file is the snapshot's memory as it stands (the VM is paused): move it, not copy it
     // (unless the checkpoint lives on another file system). RAM mapped privately travelled in the stream.
-    if (entry.config.memory.shared) {
+    if (this.opts.driver.ramInFile && entry.config.memory.shared) {
       await moveFile(entry.config.memory.path, join(dir, MEMORY_FILE));
       files.push(MEMORY_FILE);
     }
@@ -271,9 +271,10 @@ export class MicrovmRuntime implements SandboxRuntime {
     await writeFile(join(this.runDir(spec.id), VM_RECORD), JSON.stringify(model));
     // The snapshot's memory file is mapped copy-on-write (never modified: forks and kept copies share it); a
     // snapshot without one carried guest RAM in its stream, which then lands in a fresh shared file.
-    const memory = listed.includes(MEMORY_FILE)
-      ? { path: join(dir, MEMORY_FILE), shared: false }
-      : { path: this.ramFile(spec.id), shared: true };
+    const memory =
+      listed.includes(MEMORY_FILE) || !this.opts.driver.ramInFile
+        ? { path: join(dir, MEMORY_FILE), shared: false }
+        : { path: this.ramFile(spec.id), shared: true };
     const config = this.vmConfig(spec, disk.path, memory, model);
     phases.prepare = elapsedMs(t0);
     t0 = performance.now();
@@ -290,8 +291,7 @@ export class MicrovmRuntime implements SandboxRuntime {
       phases.resume = elapsedMs(t0);
       t0 = performance.now();
       // The guest's clock stood still while it was suspended, and the actor may be someone else now (a fork).
-      await entry.control.setClock(new Date(), CONTROL_TIMEOUT_MS);
-      await entry.control.setActorId(spec.actorId, CONTROL_TIMEOUT_MS);
+      await entry.control.resync(new Date(), spec.actorId, CONTROL_TIMEOUT_MS);
       phases.resync = elapsedMs(t0);
     } catch (err) {
       const failure = await this.failure('restore', spec, err);

@@ -54,6 +54,9 @@ export interface VmmStatus {
 
 export interface VmmDriver {
   readonly name: 'qemu' | 'cloud-hypervisor';
+  /** Whether guest RAM lives in VmConfig.memory.path (QEMU's memory-backend-file), which a checkpoint then moves
+   * into the snapshot; otherwise the driver's snapshot holds the memory itself. */
+  readonly ramInFile: boolean;
   status(): Promise<VmmStatus>;
   boot(config: VmConfig): Promise<Vm>;
   /** Starts a VMM with the same device model and loads the snapshot in `dir`; the VM is left paused. */

@@ -5,8 +5,8 @@
 # command line, and then serves the host on the virtio-serial port "torpor.0", one request per line:
 #   SEQ ping                               -> SEQ ok
 #   SEQ start ARGV ENV WORKDIR ACTORID     -> SEQ ok          (starts the workload; fields base64, "-" = empty)
-#   SEQ id ACTORID                         -> SEQ ok          (rewrites /run/torpor/actor-id, read-only to the actor)
-#   SEQ clock UNIXSECONDS                  -> SEQ ok          (after a restore: the guest clock stood still)
+#   SEQ resync UNIXSECONDS ACTORID         -> SEQ ok          (after a restore: the guest clock stood still, and the
+#                                                             actor may be another one; ACTORID is plain text)
 #   SEQ exec ARGV TIMEOUTSECONDS           -> SEQ exit CODE STDOUT STDERR
 # Errors answer "SEQ err MESSAGE". The loop reopens the port when the host side goes away (a snapshot's VMM quits;
 # the restored one connects again). Kernel command line: torpor.ip=ADDR/PREFIX torpor.gw=ADDR; torpor.probe=1
@@ -30,7 +30,8 @@ halt() {
 if [ "$(arg torpor.probe)" = 1 ]; then halt "probe ok"; fi
 
 # Devices are probed asynchronously after insmod: wait for the root disk and the control port.
-for _ in $(seq 500); do [ -b /dev/vda ] && [ -n "$(ls /sys/class/virtio-ports 2>/dev/null)" ] && break; usleep 10000; done
+ports() { ls /sys/class/virtio-ports 2>/dev/null; ls /dev/hvc0 2>/dev/null; }
+for _ in $(seq 500); do [ -b /dev/vda ] && [ -n "$(ports)" ] && break; usleep 10000; done
 R=/newroot
 mkdir -p /lower /upper "$R"
 mount -t ext4 -o ro /dev/vda /lower || halt "cannot mount the root filesystem /dev/vda"
@@ -44,7 +45,12 @@ mount -t devtmpfs dev "$R/dev"
 mkdir -p "$R/dev/pts" "$R/dev/shm"
 mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 devpts "$R/dev/pts"
 mount -t tmpfs -o mode=1777,nosuid,nodev shm "$R/dev/shm"
-mount -t tmpfs -o size=64k,mode=0755,ro torpor "$R/run/torpor"
+# The actor id lives on a tmpfs of the init's, shown read-only to the actor through a bind mount: rewriting it
+# is a shell builtin (after a restore every new process costs, under TCG, a cold translation cache).
+mkdir -p /run/ident
+mount -t tmpfs -o size=64k,mode=0755 ident /run/ident
+mount --bind /run/ident "$R/run/torpor"
+mount -o remount,bind,ro "$R/run/torpor"
 
 ip link set lo up
 addr=$(arg torpor.ip)
@@ -60,11 +66,7 @@ mkdir -p "$S"
 echo / >"$S/wd"
 unb64() { [ "$1" = - ] || echo "$1" | base64 -d; }
 b64file() { if [ -s "$1" ]; then base64 -w 0 "$1"; else echo -; fi; }
-set_id() {
-  unb64 "$1" >"$S/id" || return 1
-  mount -o remount,rw "$R/run/torpor" && cat "$S/id" >"$R/run/torpor/actor-id"
-  mount -o remount,ro "$R/run/torpor"
-}
+set_id() { unb64 "$1" >/run/ident/actor-id; }
 
 serve() {
   while read -r seq verb a1 a2 a3 a4 <&3; do
@@ -81,8 +83,13 @@ serve() {
       ) 3>&- &
       echo "$seq ok" >&3
       ;;
-    id) if set_id "$a1"; then echo "$seq ok" >&3; else echo "$seq err cannot write the actor id" >&3; fi ;;
-    clock) if date -u -s "@$a1" >/dev/null; then echo "$seq ok" >&3; else echo "$seq err bad time $a1" >&3; fi ;;
+    resync)
+      if date -u -s "@$a1" >/dev/null && echo -n "$a2" >/run/ident/actor-id; then
+        echo "$seq ok" >&3
+      else
+        echo "$seq err cannot set the clock to $a1 or the actor id" >&3
+      fi
+      ;;
     exec)
       unb64 "$a1" >"$S/exec.argv"
       timeout -s KILL "${a2:-60}" torpor-spawn "$R" "$(cat "$S/wd")" "$S/env" "$S/exec.argv" \
@@ -97,7 +104,12 @@ serve() {
 
 port=
 for p in /sys/class/virtio-ports/*; do [ "$(cat "$p/name" 2>/dev/null)" = torpor.0 ] && port=/dev/${p##*/}; done
-[ -n "$port" ] || halt "no virtio-serial port torpor.0"
+# Cloud Hypervisor has no virtio-serial ports: its virtio-console (hvc0) is the channel there, as a raw tty.
+if [ -z "$port" ] && [ -e /dev/hvc0 ]; then
+  port=/dev/hvc0
+  stty -F "$port" raw -echo
+fi
+[ -n "$port" ] || halt "no control port (virtio-serial torpor.0 or hvc0)"
 while true; do
   # A read on a port whose host side is closed returns end-of-file at once: wait and open it again. (A failed
   # redirection of a function call is not fatal, unlike one of `exec`; the port admits one opener at a time, so
