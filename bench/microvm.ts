@@ -119,7 +119,8 @@ async function bare(qemu: string, kernel: string, initrd: string, disk: string, 
     for (let i = 0; i < cycles; i++) {
       await net.prepare();
       await net.activate({ ports: [8080], egress: 'allow-all', actor: 'bench/bare' });
-      const runDir = join(work, `bare-${i}`);
+      // Short: unix socket paths must fit in 108 bytes.
+      const runDir = `/run/torpor-vm/bare-${process.pid}-${i}`;
       await mkdir(runDir, { recursive: true });
       const args = qemuArgs(
         {
@@ -134,6 +135,7 @@ async function bare(qemu: string, kernel: string, initrd: string, disk: string, 
           tap: TAP,
           mac: model.mac,
           runDir,
+          socketDir: runDir,
           consoleLog: join(work, 'bare-console.log'),
           memory: { path: join(snapshotDir, 'memory'), shared: false },
           accel: model.accel,
@@ -154,6 +156,7 @@ async function bare(qemu: string, kernel: string, initrd: string, disk: string, 
       qmp.close();
       child.kill('SIGKILL');
       await new Promise((r) => child.once('exit', r));
+      await rm(runDir, { recursive: true, force: true });
     }
   } finally {
     await net.destroy();

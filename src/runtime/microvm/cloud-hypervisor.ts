@@ -74,8 +74,8 @@ class ChVm implements Vm {
   constructor(child: ChildProcess, config: VmConfig) {
     this.child = child;
     this.pid = child.pid ?? -1;
-    this.api = join(config.runDir, 'api.sock');
-    this.controlSocket = join(config.runDir, 'control.sock');
+    this.api = join(config.socketDir, 'api.sock');
+    this.controlSocket = join(config.socketDir, 'control.sock');
     this.exited = new Promise((resolve) =>
       child.once('exit', (code, signal) => {
         this.done = true;
@@ -147,7 +147,7 @@ export class CloudHypervisorDriver implements VmmDriver {
     try {
       const child = spawn(
         'nsenter',
-        [`--net=${config.netnsPath}`, '--', this.binary, '--api-socket', `path=${join(config.runDir, 'api.sock')}`],
+        [`--net=${config.netnsPath}`, '--', this.binary, '--api-socket', `path=${join(config.socketDir, 'api.sock')}`],
         { detached: true, stdio: ['ignore', fd, fd] },
       );
       child.unref();
@@ -175,9 +175,10 @@ export class CloudHypervisorDriver implements VmmDriver {
     return vm;
   }
 
-  async restore(config: VmConfig, dir: string, _files: string[]): Promise<Vm> {
+  async restore(config: VmConfig, dir: string, _files: string[], beforeLoad?: (vm: Vm) => Promise<void>): Promise<Vm> {
     const vm = await this.launch(config);
     try {
+      await beforeLoad?.(vm);
       // The VM comes back paused; memory is faulted in from memory-ranges as the guest touches it.
       await apiCall(vm.api, 'PUT', 'vm.restore', { source_url: `file://${dir}`, memory_restore_mode: 'OnDemand' });
     } catch (err) {

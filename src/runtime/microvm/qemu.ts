@@ -49,7 +49,7 @@ export function qemuArgs(c: VmConfig, incoming: boolean): string[] {
     '-serial',
     'chardev:con',
     '-qmp',
-    `unix:${join(c.runDir, 'qmp.sock')},server=on,wait=off`,
+    `unix:${join(c.socketDir, 'qmp.sock')},server=on,wait=off`,
     '-drive',
     `if=none,id=root,file=${c.disk},format=raw,readonly=on`,
     '-device',
@@ -61,7 +61,7 @@ export function qemuArgs(c: VmConfig, incoming: boolean): string[] {
     '-device',
     'virtio-serial-device',
     '-chardev',
-    `socket,id=ctl,path=${join(c.runDir, 'control.sock')},server=on,wait=off`,
+    `socket,id=ctl,path=${join(c.socketDir, 'control.sock')},server=on,wait=off`,
     '-device',
     'virtserialport,chardev=ctl,name=torpor.0',
     '-kernel',
@@ -88,7 +88,7 @@ class QemuVm implements Vm {
     this.child = child;
     this.config = config;
     this.pid = child.pid ?? -1;
-    this.controlSocket = join(config.runDir, 'control.sock');
+    this.controlSocket = join(config.socketDir, 'control.sock');
     this.exited = new Promise((resolve) => {
       child.once('exit', (code, signal) => {
         this.done = true;
@@ -103,7 +103,7 @@ class QemuVm implements Vm {
   }
 
   async connect(): Promise<void> {
-    this.qmp = await QmpClient.connect(join(this.config.runDir, 'qmp.sock'), QMP_TIMEOUT_MS, () => this.running());
+    this.qmp = await QmpClient.connect(join(this.config.socketDir, 'qmp.sock'), QMP_TIMEOUT_MS, () => this.running());
     // The default (128 MiB/s) throttles a local file write.
     await this.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 64 * 1024 ** 3 });
   }
@@ -223,10 +223,11 @@ export class QemuDriver implements VmmDriver {
     return vm;
   }
 
-  async restore(config: VmConfig, dir: string, files: string[]): Promise<Vm> {
+  async restore(config: VmConfig, dir: string, files: string[], beforeLoad?: (vm: Vm) => Promise<void>): Promise<Vm> {
     const vm = this.launch(config, true);
     await this.connectOrKill(vm);
     try {
+      await beforeLoad?.(vm);
       await vm.ignoreSharedMemory(files.includes(MEMORY_FILE));
       await vm.loadSnapshot(dir);
     } catch (err) {

@@ -4,6 +4,7 @@
 // writes travel with the memory snapshot. eth0 sits at the stable actor address on a tap in the activation's
 // interior network namespace. A virtio-serial channel to the guest init starts the workload, runs exec, answers
 // readiness and resynchronises the clock and the actor id after a restore.
+import { createHash } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { mkdir, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -115,6 +116,11 @@ export class MicrovmRuntime implements SandboxRuntime {
     return join(this.opts.stateRoot, id);
   }
 
+  /** Unix socket paths must fit in 108 bytes; a run directory under a data directory may not. */
+  private socketDir(id: string): string {
+    return join('/run/torpor-vm', createHash('sha256').update(this.runDir(id)).digest('hex').slice(0, 16));
+  }
+
   private ramFile(id: string): string {
     return join(this.memoryDir, `${id}.ram`);
   }
@@ -143,6 +149,7 @@ export class MicrovmRuntime implements SandboxRuntime {
       tap: this.opts.network.tap,
       mac: model.mac,
       runDir: this.runDir(spec.id),
+      socketDir: this.socketDir(spec.id),
       consoleLog: spec.logFile,
       memory,
       accel: model.accel,
@@ -170,6 +177,7 @@ export class MicrovmRuntime implements SandboxRuntime {
     await this.destroy(spec.id);
     const disk = await ensureRootDisk(spec.rootfs, this.opts.diskCache);
     await mkdir(this.runDir(spec.id), { recursive: true });
+    await mkdir(this.socketDir(spec.id), { recursive: true });
     await mkdir(this.memoryDir, { recursive: true });
     await writeFile(join(this.runDir(spec.id), 'owner'), `${process.pid}\n`);
     return disk;
@@ -278,15 +286,21 @@ export class MicrovmRuntime implements SandboxRuntime {
     const config = this.vmConfig(spec, disk.path, memory, model);
     phases.prepare = elapsedMs(t0);
     t0 = performance.now();
-    const vm = await this.opts.driver.restore(config, dir, listed).catch(async (err: unknown) => {
+    let control: GuestControl | undefined;
+    const connectControl = async (started: Vm) => {
+      control = await GuestControl.connect(started.controlSocket, CONTROL_TIMEOUT_MS, () => started.running());
+    };
+    const vm = await this.opts.driver.restore(config, dir, listed, connectControl).catch(async (err: unknown) => {
+      control?.close();
       throw await this.failure('restore', spec, err);
     });
     await this.writePid(spec.id, vm.pid);
     const entry = this.supervise(spec.id, vm, config);
+    entry.control = control;
     phases.restore = elapsedMs(t0);
     try {
       t0 = performance.now();
-      entry.control = await GuestControl.connect(vm.controlSocket, CONTROL_TIMEOUT_MS, () => vm.running());
+      if (!entry.control) throw new TorporError('RUNTIME_ERROR', 'guest control channel not connected');
       await vm.resume();
       phases.resume = elapsedMs(t0);
       t0 = performance.now();
@@ -344,6 +358,7 @@ export class MicrovmRuntime implements SandboxRuntime {
 
   private async removeLeftovers(id: string): Promise<void> {
     await rm(this.runDir(id), { recursive: true, force: true });
+    await rm(this.socketDir(id), { recursive: true, force: true });
     await rm(this.ramFile(id), { force: true });
   }
 
@@ -357,11 +372,11 @@ export class MicrovmRuntime implements SandboxRuntime {
     return Number.isInteger(pid) && pid > 0 ? pid : undefined;
   }
 
-  /** Whether `pid` is this sandbox's VMM (and not a recycled pid): its command line names the run directory. */
+  /** Whether `pid` is this sandbox's VMM (and not a recycled pid): its command line names its socket directory. */
   private async ownsProcess(id: string, pid: number): Promise<boolean> {
     if (!(await processRunning(pid))) return false;
     const cmdline = await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '');
-    return cmdline.includes(this.runDir(id));
+    return cmdline.includes(this.socketDir(id));
   }
 
   /** A boot or restore error with the tail of what the VMM and the guest console said. */

@@ -18,8 +18,10 @@ export interface VmConfig {
   tap: string;
   /** The guest NIC's MAC: fixed, so a restored guest's neighbours (and the gateway's ARP entry) stay valid. */
   mac: string;
-  /** Directory for the VMM's sockets. */
+  /** Directory for the VMM's own files (its log). */
   runDir: string;
+  /** Directory for the VMM's unix sockets: short, because a socket path must fit in 108 bytes. */
+  socketDir: string;
   /** The guest's serial console (the workload's stdout/stderr) is appended here. */
   consoleLog: string;
   /** Guest RAM: a file mapped shared (writes land in the file: a snapshot moves it, nothing is copied) or
@@ -59,8 +61,10 @@ export interface VmmDriver {
   readonly ramInFile: boolean;
   status(): Promise<VmmStatus>;
   boot(config: VmConfig): Promise<Vm>;
-  /** Starts a VMM with the same device model and loads the snapshot in `dir`; the VM is left paused. */
-  restore(config: VmConfig, dir: string, files: string[]): Promise<Vm>;
+  /** Starts a VMM with the same device model and loads the snapshot in `dir`; the VM is left paused.
+   * `beforeLoad` runs once the VMM is up, before the snapshot is loaded (the runtime connects the guest channel
+   * there: a channel that is connected when the device state loads looks to the guest as if it never went away). */
+  restore(config: VmConfig, dir: string, files: string[], beforeLoad?: (vm: Vm) => Promise<void>): Promise<Vm>;
 }
 
 /** The memory file of a snapshot, when it has one (name shared by the drivers). */
