@@ -2,6 +2,7 @@
 // node by default; several (`--nodes`) make moves between nodes real network moves.
 import { createHash } from 'node:crypto';
 import { existsSync } from 'node:fs';
+import { rmdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { NodeAgent } from '../agent/agent.ts';
@@ -97,15 +98,17 @@ export async function loadRunscAsset(path: string, log: Logger): Promise<RunscAs
 
 export class LocalEngine {
   private readonly nodes = new Map<string, NodeAgent>();
+  /** Guest RAM files of this instance's micro-VMs, on tmpfs, apart from any other instance's. */
+  private readonly memoryDir: string;
 
   constructor(opts: LocalEngineOptions, runsc: RunscAsset) {
+    this.memoryDir = `/dev/shm/torpor-${createHash('sha256').update(opts.dataDir).digest('hex').slice(0, 12)}`;
     const nodeCount = opts.nodes ?? 1;
     const base = opts.networkBase ?? 0;
     const microvmWorkers = opts.microvmWorkers ?? 0;
     const microvm = opts.microvm;
     if (microvmWorkers > 0 && !microvm) throw new Error('microvmWorkers needs the micro-VM assets');
-    // Guest RAM files of this instance, on tmpfs, apart from any other instance's.
-    const memoryDir = `/dev/shm/torpor-${createHash('sha256').update(opts.dataDir).digest('hex').slice(0, 12)}`;
+    const memoryDir = this.memoryDir;
     for (let n = 0; n < nodeCount; n++) {
       const node = `node${n}`;
       this.nodes.set(
@@ -175,5 +178,7 @@ export class LocalEngine {
 
   async stop(): Promise<void> {
     for (const agent of this.nodes.values()) await agent.stop();
+    // Every VM is gone: its RAM directory is empty (rmdir refuses otherwise).
+    await rmdir(this.memoryDir).catch(() => undefined);
   }
 }
