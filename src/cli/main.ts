@@ -2,7 +2,7 @@
 import { readFileSync } from 'node:fs';
 import { dirname, isAbsolute, resolve } from 'node:path';
 import { Command, Option } from 'commander';
-import { parse as parseYaml } from 'yaml';
+import { parse as parseYaml, stringify as stringifyYaml } from 'yaml';
 import { asTorporError, TorporError } from '../core/errors.ts';
 import { type Actor, DEFAULT_SPACE, type Operation } from '../core/types.ts';
 import { ApiClient } from './client.ts';
@@ -58,6 +58,7 @@ interface UpFlags {
   workers: string;
   nodes: string;
   networkBase: string;
+  microvmWorkers: string;
   runsc?: string;
   assets?: string;
   layerCacheMib?: string;
@@ -107,6 +108,7 @@ program
   .option('--assets <file>', "the pool's runtime asset sets (YAML; `torpor assets stage` prints one)")
   .option('--layer-cache-mib <n>', 'cap of the image layer cache; least recently used layers go first')
   .option('--rootfs-cache-mib <n>', 'cap of the unpacked image cache; least recently used, unused images go first')
+  .option('--microvm-workers <n>', 'micro-VM worker slots per node, besides the gVisor ones (QEMU)', '0')
   .option(
     '--network-base <n>',
     'first per-worker network index, 0..255 (two instances on one machine need distinct ranges)',
@@ -150,6 +152,7 @@ program
       port: integerFlag('port', o.port, 0, 65535),
       workers: integerFlag('workers', o.workers, 1, 64),
       nodes: integerFlag('nodes', o.nodes, 1, 16),
+      microvmWorkers: integerFlag('microvm-workers', o.microvmWorkers, 0, 64),
       networkBase: integerFlag('network-base', o.networkBase, 0, 255),
       routerPort: integerFlag('router-port', o.routerPort, 0, 65535),
       domain: o.domain,
@@ -192,6 +195,21 @@ program
   });
 
 // ------------------------------------------------------------------ templates
+
+program
+  .command('doctor')
+  .description('for each runtime: usable on this machine, and why not (runsc version, QEMU, KVM probe boot, …)')
+  .option('--runsc <path>', 'runsc binary to check')
+  .action(async (o: { runsc?: string }) => {
+    const { checkRuntimes } = await import('./doctor.ts');
+    const checks = await checkRuntimes(o.runsc ? { runsc: o.runsc } : {});
+    if (format() === 'json') return console.log(JSON.stringify(checks, null, 2));
+    if (format() === 'yaml') return console.log(stringifyYaml(checks).trimEnd());
+    for (const c of checks) {
+      const name = c.vmm ? `${c.runtime} (${c.vmm})` : c.runtime;
+      console.log(`${c.usable ? 'ok  ' : 'no  '} ${name.padEnd(28)} ${c.detail}`);
+    }
+  });
 
 const template = program.command('template').description('manage templates');
 template

@@ -14,7 +14,7 @@ import { Lifecycle } from '../control/lifecycle.ts';
 import { Metrics } from '../control/metrics.ts';
 import { TorporError } from '../core/errors.ts';
 import type { Engine } from '../engine/engine.ts';
-import { LocalEngine, localGvisorAssets, locateRunsc } from '../engine/local.ts';
+import { LocalEngine, loadMicrovmAssets, localGvisorAssets, localMicrovmAssets, locateRunsc } from '../engine/local.ts';
 import { LocalInstances } from '../engine/local-instances.ts';
 import { StandardEngine } from '../engine/standard.ts';
 import { ImageStore } from '../image/store.ts';
@@ -45,6 +45,8 @@ export interface UpOptions {
   /** Byte caps of the node's image caches (registry layers; unpacked rootfs): least recently used go first. */
   layerCacheBytes?: number;
   rootfsCacheBytes?: number;
+  /** Micro-VM worker slots per node (QEMU), besides the `workers` gVisor ones. */
+  microvmWorkers?: number;
   /** First per-worker network index: lets two Torpor instances share one machine. */
   networkBase?: number;
   /** zstd level for delta-encoded snapshot files (0: chunks only). */
@@ -85,10 +87,11 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
   const log = opts.log ?? pino({ name: 'torpor' });
   const tracing = startTracing('torpor', log);
   const nodes = opts.nodes ?? 1;
-  if ((opts.networkBase ?? 0) + nodes * opts.workers > 256) {
+  const microvmWorkers = opts.microvmWorkers ?? 0;
+  if ((opts.networkBase ?? 0) + nodes * (opts.workers + microvmWorkers) > 256) {
     throw new TorporError(
       'INVALID_ARGUMENT',
-      'network-base + nodes × workers must be at most 256 (one /30 per worker)',
+      'network-base + nodes × (workers + microvm-workers) must be at most 256 (one /30 per worker)',
       { field: 'workers' },
     );
   }
@@ -112,6 +115,12 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
     });
   }
   const assetSets = opts.assets ? await loadAssetSets(opts.assets) : [await localGvisorAssets(locateRunsc(opts.runsc))];
+  // Micro-VM workers: QEMU and the guest found on this machine, KVM probed by booting; their files are the
+  // default micro-VM set unless the asset file declares one.
+  const microvm = microvmWorkers > 0 ? await loadMicrovmAssets({}, log) : undefined;
+  if (microvm && !assetSets.some((set) => set.runtime === 'microvm' && set.arch === hostArch())) {
+    assetSets.push(await localMicrovmAssets(microvm));
+  }
   const assetStore = new AssetStore(join(dataDir, 'assets'));
   for (const set of assetSets) {
     // Fetched now so the first activation does not wait; a failure here is not fatal (a later fetch may succeed).
@@ -145,6 +154,8 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
     ...(opts.deltaLevel !== undefined ? { deltaLevel: opts.deltaLevel } : {}),
     assetSets,
     assetStore,
+    microvmWorkers,
+    ...(microvm ? { microvm } : {}),
   });
   await engine.start();
   const lifecycle = new Lifecycle({ store, blob, images, agents: engine, metrics, log });

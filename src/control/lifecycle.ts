@@ -100,7 +100,10 @@ export class Lifecycle {
       }
       return { template: existing, created: false };
     }
-    if (spec.runtime !== 'gvisor') {
+    const hasPool = this.o.agents
+      .agents()
+      .some((agent) => [...agent.slots.values()].some((slot) => slot.runtime.name === spec.runtime));
+    if (!hasPool) {
       throw new TorporError('NOT_SUPPORTED', `runtime "${spec.runtime}" has no worker pool on this engine`, {
         field: 'runtime',
       });
