@@ -98,10 +98,19 @@ export function localGvisorAssets(path: string): Promise<AssetSet> {
   return localAssetSet('gvisor', { runsc: path });
 }
 
-/** The micro-VM asset set of the local QEMU and guest. The default when a pool declares no micro-VM set. */
+/** Where Debian's qemu-system-x86 keeps what a copy of its binary cannot find by itself. */
+const QEMU_TCG_MODULE = '/usr/lib/x86_64-linux-gnu/qemu/accel-tcg-x86_64.so';
+const QEMU_MICROVM_FIRMWARE = '/usr/share/qemu/bios-microvm.bin';
+
+/** The micro-VM asset set of the local QEMU (with its TCG module and firmware: activations run a content-addressed
+ * copy of the binary, which does not look beside the installation) and guest. The default when a pool declares no
+ * micro-VM set. */
 export function localMicrovmAssets(microvm: MicrovmAssets): Promise<AssetSet> {
   const { qemu, kernel, initrd } = microvm.paths;
-  return localAssetSet('microvm', { qemu, kernel, initrd });
+  const extras = Object.entries({ 'qemu-tcg': QEMU_TCG_MODULE, bios: QEMU_MICROVM_FIRMWARE }).filter(([, path]) =>
+    existsSync(path),
+  );
+  return localAssetSet('microvm', { qemu, kernel, initrd, ...Object.fromEntries(extras) });
 }
 
 export class LocalEngine {

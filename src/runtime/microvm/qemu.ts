@@ -4,7 +4,7 @@
 // snapshot's memory; a restore maps that file privately, i.e. copy-on-write, so restoring is cheap and several
 // VMs (forks) can share one snapshot. QEMU 7.2 (Debian 12) has no `file:` migration URI, hence `exec:cat`.
 import { type ChildProcess, spawn } from 'node:child_process';
-import { closeSync, existsSync, openSync } from 'node:fs';
+import { closeSync, existsSync, mkdirSync, openSync, rmSync, symlinkSync } from 'node:fs';
 import { join } from 'node:path';
 import { TorporError } from '../../core/errors.ts';
 import { run } from '../../sys/run.ts';
@@ -64,6 +64,7 @@ export function qemuArgs(c: VmConfig, incoming: boolean): string[] {
     `socket,id=ctl,path=${join(c.socketDir, 'control.sock')},server=on,wait=off`,
     '-device',
     'virtserialport,chardev=ctl,name=torpor.0',
+    ...(c.firmware ? ['-bios', c.firmware] : []),
     '-kernel',
     c.kernel,
     '-initrd',
@@ -200,6 +201,15 @@ export class QemuDriver implements VmmDriver {
   private launch(config: VmConfig, incoming: boolean): QemuVm {
     // QEMU's own messages (not the guest's) go next to its sockets.
     const fd = openSync(join(config.runDir, 'qemu.log'), 'a');
+    const env = { ...process.env };
+    if (config.tcgModule) {
+      // QEMU loads its accelerator by file name from QEMU_MODULE_DIR; the asset is named by its content.
+      const modules = join(config.runDir, 'modules');
+      mkdirSync(modules, { recursive: true });
+      rmSync(join(modules, 'accel-tcg-x86_64.so'), { force: true });
+      symlinkSync(config.tcgModule, join(modules, 'accel-tcg-x86_64.so'));
+      env.QEMU_MODULE_DIR = modules;
+    }
     try {
       // Started detached: a VMM outlives the request that started it; the runtime supervises it.
       const child = spawn(
@@ -208,6 +218,7 @@ export class QemuDriver implements VmmDriver {
         {
           detached: true,
           stdio: ['ignore', fd, fd],
+          env,
         },
       );
       child.unref();

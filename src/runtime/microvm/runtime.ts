@@ -140,6 +140,8 @@ export class MicrovmRuntime implements SandboxRuntime {
       kernel: spec.assets.kernel ?? this.opts.kernel,
       initrd: spec.assets.initrd ?? this.opts.initrd,
       ...(spec.assets.qemu ? { vmm: spec.assets.qemu } : {}),
+      ...(spec.assets['qemu-tcg'] ? { tcgModule: spec.assets['qemu-tcg'] } : {}),
+      ...(spec.assets.bios ? { firmware: spec.assets.bios } : {}),
       cmdline: model.cmdline,
       memoryMiB: model.memoryMiB,
       vcpus: model.vcpus,

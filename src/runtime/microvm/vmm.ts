@@ -7,6 +7,11 @@ export interface VmConfig {
   id: string;
   /** The VMM binary for this VM (the activation's asset), when not the driver's default. */
   vmm?: string;
+  /** QEMU's TCG accelerator module (asset `qemu-tcg`): a VMM binary that is an asset copy does not find the
+   * modules of its installation. */
+  tcgModule?: string;
+  /** Firmware (asset `bios`), for the same reason. */
+  firmware?: string;
   kernel: string;
   initrd: string;
   /** Kernel command line. */
