@@ -1708,6 +1708,7 @@ export interface components {
         | 'ALREADY_EXISTS'
         | 'CONFLICT'
         | 'FAILED_PRECONDITION'
+        | 'LEASE_LOST'
         | 'PAYLOAD_TOO_LARGE'
         | 'IMAGE_REJECTED'
         | 'SNAPSHOT_CORRUPT'
