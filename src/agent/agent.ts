@@ -3,6 +3,7 @@
 // It never decides *which* actor goes where: that is the control layer's job.
 
 import { createHash } from 'node:crypto';
+import { EventEmitter } from 'node:events';
 import { createReadStream, existsSync } from 'node:fs';
 import { mkdir, readdir, readFile, rename, rm, stat, utimes, writeFile } from 'node:fs/promises';
 import { dirname, join, relative, resolve, sep } from 'node:path';
@@ -12,13 +13,23 @@ import type { BlobStore } from '../blob/blob.ts';
 import { FsBlobStore } from '../blob/fs.ts';
 import { TorporError } from '../core/errors.ts';
 import { KeyedMutex } from '../core/keyed-mutex.ts';
-import { elapsedMs } from '../core/time.ts';
-import type { ActorRef, Phases } from '../core/types.ts';
+import { assetMap, parse, type RuntimeClass } from '../core/schemas.ts';
+import { recordPhases, timed, withSpan } from '../core/trace.ts';
+import type { ActorRef, Asset, Phases, Template } from '../core/types.ts';
 import type { ImageStore } from '../image/store.ts';
 import type { NodeNetwork } from '../net/node-net.ts';
 import { WorkerNetwork } from '../net/worker-net.ts';
+import { checkAssetNames, fetchAssets, hostArch, pinnedAssets } from '../runtime/asset-set.ts';
+import type { AssetStore } from '../runtime/assets.ts';
 import type { ExecResult, OutputListener, Sandbox, SandboxRuntime } from '../runtime/runtime.ts';
-import { COMPACT_DELTA_LEVEL, compactDelta, readManifest, restoreSnapshot, writeSnapshot } from '../snapshot/index.ts';
+import {
+  COMPACT_DELTA_LEVEL,
+  compactDelta,
+  type ProgressListener,
+  readManifest,
+  restoreSnapshot,
+  writeSnapshot,
+} from '../snapshot/index.ts';
 import { crashPoint } from '../sys/crash.ts';
 import type {
   ActivateRequest,
@@ -29,6 +40,7 @@ import type {
   LocalCheckpoint,
   LocalCheckpointTarget,
   LogOptions,
+  TransferEvent,
   UploadRequest,
 } from './client.ts';
 import { waitReady } from './ready.ts';
@@ -40,6 +52,7 @@ export type {
   CheckpointRequest,
   CheckpointResult,
   SnapshotStats,
+  TransferEvent,
 } from './client.ts';
 
 export interface WorkerSlot {
@@ -57,7 +70,18 @@ export interface WorkerSlot {
   networkReady: boolean;
   /** A checkpointed sandbox whose teardown has not started yet. */
   stopped?: string;
+  /** The asset set the current (or last) activation runs with: what its checkpoints pin. */
+  pinned?: Record<string, Asset>;
+  /** Digest of the image the current (or last) activation runs: its rootfs is not evicted from the cache. */
+  image?: string;
+  /** Its sandbox died on its own: the lease is left to expire (the reconciler then rolls the actor back to its
+   * last snapshot) until the slot is released. */
+  failed?: boolean;
 }
+
+/** Written into every checkpoint directory: the assets the checkpoint was made with (a local restore uses them;
+ * the upload pins them in the manifest). Not part of the snapshot's files. */
+export const PINNED_ASSETS_FILE = 'torpor-assets.json';
 
 export interface NodeAgentOptions {
   node: string;
@@ -72,6 +96,14 @@ export interface NodeAgentOptions {
   blob: BlobStore;
   images: ImageStore;
   makeRuntime: (stateRoot: string) => SandboxRuntime;
+  /** The node's content-addressed runtime asset cache. */
+  assets: AssetStore;
+  /** The pool's current asset set for a runtime class on this node's architecture (boots without a template
+   * override use it; restores use what their snapshot pinned). */
+  poolAssets: (runtime: RuntimeClass) => Record<string, Asset> | undefined;
+  /** Micro-VM worker slots on this node besides the `workers` gVisor ones (ids `<node>-m<i>`). */
+  microvmWorkers?: number;
+  makeMicrovmRuntime?: (stateRoot: string) => SandboxRuntime;
   log: Logger;
   /** zstd level for delta-encoded snapshot files (0: chunks only). */
   deltaLevel?: number;
@@ -122,17 +154,45 @@ export class NodeAgent implements AgentClient {
     this.chunkCache = new FsBlobStore(join(this.nodeDir, 'chunks'), { durable: false });
     for (let i = 0; i < opts.workers; i++) {
       const id = `${opts.node}-w${i}`;
-      const index = opts.indexBase + i;
       const dir = join(this.nodeDir, 'workers', id);
-      this.slots.set(id, {
-        id,
-        index,
-        dir,
-        net: new WorkerNetwork({ index, node: opts.network }),
-        runtime: opts.makeRuntime(join(dir, 'runsc')),
-        networkReady: false,
-      });
+      this.addSlot(id, opts.indexBase + i, false, opts.makeRuntime(join(dir, 'runsc')));
     }
+    const microvm = opts.microvmWorkers ?? 0;
+    if (microvm > 0 && !opts.makeMicrovmRuntime) throw new Error('microvmWorkers needs makeMicrovmRuntime');
+    for (let i = 0; i < microvm; i++) {
+      const id = `${opts.node}-m${i}`;
+      const dir = join(this.nodeDir, 'workers', id);
+      this.addSlot(id, opts.indexBase + opts.workers + i, true, opts.makeMicrovmRuntime!(join(dir, 'microvm')));
+    }
+  }
+
+  private addSlot(id: string, index: number, tap: boolean, runtime: SandboxRuntime): void {
+    const slot: WorkerSlot = {
+      id,
+      index,
+      dir: join(this.nodeDir, 'workers', id),
+      net: new WorkerNetwork({ index, node: this.opts.network, tap }),
+      runtime,
+      networkReady: false,
+    };
+    this.slots.set(id, slot);
+    runtime.onUnexpectedExit?.((sandbox, why) => void this.sandboxDied(slot, sandbox, why));
+  }
+
+  /** A sandbox died under a running actor (a crashed VMM): stop renewing the worker's lease and expire it now, so
+   * the reconciler notices the lost worker and rolls the actor back to its last snapshot. */
+  private async sandboxDied(slot: WorkerSlot, sandbox: string, why: string): Promise<void> {
+    if (slot.sandbox?.id !== sandbox) return;
+    slot.failed = true;
+    this.opts.log.warn({ worker: slot.id, actor: slot.actor, why }, 'sandbox died');
+    await this.opts.registry.expire([slot.id]).catch(() => undefined);
+  }
+
+  /** Snapshot transfers in progress on this node, per actor: for progress displays. */
+  readonly transfers = new EventEmitter<{ progress: [TransferEvent] }>();
+
+  private progressOf(actor: ActorRef, direction: TransferEvent['direction']): ProgressListener {
+    return (p) => this.transfers.emit('progress', { ...actor, direction, ...p });
   }
 
   get nodeDir(): string {
@@ -187,17 +247,19 @@ export class NodeAgent implements AgentClient {
   }
 
   private freeWorker(slot: WorkerSlot): WorkerInfo {
-    return { id: slot.id, node: this.node, runtime: 'gvisor', state: 'free', host: slot.net.address };
+    return { id: slot.id, node: this.node, runtime: slot.runtime.name, state: 'free', host: slot.net.address };
   }
 
-  /** Extends the workers' leases without touching their claims (the control layer owns claims). A worker the
-   * registry forgot was declared lost (its lease ran out while this agent could not renew it): its actor has
-   * been rolled back elsewhere, so whatever still runs there is stale — released, then registered afresh. */
+  /** Extends the workers' leases without touching their claims (the control layer owns claims); a slot whose
+   * sandbox died is left to expire. A worker the registry forgot was declared lost (its lease ran out while this
+   * agent could not renew it): its actor has been rolled back elsewhere, so whatever still runs there is stale —
+   * released, then registered afresh. */
   private async heartbeat(): Promise<void> {
     if (this.heartbeating) return;
     this.heartbeating = true;
     try {
-      const { unknown } = await this.opts.registry.heartbeat([...this.slots.keys()]);
+      const live = [...this.slots.values()].filter((slot) => !slot.failed).map((slot) => slot.id);
+      const { unknown } = await this.opts.registry.heartbeat(live);
       if (unknown.length === 0) return;
       this.opts.log.warn({ workers: unknown }, 'workers were declared lost; releasing and registering them again');
       for (const id of unknown) await this.release(id).catch(() => undefined);
@@ -217,32 +279,37 @@ export class NodeAgent implements AgentClient {
   }
 
   /** Restores (or boots) the actor on the worker and waits until it is ready. */
-  activate(req: ActivateRequest): Promise<ActivateResult> {
+  async activate(req: ActivateRequest): Promise<ActivateResult> {
     this.slot(req.workerId);
-    return this.slotLocks.run(req.workerId, () => this.activateLocked(req));
+    const attributes = { 'torpor.worker': req.workerId, 'torpor.actor': `${req.actor.space}/${req.actor.name}` };
+    return this.slotLocks.run(req.workerId, () =>
+      withSpan('agent.activate', attributes, () => this.activateTraced(req)),
+    );
   }
 
-  private async activateLocked(req: ActivateRequest): Promise<ActivateResult> {
+  private async activateTraced(req: ActivateRequest): Promise<ActivateResult> {
     const slot = this.slot(req.workerId);
     const localSnapshot = req.localSnapshot === undefined ? undefined : this.localDir(req.localSnapshot);
     const phases: Phases = {};
-    let t0 = performance.now();
-    this.startTeardown(slot.id);
-    await slot.teardown;
-    if (slot.sandbox) await slot.runtime.destroy(slot.sandbox.id);
-    slot.sandbox = undefined;
-    const image = await this.opts.images.resolve(req.template.image);
-    if (!slot.networkReady) await slot.net.prepare();
-    slot.networkReady = false;
     const readiness = req.template.readiness;
     const readyPort = readiness.port ?? req.template.port;
-    await slot.net.activate({
-      ports: [req.template.port, readyPort],
-      // Templates stored before egress policies existed have none: they keep the default.
-      egress: req.template.network?.egress ?? 'allow-all',
-      actor: `${req.actor.space}/${req.actor.name}`,
+    const image = await timed(phases, 'prepare', async () => {
+      this.startTeardown(slot.id);
+      await slot.teardown;
+      if (slot.sandbox) await slot.runtime.destroy(slot.sandbox.id);
+      slot.sandbox = undefined;
+      const resolved = await this.opts.images.resolve(req.template.image);
+      slot.image = resolved.digest;
+      if (!slot.networkReady) await slot.net.prepare();
+      slot.networkReady = false;
+      await slot.net.activate({
+        ports: [req.template.port, readyPort],
+        // Templates stored before egress policies existed have none: they keep the default.
+        egress: req.template.network?.egress ?? 'allow-all',
+        actor: `${req.actor.space}/${req.actor.name}`,
+      });
+      return resolved;
     });
-    phases.prepare = elapsedMs(t0);
 
     const workDir = join(slot.dir, 'activation');
     await rm(workDir, { recursive: true, force: true });
@@ -259,6 +326,7 @@ export class NodeAgent implements AgentClient {
       netnsPath: slot.net.netnsPath,
       workDir,
       logFile: this.logPath(req.actor),
+      assets: {} as Record<string, string>,
     };
     await mkdir(join(this.nodeDir, 'logs', req.actor.space), { recursive: true });
     try {
@@ -268,34 +336,40 @@ export class NodeAgent implements AgentClient {
       // Mark a kept copy as recently used, so eviction takes older ones first.
       if (localDir && localDir === kept) await utimes(kept, new Date(), new Date()).catch(() => undefined);
       if (localDir) {
+        const pinned =
+          (await readPinned(localDir)) ?? this.bootAssets(req.template, `the local checkpoint ${localDir}`);
+        spec.assets = await timed(phases, 'assets', () =>
+          this.prepareAssets(slot, req.template.runtime, pinned, 'the local checkpoint'),
+        );
         const { sandbox, phases: p } = await slot.runtime.restore(spec, localDir, []);
         slot.sandbox = sandbox;
         Object.assign(phases, p);
       } else if (req.snapshot) {
-        t0 = performance.now();
         const dir = join(workDir, 'checkpoint');
-        const restored = await restoreSnapshot({
-          blob: this.opts.blob,
-          key: req.snapshot,
-          dir,
-          cache: this.chunkCache,
-        });
-        phases.fetch = elapsedMs(t0);
+        const snapshot = req.snapshot;
+        const onProgress = this.progressOf(req.actor, 'download');
+        const restored = await timed(phases, 'fetch', () =>
+          restoreSnapshot({ blob: this.opts.blob, key: snapshot, dir, cache: this.chunkCache, onProgress }),
+        );
         crashPoint('activate.fetched');
+        // The assets the snapshot was made with, not the pool's current ones.
+        spec.assets = await timed(phases, 'assets', () =>
+          this.prepareAssets(slot, restored.manifest.runtime, restored.manifest.assets, `snapshot ${snapshot}`),
+        );
         const files = restored.manifest.files.map((f) => f.name);
         const { sandbox, phases: p } = await slot.runtime.restore(spec, dir, files);
         slot.sandbox = sandbox;
         Object.assign(phases, p);
       } else {
-        t0 = performance.now();
-        slot.sandbox = await slot.runtime.run(spec);
-        phases.boot = elapsedMs(t0);
+        const pinned = this.bootAssets(req.template);
+        const what = `template "${req.template.name}"`;
+        spec.assets = await timed(phases, 'assets', () => this.prepareAssets(slot, req.template.runtime, pinned, what));
+        slot.sandbox = await timed(phases, 'boot', () => slot.runtime.run(spec));
       }
       slot.actor = req.actor;
       crashPoint('activate.restored');
-      phases.ready = await waitReady(
-        `http://${slot.net.address}:${readyPort}${readiness.path}`,
-        readiness.timeoutSeconds * 1000,
+      await timed(phases, 'ready', () =>
+        waitReady(`http://${slot.net.address}:${readyPort}${readiness.path}`, readiness.timeoutSeconds * 1000),
       );
     } catch (err) {
       await this.releaseLocked(slot);
@@ -357,8 +431,14 @@ export class NodeAgent implements AgentClient {
     const sandbox = slot.sandbox;
     crashPoint('checkpoint.started');
     const result = await slot.runtime.checkpoint(sandbox, dir);
+    if (slot.pinned) await writeFile(join(dir, PINNED_ASSETS_FILE), JSON.stringify(slot.pinned));
+    this.opts.log.info(
+      { worker: workerId, actor: slot.actor, runtime: slot.runtime.name, files: result.files, phases: result.phases },
+      'actor checkpointed',
+    );
     slot.sandbox = undefined;
     slot.stopped = sandbox.id;
+    // Last: only a checkpoint that completed (assets recorded too) is ever uploaded.
     await writeFile(join(dir, CHECKPOINT_FILES), JSON.stringify(result.files));
     if (!opts.deferTeardown) this.startTeardown(workerId);
     crashPoint('checkpoint.done');
@@ -414,21 +494,53 @@ export class NodeAgent implements AgentClient {
   }
 
   private async uploadDir(req: UploadRequest, dir: string, files: string[]): Promise<CheckpointResult> {
-    const runtime = [...this.slots.values()][0]!.runtime;
+    const runtime = this.runtimeFor(req.template.runtime);
+    const assets = (await readPinned(dir)) ?? this.bootAssets(req.template, `the checkpoint ${dir}`);
     // The parent is the delta base; a parent that cannot be read only costs dedup, never the snapshot.
     const previous = req.parent ? await readManifest(this.opts.blob, req.parent).catch(() => undefined) : undefined;
     const result = await writeSnapshot({
       ...(previous ? { previous } : {}),
       blob: this.opts.blob,
       dir,
-      files,
+      files: files.filter((f) => f !== PINNED_ASSETS_FILE),
       key: req.manifestKey,
-      meta: { runtime: runtime.name, template: req.template.name, assets: runtime.assets, parent: req.parent },
+      meta: { runtime: runtime.name, template: req.template.name, assets, parent: req.parent },
       cache: this.chunkCache,
+      onProgress: this.progressOf(req.actor, 'upload'),
       ...(this.opts.deltaLevel !== undefined ? { deltaLevel: this.opts.deltaLevel } : {}),
     });
     const { phases: uploadPhases, ...stats } = result.stats;
+    // The write pipelines its phases internally: they become spans here, from its own measurements.
+    recordPhases(uploadPhases, 'upload');
     return { manifest: result.manifest, stats, phases: { ...uploadPhases } };
+  }
+
+  /** The assets a boot of `template` runs with: its own override, else the pool's set for its runtime class.
+   * `legacy` names a checkpoint made before checkpoints recorded their assets (the pool's set is the best guess). */
+  private bootAssets(template: Template, legacy?: string): Record<string, Asset> {
+    if (legacy) this.opts.log.warn({ checkpoint: legacy }, 'checkpoint records no assets; using the pool set');
+    const assets = template.assets ? pinnedAssets({ assets: template.assets }) : this.opts.poolAssets(template.runtime);
+    if (!assets) {
+      throw new TorporError(
+        'FAILED_PRECONDITION',
+        `no ${template.runtime} asset set for ${hostArch()} on node ${this.node}: give the pool one (torpor up --assets FILE)`,
+        { field: 'assets' },
+      );
+    }
+    return assets;
+  }
+
+  /** Gets an activation's assets into the node's cache (a hit is a stat) and makes them the slot's pinned set. */
+  private async prepareAssets(
+    slot: WorkerSlot,
+    runtime: RuntimeClass,
+    pinned: Record<string, Asset>,
+    what: string,
+  ): Promise<Record<string, string>> {
+    checkAssetNames(runtime, pinned, what);
+    const paths = await fetchAssets(this.opts.assets, pinned);
+    slot.pinned = pinned;
+    return paths;
   }
 
   /** Background: re-encodes the snapshot's deltas at a higher level, in place. Returns the bytes saved. */
@@ -479,6 +591,19 @@ export class NodeAgent implements AgentClient {
     slot.sandbox = undefined;
     slot.actor = undefined;
     await this.prepareNetwork(slot);
+    if (slot.failed) {
+      slot.failed = false;
+      await this.opts.registry.heartbeat([slot.id]).catch(() => undefined);
+    }
+  }
+
+  /** A runtime of the class (its assets are what a snapshot of that class pins). */
+  private runtimeFor(runtimeClass: string): SandboxRuntime {
+    const slot = [...this.slots.values()].find((s) => s.runtime.name === runtimeClass);
+    if (!slot) {
+      throw new TorporError('NOT_SUPPORTED', `node ${this.node} has no ${runtimeClass} worker`, { field: 'runtime' });
+    }
+    return slot.runtime;
   }
 
   /** Resolves when the worker's previous sandbox is fully gone (the worker may be handed out again). */
@@ -575,4 +700,18 @@ function followFile(path: string, signal: AbortSignal | undefined): Readable {
   };
   void pump().catch(() => out.end());
   return out;
+}
+
+/** The assets recorded in a checkpoint directory, or undefined for one made before they were recorded. */
+async function readPinned(dir: string): Promise<Record<string, Asset> | undefined> {
+  const file = join(dir, PINNED_ASSETS_FILE);
+  const text = await readFile(file, 'utf8').catch(() => undefined);
+  if (text === undefined) return undefined;
+  let recorded: unknown;
+  try {
+    recorded = JSON.parse(text);
+  } catch {
+    throw new TorporError('SNAPSHOT_CORRUPT', `${file} is not valid JSON`, { field: 'assets' });
+  }
+  return parse(assetMap, recorded, `${file}: assets`);
 }

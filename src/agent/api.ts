@@ -9,7 +9,7 @@ import type { Logger } from 'pino';
 import { z } from 'zod';
 import { asTorporError, ERROR_STATUS, TorporError } from '../core/errors.ts';
 import { parse, templateSpec } from '../core/schemas.ts';
-import { bearerToken, secretsEqual } from '../core/secret.ts';
+import { bearerToken, secretEquals } from '../core/secret.ts';
 import type { AgentClient } from './client.ts';
 
 export interface AgentApiOptions {
@@ -74,7 +74,7 @@ export function buildAgentApi(opts: AgentApiOptions) {
     if (presented === undefined) {
       throw new TorporError('UNAUTHENTICATED', 'the agent API needs the agent token', { field: 'authorization' });
     }
-    if (!secretsEqual(presented, token)) {
+    if (!secretEquals(presented, token)) {
       throw new TorporError('PERMISSION_DENIED', 'the agent token is not valid', { field: 'authorization' });
     }
     if (opts.ready && !opts.ready() && req.url !== '/healthz') {

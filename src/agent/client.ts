@@ -2,10 +2,11 @@
 // up); RemoteAgent answers it over the agent API (torpor server → torpor agent). Everything crossing this seam
 // is plain data, so the two behave the same; node-local paths (a paused actor's checkpoint) are opaque strings
 // the control layer stores and hands back, never builds.
+import type { EventEmitter } from 'node:events';
 import type { Readable } from 'node:stream';
 import type { ActorRef, Phases, SnapshotManifest, Template } from '../core/types.ts';
 import type { ExecResult, OutputListener } from '../runtime/runtime.ts';
-import type { WriteSnapshotStats } from '../snapshot/index.ts';
+import type { TransferProgress, WriteSnapshotStats } from '../snapshot/index.ts';
 
 export interface ActivateRequest {
   workerId: string;
@@ -34,6 +35,11 @@ export interface CheckpointRequest {
 export type UploadRequest = Omit<CheckpointRequest, 'workerId'>;
 
 export type SnapshotStats = Omit<WriteSnapshotStats, 'phases'>;
+
+/** A snapshot transfer's progress on a node (for progress displays). */
+export interface TransferEvent extends ActorRef, TransferProgress {
+  direction: 'upload' | 'download';
+}
 
 export interface CheckpointResult {
   manifest: SnapshotManifest;
@@ -64,6 +70,9 @@ export interface LogOptions {
 
 export interface AgentClient {
   readonly node: string;
+  /** Snapshot transfers in progress on the node, when the agent reports them (agents in this process do; remote
+   * ones do not, yet). */
+  readonly transfers?: EventEmitter<{ progress: [TransferEvent] }>;
   /** Restores (or boots) the actor on the worker and waits until it is ready. */
   activate(req: ActivateRequest): Promise<ActivateResult>;
   /** Checkpoints the worker's sandbox into a node-local directory (the sandbox stops). With `deferTeardown`,

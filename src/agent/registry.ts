@@ -16,6 +16,8 @@ export interface WorkerRegistry {
    * (removed after their lease expired): the agent must give up what runs there and register them again. */
   heartbeat(ids: string[]): Promise<{ unknown: string[] }>;
   unregister(ids: string[]): Promise<void>;
+  /** Ends the workers' leases now (their sandbox died): the reconciler then settles their actors at once. */
+  expire(ids: string[]): Promise<void>;
 }
 
 export const DEFAULT_LEASE_MS = 15_000;
@@ -54,5 +56,9 @@ export class StoreRegistry implements WorkerRegistry {
 
   async unregister(ids: string[]): Promise<void> {
     for (const id of ids) await this.store.deleteWorker(id);
+  }
+
+  async expire(ids: string[]): Promise<void> {
+    for (const id of ids) await this.store.renewWorkerLease(id, new Date(0).toISOString());
   }
 }

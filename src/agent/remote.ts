@@ -188,4 +188,8 @@ export class ServerRegistry implements WorkerRegistry {
   async unregister(ids: string[]): Promise<void> {
     await callJson(this.o.server, 'POST', this.path('/unregister'), { workers: ids }, { token: this.o.token });
   }
+
+  async expire(ids: string[]): Promise<void> {
+    await callJson(this.o.server, 'POST', this.path('/expire'), { workers: ids }, { token: this.o.token });
+  }
 }

@@ -65,9 +65,10 @@ export class RecentOperations {
     for (const listener of this.#listeners) listener(record);
   }
 
-  /** Oldest first, at most `limit`. */
-  list(limit = KEEP_OPERATIONS): OperationRecord[] {
-    return this.#items.slice(-limit);
+  /** Oldest first, at most `limit` (the newest ones), optionally only one actor's. */
+  list(limit = KEEP_OPERATIONS, actor?: { space: string; name: string }): OperationRecord[] {
+    const items = actor ? this.#items.filter((op) => op.space === actor.space && op.name === actor.name) : this.#items;
+    return items.slice(-limit);
   }
 
   subscribe(listener: (op: OperationRecord) => void): () => void {

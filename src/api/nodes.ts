@@ -6,7 +6,7 @@ import { z } from 'zod';
 import { StoreRegistry } from '../agent/registry.ts';
 import { TorporError } from '../core/errors.ts';
 import { dnsLabel, parse, runtimeClass } from '../core/schemas.ts';
-import { bearerToken, secretsEqual } from '../core/secret.ts';
+import { bearerToken, secretEquals } from '../core/secret.ts';
 import type { StateStore } from '../store/store.ts';
 
 export interface NodesOptions {
@@ -44,7 +44,7 @@ export async function nodesPlugin(app: FastifyInstance, opts: NodesOptions): Pro
     if (presented === undefined) {
       throw new TorporError('UNAUTHENTICATED', 'node registration needs the agent token', { field: 'authorization' });
     }
-    if (!secretsEqual(presented, opts.token)) {
+    if (!secretEquals(presented, opts.token)) {
       throw new TorporError('PERMISSION_DENIED', 'the agent token is not valid', { field: 'authorization' });
     }
   });
@@ -84,6 +84,13 @@ export async function nodesPlugin(app: FastifyInstance, opts: NodesOptions): Pro
     const node = parse(dnsLabel, req.params.node, 'node');
     const { workers } = parse(workerList, req.body);
     await new StoreRegistry(opts.store, { leaseMs: opts.leaseMs }).unregister(await ownWorkers(node, workers));
+    return {};
+  });
+
+  app.post<Node>('/v1/nodes/:node/expire', async (req) => {
+    const node = parse(dnsLabel, req.params.node, 'node');
+    const { workers } = parse(workerList, req.body);
+    await new StoreRegistry(opts.store, { leaseMs: opts.leaseMs }).expire(await ownWorkers(node, workers));
     return {};
   });
 }

@@ -6,9 +6,10 @@ import { parse as parseYaml } from 'yaml';
 import type { Lifecycle } from '../control/lifecycle.ts';
 import type { Metrics } from '../control/metrics.ts';
 import { asTorporError, ERROR_STATUS, TorporError } from '../core/errors.ts';
+import { DEFAULT_SPACE } from '../core/types.ts';
 import type { Engine } from '../engine/engine.ts';
 import type { StateStore } from '../store/store.ts';
-import { compatPlugin } from './compat.ts';
+import { type ApiKeys, compatPlugin } from './compat.ts';
 import { dashboardPlugin } from './dashboard.ts';
 import { execStream } from './exec-stream.ts';
 import { CachedUsage, RecentOperations, type StorageMeter, streamEvents } from './live.ts';
@@ -26,6 +27,8 @@ export interface ApiOptions {
   instances?: Engine;
   /** The snapshot store, for `GET /v1/storage` and the dashboard (FsBlobStore measures itself). */
   storage?: StorageMeter;
+  /** When given, the AEnvironment API needs one of these keys. */
+  instanceKeys?: ApiKeys | undefined;
   /** Node registration for agents in other processes (torpor server): /v1/nodes, with the agent token. */
   nodes?: Omit<NodesOptions, 'store'>;
 }
@@ -78,6 +81,14 @@ export function buildApi(opts: ApiOptions) {
   const shutdown = new AbortController();
   app.addHook('preClose', async () => shutdown.abort());
   app.addHook('onClose', async () => operations.close());
+  app.addHook('onResponse', async (req, reply) => {
+    // The route pattern, not the URL: actor names must not become label values.
+    const route = req.routeOptions.url ?? 'unmatched';
+    metrics.apiRequests.observe(
+      { method: req.method, route, status: String(reply.statusCode) },
+      reply.elapsedTime / 1000,
+    );
+  });
 
   app.get('/healthz', async () => ({ status: 'ok' }));
   app.get('/openapi.json', async () => openApiDocument());
@@ -149,13 +160,34 @@ export function buildApi(opts: ApiOptions) {
     },
   );
 
+  // Snapshot transfer progress of one actor (its suspend's upload, its resume's download) as Server-Sent Events, for
+  // as long as the client listens. A comment line is sent first: the subscription is live once it arrives.
+  app.get<{ Params: Params }>('/v1/spaces/:space/actors/:name/transfers', async (req, reply) => {
+    const { space, name } = req.params;
+    reply.hijack();
+    const res = reply.raw;
+    const unsubscribe = await lifecycle.onTransfer((event) => {
+      if (event.space !== space || event.name !== name) return;
+      const { direction, bytesDone, bytesTotal } = event;
+      res.write(`event: progress\ndata: ${JSON.stringify({ direction, bytesDone, bytesTotal })}\n\n`);
+    });
+    res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache' });
+    res.write(': subscribed\n\n');
+    const end = () => {
+      unsubscribe();
+      res.end();
+    };
+    req.raw.once('close', end);
+    shutdown.signal.addEventListener('abort', end, { once: true });
+  });
   app.get('/v1/workers', async (req) => store.listWorkers(req.query as { limit?: number; cursor?: string }));
-  app.get<{ Querystring: { limit?: string } }>('/v1/operations', async (req) => {
+  app.get<{ Querystring: { limit?: string; space?: string; actor?: string } }>('/v1/operations', async (req) => {
     const limit = req.query.limit === undefined ? undefined : Number(req.query.limit);
     if (limit !== undefined && !(Number.isInteger(limit) && limit >= 1 && limit <= 500)) {
       throw new TorporError('INVALID_ARGUMENT', 'limit: must be an integer from 1 to 500', { field: 'limit' });
     }
-    return { items: operations.list(limit) };
+    const { actor, space = DEFAULT_SPACE } = req.query;
+    return { items: operations.list(limit, actor === undefined ? undefined : { space, name: actor }) };
   });
   app.get('/v1/storage', async () => {
     if (!storage) throw new TorporError('NOT_SUPPORTED', 'this server does not measure its snapshot store');
@@ -169,7 +201,7 @@ export function buildApi(opts: ApiOptions) {
     });
   });
   void app.register(dashboardPlugin);
-  if (opts.instances) void app.register(compatPlugin, { engine: opts.instances });
+  if (opts.instances) void app.register(compatPlugin, { engine: opts.instances, keys: opts.instanceKeys });
   if (opts.nodes) void app.register(nodesPlugin, { ...opts.nodes, store });
   return app;
 }

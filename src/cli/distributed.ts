@@ -17,14 +17,18 @@ import { Lifecycle } from '../control/lifecycle.ts';
 import { Metrics } from '../control/metrics.ts';
 import { NodeDirectory } from '../control/nodes.ts';
 import { TorporError } from '../core/errors.ts';
-import { gvisorRuntimeFactory, loadRunscAsset, locateRunsc } from '../engine/local.ts';
+import { localGvisorAssets, locateRunsc } from '../engine/local.ts';
 import { LocalInstances } from '../engine/local-instances.ts';
 import { ImageStore } from '../image/store.ts';
 import { NodeNetwork } from '../net/node-net.ts';
 import { WorkerNetwork } from '../net/worker-net.ts';
 import { listeningPort, serveRouter } from '../router/serve.ts';
 import { ServerOperations } from '../router/server-operations.ts';
+import { loadAssetSets, pinnedAssets, selectAssetSet } from '../runtime/asset-set.ts';
+import { AssetStore } from '../runtime/assets.ts';
+import { GvisorRuntime } from '../runtime/gvisor/runsc.ts';
 import { openStore } from '../store/open.ts';
+import { prefetchAssetSets } from './up.ts';
 
 export interface Running {
   url: string;
@@ -130,6 +134,8 @@ export interface AgentOptions {
   listen?: string;
   dataDir: string;
   runsc?: string;
+  /** The pool's runtime asset sets (YAML); default: the local runsc. */
+  assets?: string;
   deltaLevel?: number;
   log?: Logger;
 }
@@ -159,7 +165,9 @@ export async function agent(o: AgentOptions): Promise<Running> {
   }
   const dataDir = resolve(o.dataDir);
   await mkdir(dataDir, { recursive: true });
-  const runsc = await loadRunscAsset(locateRunsc(o.runsc), log);
+  const assetSets = o.assets ? await loadAssetSets(o.assets) : [await localGvisorAssets(locateRunsc(o.runsc))];
+  const assetStore = new AssetStore(join(dataDir, 'assets'));
+  await prefetchAssetSets(assetStore, assetSets, log);
   // Where the server reaches this agent is known once its API listens (the port may be 0: any free one).
   const registry = new ServerRegistry({ server: o.server, token: o.token, node: o.node });
   const nodeAgent = new NodeAgent({
@@ -171,7 +179,13 @@ export async function agent(o: AgentOptions): Promise<Running> {
     registry,
     blob: openBlobStore(o.blob),
     images: new ImageStore(join(dataDir, 'images')),
-    makeRuntime: gvisorRuntimeFactory(runsc),
+    assets: assetStore,
+    poolAssets: (runtime) => {
+      const set = selectAssetSet(assetSets, runtime);
+      return set ? pinnedAssets(set) : undefined;
+    },
+    makeRuntime: (stateRoot) =>
+      new GvisorRuntime({ stateRoot, onWarning: (message, fields) => log.warn(fields, message) }),
     log,
     waitForRegistry: true,
     ...(o.deltaLevel !== undefined ? { deltaLevel: o.deltaLevel } : {}),

@@ -2,11 +2,12 @@
 import { readFileSync } from 'node:fs';
 import { dirname, isAbsolute, resolve } from 'node:path';
 import { Command, Option } from 'commander';
-import { parse as parseYaml } from 'yaml';
+import { parse as parseYaml, stringify as stringifyYaml } from 'yaml';
 import { asTorporError, TorporError } from '../core/errors.ts';
-import { DEFAULT_SPACE } from '../core/types.ts';
+import { type Actor, DEFAULT_SPACE, type Operation } from '../core/types.ts';
 import { ApiClient } from './client.ts';
-import { type Kind, type OutputFormat, render } from './output.ts';
+import { describeActor, type Kind, type OutputFormat, render } from './output.ts';
+import { withTransferProgress } from './transfers.ts';
 
 const program = new Command('torpor')
   .description('Run many AI-agent sandboxes on few machines: suspend idle actors, resume them anywhere.')
@@ -16,7 +17,7 @@ const program = new Command('torpor')
 
 const client = () => new ApiClient(program.opts<{ server: string }>().server);
 const format = () => program.opts<{ output: OutputFormat }>().output;
-const print = (kind: Kind, value: unknown) => console.log(render(kind, value, format()));
+const print = (kind: Kind, value: unknown, as: OutputFormat = format()) => console.log(render(kind, value, as));
 const actorPath = (space: string, name: string, action = '') =>
   `/v1/spaces/${encodeURIComponent(space)}/actors/${encodeURIComponent(name)}${action ? `/${action}` : ''}`;
 
@@ -57,7 +58,11 @@ interface UpFlags {
   workers: string;
   nodes: string;
   networkBase: string;
+  microvmWorkers: string;
   runsc?: string;
+  assets?: string;
+  layerCacheMib?: string;
+  rootfsCacheMib?: string;
   sample?: boolean;
   routerPort: string;
   domain: string;
@@ -69,24 +74,26 @@ interface UpFlags {
   engine: string;
   scheduleType?: string;
   standardUrl?: string;
+  mcpPort: string;
+  apiKey?: string[];
 }
 
-/** `space=token` pairs; tokens may also come from TORPOR_INGRESS_TOKENS (same form, comma-separated), so they
- * need not appear in a process listing. */
-function ingressTokens(flags: string[] | undefined): Record<string, string> | undefined {
-  const pairs = [...(flags ?? []), ...(process.env.TORPOR_INGRESS_TOKENS?.split(',').filter(Boolean) ?? [])];
-  if (pairs.length === 0) return undefined;
-  const out: Record<string, string> = {};
-  for (const pair of pairs) {
+/** `name=secret` pairs from a repeatable flag and from an environment variable (same form, comma-separated), so
+ * that secrets need not appear in a process listing. */
+function secretPairs(flags: string[] | undefined, envVar: string, field: string, form: string): [string, string][] {
+  const pairs = [...(flags ?? []), ...(process.env[envVar]?.split(',').filter(Boolean) ?? [])];
+  return pairs.map((pair) => {
     const eq = pair.indexOf('=');
     if (eq <= 0 || eq === pair.length - 1) {
-      throw new TorporError('INVALID_ARGUMENT', 'an ingress token must be given as space=token', {
-        field: 'ingress-token',
-      });
+      throw new TorporError('INVALID_ARGUMENT', `--${field} must be given as ${form}`, { field });
     }
-    out[pair.slice(0, eq)] = pair.slice(eq + 1);
-  }
-  return out;
+    return [pair.slice(0, eq), pair.slice(eq + 1)];
+  });
+}
+
+function ingressTokens(flags: string[] | undefined): Record<string, string> | undefined {
+  const pairs = secretPairs(flags, 'TORPOR_INGRESS_TOKENS', 'ingress-token', 'space=token');
+  return pairs.length > 0 ? Object.fromEntries(pairs) : undefined;
 }
 
 program
@@ -98,6 +105,10 @@ program
   .option('--workers <n>', 'worker slots per node', '2')
   .option('--nodes <n>', 'node agents, each in its own network namespace', '1')
   .option('--runsc <path>', 'runsc binary (default: the asset built by scripts/setup.sh)')
+  .option('--assets <file>', "the pool's runtime asset sets (YAML; `torpor assets stage` prints one)")
+  .option('--layer-cache-mib <n>', 'cap of the image layer cache; least recently used layers go first')
+  .option('--rootfs-cache-mib <n>', 'cap of the unpacked image cache; least recently used, unused images go first')
+  .option('--microvm-workers <n>', 'micro-VM worker slots per node, besides the gVisor ones (QEMU)', '0')
   .option(
     '--network-base <n>',
     'first per-worker network index, 0..255 (two instances on one machine need distinct ranges)',
@@ -122,6 +133,16 @@ program
     new Option('--schedule-type <engine>', "alias of --engine (AEnvironment's name)").choices(['local', 'standard']),
   )
   .option('--standard-url <url>', 'with --engine standard: the engine serving the standard contract')
+  .option(
+    '--mcp-port <port>',
+    "MCP gateway port: tool traffic by AEnvCore-EnvInstance-ID (AEnvironment's SDK expects 8081 beside the API on 8080)",
+    '7081',
+  )
+  .option(
+    '--api-key <owner=key...>',
+    'require Authorization: Bearer <key> on the AEnvironment API, the key speaking for owner ("*": a service ' +
+      'that states the owner in X-Owner); repeatable, or TORPOR_API_KEYS=owner=key,…',
+  )
   .option('--sample', 'create the sample "counter" template and actor')
   .action(async (o: UpFlags) => {
     const { up } = await import('./up.ts');
@@ -131,6 +152,7 @@ program
       port: integerFlag('port', o.port, 0, 65535),
       workers: integerFlag('workers', o.workers, 1, 64),
       nodes: integerFlag('nodes', o.nodes, 1, 16),
+      microvmWorkers: integerFlag('microvm-workers', o.microvmWorkers, 0, 64),
       networkBase: integerFlag('network-base', o.networkBase, 0, 255),
       routerPort: integerFlag('router-port', o.routerPort, 0, 65535),
       domain: o.domain,
@@ -140,11 +162,23 @@ program
       maxBodyBytes: integerFlag('max-body', o.maxBody, 1, 65536) * 1024 * 1024,
       ...(ingressTokens(o.ingressToken) ? { ingressTokens: ingressTokens(o.ingressToken)! } : {}),
       ...(o.runsc ? { runsc: o.runsc } : {}),
+      ...(o.assets ? { assets: o.assets } : {}),
+      ...(o.layerCacheMib
+        ? { layerCacheBytes: integerFlag('layer-cache-mib', o.layerCacheMib, 1, 1 << 24) * 1024 * 1024 }
+        : {}),
+      ...(o.rootfsCacheMib
+        ? { rootfsCacheBytes: integerFlag('rootfs-cache-mib', o.rootfsCacheMib, 1, 1 << 24) * 1024 * 1024 }
+        : {}),
       engine: (o.scheduleType ?? o.engine) as 'local' | 'standard',
       ...(o.standardUrl ? { standardUrl: o.standardUrl } : {}),
+      // The key this Torpor presents to its standard engine: from the environment only, never a flag.
+      ...(process.env.TORPOR_STANDARD_API_KEY ? { standardApiKey: process.env.TORPOR_STANDARD_API_KEY } : {}),
+      mcpPort: integerFlag('mcp-port', o.mcpPort, 0, 65535),
+      apiKeys: secretPairs(o.apiKey, 'TORPOR_API_KEYS', 'api-key', 'owner=key'),
     });
     process.stderr.write(`Torpor API listening on ${torpor.url} (dashboard: ${torpor.url}/dashboard/)\n`);
     process.stderr.write(`Torpor router listening on ${torpor.routerUrl} (Host: <actor>.<space>.actors.${o.domain})\n`);
+    if (torpor.mcpUrl) process.stderr.write(`Torpor MCP gateway listening on ${torpor.mcpUrl}\n`);
     if (o.sample) {
       const { createSample } = await import('./sample.ts');
       await createSample(torpor.lifecycle, resolve(o.dataDir), `${o.domain}:${new URL(torpor.routerUrl).port}`);
@@ -234,6 +268,7 @@ program
   .option('--listen <addr:port>', "agent API address (default: the node's address, port 7071)")
   .option('--data-dir <dir>', 'where this node keeps checkpoints, caches and logs', '/var/lib/torpor/agent')
   .option('--runsc <path>', 'runsc binary (default: the asset built by scripts/setup.sh)')
+  .option('--assets <file>', "the pool's runtime asset sets (YAML; `torpor assets stage` prints one)")
   .action(
     async (o: {
       token?: string;
@@ -245,6 +280,7 @@ program
       listen?: string;
       dataDir: string;
       runsc?: string;
+      assets?: string;
     }) => {
       const { agent, agentToken } = await import('./distributed.ts');
       const { dnsLabel, parse } = await import('../core/schemas.ts');
@@ -259,6 +295,7 @@ program
           dataDir: o.dataDir,
           ...(o.listen ? { listen: o.listen } : {}),
           ...(o.runsc ? { runsc: o.runsc } : {}),
+          ...(o.assets ? { assets: o.assets } : {}),
         }),
       );
     },
@@ -324,6 +361,21 @@ program
 
 // ------------------------------------------------------------------ templates
 
+program
+  .command('doctor')
+  .description('for each runtime: usable on this machine, and why not (runsc version, QEMU, KVM probe boot, …)')
+  .option('--runsc <path>', 'runsc binary to check')
+  .action(async (o: { runsc?: string }) => {
+    const { checkRuntimes } = await import('./doctor.ts');
+    const checks = await checkRuntimes(o.runsc ? { runsc: o.runsc } : {});
+    if (format() === 'json') return console.log(JSON.stringify(checks, null, 2));
+    if (format() === 'yaml') return console.log(stringifyYaml(checks).trimEnd());
+    for (const c of checks) {
+      const name = c.vmm ? `${c.runtime} (${c.vmm})` : c.runtime;
+      console.log(`${c.usable ? 'ok  ' : 'no  '} ${name.padEnd(28)} ${c.detail}`);
+    }
+  });
+
 const template = program.command('template').description('manage templates');
 template
   .command('apply')
@@ -369,6 +421,24 @@ actor
     print('actor', await client().call('GET', actorPath(o.space, name))),
   );
 actor
+  .command('describe <name>')
+  .description('the actor, and its recent operations with per-phase timings')
+  .addOption(spaceOption())
+  .action(async (name: string, o: { space: string }) => {
+    const api = client();
+    const found = (await api.call('GET', actorPath(o.space, name))) as Actor;
+    const query = `?space=${encodeURIComponent(o.space)}&actor=${encodeURIComponent(name)}&limit=20`;
+    const recent = ((await api.call('GET', `/v1/operations${query}`)) as { items: Operation[] }).items;
+    // The record's lastOperation is durable; the list is what this server saw since it started.
+    const last = found.lastOperation;
+    const operations = last && !recent.some((op) => op.startedAt === last.startedAt) ? [...recent, last] : recent;
+    const description = { actor: found, operations: operations.reverse() };
+    const f = format();
+    console.log(
+      f === 'table' ? describeActor(description.actor, description.operations) : render('actor', description, f),
+    );
+  });
+actor
   .command('list')
   .option('-s, --space <space>', 'space (default: every space)')
   .action(async (o: { space?: string }) => {
@@ -379,20 +449,32 @@ actor
   .command('resume <name>')
   .option('-w, --worker <id>', 'resume on exactly this worker')
   .addOption(spaceOption())
-  .action(async (name: string, o: { space: string; worker?: string }) =>
-    print(
-      'actor',
-      await client().call('POST', actorPath(o.space, name, 'resume'), o.worker ? { worker: o.worker } : {}),
-    ),
-  );
-for (const action of ['suspend', 'pause'] as const) {
-  actor
-    .command(`${action} <name>`)
-    .addOption(spaceOption())
-    .action(async (name: string, o: { space: string }) =>
-      print('actor', await client().call('POST', actorPath(o.space, name, action), {})),
+  .action(async (name: string, o: { space: string; worker?: string }) => {
+    const api = client();
+    const body = o.worker ? { worker: o.worker } : {};
+    const path = actorPath(o.space, name);
+    const resumed = await withTransferProgress(api.server, path, `resuming ${name}`, () =>
+      api.call('POST', `${path}/resume`, body),
     );
-}
+    print('actor', resumed);
+  });
+actor
+  .command('suspend <name>')
+  .addOption(spaceOption())
+  .action(async (name: string, o: { space: string }) => {
+    const api = client();
+    const path = actorPath(o.space, name);
+    const suspended = await withTransferProgress(api.server, path, `suspending ${name}`, () =>
+      api.call('POST', `${path}/suspend`, {}),
+    );
+    print('actor', suspended);
+  });
+actor
+  .command('pause <name>')
+  .addOption(spaceOption())
+  .action(async (name: string, o: { space: string }) =>
+    print('actor', await client().call('POST', actorPath(o.space, name, 'pause'), {})),
+  );
 actor
   .command('fork <name>')
   .requiredOption('--name <new>', 'name of the new actor')
@@ -482,6 +564,43 @@ program
     }
     await client().call('DELETE', actorPath(o.space, name));
     console.log(`actor "${o.space}/${name}" deleted`);
+  });
+
+// ------------------------------------------------------------------ runtime assets and images (this machine)
+
+const assets = program.command('assets').description('build and stage runtime asset sets (on this machine)');
+assets
+  .command('build <runtime>')
+  .description('assemble gvisor (runsc) or microvm (kernel, initrd, qemu, bios) assets from Debian packages')
+  .option('--out <dir>', 'where to put them (default: /var/cache/torpor/assets, …/assets/microvm)')
+  .action(async (runtime: string, o: { out?: string }) => {
+    const { buildAssets, runtimeOf } = await import('./assets.ts');
+    const built = await buildAssets(runtimeOf(runtime), o.out);
+    if (format() !== 'table') return print('asset', built.set);
+    print('asset', { items: built.assets });
+    process.stderr.write(`asset set: ${built.file}\n`);
+  });
+assets
+  .command('stage <set>')
+  .description('copy a set (gvisor, microvm: the built one; or a set file) to <name>-<sha256> files; print its YAML')
+  .requiredOption('--to <url>', 'file://DIR or s3://bucket/prefix[?endpoint=URL&region=R&pathStyle=true]')
+  .option('--secret-ref <ref>', 's3: where nodes find "accessKeyId:secretAccessKey" (env:NAME or file:/path)')
+  .option('--cache <dir>', 'where sources are fetched and verified first', '/var/cache/torpor/asset-cache')
+  .action(async (what: string, o: { to: string; cache: string; secretRef?: string }) => {
+    const { stageAssets } = await import('./assets.ts');
+    const staged = await stageAssets(what, o.to, o.cache, o.secretRef);
+    print('asset', staged, format() === 'table' ? 'yaml' : format());
+  });
+
+program
+  .command('image')
+  .description('OCI images (on this machine)')
+  .command('pull <ref>')
+  .description("pull an image into this node's cache (registry layers, then the unpacked rootfs)")
+  .option('--data-dir <dir>', "the node's data directory (as for torpor up)", '/var/lib/torpor')
+  .action(async (ref: string, o: { dataDir: string }) => {
+    const { pullImage } = await import('./image.ts');
+    print('image', await pullImage(ref, o.dataDir));
   });
 
 program.parseAsync(process.argv).catch((err: unknown) => {

@@ -1,6 +1,6 @@
 // Output like kubectl: a table for people, -o json|yaml for programs.
 import { stringify } from 'yaml';
-import type { Actor, Template, Worker } from '../core/types.ts';
+import type { Actor, Operation, Template, Worker } from '../core/types.ts';
 
 export type OutputFormat = 'table' | 'json' | 'yaml';
 
@@ -36,6 +36,14 @@ const COLUMNS = {
       age(t.createdAt),
     ],
   },
+  image: {
+    headers: ['REF', 'DIGEST', 'ROOTFS'],
+    row: (i: { ref: string; digest: string; rootfs: string }) => [i.ref, i.digest, i.rootfs],
+  },
+  asset: {
+    headers: ['NAME', 'SHA256', 'PATH'],
+    row: (a: { name: string; sha256: string; path: string }) => [a.name, a.sha256, a.path],
+  },
   worker: {
     headers: ['ID', 'NODE', 'RUNTIME', 'STATE', 'ACTOR', 'HOST'],
     row: (w: Worker) => [w.id, w.node, w.runtime, w.state, w.actor ? `${w.actor.space}/${w.actor.name}` : '-', w.host],
@@ -53,4 +61,44 @@ export function render(kind: Kind, value: unknown, format: OutputFormat): string
     [...cols.headers],
     items.map((i) => cols.row(i as never)),
   );
+}
+
+/** `torpor actor describe`: the actor's fields, then its operations (newest first) with their phases. */
+export function describeActor(a: Actor, operations: Operation[]): string {
+  const fields: [string, string][] = [
+    ['Name', a.name],
+    ['Space', a.space],
+    ['Template', a.template],
+    ['Status', a.status],
+    ['Reason', a.reason ?? '-'],
+    ['Worker', a.worker ? `${a.worker} (node ${a.node ?? '?'})` : '-'],
+    ['Address', a.address ?? '-'],
+    ['Snapshot', a.snapshot ?? '-'],
+    ['Older snapshots', String(a.history.length)],
+    [
+      'Labels',
+      Object.entries(a.labels)
+        .map(([k, v]) => `${k}=${v}`)
+        .join(',') || '-',
+    ],
+    ['Created', `${a.createdAt} (${age(a.createdAt)} ago)`],
+    ['Last activity', `${a.lastActivity} (${age(a.lastActivity)} ago)`],
+  ];
+  const width = Math.max(...fields.map(([k]) => k.length)) + 1;
+  const head = fields.map(([k, v]) => `${`${k}:`.padEnd(width)} ${v}`).join('\n');
+  if (operations.length === 0) return `${head}\nOperations:     none`;
+  const rows = operations.map((op) => [
+    op.kind,
+    op.startedAt,
+    op.error ? 'error' : op.finishedAt ? 'ok' : 'running',
+    op.phases.total === undefined ? '-' : `${op.phases.total} ms`,
+    Object.entries(op.phases)
+      .filter(([name]) => name !== 'total')
+      .map(([name, ms]) => `${name}=${ms}`)
+      .join(' ') + (op.error ? `  (${op.error})` : ''),
+  ]);
+  return `${head}\nOperations (newest first):\n${table(['KIND', 'STARTED', 'RESULT', 'TOTAL', 'PHASES (ms)'], rows)
+    .split('\n')
+    .map((l) => `  ${l}`)
+    .join('\n')}`;
 }

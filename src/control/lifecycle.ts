@@ -6,7 +6,7 @@ import { randomUUID } from 'node:crypto';
 import { hostname } from 'node:os';
 import { basename } from 'node:path';
 import type { Logger } from 'pino';
-import type { ActivateResult, AgentClient, LocalCheckpoint, LogOptions } from '../agent/client.ts';
+import type { ActivateResult, AgentClient, LocalCheckpoint, LogOptions, TransferEvent } from '../agent/client.ts';
 import type { BlobStore } from '../blob/blob.ts';
 import { asTorporError, notFound, TorporError } from '../core/errors.ts';
 import {
@@ -20,6 +20,7 @@ import {
 } from '../core/schemas.ts';
 import { assertTransition, TRANSITIONAL } from '../core/state.ts';
 import { elapsedMs } from '../core/time.ts';
+import { timed, traceId, withSpan } from '../core/trace.ts';
 import type { Actor, ActorRef, ActorStatus, Operation, Page, Template, Worker, WorkerFilter } from '../core/types.ts';
 import type { ImageStore } from '../image/store.ts';
 import type { OutputListener } from '../runtime/runtime.ts';
@@ -67,6 +68,7 @@ export interface LifecycleOptions {
 
 const now = (): string => new Date().toISOString();
 const actorKey = (ref: ActorRef): string => `${ref.space}/${ref.name}`;
+const spanAttributes = (ref: ActorRef) => ({ 'torpor.space': ref.space, 'torpor.actor': ref.name });
 const sameActor = (a: ActorRef | undefined, b: ActorRef): boolean => a?.space === b.space && a.name === b.name;
 const leaseExpired = (w: Worker): boolean => Date.parse(w.leaseExpiresAt) < Date.now();
 /** The snapshot id in a manifest key `snapshots/<space>/<name>/<id>/manifest.json`. */
@@ -87,7 +89,7 @@ export class Lifecycle {
   /** Background durable uploads of paused actors, by local checkpoint directory. */
   private readonly pendingUploads = new Map<string, Promise<void>>();
   private readonly transitionTimeoutMs: number;
-  private readonly compactionQueue: { node: string; key: string }[] = [];
+  private readonly compactionQueue: { node: string; key: string; actor: ActorRef }[] = [];
   private maintaining: Promise<void> | undefined;
   private shuttingDown = false;
   private gcDue = false;
@@ -128,7 +130,7 @@ export class Lifecycle {
       }
       return { template: existing, created: false };
     }
-    if (spec.runtime !== 'gvisor') {
+    if (!(await this.hasPool(spec.runtime))) {
       throw new TorporError('NOT_SUPPORTED', `runtime "${spec.runtime}" has no worker pool on this engine`, {
         field: 'runtime',
       });
@@ -270,7 +272,9 @@ export class Lifecycle {
   async resume(space: string, name: string, input: { worker?: string } = {}): Promise<Actor> {
     const ref = { space, name };
     await this.getActor(space, name);
-    return this.operate(ref, () => this.resumeLocked(ref, input.worker));
+    return withSpan('actor.resume', spanAttributes(ref), () =>
+      this.operate(ref, () => this.resumeLocked(ref, input.worker)),
+    );
   }
 
   private async resumeLocked(ref: ActorRef, workerId: string | undefined): Promise<Actor> {
@@ -288,16 +292,17 @@ export class Lifecycle {
     // A node that died keeps its workers registered until their lease runs out: try another worker then.
     const unreachable: string[] = [];
     for (;;) {
-      const worker = await this.claimWorker(
-        {
-          runtime: template.runtime,
-          ...(workerId ? { workerId } : {}),
-          ...(origin ? { preferNodes: [origin] } : {}),
-          ...(unreachable.length ? { excludeWorkers: unreachable } : {}),
-        },
-        ref,
+      const worker = await timed(op.phases, 'claim', () =>
+        this.claimWorker(
+          {
+            runtime: template.runtime,
+            ...(workerId ? { workerId } : {}),
+            ...(origin ? { preferNodes: [origin] } : {}),
+            ...(unreachable.length ? { excludeWorkers: unreachable } : {}),
+          },
+          ref,
+        ),
       );
-      op.phases.claim = elapsedMs(t0);
       if (!worker) {
         await this.rollback(actor, from, op, 'no free worker');
         const which = workerId ? `worker "${workerId}" is not free` : `no free ${template.runtime} worker`;
@@ -348,7 +353,7 @@ export class Lifecycle {
         reason: undefined,
       });
       crashPoint('resume.committed');
-      this.o.metrics.record('resume', 'ok', op.phases);
+      this.finished(running, op, 'ok');
       if (local) this.dropLocalSnapshot(running, worker.node, local);
       return running;
     }
@@ -361,7 +366,9 @@ export class Lifecycle {
   async suspend(space: string, name: string, opts: { onlyIf?: (actor: Actor) => boolean } = {}): Promise<Actor> {
     const ref = { space, name };
     await this.getActor(space, name);
-    return this.operate(ref, () => this.suspendLocked(ref, opts.onlyIf));
+    return withSpan('actor.suspend', spanAttributes(ref), () =>
+      this.operate(ref, () => this.suspendLocked(ref, opts.onlyIf)),
+    );
   }
 
   private async suspendLocked(ref: ActorRef, onlyIf?: (actor: Actor) => boolean): Promise<Actor> {
@@ -420,8 +427,7 @@ export class Lifecycle {
           address: undefined,
           reason: `upload failed, checkpoint kept on node ${node}: ${e.message}`,
         });
-        this.o.metrics.record('suspend', 'error', op.phases);
-        this.o.log.warn({ err, actor: actorKey(ref) }, 'suspend upload failed; actor kept paused on its node');
+        this.finished(paused, op, 'error');
         this.releaseAfterTeardown(agent, worker, ref);
         return paused;
       }
@@ -440,14 +446,19 @@ export class Lifecycle {
       reason: undefined,
     });
     crashPoint('suspend.committed');
-    this.o.metrics.record('suspend', 'ok', op.phases);
-    this.compactAfterRelease(node, key);
+    this.finished(suspended, op, 'ok');
+    this.compactAfterRelease(node, key, ref);
     return suspended;
   }
 
   async pause(space: string, name: string): Promise<Actor> {
     const ref = { space, name };
     await this.getActor(space, name);
+    return withSpan('actor.pause', spanAttributes(ref), () => this.pauseLocked(ref));
+  }
+
+  private pauseLocked(ref: ActorRef): Promise<Actor> {
+    const { space, name } = ref;
     return this.operate(ref, async () => {
       let actor = await this.getActor(space, name);
       if (actor.status === 'PAUSED') return actor;
@@ -477,7 +488,7 @@ export class Lifecycle {
         address: undefined,
         reason: undefined,
       });
-      this.o.metrics.record('pause', 'ok', op.phases);
+      this.finished(paused, op, 'ok');
       this.uploadPaused(paused, template, agent, local.dir, key);
       return paused;
     });
@@ -566,8 +577,18 @@ export class Lifecycle {
     return agent.logs({ space, name }, opts);
   }
 
-  /** On shutdown: suspends every running actor and waits for their uploads. Queued maintenance is dropped (it
-   * is an optimisation; the next process collects garbage again), the step in progress finishes. */
+  /** Calls `listener` with every snapshot transfer's progress on every node whose agent reports it, until the
+   * returned function is called. */
+  async onTransfer(listener: (event: TransferEvent) => void): Promise<() => void> {
+    const agents = (await this.o.agents.agents()).filter((agent) => agent.transfers);
+    for (const agent of agents) agent.transfers?.on('progress', listener);
+    return () => {
+      for (const agent of agents) agent.transfers?.off('progress', listener);
+    };
+  }
+
+  /** On shutdown: suspends every running actor and waits for their uploads and for the compaction of snapshots
+   * still in use; garbage collection is left to the next process. */
   async suspendAll(): Promise<void> {
     this.shuttingDown = true;
     for await (const actor of allActors(this.o.store)) {
@@ -756,7 +777,7 @@ export class Lifecycle {
     const e = asTorporError(err, 'RUNTIME_ERROR');
     op.error = e.message;
     op.finishedAt = now();
-    this.o.metrics.record(op.kind, 'error', op.phases);
+    this.finished(actor, op, 'error');
     if (await agent.sandboxAlive(worker).catch(() => false)) {
       await this.transition(actor, 'RUNNING', { lastOperation: op, reason: `${op.kind} failed: ${e.message}` });
       return e;
@@ -780,7 +801,31 @@ export class Lifecycle {
   }
 
   private startOperation(kind: Operation['kind']): Operation {
-    return { kind, startedAt: now(), phases: {} };
+    return { id: randomUUID(), kind, startedAt: now(), phases: {} };
+  }
+
+  /** The end of an operation: its metrics, and one log line naming actor, space, template, operation and trace. */
+  private finished(actor: Actor, op: Operation, result: 'ok' | 'error'): void {
+    this.o.metrics.record(op.kind, result, op.phases);
+    const fields = {
+      actor: actor.name,
+      space: actor.space,
+      template: actor.template,
+      operation: op.id,
+      kind: op.kind,
+      result,
+      phases: op.phases,
+      traceId: traceId(),
+      ...(op.error ? { error: op.error } : {}),
+    };
+    if (result === 'ok') this.o.log.info(fields, `${op.kind} done`);
+    else this.o.log.warn(fields, `${op.kind} failed`);
+  }
+
+  /** Whether any worker of the runtime class is registered (whatever engine or agent process it belongs to). */
+  private async hasPool(runtime: string): Promise<boolean> {
+    for await (const w of allWorkers(this.o.store)) if (w.runtime === runtime) return true;
+    return false;
   }
 
   private snapshotKey(ref: ActorRef): string {
@@ -807,8 +852,8 @@ export class Lifecycle {
   }
 
   /** Queues the new snapshot's deltas for compaction (see maintain). */
-  private compactAfterRelease(node: string, key: string): void {
-    this.compactionQueue.push({ node, key });
+  private compactAfterRelease(node: string, key: string, actor: ActorRef): void {
+    this.compactionQueue.push({ node, key, actor });
     this.kickMaintenance();
   }
 
@@ -839,10 +884,15 @@ export class Lifecycle {
    * additionally holds operations off while it runs, because a snapshot being written may reuse a chunk GC
    * is about to delete. */
   private async maintain(): Promise<void> {
-    while (!this.shuttingDown && (this.compactionQueue.length > 0 || this.gcDue)) {
+    // On shutdown, compactions of live snapshots still finish (their bytes are saved once and for all); garbage
+    // collection waits for the next process.
+    while (this.compactionQueue.length > 0 || (this.gcDue && !this.shuttingDown)) {
       while (this.busy() && !this.shuttingDown) await new Promise((r) => setTimeout(r, COMPACTION_IDLE_MS));
       const next = this.compactionQueue.shift();
       if (next) {
+        // A snapshot nothing points at any more (its actor was deleted, or it aged out) is garbage, not work.
+        const actor = await this.o.store.getActor(next.actor.space, next.actor.name).catch(() => undefined);
+        if (!actor || (actor.snapshot !== next.key && !actor.history.includes(next.key))) continue;
         const agent = await this.o.agents.agent(next.node);
         const saved = await (agent?.compact(next.key) ?? Promise.resolve(0)).catch((err: unknown) => {
           this.o.log.warn({ err, snapshot: next.key }, 'delta compaction failed');
@@ -932,6 +982,6 @@ export class Lifecycle {
     op.error = reason;
     op.finishedAt = now();
     await this.transition(actor, to, { lastOperation: op, reason, worker: undefined, address: undefined, ...patch });
-    this.o.metrics.record(op.kind, 'error', op.phases);
+    this.finished(actor, op, 'error');
   }
 }

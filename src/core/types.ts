@@ -1,5 +1,5 @@
 // The records Torpor stores. Pure data: no I/O here.
-import type { RuntimeClass, TemplateSpec } from './schemas.ts';
+import type { AssetAuthRef, RuntimeClass, TemplateSpec } from './schemas.ts';
 
 export const DEFAULT_SPACE = 'default';
 
@@ -25,6 +25,8 @@ export type ActorStatus = (typeof ACTOR_STATUSES)[number];
 export type Phases = Record<string, number>;
 
 export interface Operation {
+  /** Names the operation in log lines (and the dashboard); absent on records written before it existed. */
+  id?: string;
   kind: 'create' | 'resume' | 'suspend' | 'pause' | 'fork' | 'delete' | 'reconcile';
   startedAt: string;
   finishedAt?: string;
@@ -115,7 +117,10 @@ export interface Space {
 /** A runtime binary pinned by content: the same bytes on every node that restores a snapshot. */
 export interface Asset {
   url: string;
+  /** 64 lower-case hex digits. */
   sha256: string;
+  /** Where the credential for `url` lives (a reference, never the secret itself). */
+  auth?: AssetAuthRef;
 }
 
 /** A file as a list of chunks: sha256 of each chunk's uncompressed bytes; null for an all-zero chunk. */

@@ -28,6 +28,7 @@ export interface ServeRouterOptions {
 export interface ServedRouter {
   url: string;
   server: Server;
+  router: Router;
   close: () => Promise<void>;
 }
 
@@ -60,6 +61,7 @@ export async function serveRouter(o: ServeRouterOptions): Promise<ServedRouter> 
   return {
     url: `http://${o.host}:${listeningPort(server)}`,
     server,
+    router,
     close: async () => {
       idle.stop();
       router.close();

@@ -1,5 +1,5 @@
 // SandboxRuntime: runs one actor on one worker slot, and checkpoints/restores it. Implementations:
-// gvisor (runsc); later microvm. The agent owns orchestration; a runtime only knows sandboxes.
+// gvisor (runsc) and microvm (a VM per activation). The agent owns orchestration; a runtime only knows sandboxes.
 import type { Phases } from '../core/types.ts';
 
 export interface ImageConfigView {
@@ -26,6 +26,9 @@ export interface ActivationSpec {
   workDir: string;
   /** The actor's stdout and stderr are appended here (kept across activations on a node). */
   logFile: string;
+  /** Local paths of this activation's runtime assets by name (gVisor: `runsc`), fetched and verified by the agent
+   * from the activation's asset set: a restore runs with the assets its snapshot pinned. */
+  assets: Record<string, string>;
 }
 
 export interface Sandbox {
@@ -51,8 +54,6 @@ export type OutputListener = (stream: 'stdout' | 'stderr', chunk: Buffer) => voi
 
 export interface SandboxRuntime {
   readonly name: 'gvisor' | 'microvm';
-  /** Pinned binaries of this runtime, recorded in every snapshot manifest. */
-  readonly assets: Record<string, { url: string; sha256: string }>;
   run(spec: ActivationSpec): Promise<Sandbox>;
   /** Saves the sandbox's state in `dir` and stops it; `destroy` then releases what is left (it can be slow, so the
    * caller may run it off the critical path). */
@@ -65,4 +66,6 @@ export interface SandboxRuntime {
   destroy(id: string): Promise<void>;
   /** Ids of sandboxes this runtime knows about on this worker root (for cleaning leftovers). */
   list(): Promise<string[]>;
+  /** Runtimes that supervise a long-lived process per sandbox (a VMM) report its unexpected death here. */
+  onUnexpectedExit?(listener: (id: string, why: string) => void): void;
 }

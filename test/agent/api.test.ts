@@ -19,6 +19,7 @@ import { FsBlobStore } from '../../src/blob/fs.ts';
 import { isTorporError } from '../../src/core/errors.ts';
 import { ImageStore } from '../../src/image/store.ts';
 import { NodeNetwork } from '../../src/net/node-net.ts';
+import { AssetStore } from '../../src/runtime/assets.ts';
 import { GvisorRuntime } from '../../src/runtime/gvisor/runsc.ts';
 import { SqliteStore } from '../../src/store/sqlite.ts';
 import { Unreachable } from '../../src/sys/http.ts';
@@ -44,13 +45,9 @@ describe('agent API', () => {
       registry: new StoreRegistry(store),
       blob: new FsBlobStore(join(dir, 'blobs')),
       images: new ImageStore(join(dir, 'images')),
-      makeRuntime: (stateRoot) =>
-        new GvisorRuntime({
-          runsc: '/nonexistent/runsc',
-          features: { version: 'test', netDisconnectOk: true } as never,
-          asset: { url: 'file:///nonexistent/runsc', sha256: '0'.repeat(64) },
-          stateRoot,
-        }),
+      assets: new AssetStore(join(dir, 'assets')),
+      poolAssets: () => undefined,
+      makeRuntime: (stateRoot) => new GvisorRuntime({ stateRoot }),
       log: pino({ level: 'silent' }),
     });
     const sink = new Writable({
