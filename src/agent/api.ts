@@ -10,6 +10,7 @@ import { z } from 'zod';
 import { asTorporError, ERROR_STATUS, TorporError } from '../core/errors.ts';
 import { parse, templateSpec } from '../core/schemas.ts';
 import { bearerToken, secretEquals } from '../core/secret.ts';
+import { withCallerTrace } from '../core/trace.ts';
 import type { AgentClient } from './client.ts';
 
 export interface AgentApiOptions {
@@ -96,6 +97,11 @@ export function buildAgentApi(opts: AgentApiOptions) {
   });
 
   app.get('/healthz', async () => ({ status: 'ok', node: agent.node }));
+
+  // Work the server asks for continues the server's trace (it sends traceparent with every call).
+  app.addHook('preHandler', (req, _reply, done) => {
+    withCallerTrace(req.headers, done);
+  });
 
   app.post<Worker>('/v1/workers/:worker/activate', async (req) => {
     const body = parse(schemas.activate, req.body);

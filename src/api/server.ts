@@ -6,6 +6,7 @@ import { parse as parseYaml } from 'yaml';
 import type { Lifecycle } from '../control/lifecycle.ts';
 import type { Metrics } from '../control/metrics.ts';
 import { asTorporError, ERROR_STATUS, TorporError } from '../core/errors.ts';
+import { withCallerTrace } from '../core/trace.ts';
 import { DEFAULT_SPACE } from '../core/types.ts';
 import type { Engine } from '../engine/engine.ts';
 import type { StateStore } from '../store/store.ts';
@@ -79,6 +80,10 @@ export function buildApi(opts: ApiOptions) {
   const operations = new RecentOperations(store);
   const storage = opts.storage ? new CachedUsage(opts.storage) : undefined;
   const shutdown = new AbortController();
+  // A call from another Torpor process (a router resuming an actor) continues that process's trace.
+  app.addHook('preHandler', (req, _reply, done) => {
+    withCallerTrace(req.headers, done);
+  });
   app.addHook('preClose', async () => shutdown.abort());
   app.addHook('onClose', async () => operations.close());
   app.addHook('onResponse', async (req, reply) => {

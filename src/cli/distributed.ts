@@ -28,6 +28,7 @@ import { loadAssetSets, pinnedAssets, selectAssetSet } from '../runtime/asset-se
 import { AssetStore } from '../runtime/assets.ts';
 import { GvisorRuntime } from '../runtime/gvisor/runsc.ts';
 import { openStore } from '../store/open.ts';
+import { startTracing } from './tracing.ts';
 import { prefetchAssetSets } from './up.ts';
 
 export interface Running {
@@ -74,6 +75,7 @@ export interface ServerOptions {
 
 export async function server(o: ServerOptions): Promise<Running> {
   const log = o.log ?? pino({ name: 'torpor-server' });
+  const tracing = startTracing('torpor-server', log);
   const dataDir = resolve(o.dataDir);
   await mkdir(dataDir, { recursive: true });
   const store = await openStore(o.store);
@@ -116,6 +118,7 @@ export async function server(o: ServerOptions): Promise<Running> {
       await api.close();
       await instances.close();
       await store.close();
+      await tracing?.shutdown();
     },
   };
 }
@@ -151,6 +154,7 @@ function hostPort(listen: string, field: string): { host: string; port: number }
 
 export async function agent(o: AgentOptions): Promise<Running> {
   const log = o.log ?? pino({ name: 'torpor-agent' }).child({ node: o.node });
+  const tracing = startTracing(`torpor-agent-${o.node}`, log);
   if (o.networkBase + o.workers > 256) {
     throw new TorporError('INVALID_ARGUMENT', 'network-base + workers must be at most 256', { field: 'workers' });
   }
@@ -200,6 +204,7 @@ export async function agent(o: AgentOptions): Promise<Running> {
     stop: async () => {
       await api.close();
       await nodeAgent.stop();
+      await tracing?.shutdown();
     },
   };
 }
@@ -222,6 +227,7 @@ export interface RouterOptions {
 
 export async function router(o: RouterOptions): Promise<Running> {
   const log = o.log ?? pino({ name: 'torpor-router' });
+  const tracing = startTracing('torpor-router', log);
   const store = await openStore(o.store);
   const { store: _s, server: _v, log: _l, ...rest } = o;
   const served = await serveRouter({
@@ -236,6 +242,7 @@ export async function router(o: RouterOptions): Promise<Running> {
     stop: async () => {
       await served.close();
       await store.close();
+      await tracing?.shutdown();
     },
   };
 }

@@ -1,7 +1,7 @@
 // Tracing: one span per operation and per phase, through the OpenTelemetry API only (a no-op until the CLI
 // installs an SDK, see src/cli/tracing.ts). Phases are measured once, here: the same reading becomes the span and
 // the number in the actor's lastOperation and in the metrics.
-import { type Attributes, context, type Span, SpanStatusCode, trace } from '@opentelemetry/api';
+import { type Attributes, context, propagation, type Span, SpanStatusCode, trace } from '@opentelemetry/api';
 import { roundMs } from './time.ts';
 import type { Phases } from './types.ts';
 
@@ -63,4 +63,17 @@ export function recordPhases(phases: Phases, prefix: string): void {
 export function traceId(): string | undefined {
   const ctx = trace.getSpan(context.active())?.spanContext();
   return ctx && trace.isSpanContextValid(ctx) ? ctx.traceId : undefined;
+}
+
+/** The active trace as headers (W3C `traceparent`, `tracestate`) for a call to another Torpor process; empty when
+ * tracing is off. */
+export function traceHeaders(): Record<string, string> {
+  const carrier: Record<string, string> = {};
+  propagation.inject(context.active(), carrier);
+  return carrier;
+}
+
+/** Runs `fn` in the trace a caller's headers carry (see traceHeaders), so its spans continue the caller's trace. */
+export function withCallerTrace<T>(headers: Record<string, string | string[] | undefined>, fn: () => T): T {
+  return context.with(propagation.extract(context.active(), headers), fn);
 }

@@ -1,10 +1,11 @@
 // Calls between Torpor's own processes (server → agent API, agent → server, router → server): JSON in and out,
-// an optional bearer token, a deadline on every call, and errors turned back into the TorporErrors the other side
-// raised. A call that got no answer at all (refused, reset, timed out) throws Unreachable, so a caller can tell
-// "the other side said no" from "the other side is gone".
+// an optional bearer token, the active trace (traceparent), a deadline on every call, and errors turned back into
+// the TorporErrors the other side raised. A call that got no answer at all (refused, reset, timed out) throws
+// Unreachable, so a caller can tell "the other side said no" from "the other side is gone".
 import type { Readable } from 'node:stream';
 import { request } from 'undici';
 import { ERROR_STATUS, type ErrorCode, TorporError } from '../core/errors.ts';
+import { traceHeaders } from '../core/trace.ts';
 
 export class Unreachable extends TorporError {
   constructor(message: string, cause: unknown) {
@@ -35,7 +36,8 @@ function describe(base: string): string {
 }
 
 async function send(base: string, method: Method, path: string, body: unknown, opts: CallOptions) {
-  const headers: Record<string, string> = { ...opts.headers };
+  // The caller's trace goes along: the other process's spans continue it.
+  const headers: Record<string, string> = { ...traceHeaders(), ...opts.headers };
   if (opts.token !== undefined) headers.authorization = `Bearer ${opts.token}`;
   if (body !== undefined) headers['content-type'] = 'application/json';
   const timeout = opts.timeoutMs ?? 30_000;

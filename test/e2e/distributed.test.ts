@@ -24,7 +24,8 @@ type NodeName = keyof typeof NODES;
 /** The control plane's address on this host, reachable from the node namespaces through their uplinks (in
  * 10.214.0.0/16, which actors are refused by default). The server, S3 and the router listen there. */
 const CONTROL = '10.214.220.254';
-const LEASE_SECONDS = 3;
+// Longer than an agent takes to restart on a loaded 2-core machine (3–4 s), or a restart would count as a lost node.
+const LEASE_SECONDS = 6;
 const BUCKET = 'torpor-dist';
 
 const skip = gvisorSkipReason() ?? nftSkipReason();
