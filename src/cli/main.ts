@@ -1,11 +1,21 @@
 // The `torpor` command: `up` runs the embedded deployment; everything else talks to a server over REST.
 import { readFileSync } from 'node:fs';
-import { dirname, isAbsolute, resolve } from 'node:path';
+import { dirname, isAbsolute, join, resolve } from 'node:path';
 import { Command, Option } from 'commander';
 import { parse as parseYaml } from 'yaml';
 import { asTorporError, TorporError } from '../core/errors.ts';
 import { type Actor, DEFAULT_SPACE, type Operation } from '../core/types.ts';
 import { ApiClient } from './client.ts';
+import {
+  type AgentFlags,
+  ackSettingsFrom,
+  addAckOptions,
+  addAgentOptions,
+  addKubeOptions,
+  agentSettings,
+  ENGINE_CHOICES,
+  kubeOptions,
+} from './kube-flags.ts';
 import { describeActor, type Kind, type OutputFormat, render } from './output.ts';
 
 const program = new Command('torpor')
@@ -50,7 +60,7 @@ function integerFlag(name: string, value: string, min: number, max: number): num
   return n;
 }
 
-interface UpFlags {
+interface UpFlags extends AgentFlags {
   dataDir: string;
   host: string;
   port: string;
@@ -69,6 +79,9 @@ interface UpFlags {
   engine: string;
   scheduleType?: string;
   standardUrl?: string;
+  kubeconfig?: string;
+  context?: string;
+  watchNamespace?: string;
 }
 
 /** `space=token` pairs; tokens may also come from TORPOR_INGRESS_TOKENS (same form, comma-separated), so they
@@ -89,7 +102,7 @@ function ingressTokens(flags: string[] | undefined): Record<string, string> | un
   return out;
 }
 
-program
+const upCommand = program
   .command('up')
   .description('run Torpor on this machine (API, local engine, reconciler)')
   .option('--data-dir <dir>', 'where state, snapshots and caches live', '/var/lib/torpor')
@@ -114,51 +127,127 @@ program
     'require Authorization: Bearer <token> for actors of a space (repeatable)',
   )
   .addOption(
-    new Option('--engine <engine>', 'engine behind the AEnvironment API (/env-instance, /aenvironment/instance)')
-      .choices(['local', 'standard'])
+    new Option(
+      '--engine <engine>',
+      'engine: local (this machine), k8s (a Kubernetes cluster: pools, templates), ack (Alibaba Cloud ACK), standard',
+    )
+      .choices(ENGINE_CHOICES)
       .default('local'),
   )
   .addOption(
-    new Option('--schedule-type <engine>', "alias of --engine (AEnvironment's name)").choices(['local', 'standard']),
+    new Option('--schedule-type <engine>', "alias of --engine (AEnvironment's name; alicloud-k8s = ack)").choices(
+      ENGINE_CHOICES,
+    ),
   )
   .option('--standard-url <url>', 'with --engine standard: the engine serving the standard contract')
-  .option('--sample', 'create the sample "counter" template and actor')
-  .action(async (o: UpFlags) => {
-    const { up } = await import('./up.ts');
-    const torpor = await up({
-      dataDir: o.dataDir,
-      host: o.host,
-      port: integerFlag('port', o.port, 0, 65535),
-      workers: integerFlag('workers', o.workers, 1, 64),
-      nodes: integerFlag('nodes', o.nodes, 1, 16),
-      networkBase: integerFlag('network-base', o.networkBase, 0, 255),
-      routerPort: integerFlag('router-port', o.routerPort, 0, 65535),
-      domain: o.domain,
-      queueSize: integerFlag('queue-size', o.queueSize, 1, 1_000_000),
-      queueDeadlineMs: integerFlag('queue-deadline', o.queueDeadline, 1, 3600) * 1000,
-      upstreamTimeoutMs: integerFlag('upstream-timeout', o.upstreamTimeout, 1, 86400) * 1000,
-      maxBodyBytes: integerFlag('max-body', o.maxBody, 1, 65536) * 1024 * 1024,
-      ...(ingressTokens(o.ingressToken) ? { ingressTokens: ingressTokens(o.ingressToken)! } : {}),
-      ...(o.runsc ? { runsc: o.runsc } : {}),
-      engine: (o.scheduleType ?? o.engine) as 'local' | 'standard',
-      ...(o.standardUrl ? { standardUrl: o.standardUrl } : {}),
-    });
-    process.stderr.write(`Torpor API listening on ${torpor.url} (dashboard: ${torpor.url}/dashboard/)\n`);
-    process.stderr.write(`Torpor router listening on ${torpor.routerUrl} (Host: <actor>.<space>.actors.${o.domain})\n`);
-    if (o.sample) {
-      const { createSample } = await import('./sample.ts');
-      await createSample(torpor.lifecycle, resolve(o.dataDir), `${o.domain}:${new URL(torpor.routerUrl).port}`);
-    }
-    const shutdown = () => {
-      process.stderr.write('Torpor stopping: suspending running actors…\n');
-      torpor.stop().then(
-        () => process.exit(0),
-        () => process.exit(1),
-      );
-    };
-    process.once('SIGINT', shutdown);
-    process.once('SIGTERM', shutdown);
+  .option('--sample', 'create the sample "counter" template and actor');
+addAckOptions(addAgentOptions(addKubeOptions(upCommand))).action(async (o: UpFlags & Record<string, unknown>) => {
+  const { up } = await import('./up.ts');
+  const { ENGINE_ALIASES } = await import('../engine/k8s/engine.ts');
+  const engine = ENGINE_ALIASES[o.scheduleType ?? o.engine]!;
+  const kubeEngine =
+    engine === 'k8s' || engine === 'ack'
+      ? {
+          engine,
+          kube: kubeOptions(o),
+          ...(engine === 'ack' ? { ack: await ackSettingsFrom(o) } : {}),
+          ...(o.watchNamespace ? { namespace: o.watchNamespace } : {}),
+        }
+      : undefined;
+  const torpor = await up({
+    dataDir: o.dataDir,
+    host: o.host,
+    port: integerFlag('port', o.port, 0, 65535),
+    workers: integerFlag('workers', o.workers, 1, 64),
+    nodes: integerFlag('nodes', o.nodes, 1, 16),
+    networkBase: integerFlag('network-base', o.networkBase, 0, 255),
+    routerPort: integerFlag('router-port', o.routerPort, 0, 65535),
+    domain: o.domain,
+    queueSize: integerFlag('queue-size', o.queueSize, 1, 1_000_000),
+    queueDeadlineMs: integerFlag('queue-deadline', o.queueDeadline, 1, 3600) * 1000,
+    upstreamTimeoutMs: integerFlag('upstream-timeout', o.upstreamTimeout, 1, 86400) * 1000,
+    maxBodyBytes: integerFlag('max-body', o.maxBody, 1, 65536) * 1024 * 1024,
+    ...(ingressTokens(o.ingressToken) ? { ingressTokens: ingressTokens(o.ingressToken)! } : {}),
+    ...(o.runsc ? { runsc: o.runsc } : {}),
+    engine,
+    ...(o.standardUrl ? { standardUrl: o.standardUrl } : {}),
+    ...(kubeEngine
+      ? {
+          kube: {
+            ...kubeEngine,
+            agent: (url: string, blobUrl: string) => agentSettings(o, { serverUrl: url, blobUrl }),
+          },
+        }
+      : {}),
   });
+  process.stderr.write(`Torpor API listening on ${torpor.url} (dashboard: ${torpor.url}/dashboard/)\n`);
+  process.stderr.write(`Torpor router listening on ${torpor.routerUrl} (Host: <actor>.<space>.actors.${o.domain})\n`);
+  if (o.sample) {
+    const { createSample } = await import('./sample.ts');
+    await createSample(torpor.lifecycle, resolve(o.dataDir), `${o.domain}:${new URL(torpor.routerUrl).port}`);
+  }
+  const shutdown = () => {
+    process.stderr.write('Torpor stopping: suspending running actors…\n');
+    torpor.stop().then(
+      () => process.exit(0),
+      () => process.exit(1),
+    );
+  };
+  process.once('SIGINT', shutdown);
+  process.once('SIGTERM', shutdown);
+});
+
+// ------------------------------------------------------------------ install
+
+const installCommand = program
+  .command('install')
+  .description('render deploy/ and apply it to a Kubernetes cluster (server-side apply, CRDs first)')
+  .addOption(
+    new Option('--engine <engine>', 'k8s, or ack (Alibaba Cloud ACK: deploy/ack)')
+      .choices(['k8s', 'ack', 'alicloud-k8s'])
+      .default('k8s'),
+  )
+  .addOption(new Option('--schedule-type <engine>', 'alias of --engine').choices(['k8s', 'ack', 'alicloud-k8s']))
+  .option('--dry-run', 'print the manifests instead of applying them (no cluster is contacted)')
+  .option('--namespace <ns>', 'namespace for Torpor', 'torpor')
+  .option('--image <image>', 'the torpor image (server, router, worker pods)')
+  .option('--blob <url>', 'snapshot store URL for torpor-config (credentials: the Secret torpor-blob)')
+  .option('--domain <domain>', 'router domain for torpor-config');
+addAckOptions(addKubeOptions(installCommand)).action(async (o: Record<string, unknown>) => {
+  const { DEPLOY_DIR, applyInstall, renderInstall, toYaml } = await import('../engine/k8s/install.ts');
+  const { ENGINE_ALIASES, connectCluster } = await import('../engine/k8s/engine.ts');
+  const engine = ENGINE_ALIASES[String(o.scheduleType ?? o.engine)] === 'ack' ? 'ack' : 'k8s';
+  const config: Record<string, string> = {};
+  if (o.blob) config.blob = String(o.blob);
+  if (o.domain) config.domain = String(o.domain);
+  const namespace = String(o.namespace);
+  config.server = `http://torpor-server.${namespace}.svc:7070`;
+  config.store = `redis://torpor-redis.${namespace}.svc:6379`;
+  const objects = await renderInstall({
+    dir: engine === 'ack' ? join(DEPLOY_DIR, 'ack') : DEPLOY_DIR,
+    namespace,
+    ...(o.image ? { image: String(o.image) } : {}),
+    config,
+  });
+  if (o.dryRun) {
+    process.stdout.write(toYaml(objects));
+    process.stdout.write(`# plus Secret ${namespace}/torpor-agent-token: a random token generated in the cluster\n`);
+    return;
+  }
+  const { pino } = await import('pino');
+  const log = pino({ name: 'torpor-install' });
+  const cluster = await connectCluster(engine, {
+    kube: kubeOptions(o as { kubeconfig?: string; context?: string }),
+    ...(engine === 'ack' ? { ack: await ackSettingsFrom(o) } : {}),
+    log,
+  });
+  try {
+    await applyInstall(cluster.kube, objects, log);
+  } finally {
+    cluster.close();
+  }
+  process.stderr.write(`Torpor installed in namespace ${namespace} on ${cluster.kube.server()}\n`);
+});
 
 // ------------------------------------------------------------------ templates
 

@@ -11,7 +11,11 @@ import { IdlePolicy } from '../control/idle.ts';
 import { Lifecycle } from '../control/lifecycle.ts';
 import { Metrics } from '../control/metrics.ts';
 import { TorporError } from '../core/errors.ts';
+import type { AckSettings } from '../engine/ack/settings.ts';
 import type { Engine } from '../engine/engine.ts';
+import { type KubeEngineName, type RunningKubeEngine, startKubeEngine } from '../engine/k8s/engine.ts';
+import type { KubeOptions } from '../engine/k8s/kube.ts';
+import type { AgentSettings } from '../engine/k8s/render.ts';
 import { LocalEngine, loadRunscAsset, locateRunsc } from '../engine/local.ts';
 import { LocalInstances } from '../engine/local-instances.ts';
 import { StandardEngine } from '../engine/standard.ts';
@@ -49,8 +53,16 @@ export interface UpOptions {
   ingressTokens?: Record<string, string>;
   /** The engine behind the AEnvironment API (/env-instance, /aenvironment/instance): this node's actors
    * (local) or an external service speaking the standard contract at standardUrl. */
-  engine?: 'local' | 'standard';
+  engine?: 'local' | 'standard' | KubeEngineName;
   standardUrl?: string;
+  /** With engine k8s or ack: the cluster whose WorkerPools and Templates this control plane reconciles. */
+  kube?: {
+    kube: KubeOptions;
+    ack?: AckSettings;
+    namespace?: string;
+    /** What worker pods get, given this control plane's URL and blob store. */
+    agent: (serverUrl: string, blobUrl: string) => AgentSettings;
+  };
   log?: Logger;
 }
 
@@ -122,6 +134,22 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
   await api.listen({ host: opts.host, port: opts.port });
   const url = `http://${opts.host}:${listeningPort(api.server)}`;
 
+  // Kubernetes / ACK: WorkerPools become Deployments of agent pods, Templates sync into this store.
+  let kubeEngine: RunningKubeEngine | undefined;
+  if (opts.engine === 'k8s' || opts.engine === 'ack') {
+    if (!opts.kube) throw new TorporError('INVALID_ARGUMENT', `--engine ${opts.engine} needs cluster settings`);
+    kubeEngine = await startKubeEngine({
+      engine: opts.engine,
+      kube: opts.kube.kube,
+      ...(opts.kube.ack ? { ack: opts.kube.ack } : {}),
+      ...(opts.kube.namespace ? { namespace: opts.kube.namespace } : {}),
+      agent: opts.kube.agent(url, `file://${join(dataDir, 'blobs')}`),
+      store,
+      lifecycle,
+      log,
+    });
+  }
+
   const activity = new ActivityTracker();
   const idle = new IdlePolicy({ store, lifecycle, activity, log });
   idle.start();
@@ -148,6 +176,7 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
   const stop = (): Promise<void> => {
     stopping ??= (async () => {
       clearInterval(reconciler);
+      await kubeEngine?.stop();
       idle.stop();
       router.close();
       routerServer.closeAllConnections();

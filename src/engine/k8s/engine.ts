@@ -1,0 +1,88 @@
+// The Kubernetes and ACK engines as a control plane runs them: connect to the cluster (a kubeconfig, in-cluster
+// configuration, or ACK's temporary kubeconfig, refreshed), then run the controller with the control plane's
+// lifecycle as the place templates are synced to and pools are drained through.
+import type { Logger } from 'pino';
+import type { Lifecycle } from '../../control/lifecycle.ts';
+import type { StateStore } from '../../store/store.ts';
+import { AckCluster } from '../ack/cluster.ts';
+import type { AckSettings } from '../ack/settings.ts';
+import { KubeController } from './controller.ts';
+import { Kube, type KubeOptions, loadKubeConfig } from './kube.ts';
+import { StorePools } from './pools.ts';
+import type { AgentSettings } from './render.ts';
+
+export type KubeEngineName = 'k8s' | 'ack';
+
+/** `--engine` values (and AEnvironment's `--schedule-type` names) → the engine. */
+export const ENGINE_ALIASES: Record<string, 'local' | 'standard' | KubeEngineName> = {
+  local: 'local',
+  standard: 'standard',
+  k8s: 'k8s',
+  kubernetes: 'k8s',
+  ack: 'ack',
+  'alicloud-k8s': 'ack',
+};
+
+export interface KubeEngineOptions {
+  engine: KubeEngineName;
+  kube?: KubeOptions;
+  /** Required for `ack`. */
+  ack?: AckSettings;
+  /** Watch one namespace (undefined: all). */
+  namespace?: string;
+  agent: AgentSettings;
+  store: StateStore;
+  lifecycle: Pick<Lifecycle, 'applyTemplate' | 'suspend'>;
+  log: Logger;
+}
+
+export interface RunningKubeEngine {
+  kube: Kube;
+  controller: KubeController;
+  stop(): Promise<void>;
+}
+
+/** Connects to the cluster the options name (ACK: with a refreshed temporary kubeconfig). */
+export async function connectCluster(
+  engine: KubeEngineName,
+  opts: { kube?: KubeOptions; ack?: AckSettings; log: Logger },
+): Promise<{ kube: Kube; close(): void }> {
+  if (engine === 'ack') {
+    if (!opts.ack) throw new Error('the ack engine needs its settings');
+    const cluster = await AckCluster.connect({ settings: opts.ack, log: opts.log });
+    return { kube: cluster.kube, close: () => cluster.close() };
+  }
+  return { kube: new Kube(loadKubeConfig(opts.kube)), close: () => undefined };
+}
+
+export async function startKubeEngine(o: KubeEngineOptions): Promise<RunningKubeEngine> {
+  const log = o.log.child({ engine: o.engine });
+  const cluster = await connectCluster(o.engine, {
+    ...(o.kube ? { kube: o.kube } : {}),
+    ...(o.ack ? { ack: o.ack } : {}),
+    log,
+  });
+  const controller = new KubeController({
+    kube: cluster.kube,
+    ...(o.namespace ? { namespace: o.namespace } : {}),
+    agent: o.agent,
+    pools: new StorePools({ store: o.store, lifecycle: o.lifecycle, log }),
+    templates: o.lifecycle,
+    log,
+  });
+  try {
+    await controller.start();
+  } catch (err) {
+    cluster.close();
+    throw err;
+  }
+  log.info({ server: cluster.kube.server(), namespace: o.namespace ?? '(all)' }, 'kubernetes controller started');
+  return {
+    kube: cluster.kube,
+    controller,
+    async stop() {
+      await controller.stop();
+      cluster.close();
+    },
+  };
+}
