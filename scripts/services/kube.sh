@@ -26,6 +26,8 @@ BIN=$CACHE/src/_output/bin
 cmd=${1:-}; dir=${2:-}
 
 build() {
+  command -v etcd >/dev/null 2>&1 ||
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends etcd-server >/dev/null
   if [ -x "$BIN/kube-apiserver" ] && { [ "${WITH_CONTROLLERS:-0}" != 1 ] || [ -x "$BIN/kube-controller-manager" ]; }; then
     echo "kube: built in $BIN"; return
   fi

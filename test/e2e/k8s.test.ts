@@ -1,0 +1,123 @@
+// `torpor up --engine k8s` against a real kube-apiserver, with real runsc workers on this machine: a Template
+// custom resource is synced into the control plane's store (and gets its golden snapshot), a WorkerPool reports
+// the workers its agents registered, and deleting the pool suspends its running actor to a snapshot before the
+// pool and its Deployment go.
+//
+// There is no kubelet: the pool's pod is created by the test under the name this machine's agent registers with
+// ("node0"), standing in for the pod that would host that agent.
+import assert from 'node:assert/strict';
+import { after, before, describe, it } from 'node:test';
+import type { Actor, Template } from '../../src/core/types.ts';
+import { resourcePath } from '../../src/engine/k8s/kube.ts';
+import { deploymentName, poolSelector } from '../../src/engine/k8s/render.ts';
+import { API_VERSION, type Condition } from '../../src/engine/k8s/resources.ts';
+import { eventually, installCrds, type RunningKube, startKube } from '../engine/k8s/kube-helpers.ts';
+import { counterImage } from '../fixtures/images.ts';
+import { gvisorSkipReason, startTorpor, type Torpor } from './harness.ts';
+
+const NS = 'default';
+const noGvisor = gvisorSkipReason();
+const started = noGvisor ? noGvisor : await startKube();
+const skip = typeof started === 'string' ? started : false;
+const k = typeof started === 'string' ? undefined : started;
+
+const conditionOf = (obj: { status?: { conditions?: Condition[] } } | undefined, type: string) =>
+  obj?.status?.conditions?.find((c) => c.type === type);
+
+describe('torpor up --engine k8s (real kube-apiserver, real runsc)', { skip }, () => {
+  let t: Torpor;
+  const kube = () => (k as RunningKube).kube;
+
+  before(async () => {
+    await installCrds(kube());
+    await kube().request('POST', resourcePath('v1', 'secrets', NS), {
+      body: { apiVersion: 'v1', kind: 'Secret', metadata: { name: 'torpor-agent-token' }, stringData: { token: 't' } },
+    });
+    t = await startTorpor({
+      workers: 2,
+      networkBase: 200,
+      args: ['--engine', 'k8s', '--kubeconfig', k!.kubeconfig, '--watch-namespace', NS],
+    });
+  });
+  after(async () => {
+    await t?.stop();
+    await k?.stop();
+  });
+
+  it('syncs a Template custom resource into the store, golden snapshot included', async () => {
+    const image = await counterImage();
+    await kube().request('POST', resourcePath(API_VERSION, 'templates', NS), {
+      body: {
+        apiVersion: API_VERSION,
+        kind: 'Template',
+        metadata: { name: 'counter' },
+        spec: { image, port: 8080, readiness: { path: '/healthz', timeoutSeconds: 20 }, resources: { memoryMiB: 128 } },
+      },
+    });
+    const synced = await eventually(
+      async () => {
+        const c = conditionOf(await kube().get(resourcePath(API_VERSION, 'templates', NS, 'counter')), 'Synced');
+        return c?.status === 'True' ? c : undefined;
+      },
+      60_000,
+      'Synced',
+    );
+    assert.equal(synced.reason, 'Created');
+    const stored = await eventually(
+      async () => {
+        const got = await t.json<Template>('template', 'get', 'counter');
+        return got.goldenSnapshot ? got : undefined;
+      },
+      60_000,
+      'golden snapshot',
+    );
+    assert.equal(stored.port, 8080);
+    assert.equal(stored.resources.memoryMiB, 128);
+    assert.equal(stored.idleTimeoutSeconds, 300, 'defaults applied');
+  });
+
+  it('a pool counts its registered workers and drains its actors before it goes', async () => {
+    const actor = await t.json<Actor>('actor', 'create', 'k1', '--template', 'counter');
+    assert.equal(actor.status, 'SUSPENDED');
+    const running = await t.json<Actor>('actor', 'resume', 'k1');
+    assert.equal(running.status, 'RUNNING');
+    assert.equal(running.node, 'node0');
+    const snapshotBefore = running.snapshot;
+
+    await kube().request('POST', resourcePath(API_VERSION, 'workerpools', NS), {
+      body: { apiVersion: API_VERSION, kind: 'WorkerPool', metadata: { name: 'local' }, spec: { runtime: 'gvisor' } },
+    });
+    // The pod that hosts agent "node0" (its name is the agent's node name).
+    await kube().request('POST', resourcePath('v1', 'pods', NS), {
+      body: {
+        apiVersion: 'v1',
+        kind: 'Pod',
+        metadata: { name: 'node0', labels: poolSelector('local') },
+        spec: { containers: [{ name: 'agent', image: 'torpor:test' }] },
+      },
+    });
+    const status = await eventually(
+      async () => {
+        const p = await kube().get<{ status?: { readyWorkers?: number; conditions?: Condition[] } }>(
+          resourcePath(API_VERSION, 'workerpools', NS, 'local'),
+        );
+        return p?.status?.readyWorkers === 2 ? p.status : undefined;
+      },
+      30_000,
+      'readyWorkers 2',
+    );
+    assert.equal(conditionOf({ status }, 'Available')?.status, 'True');
+    assert.ok(await kube().get(resourcePath('apps/v1', 'deployments', NS, deploymentName('local'))));
+
+    await kube().request('DELETE', resourcePath(API_VERSION, 'workerpools', NS, 'local'));
+    await eventually(
+      async () => ((await kube().get(resourcePath(API_VERSION, 'workerpools', NS, 'local'))) ? undefined : true),
+      60_000,
+      'pool gone',
+    );
+    const drained = await t.json<Actor>('actor', 'get', 'k1');
+    assert.equal(drained.status, 'SUSPENDED', 'suspended by the drain');
+    assert.ok(drained.snapshot && drained.snapshot !== snapshotBefore, 'a new snapshot was taken');
+    assert.equal(await kube().get(resourcePath('apps/v1', 'deployments', NS, deploymentName('local'))), undefined);
+  });
+});
