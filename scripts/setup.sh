@@ -20,6 +20,13 @@ for pair in ip:iproute2 curl:curl cc:gcc python3:python3 busybox:busybox-static 
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
 [ -e /usr/lib/x86_64-linux-gnu/libc.a ] || need+=(libc6-dev)
+# The micro-VM asset set (scripts/microvm-assets.sh) carries Debian's qemu-system-x86_64, which links these.
+QEMU_LIBS="libaio1 libbpf1 libcapstone4 libfdt1 libfuse3-3 libglib2.0-0 libgmp10 libgnutls30 libhogweed6 libibverbs1
+  libjpeg62-turbo libnettle8 libnuma1 libpixman-1-0 libpmem1 libpng16-16 librdmacm1 libsasl2-2 libseccomp2 libslirp0
+  libudev1 liburing2 libvdeplug2 libzstd1 zlib1g"
+for pkg in $QEMU_LIBS xz-utils; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || need+=("$pkg")
+done
 if [ ${#need[@]} -gt 0 ]; then
   log "apt-get install ${need[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null

@@ -3,7 +3,6 @@ import { stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { waitReady } from '../../src/agent/ready.ts';
-import { loadRunscAsset } from '../../src/engine/local.ts';
 import { NodeNetwork } from '../../src/net/node-net.ts';
 import { WorkerNetwork } from '../../src/net/worker-net.ts';
 import { GvisorRuntime } from '../../src/runtime/gvisor/runsc.ts';
@@ -35,12 +34,9 @@ export async function bare(
   log: Logger,
   networkIndex = 250,
 ) {
-  const runsc = await loadRunscAsset(runscPath, log);
   const rt = new GvisorRuntime({
-    runsc: runsc.path,
-    features: runsc.features,
-    asset: { url: '', sha256: runsc.sha256 },
     stateRoot: join(work, 'bare-state'),
+    onWarning: (message, fields) => log.warn(fields, message),
   });
   // The same network a worker has (node and worker namespaces, a fresh interior per activation), so the ratio
   // compares runtime operations only.
@@ -61,6 +57,7 @@ export async function bare(
     netnsPath: net.netnsPath,
     workDir: join(work, 'bare-work'),
     logFile: join(work, 'bare.log'),
+    assets: { runsc: runscPath },
   };
   const url = `http://${net.address}:8080/healthz`;
   const checkpoint: number[] = [];

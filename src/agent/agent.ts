@@ -3,25 +3,31 @@
 // It never decides *which* actor goes where: that is the control layer's job.
 
 import { createHash } from 'node:crypto';
+import { EventEmitter } from 'node:events';
 import { createReadStream, existsSync } from 'node:fs';
-import { mkdir, readdir, rename, rm, stat, utimes } from 'node:fs/promises';
+import { mkdir, readdir, readFile, rename, rm, stat, utimes, writeFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import type { Readable } from 'node:stream';
 import type { Logger } from 'pino';
 import type { BlobStore } from '../blob/blob.ts';
 import { FsBlobStore } from '../blob/fs.ts';
 import { TorporError } from '../core/errors.ts';
+import { assetMap, parse, type RuntimeClass } from '../core/schemas.ts';
 import { recordPhases, timed, withSpan } from '../core/trace.ts';
-import type { ActorRef, Phases, SnapshotManifest, Template, Worker } from '../core/types.ts';
+import type { ActorRef, Asset, Phases, SnapshotManifest, Template, Worker } from '../core/types.ts';
 import type { ImageStore } from '../image/store.ts';
 import type { NodeNetwork } from '../net/node-net.ts';
 import { WorkerNetwork } from '../net/worker-net.ts';
+import { checkAssetNames, fetchAssets, hostArch, pinnedAssets } from '../runtime/asset-set.ts';
+import type { AssetStore } from '../runtime/assets.ts';
 import type { ExecResult, OutputListener, Sandbox, SandboxRuntime } from '../runtime/runtime.ts';
 import {
   COMPACT_DELTA_LEVEL,
   compactDelta,
+  type ProgressListener,
   readManifest,
   restoreSnapshot,
+  type TransferProgress,
   type WriteSnapshotStats,
   writeSnapshot,
 } from '../snapshot/index.ts';
@@ -43,7 +49,15 @@ export interface WorkerSlot {
   networkReady: boolean;
   /** A checkpointed sandbox whose teardown has not started yet. */
   stopped?: string;
+  /** The asset set the current (or last) activation runs with: what its checkpoints pin. */
+  pinned?: Record<string, Asset>;
+  /** Digest of the image the current (or last) activation runs: its rootfs is not evicted from the cache. */
+  image?: string;
 }
+
+/** Written into every checkpoint directory: the assets the checkpoint was made with (a local restore uses them;
+ * the upload pins them in the manifest). Not part of the snapshot's files. */
+export const PINNED_ASSETS_FILE = 'torpor-assets.json';
 
 export interface NodeAgentOptions {
   node: string;
@@ -57,6 +71,11 @@ export interface NodeAgentOptions {
   blob: BlobStore;
   images: ImageStore;
   makeRuntime: (stateRoot: string) => SandboxRuntime;
+  /** The node's content-addressed runtime asset cache. */
+  assets: AssetStore;
+  /** The pool's current asset set for a runtime class on this node's architecture (boots without a template
+   * override use it; restores use what their snapshot pinned). */
+  poolAssets: (runtime: RuntimeClass) => Record<string, Asset> | undefined;
   log: Logger;
   leaseMs?: number;
   /** zstd level for delta-encoded snapshot files (0: chunks only). */
@@ -90,6 +109,10 @@ export interface CheckpointRequest {
 }
 
 export type SnapshotStats = Omit<WriteSnapshotStats, 'phases'>;
+
+export interface TransferEvent extends ActorRef, TransferProgress {
+  direction: 'upload' | 'download';
+}
 
 export interface CheckpointResult {
   manifest: SnapshotManifest;
@@ -132,6 +155,13 @@ export class NodeAgent {
         networkReady: false,
       });
     }
+  }
+
+  /** Snapshot transfers in progress on this node, per actor: for progress displays. */
+  readonly transfers = new EventEmitter<{ progress: [TransferEvent] }>();
+
+  private progressOf(actor: ActorRef, direction: TransferEvent['direction']): ProgressListener {
+    return (p) => this.transfers.emit('progress', { ...actor, direction, ...p });
   }
 
   get nodeDir(): string {
@@ -218,6 +248,7 @@ export class NodeAgent {
       if (slot.sandbox) await slot.runtime.destroy(slot.sandbox.id);
       slot.sandbox = undefined;
       const resolved = await this.opts.images.resolve(req.template.image);
+      slot.image = resolved.digest;
       if (!slot.networkReady) await slot.net.prepare();
       slot.networkReady = false;
       await slot.net.activate({
@@ -244,6 +275,7 @@ export class NodeAgent {
       netnsPath: slot.net.netnsPath,
       workDir,
       logFile: this.logPath(req.actor),
+      assets: {} as Record<string, string>,
     };
     await mkdir(join(this.nodeDir, 'logs', req.actor.space), { recursive: true });
     try {
@@ -257,20 +289,33 @@ export class NodeAgent {
       // Mark a kept copy as recently used, so eviction takes older ones first.
       if (localDir && localDir === kept) await utimes(kept, new Date(), new Date()).catch(() => undefined);
       if (localDir) {
+        const pinned =
+          (await readPinned(localDir)) ?? this.bootAssets(req.template, `the local checkpoint ${localDir}`);
+        spec.assets = await timed(phases, 'assets', () =>
+          this.prepareAssets(slot, req.template.runtime, pinned, 'the local checkpoint'),
+        );
         const { sandbox, phases: p } = await slot.runtime.restore(spec, localDir, []);
         slot.sandbox = sandbox;
         Object.assign(phases, p);
       } else if (req.snapshot) {
         const dir = join(workDir, 'checkpoint');
         const snapshot = req.snapshot;
+        const onProgress = this.progressOf(req.actor, 'download');
         const restored = await timed(phases, 'fetch', () =>
-          restoreSnapshot({ blob: this.opts.blob, key: snapshot, dir, cache: this.chunkCache }),
+          restoreSnapshot({ blob: this.opts.blob, key: snapshot, dir, cache: this.chunkCache, onProgress }),
+        );
+        // The assets the snapshot was made with, not the pool's current ones.
+        spec.assets = await timed(phases, 'assets', () =>
+          this.prepareAssets(slot, restored.manifest.runtime, restored.manifest.assets, `snapshot ${snapshot}`),
         );
         const files = restored.manifest.files.map((f) => f.name);
         const { sandbox, phases: p } = await slot.runtime.restore(spec, dir, files);
         slot.sandbox = sandbox;
         Object.assign(phases, p);
       } else {
+        const pinned = this.bootAssets(req.template);
+        const what = `template "${req.template.name}"`;
+        spec.assets = await timed(phases, 'assets', () => this.prepareAssets(slot, req.template.runtime, pinned, what));
         slot.sandbox = await timed(phases, 'boot', () => slot.runtime.run(spec));
       }
       slot.actor = req.actor;
@@ -297,6 +342,7 @@ export class NodeAgent {
       throw new TorporError('FAILED_PRECONDITION', `worker ${workerId} runs no actor`, { field: 'worker' });
     const sandbox = slot.sandbox;
     const result = await slot.runtime.checkpoint(sandbox, dir);
+    if (slot.pinned) await writeFile(join(dir, PINNED_ASSETS_FILE), JSON.stringify(slot.pinned));
     slot.sandbox = undefined;
     slot.stopped = sandbox.id;
     if (!opts.deferTeardown) this.startTeardown(workerId);
@@ -336,22 +382,52 @@ export class NodeAgent {
   /** Uploads a local checkpoint as a durable snapshot (chunks first, manifest last). */
   async upload(req: Omit<CheckpointRequest, 'workerId'>, dir: string, files: string[]): Promise<CheckpointResult> {
     const runtime = [...this.slots.values()][0]!.runtime;
+    const assets = (await readPinned(dir)) ?? this.bootAssets(req.template, `the checkpoint ${dir}`);
     // The parent is the delta base; a parent that cannot be read only costs dedup, never the snapshot.
     const previous = req.parent ? await readManifest(this.opts.blob, req.parent).catch(() => undefined) : undefined;
     const result = await writeSnapshot({
       ...(previous ? { previous } : {}),
       blob: this.opts.blob,
       dir,
-      files,
+      files: files.filter((f) => f !== PINNED_ASSETS_FILE),
       key: req.manifestKey,
-      meta: { runtime: runtime.name, template: req.template.name, assets: runtime.assets, parent: req.parent },
+      meta: { runtime: runtime.name, template: req.template.name, assets, parent: req.parent },
       cache: this.chunkCache,
+      onProgress: this.progressOf(req.actor, 'upload'),
       ...(this.opts.deltaLevel !== undefined ? { deltaLevel: this.opts.deltaLevel } : {}),
     });
     const { phases: uploadPhases, ...stats } = result.stats;
     // The write pipelines its phases internally: they become spans here, from its own measurements.
     recordPhases(uploadPhases, 'upload');
     return { manifest: result.manifest, stats, phases: { ...uploadPhases } };
+  }
+
+  /** The assets a boot of `template` runs with: its own override, else the pool's set for its runtime class.
+   * `legacy` names a checkpoint made before checkpoints recorded their assets (the pool's set is the best guess). */
+  private bootAssets(template: Template, legacy?: string): Record<string, Asset> {
+    if (legacy) this.opts.log.warn({ checkpoint: legacy }, 'checkpoint records no assets; using the pool set');
+    const assets = template.assets ? pinnedAssets({ assets: template.assets }) : this.opts.poolAssets(template.runtime);
+    if (!assets) {
+      throw new TorporError(
+        'FAILED_PRECONDITION',
+        `no ${template.runtime} asset set for ${hostArch()} on node ${this.node}: give the pool one (torpor up --assets FILE)`,
+        { field: 'assets' },
+      );
+    }
+    return assets;
+  }
+
+  /** Gets an activation's assets into the node's cache (a hit is a stat) and makes them the slot's pinned set. */
+  private async prepareAssets(
+    slot: WorkerSlot,
+    runtime: RuntimeClass,
+    pinned: Record<string, Asset>,
+    what: string,
+  ): Promise<Record<string, string>> {
+    checkAssetNames(runtime, pinned, what);
+    const paths = await fetchAssets(this.opts.assets, pinned);
+    slot.pinned = pinned;
+    return paths;
   }
 
   /** Background: re-encodes the snapshot's deltas at a higher level, in place. Returns the bytes saved. */
@@ -439,4 +515,18 @@ export class NodeAgent {
     const size = (await stat(path).catch(() => ({ size: 0 }))).size;
     return { path, size, read: (start) => createReadStream(path, { start }) };
   }
+}
+
+/** The assets recorded in a checkpoint directory, or undefined for one made before they were recorded. */
+async function readPinned(dir: string): Promise<Record<string, Asset> | undefined> {
+  const file = join(dir, PINNED_ASSETS_FILE);
+  const text = await readFile(file, 'utf8').catch(() => undefined);
+  if (text === undefined) return undefined;
+  let recorded: unknown;
+  try {
+    recorded = JSON.parse(text);
+  } catch {
+    throw new TorporError('SNAPSHOT_CORRUPT', `${file} is not valid JSON`, { field: 'assets' });
+  }
+  return parse(assetMap, recorded, `${file}: assets`);
 }

@@ -118,6 +118,15 @@ export function openApiDocument(): object {
           responses: { '200': { description: 'text/plain' }, ...errors },
         },
       },
+      '/v1/spaces/{space}/actors/{name}/transfers': {
+        get: {
+          summary:
+            'Snapshot transfer progress of the actor as Server-Sent Events (`progress`: {direction: upload|download, ' +
+            'bytesDone, bytesTotal}) while the client listens; a comment line first confirms the subscription',
+          parameters: [spaceParam, nameParam],
+          responses: { '200': { description: 'text/event-stream' }, ...errors },
+        },
+      },
       '/v1/actors': { get: { summary: 'List actors of every space', responses: { '200': ok('ActorList') } } },
       '/v1/workers': { get: { summary: 'List workers', responses: { '200': ok('WorkerList') } } },
       '/v1/operations': {

@@ -155,6 +155,26 @@ export function buildApi(opts: ApiOptions) {
     },
   );
 
+  // Snapshot transfer progress of one actor (its suspend's upload, its resume's download) as Server-Sent Events, for
+  // as long as the client listens. A comment line is sent first: the subscription is live once it arrives.
+  app.get<{ Params: Params }>('/v1/spaces/:space/actors/:name/transfers', (req, reply) => {
+    const { space, name } = req.params;
+    reply.hijack();
+    const res = reply.raw;
+    res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache' });
+    res.write(': subscribed\n\n');
+    const unsubscribe = lifecycle.onTransfer((event) => {
+      if (event.space !== space || event.name !== name) return;
+      const { direction, bytesDone, bytesTotal } = event;
+      res.write(`event: progress\ndata: ${JSON.stringify({ direction, bytesDone, bytesTotal })}\n\n`);
+    });
+    const end = () => {
+      unsubscribe();
+      res.end();
+    };
+    req.raw.once('close', end);
+    shutdown.signal.addEventListener('abort', end, { once: true });
+  });
   app.get('/v1/workers', async (req) => store.listWorkers(req.query as { limit?: number; cursor?: string }));
   app.get<{ Querystring: { limit?: string; space?: string; actor?: string } }>('/v1/operations', async (req) => {
     const limit = req.query.limit === undefined ? undefined : Number(req.query.limit);

@@ -17,6 +17,7 @@ import {
   kubeOptions,
 } from './kube-flags.ts';
 import { describeActor, type Kind, type OutputFormat, render } from './output.ts';
+import { withTransferProgress } from './transfers.ts';
 
 const program = new Command('torpor')
   .description('Run many AI-agent sandboxes on few machines: suspend idle actors, resume them anywhere.')
@@ -26,7 +27,7 @@ const program = new Command('torpor')
 
 const client = () => new ApiClient(program.opts<{ server: string }>().server);
 const format = () => program.opts<{ output: OutputFormat }>().output;
-const print = (kind: Kind, value: unknown) => console.log(render(kind, value, format()));
+const print = (kind: Kind, value: unknown, as: OutputFormat = format()) => console.log(render(kind, value, as));
 const actorPath = (space: string, name: string, action = '') =>
   `/v1/spaces/${encodeURIComponent(space)}/actors/${encodeURIComponent(name)}${action ? `/${action}` : ''}`;
 
@@ -68,6 +69,9 @@ interface UpFlags extends AgentFlags {
   nodes: string;
   networkBase: string;
   runsc?: string;
+  assets?: string;
+  layerCacheMib?: string;
+  rootfsCacheMib?: string;
   sample?: boolean;
   routerPort: string;
   domain: string;
@@ -111,6 +115,9 @@ const upCommand = program
   .option('--workers <n>', 'worker slots per node', '2')
   .option('--nodes <n>', 'node agents, each in its own network namespace', '1')
   .option('--runsc <path>', 'runsc binary (default: the asset built by scripts/setup.sh)')
+  .option('--assets <file>', "the pool's runtime asset sets (YAML; `torpor assets stage` prints one)")
+  .option('--layer-cache-mib <n>', 'cap of the image layer cache; least recently used layers go first')
+  .option('--rootfs-cache-mib <n>', 'cap of the unpacked image cache; least recently used, unused images go first')
   .option(
     '--network-base <n>',
     'first per-worker network index, 0..255 (two instances on one machine need distinct ranges)',
@@ -169,6 +176,13 @@ addAckOptions(addAgentOptions(addKubeOptions(upCommand))).action(async (o: UpFla
     maxBodyBytes: integerFlag('max-body', o.maxBody, 1, 65536) * 1024 * 1024,
     ...(ingressTokens(o.ingressToken) ? { ingressTokens: ingressTokens(o.ingressToken)! } : {}),
     ...(o.runsc ? { runsc: o.runsc } : {}),
+    ...(o.assets ? { assets: o.assets } : {}),
+    ...(o.layerCacheMib
+      ? { layerCacheBytes: integerFlag('layer-cache-mib', o.layerCacheMib, 1, 1 << 24) * 1024 * 1024 }
+      : {}),
+    ...(o.rootfsCacheMib
+      ? { rootfsCacheBytes: integerFlag('rootfs-cache-mib', o.rootfsCacheMib, 1, 1 << 24) * 1024 * 1024 }
+      : {}),
     engine,
     ...(o.standardUrl ? { standardUrl: o.standardUrl } : {}),
     ...(kubeEngine
@@ -324,20 +338,32 @@ actor
   .command('resume <name>')
   .option('-w, --worker <id>', 'resume on exactly this worker')
   .addOption(spaceOption())
-  .action(async (name: string, o: { space: string; worker?: string }) =>
-    print(
-      'actor',
-      await client().call('POST', actorPath(o.space, name, 'resume'), o.worker ? { worker: o.worker } : {}),
-    ),
-  );
-for (const action of ['suspend', 'pause'] as const) {
-  actor
-    .command(`${action} <name>`)
-    .addOption(spaceOption())
-    .action(async (name: string, o: { space: string }) =>
-      print('actor', await client().call('POST', actorPath(o.space, name, action), {})),
+  .action(async (name: string, o: { space: string; worker?: string }) => {
+    const api = client();
+    const body = o.worker ? { worker: o.worker } : {};
+    const path = actorPath(o.space, name);
+    const resumed = await withTransferProgress(api.server, path, `resuming ${name}`, () =>
+      api.call('POST', `${path}/resume`, body),
     );
-}
+    print('actor', resumed);
+  });
+actor
+  .command('suspend <name>')
+  .addOption(spaceOption())
+  .action(async (name: string, o: { space: string }) => {
+    const api = client();
+    const path = actorPath(o.space, name);
+    const suspended = await withTransferProgress(api.server, path, `suspending ${name}`, () =>
+      api.call('POST', `${path}/suspend`, {}),
+    );
+    print('actor', suspended);
+  });
+actor
+  .command('pause <name>')
+  .addOption(spaceOption())
+  .action(async (name: string, o: { space: string }) =>
+    print('actor', await client().call('POST', actorPath(o.space, name, 'pause'), {})),
+  );
 actor
   .command('fork <name>')
   .requiredOption('--name <new>', 'name of the new actor')
@@ -427,6 +453,43 @@ program
     }
     await client().call('DELETE', actorPath(o.space, name));
     console.log(`actor "${o.space}/${name}" deleted`);
+  });
+
+// ------------------------------------------------------------------ runtime assets and images (this machine)
+
+const assets = program.command('assets').description('build and stage runtime asset sets (on this machine)');
+assets
+  .command('build <runtime>')
+  .description('assemble gvisor (runsc) or microvm (kernel, initrd, qemu, bios) assets from Debian packages')
+  .option('--out <dir>', 'where to put them (default: /var/cache/torpor/assets, …/assets/microvm)')
+  .action(async (runtime: string, o: { out?: string }) => {
+    const { buildAssets, runtimeOf } = await import('./assets.ts');
+    const built = await buildAssets(runtimeOf(runtime), o.out);
+    if (format() !== 'table') return print('asset', built.set);
+    print('asset', { items: built.assets });
+    process.stderr.write(`asset set: ${built.file}\n`);
+  });
+assets
+  .command('stage <set>')
+  .description('copy a set (gvisor, microvm: the built one; or a set file) to <name>-<sha256> files; print its YAML')
+  .requiredOption('--to <url>', 'file://DIR or s3://bucket/prefix[?endpoint=URL&region=R&pathStyle=true]')
+  .option('--secret-ref <ref>', 's3: where nodes find "accessKeyId:secretAccessKey" (env:NAME or file:/path)')
+  .option('--cache <dir>', 'where sources are fetched and verified first', '/var/cache/torpor/asset-cache')
+  .action(async (what: string, o: { to: string; cache: string; secretRef?: string }) => {
+    const { stageAssets } = await import('./assets.ts');
+    const staged = await stageAssets(what, o.to, o.cache, o.secretRef);
+    print('asset', staged, format() === 'table' ? 'yaml' : format());
+  });
+
+program
+  .command('image')
+  .description('OCI images (on this machine)')
+  .command('pull <ref>')
+  .description("pull an image into this node's cache (registry layers, then the unpacked rootfs)")
+  .option('--data-dir <dir>', "the node's data directory (as for torpor up)", '/var/lib/torpor')
+  .action(async (ref: string, o: { dataDir: string }) => {
+    const { pullImage } = await import('./image.ts');
+    print('image', await pullImage(ref, o.dataDir));
   });
 
 program.parseAsync(process.argv).catch((err: unknown) => {

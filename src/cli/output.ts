@@ -36,6 +36,14 @@ const COLUMNS = {
       age(t.createdAt),
     ],
   },
+  image: {
+    headers: ['REF', 'DIGEST', 'ROOTFS'],
+    row: (i: { ref: string; digest: string; rootfs: string }) => [i.ref, i.digest, i.rootfs],
+  },
+  asset: {
+    headers: ['NAME', 'SHA256', 'PATH'],
+    row: (a: { name: string; sha256: string; path: string }) => [a.name, a.sha256, a.path],
+  },
   worker: {
     headers: ['ID', 'NODE', 'RUNTIME', 'STATE', 'ACTOR', 'HOST'],
     row: (w: Worker) => [w.id, w.node, w.runtime, w.state, w.actor ? `${w.actor.space}/${w.actor.name}` : '-', w.host],

@@ -16,12 +16,16 @@ import type { Engine } from '../engine/engine.ts';
 import { type KubeEngineName, type RunningKubeEngine, startKubeEngine } from '../engine/k8s/engine.ts';
 import type { KubeOptions } from '../engine/k8s/kube.ts';
 import type { AgentSettings } from '../engine/k8s/render.ts';
-import { LocalEngine, loadRunscAsset, locateRunsc } from '../engine/local.ts';
+import { LocalEngine, localGvisorAssets, locateRunsc } from '../engine/local.ts';
 import { LocalInstances } from '../engine/local-instances.ts';
 import { StandardEngine } from '../engine/standard.ts';
 import { ImageStore } from '../image/store.ts';
 import { Router } from '../router/router.ts';
+import { fetchAssets, hostArch, loadAssetSets, pinnedAssets } from '../runtime/asset-set.ts';
+import { AssetStore } from '../runtime/assets.ts';
+import { prepareRunsc } from '../runtime/gvisor/runsc.ts';
 import { SqliteStore } from '../store/sqlite.ts';
+import { Progress } from './progress.ts';
 import { startTracing } from './tracing.ts';
 
 function listeningPort(server: Server): number {
@@ -38,6 +42,11 @@ export interface UpOptions {
   /** Node agents, each in its own network namespace (default 1). */
   nodes?: number;
   runsc?: string;
+  /** An asset-set file (YAML): the pool's default sets; without one, the gVisor set of the local runsc. */
+  assets?: string;
+  /** Byte caps of the node's image caches (registry layers; unpacked rootfs): least recently used go first. */
+  layerCacheBytes?: number;
+  rootfsCacheBytes?: number;
   /** First per-worker network index: lets two Torpor instances share one machine. */
   networkBase?: number;
   /** zstd level for delta-encoded snapshot files (0: chunks only). */
@@ -92,23 +101,53 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
   metrics.observeStore(store);
   const blobFiles = new FsBlobStore(join(dataDir, 'blobs'));
   const blob = metrics.blob(blobFiles);
-  const images = new ImageStore(join(dataDir, 'images'));
-  const runsc = await loadRunscAsset(locateRunsc(opts.runsc), log);
-  log.info({ runsc: runsc.path, version: runsc.features.version, sha256: runsc.sha256 }, 'runtime asset');
-  const engine = new LocalEngine(
-    {
-      dataDir,
-      workers: opts.workers,
-      nodes,
-      store,
-      blob,
-      images,
-      log,
-      networkBase: opts.networkBase ?? 0,
-      ...(opts.deltaLevel !== undefined ? { deltaLevel: opts.deltaLevel } : {}),
-    },
-    runsc,
-  );
+  let engine: LocalEngine | undefined;
+  const images = new ImageStore(join(dataDir, 'images'), {
+    ...(opts.layerCacheBytes !== undefined ? { layerCacheBytes: opts.layerCacheBytes } : {}),
+    ...(opts.rootfsCacheBytes !== undefined ? { rootfsCacheBytes: opts.rootfsCacheBytes } : {}),
+    inUse: () =>
+      (engine?.agents() ?? []).flatMap((agent) => [...agent.slots.values()].flatMap((s) => (s.image ? [s.image] : []))),
+  });
+  if (opts.assets && opts.runsc) {
+    throw new TorporError('INVALID_ARGUMENT', '--runsc and --assets exclude each other: name runsc in the asset set', {
+      field: 'runsc',
+    });
+  }
+  const assetSets = opts.assets ? await loadAssetSets(opts.assets) : [await localGvisorAssets(locateRunsc(opts.runsc))];
+  const assetStore = new AssetStore(join(dataDir, 'assets'));
+  for (const set of assetSets) {
+    // Fetched now so the first activation does not wait; a failure here is not fatal (a later fetch may succeed).
+    const assets = pinnedAssets(set);
+    const sha256 = Object.fromEntries(Object.entries(assets).map(([name, a]) => [name, a.sha256]));
+    log.info({ runtime: set.runtime, arch: set.arch, sha256 }, 'pool asset set');
+    const progress = new Progress(`fetching ${set.runtime} assets`);
+    try {
+      const paths = await fetchAssets(assetStore, assets, {
+        onProgress: (name, p) => progress.update(name, p.bytesDone, p.bytesTotal),
+      });
+      // Detected now, not in the first activation; a runsc that does not run is worth a warning, not a refusal.
+      if (set.runtime === 'gvisor' && set.arch === hostArch() && paths.runsc) {
+        await prepareRunsc(paths.runsc, (message, fields) => log.warn(fields, message));
+      }
+    } catch (err) {
+      log.warn({ err, runtime: set.runtime, arch: set.arch }, 'pool assets not ready: activations will try again');
+    } finally {
+      progress.finish();
+    }
+  }
+  engine = new LocalEngine({
+    dataDir,
+    workers: opts.workers,
+    nodes,
+    store,
+    blob,
+    images,
+    log,
+    networkBase: opts.networkBase ?? 0,
+    ...(opts.deltaLevel !== undefined ? { deltaLevel: opts.deltaLevel } : {}),
+    assetSets,
+    assetStore,
+  });
   await engine.start();
   const lifecycle = new Lifecycle({ store, blob, images, agents: engine, metrics, log });
   const reconciler = setInterval(() => {

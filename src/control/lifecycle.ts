@@ -5,7 +5,7 @@ import { randomUUID } from 'node:crypto';
 import { readdir, rm } from 'node:fs/promises';
 import { basename, join } from 'node:path';
 import type { Logger } from 'pino';
-import type { ActivateResult, NodeAgent } from '../agent/agent.ts';
+import type { ActivateResult, NodeAgent, TransferEvent } from '../agent/agent.ts';
 import type { BlobStore } from '../blob/blob.ts';
 import { asTorporError, notFound, TorporError } from '../core/errors.ts';
 import {
@@ -497,6 +497,15 @@ export class Lifecycle {
 
   /** On shutdown: suspends every running actor and waits for their uploads. Queued maintenance is dropped (it
    * is an optimisation; the next process collects garbage again), the step in progress finishes. */
+  /** Calls `listener` with every snapshot transfer's progress on every node, until the returned function is called. */
+  onTransfer(listener: (event: TransferEvent) => void): () => void {
+    const agents = this.o.agents.agents();
+    for (const agent of agents) agent.transfers.on('progress', listener);
+    return () => {
+      for (const agent of agents) agent.transfers.off('progress', listener);
+    };
+  }
+
   async suspendAll(): Promise<void> {
     this.shuttingDown = true;
     for await (const actor of allActors(this.o.store)) {

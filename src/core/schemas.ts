@@ -14,6 +14,120 @@ export const dnsLabel = z
 export const runtimeClass = z.enum(['gvisor', 'microvm']);
 export type RuntimeClass = z.infer<typeof runtimeClass>;
 
+// ---------------------------------------------------------------- runtime assets
+
+/** The asset names a runtime class runs with: every `required` one, exactly one of `oneOf` when it is not empty,
+ * and any of `optional`. Nothing else: an unknown name is a typo, not an extension point. */
+export const RUNTIME_ASSETS = {
+  gvisor: { required: ['runsc'], oneOf: [], optional: [] },
+  // qemu-tcg: QEMU's TCG accelerator module, for hosts whose KVM cannot run the guest.
+  microvm: { required: ['kernel', 'initrd'], oneOf: ['qemu', 'cloud-hypervisor'], optional: ['bios', 'qemu-tcg'] },
+} as const satisfies Record<RuntimeClass, { required: string[]; oneOf: string[]; optional: string[] }>;
+
+export const assetArch = z.enum(['amd64', 'arm64']);
+export type AssetArch = z.infer<typeof assetArch>;
+
+const ASSET_SCHEMES = ['file:', 'http:', 'https:', 's3:'];
+
+/** Problems with the asset names of a set for `runtime`, as [name or undefined, message]. */
+export function assetNameIssues(runtime: RuntimeClass, names: string[]): [string | undefined, string][] {
+  const rule: { required: readonly string[]; oneOf: readonly string[]; optional: readonly string[] } =
+    RUNTIME_ASSETS[runtime];
+  const issues: [string | undefined, string][] = [];
+  for (const name of rule.required) {
+    if (!names.includes(name)) issues.push([undefined, `${runtime} needs the asset "${name}"`]);
+  }
+  const chosen = names.filter((n) => rule.oneOf.includes(n));
+  if (rule.oneOf.length > 0 && chosen.length !== 1) {
+    issues.push([
+      undefined,
+      `${runtime} needs exactly one of the assets ${rule.oneOf.map((n) => `"${n}"`).join(', ')}`,
+    ]);
+  }
+  const known = [...rule.required, ...rule.oneOf, ...rule.optional];
+  for (const name of names) {
+    if (!known.includes(name)) {
+      issues.push([name, `"${name}" is not a ${runtime} asset (expected ${known.map((n) => `"${n}"`).join(', ')})`]);
+    }
+  }
+  return issues;
+}
+
+/** A URL an asset is fetched from. Never echoed in a message: it may be pre-signed. */
+const assetUrl = z.string().superRefine((value, ctx) => {
+  let url: URL;
+  try {
+    url = new URL(value);
+  } catch {
+    ctx.addIssue({ code: 'custom', message: 'must be a URL (file://, http://, https:// or s3://)' });
+    return;
+  }
+  if (!ASSET_SCHEMES.includes(url.protocol)) {
+    ctx.addIssue({ code: 'custom', message: 'must be a file://, http://, https:// or s3:// URL' });
+  } else if (url.username || url.password) {
+    ctx.addIssue({ code: 'custom', message: 'must not carry credentials: name a secret in auth.secretRef instead' });
+  }
+});
+
+const assetSha256 = z
+  .string()
+  .regex(/^(?:sha256:)?[a-fA-F0-9]{64}$/, 'must be a sha256 of 64 hex digits')
+  .overwrite((s) => s.replace(/^sha256:/, '').toLowerCase());
+
+/** Where a credential lives: `env:NAME` (an environment variable) or `file:/absolute/path`. It is read only when
+ * an asset is fetched, and only the reference is ever stored or printed. */
+export const secretRef = z
+  .string()
+  .regex(/^(?:env:[A-Za-z_][A-Za-z0-9_]*|file:\/\S+)$/, 'must be env:NAME or file:/absolute/path');
+
+/** bearer: the secret is the token; basic: "username:password"; s3: "accessKeyId:secretAccessKey[:sessionToken]",
+ * with where the S3 service is (not secret: endpoint, region, path-style URLs for MinIO and Ceph). */
+export const assetAuth = z
+  .object({
+    type: z.enum(['bearer', 'basic', 's3']),
+    secretRef,
+    endpoint: z
+      .url({ protocol: /^https?$/, error: 'must be an http(s) URL' })
+      .refine((u) => !new URL(u).username && !new URL(u).password, 'must not carry credentials')
+      .optional(),
+    region: z
+      .string()
+      .regex(/^[a-z0-9-]{1,64}$/, 'must be a region name')
+      .optional(),
+    pathStyle: z.boolean().optional(),
+  })
+  .strict()
+  .superRefine((auth, ctx) => {
+    if (auth.type === 's3') return;
+    for (const key of ['endpoint', 'region', 'pathStyle'] as const) {
+      if (auth[key] !== undefined) ctx.addIssue({ code: 'custom', path: [key], message: 'only for type s3' });
+    }
+  });
+export type AssetAuthRef = z.infer<typeof assetAuth>;
+
+export const assetRef = z.object({ url: assetUrl, sha256: assetSha256, auth: assetAuth.optional() }).strict();
+
+const assetName = z.string().regex(/^[a-z0-9][a-z0-9-]{0,62}$/, 'must be an asset name (lower-case, digits, "-")');
+/** Assets by name, as a template overrides them and a checkpoint records them. */
+export const assetMap = z.record(assetName, assetRef);
+
+function checkAssetNames(runtime: RuntimeClass, assets: Record<string, unknown>, ctx: z.RefinementCtx, at: string[]) {
+  for (const [name, message] of assetNameIssues(runtime, Object.keys(assets))) {
+    ctx.addIssue({ code: 'custom', path: name ? [...at, name] : at, message });
+  }
+}
+
+/** The runtime binaries of one runtime class on one architecture: what a pool declares (defaulted per class), a
+ * template may override, and every snapshot manifest pins. `auth` applies to every asset of the set. */
+export const assetSet = z
+  .object({ runtime: runtimeClass, arch: assetArch, assets: assetMap, auth: assetAuth.optional() })
+  .strict()
+  .superRefine((set, ctx) => checkAssetNames(set.runtime, set.assets, ctx, ['assets']));
+export type AssetSet = z.infer<typeof assetSet>;
+
+/** An asset-set file holds one set, or a list of them (one per runtime class and architecture). */
+export const assetSetList = z.array(assetSet).min(1, 'must hold at least one asset set');
+
 const port = z.number().int().min(1).max(65535);
 const envName = z.string().regex(/^[A-Za-z_][A-Za-z0-9_]*$/, 'must be a valid environment variable name');
 
@@ -75,8 +189,13 @@ export const templateSpec = z
       .object({ egress: egressPolicy.default('allow-all') })
       .strict()
       .default({ egress: 'allow-all' }),
+    /** Overrides the pool's asset set for this template's boots (snapshots restore with what they pinned). */
+    assets: assetMap.optional(),
   })
-  .strict();
+  .strict()
+  .superRefine((t, ctx) => {
+    if (t.assets) checkAssetNames(t.runtime, t.assets, ctx, ['assets']);
+  });
 export type TemplateSpec = z.infer<typeof templateSpec>;
 
 export const labels = z.record(

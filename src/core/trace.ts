@@ -2,7 +2,7 @@
 // installs an SDK, see src/cli/tracing.ts). Phases are measured once, here: the same reading becomes the span and
 // the number in the actor's lastOperation and in the metrics.
 import { type Attributes, context, type Span, SpanStatusCode, trace } from '@opentelemetry/api';
-import { elapsedMs } from './time.ts';
+import { roundMs } from './time.ts';
 import type { Phases } from './types.ts';
 
 export const tracer = trace.getTracer('torpor');
@@ -22,13 +22,24 @@ export async function withSpan<T>(name: string, attributes: Attributes, fn: (spa
   });
 }
 
-/** Runs one named phase: a span, and its duration in `phases[name]` (milliseconds). */
+/** Runs one named phase: a span, and its duration in `phases[name]` (milliseconds). Both come from the same two
+ * clock readings, so the trace and the record agree exactly. */
 export async function timed<T>(phases: Phases, name: string, fn: () => Promise<T>): Promise<T> {
   const start = performance.now();
+  const span = tracer.startSpan(`phase ${name}`, {
+    startTime: performance.timeOrigin + start,
+    attributes: { 'torpor.phase': name },
+  });
   try {
-    return await withSpan(`phase ${name}`, { 'torpor.phase': name }, fn);
+    return await context.with(trace.setSpan(context.active(), span), fn);
+  } catch (err) {
+    span.recordException(err as Error);
+    span.setStatus({ code: SpanStatusCode.ERROR, message: (err as Error).message });
+    throw err;
   } finally {
-    phases[name] = elapsedMs(start);
+    const end = performance.now();
+    phases[name] = roundMs(end - start);
+    span.end(performance.timeOrigin + end);
   }
 }
 

@@ -1,5 +1,5 @@
 // The records Torpor stores. Pure data: no I/O here.
-import type { RuntimeClass, TemplateSpec } from './schemas.ts';
+import type { AssetAuthRef, RuntimeClass, TemplateSpec } from './schemas.ts';
 
 export const DEFAULT_SPACE = 'default';
 
@@ -111,7 +111,10 @@ export interface Space {
 /** A runtime binary pinned by content: the same bytes on every node that restores a snapshot. */
 export interface Asset {
   url: string;
+  /** 64 lower-case hex digits. */
   sha256: string;
+  /** Where the credential for `url` lives (a reference, never the secret itself). */
+  auth?: AssetAuthRef;
 }
 
 /** A file as a list of chunks: sha256 of each chunk's uncompressed bytes; null for an all-zero chunk. */

@@ -1,13 +1,18 @@
 // The local engine: node agents in this process, on this machine, each node in its own network namespace. One
 // node by default; several (`--nodes`) make moves between nodes real network moves.
 import { existsSync } from 'node:fs';
+import { realpath } from 'node:fs/promises';
+import { pathToFileURL } from 'node:url';
 import type { Logger } from 'pino';
 import { NodeAgent } from '../agent/agent.ts';
 import type { BlobStore } from '../blob/blob.ts';
 import { TorporError } from '../core/errors.ts';
+import type { AssetSet } from '../core/schemas.ts';
 import type { ImageStore } from '../image/store.ts';
 import { NodeNetwork } from '../net/node-net.ts';
-import { detectRunsc, GvisorRuntime, type RunscFeatures, sha256File } from '../runtime/gvisor/runsc.ts';
+import { hostArch, pinnedAssets, selectAssetSet } from '../runtime/asset-set.ts';
+import type { AssetStore } from '../runtime/assets.ts';
+import { GvisorRuntime, sha256File } from '../runtime/gvisor/runsc.ts';
 import type { StateStore } from '../store/store.ts';
 
 export interface LocalEngineOptions {
@@ -22,12 +27,11 @@ export interface LocalEngineOptions {
    * networkBase + n, its workers networkBase + n * workers + i. */
   networkBase?: number;
   deltaLevel?: number;
-}
-
-export interface RunscAsset {
-  path: string;
-  sha256: string;
-  features: RunscFeatures;
+  /** The pool's asset sets, one per runtime class and architecture: boots use them; restores use what their
+   * snapshot pinned. */
+  assetSets: AssetSet[];
+  /** The node-wide runtime asset cache. */
+  assetStore: AssetStore;
 }
 
 /** Finds runsc: an explicit path, TORPOR_RUNSC, the asset built by scripts/setup.sh, then the usual install paths. */
@@ -45,21 +49,18 @@ export function locateRunsc(explicit?: string): string {
   });
 }
 
-export async function loadRunscAsset(path: string, log: Logger): Promise<RunscAsset> {
-  const [features, sha256] = await Promise.all([detectRunsc(path), sha256File(path)]);
-  if (!features.netDisconnectOk) {
-    log.warn(
-      { runsc: path, version: features.version },
-      'runsc lacks -net-disconnect-ok: actors that served TCP cannot be checkpointed',
-    );
-  }
-  return { path, sha256, features };
+/** The gVisor asset set of a local runsc binary: its file:// URL (the file a symlink points at, which
+ * scripts/runsc-asset.sh names by content) and its sha256. The default when a pool declares no set. */
+export async function localGvisorAssets(path: string): Promise<AssetSet> {
+  const file = await realpath(path);
+  const sha256 = await sha256File(file);
+  return { runtime: 'gvisor', arch: hostArch(), assets: { runsc: { url: pathToFileURL(file).href, sha256 } } };
 }
 
 export class LocalEngine {
   private readonly nodes = new Map<string, NodeAgent>();
 
-  constructor(opts: LocalEngineOptions, runsc: RunscAsset) {
+  constructor(opts: LocalEngineOptions) {
     const nodeCount = opts.nodes ?? 1;
     const base = opts.networkBase ?? 0;
     for (let n = 0; n < nodeCount; n++) {
@@ -77,13 +78,13 @@ export class LocalEngine {
           images: opts.images,
           log: opts.log.child({ node }),
           ...(opts.deltaLevel !== undefined ? { deltaLevel: opts.deltaLevel } : {}),
+          assets: opts.assetStore,
+          poolAssets: (runtime) => {
+            const set = selectAssetSet(opts.assetSets, runtime);
+            return set ? pinnedAssets(set) : undefined;
+          },
           makeRuntime: (stateRoot) =>
-            new GvisorRuntime({
-              runsc: runsc.path,
-              features: runsc.features,
-              asset: { url: `file://${runsc.path}`, sha256: runsc.sha256 },
-              stateRoot,
-            }),
+            new GvisorRuntime({ stateRoot, onWarning: (message, fields) => opts.log.warn(fields, message) }),
         }),
       );
     }

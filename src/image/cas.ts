@@ -5,9 +5,12 @@
 //
 // Used by the registry layer cache (src/image/registry.ts) and the runtime asset store
 // (src/runtime/assets.ts); each supplies its own errors so messages name what the caller knows it as.
+//
+// A hit touches the file (its mtime is its last use), so `prune` can bring the cache under a byte cap by removing
+// the least recently used files first.
 
 import { createHash, type Hash, randomBytes } from 'node:crypto';
-import { chmod, type FileHandle, mkdir, open, readdir, rename, rm, stat } from 'node:fs/promises';
+import { chmod, type FileHandle, mkdir, open, readdir, rename, rm, stat, utimes } from 'node:fs/promises';
 import { join } from 'node:path';
 import { processRunning } from '../sys/process.ts';
 
@@ -45,6 +48,13 @@ export interface CasFetch {
   /** Whether an error thrown by open() or while reading is worth another attempt (resuming where it stopped). */
   retryable?: (err: unknown) => boolean;
   attempts?: number;
+}
+
+export interface PruneResult {
+  /** Files removed, oldest use first. */
+  removed: string[];
+  /** Bytes in the cache after pruning. */
+  bytes: number;
 }
 
 export interface CasResult {
@@ -87,7 +97,32 @@ export class ContentCache {
       await rm(path, { force: true });
       return undefined;
     }
+    // The mtime is the last use: pruning removes the least recently used files first.
+    const now = new Date();
+    await utimes(path, now, now).catch(() => undefined);
     return path;
+  }
+
+  /** Removes least recently used files until the cache holds at most `maxBytes`, never one that `keep` names
+   * (in use) or that is being downloaded. */
+  async prune(maxBytes: number, keep: (hex: string) => boolean = () => false): Promise<PruneResult> {
+    const files: { hex: string; size: number; used: number }[] = [];
+    for (const hex of await readdir(this.dir).catch(() => [] as string[])) {
+      if (!HEX64.test(hex)) continue;
+      const info = await stat(join(this.dir, hex)).catch(() => undefined);
+      if (info?.isFile()) files.push({ hex, size: info.size, used: info.mtimeMs });
+    }
+    let bytes = files.reduce((sum, f) => sum + f.size, 0);
+    const removed: string[] = [];
+    files.sort((a, b) => a.used - b.used);
+    for (const file of files) {
+      if (bytes <= maxBytes) break;
+      if (keep(file.hex) || this.#inflight.has(file.hex)) continue;
+      await rm(join(this.dir, file.hex), { force: true });
+      bytes -= file.size;
+      removed.push(file.hex);
+    }
+    return { removed, bytes };
   }
 
   async get(hex: string, fetch: CasFetch): Promise<CasResult> {

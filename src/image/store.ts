@@ -1,15 +1,20 @@
 // ImageStore turns an image reference into an unpacked rootfs. A rootfs is unpacked once per image digest
 // into <cacheDir>/rootfs/<hex> (built in a temp dir, then renamed into place), and reused afterwards.
 //
+// Both node-wide caches, the registry layer cache (<cacheDir>/blobs/sha256) and the unpacked rootfs cache, can be
+// capped in bytes: after an unpack, least recently used entries go first (a use touches the entry's mtime), never
+// a rootfs in use by an activation (`inUse`) nor anything an unpack in progress needs.
+//
 // References: an OCI layout directory, a tar archive of one, or a `docker save` tarball, each optionally
 // followed by ":<tag>"; or a registry reference, `docker://host[:port]/repo[:tag|@sha256:…]` or the same
 // without the scheme when no such local path exists (see registry.ts).
 
 import { randomBytes } from 'node:crypto';
-import { mkdir, readdir, rename, rm, stat } from 'node:fs/promises';
+import { lstat, mkdir, readdir, readFile, rename, rm, stat, utimes, writeFile } from 'node:fs/promises';
 import { join, resolve as resolvePath } from 'node:path';
 import { TorporError } from '../core/errors.ts';
 import { processRunning } from '../sys/process.ts';
+import type { PruneResult } from './cas.ts';
 import { digestHex } from './digest.ts';
 import { openLayer } from './layer.ts';
 import { type ImageConfig, type ImageMetadata, readImageMetadata } from './manifest.ts';
@@ -37,6 +42,18 @@ export interface ResolvedImage {
 
 export interface ImageStoreOptions {
   registry?: RegistryOptions;
+  /** Byte cap of the registry layer cache (default: none). */
+  layerCacheBytes?: number;
+  /** Byte cap of the unpacked rootfs cache (default: none). */
+  rootfsCacheBytes?: number;
+  /** Digests of the images activations use now: their rootfs is never evicted. */
+  inUse?: () => Iterable<string>;
+}
+
+export interface CachePruneResult {
+  layers?: PruneResult;
+  /** Image digests whose rootfs was removed, and the bytes the rootfs cache holds after. */
+  rootfs?: { removed: string[]; bytes: number };
 }
 
 export interface ResolveOptions {
@@ -56,6 +73,7 @@ interface ImageRef {
 }
 
 const TEMP_PREFIX = '.tmp-';
+const HEX64 = /^[a-f0-9]{64}$/;
 
 export class ImageStore {
   readonly cacheDir: string;
@@ -63,22 +81,119 @@ export class ImageStore {
   unpackCount = 0;
   readonly #inflight = new Map<string, Promise<string>>();
   #staleTempsCleaned = false;
+  readonly #options: ImageStoreOptions;
+  /** Images being resolved and the blobs they are unpacked from: never evicted meanwhile. */
+  readonly #pinnedImages = new Map<string, number>();
+  readonly #pinnedBlobs = new Map<string, number>();
+  #pruning: Promise<unknown> = Promise.resolve();
 
   /** Pulls registry references into <cacheDir>/blobs/sha256 (the node-wide layer cache). */
   readonly registry: RegistryPuller;
 
   constructor(cacheDir: string, options: ImageStoreOptions = {}) {
     this.cacheDir = resolvePath(cacheDir);
+    this.#options = options;
     this.registry = new RegistryPuller(this.cacheDir, options.registry);
   }
 
   async resolve(ref: string, options: ResolveOptions = {}): Promise<ResolvedImage> {
     const { source, image, fetchLayers } = await this.#open(ref);
-    const rootfs = this.#rootfsPath(image.digest);
-    if (await isDirectory(rootfs)) return { digest: image.digest, rootfs, config: image.config, unpacked: false };
-    await fetchLayers?.(options.onProgress);
-    await this.#unpackShared(source, image);
-    return { digest: image.digest, rootfs, config: image.config, unpacked: true };
+    const unpin = this.#pin(image);
+    try {
+      const rootfs = this.#rootfsPath(image.digest);
+      if (await isDirectory(rootfs)) {
+        await touch(rootfs);
+        return { digest: image.digest, rootfs, config: image.config, unpacked: false };
+      }
+      await fetchLayers?.(options.onProgress);
+      await this.#unpackShared(source, image);
+      // Still pinned: the image just unpacked is not what makes room.
+      await this.prune();
+      return { digest: image.digest, rootfs, config: image.config, unpacked: true };
+    } finally {
+      unpin();
+    }
+  }
+
+  /** Brings both caches under their caps (when set), least recently used first. One prune at a time. */
+  prune(): Promise<CachePruneResult> {
+    const run = this.#pruning.then(async () => {
+      const result: CachePruneResult = {};
+      const { layerCacheBytes, rootfsCacheBytes } = this.#options;
+      if (rootfsCacheBytes !== undefined) result.rootfs = await this.#pruneRootfs(rootfsCacheBytes);
+      if (layerCacheBytes !== undefined) {
+        result.layers = await this.registry.blobs.prune(layerCacheBytes, (hex) => this.#pinnedBlobs.has(hex));
+      }
+      return result;
+    });
+    this.#pruning = run.catch(() => undefined);
+    return run;
+  }
+
+  async #pruneRootfs(maxBytes: number): Promise<{ removed: string[]; bytes: number }> {
+    const parent = join(this.cacheDir, 'rootfs');
+    const inUse = new Set([...(this.#options.inUse?.() ?? [])].map((d) => digestHex(d, 'image')));
+    // Asked again for each entry, right before it goes: a resolve may have pinned it meanwhile.
+    const keep = (hex: string) =>
+      inUse.has(hex) || this.#pinnedImages.has(`sha256:${hex}`) || this.#inflight.has(`sha256:${hex}`);
+    const entries: { hex: string; size: number; used: number }[] = [];
+    for (const hex of await readdir(parent).catch(() => [] as string[])) {
+      if (!HEX64.test(hex)) continue;
+      const info = await stat(join(parent, hex)).catch(() => undefined);
+      if (info?.isDirectory()) entries.push({ hex, size: await this.#rootfsSize(hex), used: info.mtimeMs });
+    }
+    let bytes = entries.reduce((sum, e) => sum + e.size, 0);
+    const removed: string[] = [];
+    entries.sort((a, b) => a.used - b.used);
+    for (const entry of entries) {
+      if (bytes <= maxBytes) break;
+      if (keep(entry.hex)) continue;
+      // Renamed away first (atomic), so no resolve ever finds a rootfs half removed; a crash leaves a temp dir
+      // that the next process cleans up.
+      const doomed = join(parent, `${TEMP_PREFIX}${process.pid}-evict-${randomBytes(6).toString('hex')}`);
+      await rename(join(parent, entry.hex), doomed);
+      await rm(doomed, { recursive: true, force: true });
+      await rm(this.#sizePath(entry.hex), { force: true });
+      bytes -= entry.size;
+      removed.push(`sha256:${entry.hex}`);
+    }
+    return { removed, bytes };
+  }
+
+  /** Each rootfs's size on disk, measured once when it is unpacked: <cacheDir>/rootfs-size/<hex>. */
+  #sizePath(hex: string): string {
+    return join(this.cacheDir, 'rootfs-size', hex);
+  }
+
+  async #rootfsSize(hex: string): Promise<number> {
+    const recorded = Number(await readFile(this.#sizePath(hex), 'utf8').catch(() => ''));
+    if (Number.isSafeInteger(recorded) && recorded > 0) return recorded;
+    // Unpacked before sizes were recorded: measure it now.
+    return this.#recordSize(hex, join(this.cacheDir, 'rootfs', hex));
+  }
+
+  async #recordSize(hex: string, dir: string): Promise<number> {
+    const size = await diskUsage(dir);
+    await mkdir(join(this.cacheDir, 'rootfs-size'), { recursive: true });
+    await writeFile(this.#sizePath(hex), String(size));
+    return size;
+  }
+
+  #pin(image: ImageMetadata): () => void {
+    const blobs = [image.digest, ...image.layers.flatMap((l) => (l.digest ? [l.digest] : []))]
+      .filter((d) => d.startsWith('sha256:'))
+      .map((d) => d.slice('sha256:'.length));
+    const add = (map: Map<string, number>, key: string, by: number) => {
+      const n = (map.get(key) ?? 0) + by;
+      if (n > 0) map.set(key, n);
+      else map.delete(key);
+    };
+    add(this.#pinnedImages, image.digest, 1);
+    for (const hex of blobs) add(this.#pinnedBlobs, hex, 1);
+    return () => {
+      add(this.#pinnedImages, image.digest, -1);
+      for (const hex of blobs) add(this.#pinnedBlobs, hex, -1);
+    };
   }
 
   /** A local path (exactly as before registries were supported) wins over a registry reference. */
@@ -121,7 +236,9 @@ export class ImageStore {
     this.unpackCount++;
     try {
       await applyLayers(source, image, temp);
+      await this.#recordSize(digestHex(image.digest, 'image'), temp);
       await publish(temp, final);
+      await touch(final);
       return final;
     } catch (err) {
       await rm(temp, { recursive: true, force: true });
@@ -197,6 +314,30 @@ async function parseRef(ref: string): Promise<ImageRef> {
   throw new TorporError('NOT_FOUND', `image "${ref}" not found: no such layout directory or archive`, {
     field: 'image',
   });
+}
+
+/** Marks a cache entry as just used (its mtime orders eviction). */
+async function touch(path: string): Promise<void> {
+  const now = new Date();
+  await utimes(path, now, now).catch(() => undefined);
+}
+
+/** Bytes a directory tree takes on disk (hard links counted once). */
+async function diskUsage(root: string): Promise<number> {
+  const seen = new Set<number>();
+  let bytes = 0;
+  const walk = async (dir: string): Promise<void> => {
+    for (const entry of await readdir(dir, { withFileTypes: true })) {
+      const path = join(dir, entry.name);
+      const info = await lstat(path);
+      if (seen.has(info.ino)) continue;
+      seen.add(info.ino);
+      bytes += info.blocks * 512;
+      if (entry.isDirectory()) await walk(path);
+    }
+  };
+  await walk(root);
+  return bytes;
 }
 
 async function exists(path: string): Promise<boolean> {

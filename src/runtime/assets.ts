@@ -36,6 +36,14 @@ export interface AssetFetchOptions {
   /** File mode of the cached asset (default 0755: most assets are executables). */
   mode?: number;
   auth?: AssetAuth;
+  /** Download progress (not called on a cache hit). */
+  onProgress?: (progress: AssetProgress) => void;
+}
+
+export interface AssetProgress {
+  bytesDone: number;
+  /** When the source says (a file's size, Content-Length). */
+  bytesTotal?: number;
 }
 
 export const DEFAULT_ASSET_MAX_BYTES = 1 << 30;
@@ -54,6 +62,11 @@ export class AssetStore {
   /** Downloads completed by this store (cache hits and joined downloads do not count). */
   get downloadCount(): number {
     return this.#cache.downloadCount;
+  }
+
+  /** The cached asset with this sha256, or undefined: a stat, no download. */
+  cached(sha256: string): Promise<string | undefined> {
+    return this.#cache.lookup(hexOf('asset', sha256));
   }
 
   /** Where the asset with this sha256 lives (whether or not it is there yet). */
@@ -75,13 +88,15 @@ export class AssetStore {
       throw new TorporError('INVALID_ARGUMENT', `mode for asset "${name}" must be a file mode`, { field: 'mode' });
     }
     const where = `asset "${name}" from ${redactUrl(url.toString())}`;
-    const open = opener(name, url, where, options.auth);
+    const progress = progressOf(options.onProgress);
+    const open = opener(name, url, where, options.auth, progress?.total);
     const fetch: CasFetch = {
       maxBytes,
       mode,
       errors: assetErrors(name, where),
       retryable: (err) => !(err instanceof TorporError),
       open,
+      ...(progress ? { onBytes: progress.bytes } : {}),
     };
     try {
       return (await this.#cache.get(hex, fetch)).path;
@@ -95,7 +110,13 @@ export class AssetStore {
   }
 }
 
-function opener(name: string, url: URL, where: string, auth: AssetAuth | undefined): Opener {
+function opener(
+  name: string,
+  url: URL,
+  where: string,
+  auth: AssetAuth | undefined,
+  onTotal: ((bytes: number) => void) | undefined,
+): Opener {
   const field = `assets.${name}.url`;
   const s3Auth = auth !== undefined && 's3' in auth;
   if (auth !== undefined && s3Auth !== (url.protocol === 's3:')) {
@@ -107,6 +128,7 @@ function opener(name: string, url: URL, where: string, auth: AssetAuth | undefin
       return async (offset) => {
         const info = await stat(path).catch(() => undefined);
         if (!info?.isFile()) throw new TorporError('NOT_FOUND', `${where}: no such file`, { field });
+        onTotal?.(info.size);
         return { body: createReadStream(path, { start: offset }), start: offset };
       };
     }
@@ -133,9 +155,15 @@ function opener(name: string, url: URL, where: string, auth: AssetAuth | undefin
           throw new Error(`${where}: ${cause}`);
         }
         if (res.status === 206 && contentRangeStart(res.headers.get('content-range')) === offset) {
+          const total = /\/(\d+)$/.exec(res.headers.get('content-range') ?? '')?.[1];
+          if (total) onTotal?.(Number(total));
           return { body: res.body(), start: offset };
         }
-        if (res.status === 200) return { body: res.body(), start: 0 };
+        if (res.status === 200) {
+          const length = res.headers.get('content-length');
+          if (length && /^\d+$/.test(length)) onTotal?.(Number(length));
+          return { body: res.body(), start: 0 };
+        }
         await res.discard();
         throw new TorporError(statusCode(res.status), `${where}: the server answered ${res.status}`, { field });
       };
@@ -199,6 +227,24 @@ function s3Store(bucket: string, auth: S3AssetAuth | undefined, where: string, f
     if (!(err instanceof TorporError)) throw err;
     throw new TorporError('INVALID_ARGUMENT', `${where}: ${err.message}`, { field });
   }
+}
+
+/** Turns the cache's byte deltas and the source's size into progress reports. */
+function progressOf(
+  listener: ((progress: AssetProgress) => void) | undefined,
+): { bytes: (delta: number) => void; total: (bytes: number) => void } | undefined {
+  if (!listener) return undefined;
+  const state: AssetProgress = { bytesDone: 0 };
+  return {
+    bytes: (delta) => {
+      state.bytesDone += delta;
+      listener({ ...state });
+    },
+    total: (bytes) => {
+      state.bytesTotal = bytes;
+      listener({ ...state });
+    },
+  };
 }
 
 function assetErrors(name: string, where: string): CasErrors {

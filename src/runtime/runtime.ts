@@ -26,6 +26,9 @@ export interface ActivationSpec {
   workDir: string;
   /** The actor's stdout and stderr are appended here (kept across activations on a node). */
   logFile: string;
+  /** Local paths of this activation's runtime assets by name (gVisor: `runsc`), fetched and verified by the agent
+   * from the activation's asset set: a restore runs with the assets its snapshot pinned. */
+  assets: Record<string, string>;
 }
 
 export interface Sandbox {
@@ -51,8 +54,6 @@ export type OutputListener = (stream: 'stdout' | 'stderr', chunk: Buffer) => voi
 
 export interface SandboxRuntime {
   readonly name: 'gvisor' | 'microvm';
-  /** Pinned binaries of this runtime, recorded in every snapshot manifest. */
-  readonly assets: Record<string, { url: string; sha256: string }>;
   run(spec: ActivationSpec): Promise<Sandbox>;
   /** Saves the sandbox's state in `dir` and stops it; `destroy` then releases what is left (it can be slow, so the
    * caller may run it off the critical path). */

@@ -6,7 +6,7 @@ import { z } from 'zod';
 import type { BlobStore } from '../blob/blob.ts';
 import { unsafePathReason } from '../blob/keys.ts';
 import { TorporError } from '../core/errors.ts';
-import { runtimeClass } from '../core/schemas.ts';
+import { assetAuth, runtimeClass } from '../core/schemas.ts';
 import type { SnapshotManifest } from '../core/types.ts';
 
 export const CHUNK_PREFIX = 'chunks/';
@@ -44,7 +44,7 @@ export const snapshotManifestSchema = z
     version: z.literal(1),
     runtime: runtimeClass,
     template: z.string().min(1),
-    assets: z.record(z.string(), z.object({ url: z.string(), sha256: sha256Hex }).strict()),
+    assets: z.record(z.string(), z.object({ url: z.string(), sha256: sha256Hex, auth: assetAuth.optional() }).strict()),
     chunkSize: z.number().int().positive(),
     files: z.array(manifestFile),
     createdAt: z.string().min(1),

@@ -142,9 +142,8 @@ test('a second resolve is a cache hit: no blob is fetched again, even when the r
   const first = await new ImageStore(s.cacheDir).resolve(ref);
   assert.equal(first.unpacked, true);
   assert.equal(p.blobGets().length, 3, 'config and two layers, each fetched once');
-  const mtimes = await Promise.all(
-    sample.layers.map(async (l) => (await stat(blobPath(s.cacheDir, l.digest))).mtimeMs),
-  );
+  // Not mtimes: a use touches them (the cache evicts least recently used blobs); a rewrite would change the inode.
+  const inodes = await Promise.all(sample.layers.map(async (l) => (await stat(blobPath(s.cacheDir, l.digest))).ino));
   const before = p.requests.length;
 
   const second = await new ImageStore(s.cacheDir).resolve(ref);
@@ -158,10 +157,10 @@ test('a second resolve is a cache hit: no blob is fetched again, even when the r
   assert.equal(third.unpacked, true);
   assert.equal(await readFile(join(third.rootfs, 'srv/data.txt'), 'utf8'), 'layer two\n');
   assert.equal(p.blobGets().length, 3, 'still only the first pull fetched blobs');
-  const mtimesAfter = await Promise.all(
-    sample.layers.map(async (l) => (await stat(blobPath(s.cacheDir, l.digest))).mtimeMs),
+  const inodesAfter = await Promise.all(
+    sample.layers.map(async (l) => (await stat(blobPath(s.cacheDir, l.digest))).ino),
   );
-  assert.deepEqual(mtimesAfter, mtimes);
+  assert.deepEqual(inodesAfter, inodes);
 });
 
 test('concurrent pulls of one image share one download per blob', { skip }, async (t) => {

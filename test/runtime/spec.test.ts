@@ -15,6 +15,7 @@ const activation = (over: Partial<ActivationSpec> = {}): ActivationSpec => ({
   netnsPath: '/var/run/netns/torpor-net0',
   workDir: '/work',
   logFile: '/work/log',
+  assets: { runsc: '/cache/assets/runsc' },
   ...over,
 });
 

@@ -535,6 +535,41 @@ export interface paths {
       };
     };
   };
+  '/v1/spaces/{space}/actors/{name}/transfers': {
+    /** Snapshot transfer progress of the actor as Server-Sent Events (`progress`: {direction: upload|download, bytesDone, bytesTotal}) while the client listens; a comment line first confirms the subscription */
+    get: {
+      parameters: {
+        path: {
+          space: string;
+          name: string;
+        };
+      };
+      responses: {
+        /** @description text/event-stream */
+        200: {
+          content: never;
+        };
+        /** @description Invalid argument */
+        400: {
+          content: {
+            'application/json': components['schemas']['Error'];
+          };
+        };
+        /** @description Not found */
+        404: {
+          content: {
+            'application/json': components['schemas']['Error'];
+          };
+        };
+        /** @description Conflict or failed precondition */
+        409: {
+          content: {
+            'application/json': components['schemas']['Error'];
+          };
+        };
+      };
+    };
+  };
   '/v1/actors': {
     /** List actors of every space */
     get: {
@@ -718,6 +753,21 @@ export interface components {
               }[];
             };
       };
+      assets?: {
+        [key: string]: {
+          url: string;
+          sha256: string;
+          auth?: {
+            /** @enum {string} */
+            type: 'bearer' | 'basic' | 's3';
+            secretRef: string;
+            /** Format: uri */
+            endpoint?: string;
+            region?: string;
+            pathStyle?: boolean;
+          };
+        };
+      };
     };
     CreateActor: {
       name: string;
@@ -808,6 +858,21 @@ export interface components {
                 ports?: number[];
               }[];
             };
+      };
+      assets?: {
+        [key: string]: {
+          url: string;
+          sha256: string;
+          auth?: {
+            /** @enum {string} */
+            type: 'bearer' | 'basic' | 's3';
+            secretRef: string;
+            /** Format: uri */
+            endpoint?: string;
+            region?: string;
+            pathStyle?: boolean;
+          };
+        };
       };
     } & {
       /** Format: date-time */

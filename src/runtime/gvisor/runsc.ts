@@ -2,9 +2,9 @@
 // runsc is detected, not assumed: flags that older releases lack (-net-disconnect-ok, -overlay2, checkpoint
 // -compression) are used only when `runsc flags` / `runsc help checkpoint` list them.
 import { createHash } from 'node:crypto';
-import { closeSync, createReadStream, openSync } from 'node:fs';
+import { closeSync, createReadStream, existsSync, openSync } from 'node:fs';
 import { mkdir, readdir, readFile, rm, writeFile } from 'node:fs/promises';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { TorporError } from '../../core/errors.ts';
 import { timed } from '../../core/trace.ts';
 import type { Phases } from '../../core/types.ts';
@@ -49,12 +49,47 @@ export async function sha256File(path: string): Promise<string> {
 }
 
 export interface GvisorOptions {
-  runsc: string;
-  features: RunscFeatures;
-  /** Pinned identity of the runsc binary, recorded in snapshot manifests. */
-  asset: { url: string; sha256: string };
   /** runsc --root: per worker, so `list` and leftovers are scoped to one slot. */
   stateRoot: string;
+  /** Told once per runsc binary that lacks a feature Torpor relies on. */
+  onWarning?: (message: string, fields: Record<string, unknown>) => void;
+}
+
+const featuresByBinary = new Map<string, Promise<RunscFeatures>>();
+
+/** Features of a runsc binary, detected once per path (activation assets live at content-addressed paths; a
+ * failure is not kept). Called ahead of the first activation too, so that one does not pay for it. */
+export function prepareRunsc(path: string, onWarning: GvisorOptions['onWarning']): Promise<RunscFeatures> {
+  let features = featuresByBinary.get(path);
+  if (!features) {
+    features = detectRunsc(path).then(
+      (f) => {
+        if (!f.netDisconnectOk) {
+          onWarning?.('runsc lacks -net-disconnect-ok: actors that served TCP cannot be checkpointed', {
+            runsc: path,
+            version: f.version,
+          });
+        }
+        return f;
+      },
+      (err: unknown) => {
+        featuresByBinary.delete(path);
+        const reason = err instanceof Error ? err.message : String(err);
+        throw new TorporError('RUNTIME_ERROR', `the runsc asset ${path} does not run: ${reason}`, {
+          field: 'assets.runsc',
+          cause: err,
+        });
+      },
+    );
+    featuresByBinary.set(path, features);
+  }
+  return features;
+}
+
+/** The runsc binary of one activation, with what it can do. */
+interface Runsc {
+  path: string;
+  features: RunscFeatures;
 }
 
 function killQuietly(pid: number): void {
@@ -70,28 +105,68 @@ async function waitGone(pid: number, timeoutMs: number): Promise<void> {
   while ((await processRunning(pid)) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
 }
 
+/** runsc runs with the binary each activation's asset set names (`spec.assets.runsc`): a restore uses the one
+ * its snapshot was made with. Commands about a sandbox that is already there (checkpoint, exec, state, delete)
+ * use the binary that started it; the last one used on this state root is remembered in `<stateRoot>.binary`, so
+ * leftovers of an earlier process are cleaned with the binary that made them. */
 export class GvisorRuntime implements SandboxRuntime {
   readonly name = 'gvisor' as const;
-  readonly assets: Record<string, { url: string; sha256: string }>;
   private readonly opts: GvisorOptions;
+  private current: Runsc | undefined;
+  private loaded = false;
 
   constructor(opts: GvisorOptions) {
     this.opts = opts;
-    this.assets = { runsc: opts.asset };
   }
 
-  private globalArgs(): string[] {
+  /** The runsc of an activation (detected once per binary). */
+  private async binaryOf(spec: ActivationSpec): Promise<Runsc> {
+    const path = spec.assets.runsc;
+    if (!path) {
+      throw new TorporError('FAILED_PRECONDITION', 'the activation has no runsc asset', { field: 'assets.runsc' });
+    }
+    return { path, features: await prepareRunsc(path, this.opts.onWarning) };
+  }
+
+  /** Makes `runsc` the binary of the commands that follow (state, delete, list), also for a later process. */
+  private async use(runsc: Runsc): Promise<Runsc> {
+    const path = runsc.path;
+    if (this.current?.path !== path) {
+      await mkdir(dirname(this.opts.stateRoot), { recursive: true });
+      await writeFile(`${this.opts.stateRoot}.binary`, path);
+    }
+    this.current = runsc;
+    this.loaded = true;
+    return runsc;
+  }
+
+  /** The runsc that last ran on this state root (in this process or an earlier one), if it is still there. */
+  private async last(): Promise<Runsc | undefined> {
+    if (!this.loaded) {
+      this.loaded = true;
+      const path = (await readFile(`${this.opts.stateRoot}.binary`, 'utf8').catch(() => '')).trim();
+      if (path && existsSync(path)) {
+        this.current = await prepareRunsc(path, this.opts.onWarning).then(
+          (features) => ({ path, features }),
+          () => undefined,
+        );
+      }
+    }
+    return this.current;
+  }
+
+  private globalArgs(features: RunscFeatures): string[] {
     const args = ['--root', this.opts.stateRoot];
     // Without it any TCP connection the actor ever closed (TIME_WAIT) makes checkpoint fail.
-    if (this.opts.features.netDisconnectOk) args.push('--net-disconnect-ok');
+    if (features.netDisconnectOk) args.push('--net-disconnect-ok');
     // The rootfs is a shared, cached unpack of the image: writes go to sandbox memory (and so into the
     // checkpoint), never into the cache.
-    if (this.opts.features.overlay2) args.push('--overlay2=root:memory');
+    if (features.overlay2) args.push('--overlay2=root:memory');
     return args;
   }
 
-  private runsc(args: string[], opts: RunOptions = {}) {
-    return run(this.opts.runsc, [...this.globalArgs(), ...args], { label: `runsc ${args[0]}`, ...opts });
+  private runsc(runsc: Runsc, args: string[], opts: RunOptions = {}) {
+    return run(runsc.path, [...this.globalArgs(runsc.features), ...args], { label: `runsc ${args[0]}`, ...opts });
   }
 
   private async prepareBundle(spec: ActivationSpec): Promise<string> {
@@ -107,11 +182,11 @@ export class GvisorRuntime implements SandboxRuntime {
   }
 
   /** Starts a detached runsc command whose sandbox writes stdout/stderr to the activation's log file. */
-  private async startDetached(args: string[], logFile: string): Promise<void> {
+  private async startDetached(runsc: Runsc, args: string[], logFile: string): Promise<void> {
     // A detached sandbox inherits the caller's stdio: hand it a file, or pipes never close.
     const fd = openSync(logFile, 'a');
     try {
-      await this.runsc(args, { stdio: ['ignore', fd, fd] });
+      await this.runsc(runsc, args, { stdio: ['ignore', fd, fd] });
     } catch (err) {
       const tail = (await readFile(logFile, 'utf8').catch(() => '')).trim().split('\n').slice(-3).join(' | ');
       throw new TorporError('RUNTIME_ERROR', `runsc ${args[0]} failed${tail ? `: ${tail}` : ''}`, { cause: err });
@@ -120,11 +195,18 @@ export class GvisorRuntime implements SandboxRuntime {
     }
   }
 
+  /** Removes what is left of an earlier sandbox with this id, then switches to the activation's binary. */
+  private async fresh(spec: ActivationSpec): Promise<Runsc> {
+    const runsc = await this.binaryOf(spec);
+    await this.destroyWith(spec.id, (await this.last()) ?? runsc);
+    return this.use(runsc);
+  }
+
   async run(spec: ActivationSpec): Promise<Sandbox> {
-    await this.destroy(spec.id);
+    const runsc = await this.fresh(spec);
     const bundle = await this.prepareBundle(spec);
     const logFile = spec.logFile;
-    await this.startDetached(['run', '--detach', '--bundle', bundle, spec.id], logFile);
+    await this.startDetached(runsc, ['run', '--detach', '--bundle', bundle, spec.id], logFile);
     return { id: spec.id, spec, logFile };
   }
 
@@ -133,9 +215,10 @@ export class GvisorRuntime implements SandboxRuntime {
     await rm(dir, { recursive: true, force: true });
     await mkdir(dir, { recursive: true });
     // Our snapshot layer compresses and deduplicates chunks; runsc's own compression would defeat dedup.
-    const compression = this.opts.features.checkpointCompression ? ['--compression=none'] : [];
+    const runsc = await this.binaryOf(sandbox.spec);
+    const compression = runsc.features.checkpointCompression ? ['--compression=none'] : [];
     await timed(phases, 'checkpoint', () =>
-      this.runsc(['checkpoint', ...compression, '--image-path', dir, sandbox.id], { timeoutMs: 120_000 }),
+      this.runsc(runsc, ['checkpoint', ...compression, '--image-path', dir, sandbox.id], { timeoutMs: 120_000 }),
     );
     const files = (await readdir(dir, { withFileTypes: true })).filter((e) => e.isFile()).map((e) => e.name);
     return { files: files.sort(), phases };
@@ -143,19 +226,18 @@ export class GvisorRuntime implements SandboxRuntime {
 
   async restore(spec: ActivationSpec, dir: string, _files: string[]): Promise<{ sandbox: Sandbox; phases: Phases }> {
     const phases: Phases = {};
-    const bundle = await timed(phases, 'bundle', async () => {
-      await this.destroy(spec.id);
-      return this.prepareBundle(spec);
+    const { runsc, bundle } = await timed(phases, 'bundle', async () => {
+      const runsc = await this.fresh(spec);
+      return { runsc, bundle: await this.prepareBundle(spec) };
     });
     const logFile = spec.logFile;
-    await timed(phases, 'restore', () =>
-      this.startDetached(['restore', '--detach', '--image-path', dir, '--bundle', bundle, spec.id], logFile),
-    );
+    const args = ['restore', '--detach', '--image-path', dir, '--bundle', bundle, spec.id];
+    await timed(phases, 'restore', () => this.startDetached(runsc, args, logFile));
     return { sandbox: { id: spec.id, spec, logFile }, phases };
   }
 
   async exec(sandbox: Sandbox, command: string[], timeoutMs: number, onOutput?: OutputListener): Promise<ExecResult> {
-    const result = await this.runsc(['exec', sandbox.id, ...command], {
+    const result = await this.runsc(await this.binaryOf(sandbox.spec), ['exec', sandbox.id, ...command], {
       timeoutMs,
       okCodes: Array.from({ length: 256 }, (_, i) => i),
       ...(onOutput ? { onOutput } : {}),
@@ -164,21 +246,27 @@ export class GvisorRuntime implements SandboxRuntime {
   }
 
   async alive(id: string): Promise<boolean> {
-    if (!(await this.knows(id))) return false;
-    const state = await this.runsc(['state', id], { okCodes: [0, 1, 128] });
+    const runsc = await this.last();
+    if (!runsc || !(await this.knows(id))) return false;
+    const state = await this.runsc(runsc, ['state', id], { okCodes: [0, 1, 128] });
     if (state.code !== 0) return false;
     const { status, pid } = JSON.parse(state.stdout) as { status?: string; pid?: number };
     return status === 'running' && pid !== undefined && (await processRunning(pid));
   }
 
   async destroy(id: string): Promise<void> {
+    const runsc = await this.last();
+    if (runsc) await this.destroyWith(id, runsc);
+  }
+
+  private async destroyWith(id: string, runsc: Runsc): Promise<void> {
     if (!(await this.knows(id))) return;
     // A stopped sandbox takes over a second to exit on its own (the kernel tears down its address space);
     // SIGKILL first so `delete` does not wait out its own grace period on top of that.
-    const state = await this.runsc(['state', id], { okCodes: [0, 1, 128] });
+    const state = await this.runsc(runsc, ['state', id], { okCodes: [0, 1, 128] });
     const pid = state.code === 0 ? (JSON.parse(state.stdout) as { pid?: number }).pid : undefined;
     if (pid && pid > 0) killQuietly(pid);
-    await this.runsc(['delete', '--force', id], { okCodes: [0, 1, 128] });
+    await this.runsc(runsc, ['delete', '--force', id], { okCodes: [0, 1, 128] });
     if (pid && pid > 0) await waitGone(pid, 10_000);
   }
 
@@ -189,7 +277,9 @@ export class GvisorRuntime implements SandboxRuntime {
   }
 
   async list(): Promise<string[]> {
-    const out = await this.runsc(['list', '--quiet'], { okCodes: [0, 1] });
+    const runsc = await this.last();
+    if (!runsc) return [];
+    const out = await this.runsc(runsc, ['list', '--quiet'], { okCodes: [0, 1] });
     return out.stdout.split('\n').filter(Boolean);
   }
 }
