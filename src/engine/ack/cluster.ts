@@ -117,10 +117,13 @@ export class AckApi {
 /** A clear error from whatever the SDK threw, with every secret scrubbed (SDK messages may echo requests). */
 export function ackError(err: unknown, s: AckSettings): TorporError {
   const e = err as { code?: string; statusCode?: number; message?: string; data?: { Code?: string; Message?: string } };
-  const code = e.data?.Code ?? e.code ?? 'Error';
+  // @alicloud/credentials throws plain Errors: its "secret is invalid" verdict, or STS's JSON answer in the text.
+  const secretInvalid = /access key secret is invalid/i.test(e.message ?? '');
+  const embedded = /"Code":"([^"]+)"/.exec(e.message ?? '')?.[1];
+  const code = e.data?.Code ?? e.code ?? embedded ?? (secretInvalid ? 'SignatureDoesNotMatch' : 'Error');
   const status = e.statusCode;
   const hint =
-    code === 'SignatureDoesNotMatch' || /access key secret is invalid/i.test(e.message ?? '')
+    code === 'SignatureDoesNotMatch'
       ? 'the AccessKey secret is wrong'
       : code.startsWith('InvalidAccessKeyId')
         ? 'the AccessKey id is unknown or disabled'
@@ -143,7 +146,11 @@ export function ackError(err: unknown, s: AckSettings): TorporError {
         ? 'alicloud-access-key-id'
         : code === 'ErrorClusterNotFound'
           ? 'alicloud-cluster-id'
-          : 'alicloud';
+          : code.startsWith('AuthenticationFail.OIDC')
+            ? 'alicloud-oidc-token-file'
+            : code.startsWith('EntityNotExist.Role')
+              ? 'alicloud-role-arn'
+              : 'alicloud';
   const reason = hint ?? detail;
   return new TorporError(
     status === 404

@@ -7,11 +7,14 @@
 import type { KubernetesObject, ListWatch } from '@kubernetes/client-node';
 import type { Logger } from 'pino';
 import { asTorporError, TorporError } from '../../core/errors.ts';
-import { dnsLabel, parse, templateSpec } from '../../core/schemas.ts';
+import { type AssetSet, dnsLabel, parse, templateSpec } from '../../core/schemas.ts';
+import { parseAssetSets } from '../../runtime/asset-set.ts';
 import { type Kube, KubeError, resourcePath } from './kube.ts';
 import { type AgentSettings, deploymentName, renderDeployment, selectorString } from './render.ts';
 import {
   API_VERSION,
+  type AssetSetObject,
+  assetSetResourceSpec,
   type Condition,
   DRAIN_FINALIZER,
   type TemplateObject,
@@ -53,7 +56,7 @@ interface DeploymentObject extends KubernetesObject {
   status?: { replicas?: number; readyReplicas?: number; availableReplicas?: number };
 }
 
-type Key = `${'pool' | 'template'}/${string}/${string}`;
+type Key = `${'pool' | 'template' | 'assetset'}/${string}/${string}`;
 
 const collection = (plural: string, namespace?: string) => resourcePath(API_VERSION, plural, namespace);
 
@@ -62,6 +65,7 @@ export class KubeController {
   private readonly poolInformer: ListWatch<WorkerPoolObject & KubernetesObject>;
   private readonly templateInformer: ListWatch<TemplateObject & KubernetesObject>;
   private readonly deploymentInformer: ListWatch<DeploymentObject>;
+  private readonly assetSetInformer: ListWatch<AssetSetObject & KubernetesObject>;
   private readonly queue = new Set<Key>();
   private readonly retries = new Map<Key, NodeJS.Timeout>();
   private running: Promise<void> | undefined;
@@ -79,6 +83,16 @@ export class KubeController {
       resourcePath('apps/v1', 'deployments', opts.namespace),
       'app.kubernetes.io/name=torpor-agent',
     );
+    this.assetSetInformer = kube.informer(collection('assetsets'));
+    const onAssetSet = (a: KubernetesObject) => {
+      this.enqueue(`assetset//${a.metadata!.name}`);
+      // Pools using it render its contents into their pods.
+      for (const p of this.poolInformer.list()) {
+        if ((p.spec as { assetSet?: string } | undefined)?.assetSet === a.metadata!.name) {
+          this.enqueue(`pool/${p.metadata.namespace}/${p.metadata.name}`);
+        }
+      }
+    };
     const onPool = (p: KubernetesObject) => this.enqueue(`pool/${p.metadata!.namespace}/${p.metadata!.name}`);
     const onTemplate = (t: KubernetesObject) => this.enqueue(`template/${t.metadata!.namespace}/${t.metadata!.name}`);
     const onDeployment = (d: KubernetesObject) => {
@@ -89,6 +103,7 @@ export class KubeController {
       [this.poolInformer, onPool],
       [this.templateInformer, onTemplate],
       [this.deploymentInformer, onDeployment],
+      [this.assetSetInformer, onAssetSet],
     ] as const) {
       const inf = informer as ListWatch<KubernetesObject>;
       inf.on('add', handler);
@@ -99,6 +114,8 @@ export class KubeController {
   }
 
   async start(): Promise<void> {
+    // Asset sets first: pools look them up in its cache.
+    await this.assetSetInformer.start();
     await Promise.all([this.poolInformer.start(), this.templateInformer.start(), this.deploymentInformer.start()]);
     this.resync = setInterval(() => {
       for (const p of this.poolInformer.list()) this.enqueue(`pool/${p.metadata.namespace}/${p.metadata.name}`);
@@ -110,7 +127,9 @@ export class KubeController {
     this.stopped = true;
     clearInterval(this.resync);
     for (const t of this.retries.values()) clearTimeout(t);
-    await Promise.all([this.poolInformer.stop(), this.templateInformer.stop(), this.deploymentInformer.stop()]);
+    await Promise.all(
+      [this.poolInformer, this.templateInformer, this.deploymentInformer, this.assetSetInformer].map((i) => i.stop()),
+    );
     await this.running;
   }
 
@@ -152,10 +171,11 @@ export class KubeController {
     while (this.queue.size > 0 && !this.stopped) {
       const key = this.queue.values().next().value as Key;
       this.queue.delete(key);
-      const [kind, namespace, name] = key.split('/') as ['pool' | 'template', string, string];
+      const [kind, namespace, name] = key.split('/') as ['pool' | 'template' | 'assetset', string, string];
       try {
         if (kind === 'pool') await this.reconcilePool(namespace, name);
-        else await this.reconcileTemplate(namespace, name);
+        else if (kind === 'template') await this.reconcileTemplate(namespace, name);
+        else await this.reconcileAssetSet(name);
       } catch (err) {
         const e = asTorporError(err, 'RUNTIME_ERROR');
         // A conflict means our view was stale: the watch brings the new version and we go again.
@@ -179,15 +199,16 @@ export class KubeController {
     }
     const generation = pool.metadata.generation ?? 0;
     let spec: WorkerPoolSpec;
+    let assets: AssetSet[] | undefined;
     try {
-      spec = await this.validatePool(pool);
+      ({ spec, assets } = await this.validatePool(pool));
     } catch (err) {
       const e = asTorporError(err, 'INVALID_ARGUMENT');
       const reason = e.code === 'FAILED_PRECONDITION' ? 'MissingTokenSecret' : 'InvalidSpec';
       await this.setPoolStatus(pool, { conditions: [condition('Valid', 'False', reason, e.message, generation)] });
       return;
     }
-    const deployment = renderDeployment({ namespace, name, uid: pool.metadata.uid ?? '' }, spec, this.o.agent);
+    const deployment = renderDeployment({ namespace, name, uid: pool.metadata.uid ?? '' }, spec, this.o.agent, assets);
     try {
       await this.o.kube.apply(deployment, { dryRun: true });
     } catch (err) {
@@ -223,7 +244,7 @@ export class KubeController {
   }
 
   /** The zod schema (what the CRD schema cannot say) and references to other objects. */
-  private async validatePool(pool: WorkerPoolObject): Promise<WorkerPoolSpec> {
+  private async validatePool(pool: WorkerPoolObject): Promise<{ spec: WorkerPoolSpec; assets?: AssetSet[] }> {
     parse(
       dnsLabel.max(52, 'must be at most 52 characters (the Deployment is torpor-pool-<name>)'),
       pool.metadata.name,
@@ -240,6 +261,7 @@ export class KubeController {
         },
       );
     }
+    const assets = spec.assetSet ? this.assetSetFor(spec.assetSet, spec.runtime) : undefined;
     // Without it the pods would never start; say so here rather than in a pod event nobody reads.
     const namespace = pool.metadata.namespace ?? 'default';
     if (!(await this.o.kube.get(resourcePath('v1', 'secrets', namespace, this.o.agent.tokenSecret)))) {
@@ -249,7 +271,56 @@ export class KubeController {
         { field: 'metadata.namespace' },
       );
     }
-    return spec;
+    return { spec, ...(assets ? { assets } : {}) };
+  }
+
+  /** The sets of AssetSet `name` for `runtime`; throws naming spec.assetSet when there are none. */
+  private assetSetFor(name: string, runtime: WorkerPoolSpec['runtime']): AssetSet[] {
+    const field = 'spec.assetSet';
+    const obj = this.assetSetInformer.get(name);
+    if (!obj) throw new TorporError('INVALID_ARGUMENT', `${field}: AssetSet "${name}" does not exist`, { field });
+    let sets: AssetSet[];
+    try {
+      sets = validAssetSets(obj);
+    } catch (err) {
+      throw new TorporError('INVALID_ARGUMENT', `${field}: AssetSet "${name}" is invalid: ${(err as Error).message}`, {
+        field,
+      });
+    }
+    const mine = sets.filter((s) => s.runtime === runtime);
+    if (mine.length === 0) {
+      throw new TorporError('INVALID_ARGUMENT', `${field}: AssetSet "${name}" has no set for runtime ${runtime}`, {
+        field,
+      });
+    }
+    return mine;
+  }
+
+  // ---------------------------------------------------------------- AssetSet
+
+  private async reconcileAssetSet(name: string): Promise<void> {
+    const obj = await this.o.kube.get<AssetSetObject>(`${collection('assetsets')}/${name}`);
+    if (!obj) return;
+    const generation = obj.metadata.generation ?? 0;
+    let result: Condition;
+    try {
+      const sets = validAssetSets(obj);
+      result = condition(
+        'Valid',
+        'True',
+        'Valid',
+        `${sets.length} set(s): ${sets.map((s) => `${s.runtime}/${s.arch}`).join(', ')}`,
+        generation,
+      );
+    } catch (err) {
+      result = condition('Valid', 'False', 'InvalidSpec', (err as Error).message, generation);
+    }
+    const status = { conditions: mergeConditions(obj.status?.conditions ?? [], [result]) };
+    if (sameStatus(obj.status ?? {}, status)) return;
+    await this.o.kube.request('PATCH', `${collection('assetsets')}/${name}/status`, {
+      body: { status },
+      patch: 'merge',
+    });
   }
 
   private async podNames(namespace: string, pool: string): Promise<string[]> {
@@ -377,6 +448,13 @@ export class KubeController {
       patch: 'merge',
     });
   }
+}
+
+/** An AssetSet's sets, checked as the control plane checks an asset-set file (names per class, one set per
+ * runtime and architecture). */
+function validAssetSets(obj: AssetSetObject): AssetSet[] {
+  const { sets } = parse(assetSetResourceSpec, obj.spec, 'spec');
+  return parseAssetSets(JSON.stringify(sets), `AssetSet ${obj.metadata.name}`);
 }
 
 // ---------------------------------------------------------------- conditions

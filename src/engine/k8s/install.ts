@@ -149,15 +149,44 @@ export function toYaml(objects: object[]): string {
   return objects.map((o) => stringify(o, { lineWidth: 0 })).join('---\n');
 }
 
-/** Applies the manifests (server-side apply; custom resources once their CRD is served) and makes sure the
- * agents' token Secret exists (created with a random token; an existing one is kept: agents hold it). */
-export async function applyInstall(kube: Kube, objects: Obj[], log: Logger): Promise<void> {
-  const namespace = objects.find((o) => o.kind === 'Namespace')?.metadata?.name ?? 'torpor';
+/** Server-side applies `objects` in order; a custom resource waits until its CRD is served. CRD validation rules
+ * (x-kubernetes-validations) are left out for API servers older than 1.25, whose apply refuses the field. */
+export async function applyObjects(kube: Kube, objects: Obj[], log: Logger): Promise<void> {
+  const version = await kube.request<{ major: string; minor: string }>('GET', '/version');
+  const rules = Number(version.major) > 1 || Number.parseInt(version.minor, 10) >= 25;
   for (const o of objects) {
     if (o.apiVersion?.startsWith('torpor.dev/')) await waitServed(kube, o);
-    await kube.apply(o);
+    await kube.apply(o.kind === 'CustomResourceDefinition' && !rules ? withoutValidationRules(o) : o);
     log.info({ kind: o.kind, name: o.metadata?.name, namespace: o.metadata?.namespace }, 'applied');
   }
+  for (const o of objects) if (o.kind === 'CustomResourceDefinition') await waitCrdServed(kube, o);
+}
+
+function withoutValidationRules(o: Obj): Obj {
+  const strip = (v: unknown): unknown => {
+    if (Array.isArray(v)) return v.map(strip);
+    if (v && typeof v === 'object') {
+      return Object.fromEntries(
+        Object.entries(v)
+          .filter(([k]) => k !== 'x-kubernetes-validations')
+          .map(([k, x]) => [k, strip(x)]),
+      );
+    }
+    return v;
+  };
+  return strip(o) as Obj;
+}
+
+async function waitCrdServed(kube: Kube, crd: Obj): Promise<void> {
+  const spec = crd.spec as { group: string; versions: { name: string }[]; names: { plural: string } };
+  await waitFor(kube, resourcePath(`${spec.group}/${spec.versions[0]!.name}`, spec.names.plural));
+}
+
+/** Applies the manifests (see applyObjects) and makes sure the agents' token Secret exists (created with a
+ * random token; an existing one is kept: agents hold it). */
+export async function applyInstall(kube: Kube, objects: Obj[], log: Logger): Promise<void> {
+  const namespace = objects.find((o) => o.kind === 'Namespace')?.metadata?.name ?? 'torpor';
+  await applyObjects(kube, objects, log);
   const secretPath = resourcePath('v1', 'secrets', namespace, AGENT_TOKEN_SECRET);
   if (!(await kube.get(secretPath))) {
     await kube.request('POST', resourcePath('v1', 'secrets', namespace), {
@@ -173,11 +202,15 @@ export async function applyInstall(kube: Kube, objects: Obj[], log: Logger): Pro
   }
 }
 
-async function waitServed(kube: Kube, o: Obj): Promise<void> {
-  const collection = objectPath(o).replace(/\/[^/]+$/, '');
+function waitServed(kube: Kube, o: Obj): Promise<void> {
+  return waitFor(kube, objectPath(o).replace(/\/[^/]+$/, ''));
+}
+
+/** Waits (up to 10 s) until GET `path` answers. */
+async function waitFor(kube: Kube, path: string): Promise<void> {
   for (let i = 0; ; i++) {
     try {
-      await kube.request('GET', collection);
+      await kube.request('GET', path);
       return;
     } catch (err) {
       if (i >= 100) throw err;

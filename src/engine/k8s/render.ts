@@ -1,6 +1,7 @@
 // A WorkerPool as a Deployment of worker pods, each running one `torpor agent` with N worker slots. The pod's
 // shape follows the runtime class: micro-VM pods get /dev/kvm and are pinned to nodes labelled (and tainted)
 // torpor.dev/runtime=microvm; gVisor pods run on any node.
+import type { AssetSet } from '../../core/schemas.ts';
 import type { Toleration, WorkerPoolSpec } from './resources.ts';
 import { API_VERSION, POOL_LABEL, RUNTIME_NODE_LABEL } from './resources.ts';
 
@@ -52,7 +53,8 @@ const DATA_DIR = '/var/lib/torpor';
 /** Long enough for the agent to suspend its actors to object storage on SIGTERM. */
 const GRACE_SECONDS = 300;
 
-export function renderDeployment(pool: PoolRef, spec: WorkerPoolSpec, agent: AgentSettings) {
+/** `assets`: the pool's AssetSet's sets for its runtime class (every architecture; the agent picks its own). */
+export function renderDeployment(pool: PoolRef, spec: WorkerPoolSpec, agent: AgentSettings, assets?: AssetSet[]) {
   const microvm = spec.runtime === 'microvm';
   const pt = spec.podTemplate;
   const nodeSelector = {
@@ -142,10 +144,12 @@ export function renderDeployment(pool: PoolRef, spec: WorkerPoolSpec, agent: Age
                 // What the pod is for, for the agent and for people reading `kubectl describe`.
                 { name: 'TORPOR_RUNTIME', value: spec.runtime },
                 { name: 'TORPOR_POOL', value: `${pool.namespace}/${pool.name}` },
-                ...(spec.assetSet ? [{ name: 'TORPOR_ASSET_SET', value: spec.assetSet }] : []),
+                // The asset-set file format (JSON is YAML); references to secrets only, never secrets. A change
+                // of the AssetSet rolls the pods; snapshots keep restoring with the assets they pinned.
+                ...(assets?.length ? [{ name: 'TORPOR_ASSETS', value: JSON.stringify(assets) }] : []),
               ],
               ...(agent.blobSecret ? { envFrom: [{ secretRef: { name: agent.blobSecret } }] } : {}),
-              ports: [{ name: 'agent', containerPort: AGENT_PORT }],
+              ports: [{ name: 'agent', containerPort: AGENT_PORT, protocol: 'TCP' }],
               // runsc and QEMU build sandboxes (namespaces, cgroups, seccomp, netns + nftables per activation).
               securityContext: { privileged: true },
               ...(pt.resources ? { resources: pt.resources } : {}),

@@ -1,8 +1,8 @@
 // Torpor's Kubernetes API (torpor.dev/v1alpha1): the WorkerPool spec schema and the CRDs of Template, WorkerPool
-// (and AssetSet once asset sets are in the core schemas). The Template CRD's spec is the control plane's own
-// template schema; nothing is written twice.
+// and AssetSet. The Template and AssetSet CRDs' specs are the control plane's own template and asset-set schemas;
+// nothing is written twice.
 import { z } from 'zod';
-import { runtimeClass, templateSpec } from '../../core/schemas.ts';
+import { assetSetList, runtimeClass, templateSpec } from '../../core/schemas.ts';
 import { type JsonSchema, structuralSchema } from './structural.ts';
 
 export const GROUP = 'torpor.dev';
@@ -65,7 +65,7 @@ export const workerPoolSpec = z
     replicas: z.number().int().min(0).max(1000).default(1),
     runtime: runtimeClass,
     workersPerPod: z.number().int().min(1).max(64).default(2),
-    /** Name of a cluster-scoped AssetSet (its runtime class must match); empty: the class's default set. */
+    /** Name of a cluster-scoped AssetSet holding a set for this runtime class; empty: the agents' default. */
     assetSet: z
       .string()
       .regex(/^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$/, 'must be a resource name')
@@ -133,6 +133,17 @@ export interface WorkerPoolObject {
   metadata: KubeMeta;
   spec: unknown;
   status?: Partial<WorkerPoolStatus>;
+}
+
+/** The runtime binaries of an AssetSet: one set per runtime class and architecture (the asset-set file format). */
+export const assetSetResourceSpec = z.object({ sets: assetSetList }).strict();
+
+export interface AssetSetObject {
+  apiVersion: string;
+  kind: 'AssetSet';
+  metadata: KubeMeta;
+  spec: unknown;
+  status?: { conditions?: Condition[] };
 }
 
 export interface TemplateObject {
@@ -288,7 +299,23 @@ export function workerPoolCrd() {
   );
 }
 
+export function assetSetCrd() {
+  return crd(
+    { kind: 'AssetSet', plural: 'assetsets', singular: 'assetset', shortNames: ['tas'] },
+    'Cluster',
+    structuralSchema(assetSetResourceSpec),
+    { type: 'object', properties: { conditions: conditionsSchema } },
+    {
+      columns: [
+        { name: 'Runtimes', type: 'string', jsonPath: '.spec.sets[*].runtime' },
+        { name: 'Valid', type: 'string', jsonPath: '.status.conditions[?(@.type=="Valid")].status' },
+        age,
+      ],
+    },
+  );
+}
+
 /** Every CRD Torpor installs. */
 export function crds() {
-  return [templateCrd(), workerPoolCrd()];
+  return [templateCrd(), workerPoolCrd(), assetSetCrd()];
 }

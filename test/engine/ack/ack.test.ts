@@ -166,6 +166,7 @@ describe('ACK engine (local ACK/STS stand-in, real kube-apiserver)', { skip }, (
     const wrong = secret();
     const err = await refused(base({ accessKeyId: AK.id, accessKeySecret: wrong, roleArn: ROLE }));
     assert.match(err.message, /AccessKey secret is wrong/);
+    assert.equal(err.field, 'alicloud-access-key-secret');
     assert.ok(!err.message.includes(wrong));
     assert.equal(standIn.refusals.at(-1)?.api, 'sts');
   });
@@ -179,7 +180,8 @@ describe('ACK engine (local ACK/STS stand-in, real kube-apiserver)', { skip }, (
     assert.equal(standIn.issues.at(-1)?.accessKeyId, standIn.stsIssues.at(-1)?.issuedKeyId);
     await writeFile(tokenFile, 'eyJforged');
     const err = await refused(base({ oidcProviderArn: OIDC_PROVIDER, oidcTokenFile: tokenFile, roleArn: ROLE }));
-    assert.match(err.message, /OIDCToken/);
+    assert.match(err.message, /AuthenticationFail\.OIDCToken\.Invalid/);
+    assert.equal(err.field, 'alicloud-oidc-token-file');
   });
 
   it('asks for the private (VPC) endpoint when told to', async () => {

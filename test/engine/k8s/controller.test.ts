@@ -303,6 +303,59 @@ describe('kubernetes engine (real kube-apiserver)', { skip }, () => {
     await eventually(() => kube().get(deployments(deploymentName('bad-toleration'))), 15_000, 'deployment after fix');
   });
 
+  it('validates AssetSets (schema at the API server, per-class names in status) and renders a pool’s set', async () => {
+    const sha = 'a'.repeat(64);
+    const assetSets = (name?: string) => resourcePath(API_VERSION, 'assetsets', undefined, name);
+    const badHash = {
+      apiVersion: API_VERSION,
+      kind: 'AssetSet',
+      metadata: { name: 'bad-hash' },
+      spec: {
+        sets: [{ runtime: 'gvisor', arch: 'amd64', assets: { runsc: { url: 'https://x/runsc', sha256: 'nope' } } }],
+      },
+    };
+    assert.match(
+      (await rejected(() => create(kube(), assetSets(), badHash))).message,
+      /spec\.sets(\[0\])?\.assets\.runsc\.sha256/,
+    );
+    // A micro-VM set without its kernel: only the controller can tell.
+    await create(kube(), assetSets(), {
+      ...badHash,
+      metadata: { name: 'vm-no-kernel' },
+      spec: {
+        sets: [
+          {
+            runtime: 'microvm',
+            arch: 'amd64',
+            assets: { initrd: { url: 'https://x/i', sha256: sha }, qemu: { url: 'https://x/q', sha256: sha } },
+          },
+        ],
+      },
+    });
+    const invalid = await eventually(async () => conditionOf(await kube().get(assetSets('vm-no-kernel')), 'Valid'));
+    assert.equal(invalid.status, 'False');
+    assert.match(invalid.message, /microvm needs the asset "kernel"/);
+
+    await create(kube(), pools(), pool('pinned', { runtime: 'gvisor', assetSet: 'runsc-2024' }));
+    const missing = await eventually(async () => conditionOf(await kube().get(pools('pinned')), 'Valid'));
+    assert.equal(missing.status, 'False');
+    assert.match(missing.message, /spec\.assetSet: AssetSet "runsc-2024" does not exist/);
+    const set = {
+      runtime: 'gvisor',
+      arch: 'amd64',
+      assets: { runsc: { url: 'https://assets.example/runsc', sha256: sha } },
+    };
+    await create(kube(), assetSets(), { ...badHash, metadata: { name: 'runsc-2024' }, spec: { sets: [set] } });
+    const d = await eventually(
+      () => kube().get<Deployment>(deployments(deploymentName('pinned'))),
+      15_000,
+      'pinned deployment',
+    );
+    const env = d.spec.template.spec.containers[0]!.env.find((e) => e.name === 'TORPOR_ASSETS');
+    assert.deepEqual(JSON.parse(env?.value ?? '[]'), [set]);
+    assert.equal(conditionOf(await kube().get(assetSets('runsc-2024')), 'Valid')?.status, 'True');
+  });
+
   it('syncs Templates to the control plane and refuses later changes to them', async () => {
     const t = {
       apiVersion: API_VERSION,

@@ -6,7 +6,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { pino } from 'pino';
-import { Kube, loadKubeConfig, resourcePath } from '../../../src/engine/k8s/kube.ts';
+import { applyObjects } from '../../../src/engine/k8s/install.ts';
+import { Kube, loadKubeConfig } from '../../../src/engine/k8s/kube.ts';
 import { crds } from '../../../src/engine/k8s/resources.ts';
 
 const run = promisify(execFile);
@@ -67,21 +68,9 @@ export async function startKube(opts: { extraTokens?: string[]; rbac?: boolean }
   };
 }
 
-/** Installs Torpor's CRDs and waits until the API server serves them. */
+/** Installs Torpor's CRDs as `torpor install` does and waits until the API server serves them. */
 export async function installCrds(kube: Kube): Promise<void> {
-  for (const crd of crds()) await kube.apply(crd);
-  for (const crd of crds()) {
-    const path = resourcePath(`${crd.spec.group}/${crd.spec.versions[0]!.name}`, crd.spec.names.plural);
-    for (let i = 0; ; i++) {
-      try {
-        await kube.request('GET', path);
-        break;
-      } catch (err) {
-        if (i > 100) throw err;
-        await new Promise((r) => setTimeout(r, 100));
-      }
-    }
-  }
+  await applyObjects(kube, crds(), pino({ level: 'silent' }));
 }
 
 /** Polls `fn` until it returns a value other than undefined (or throws after `ms`). */
