@@ -62,7 +62,8 @@ describe('torpor up --engine k8s (real kube-apiserver, real runsc)', { skip }, (
       60_000,
       'Synced',
     );
-    assert.equal(synced.reason, 'Created');
+    assert.equal(synced.reason, 'Synced');
+    assert.equal(synced.message, 'created in the control plane store');
     const stored = await eventually(
       async () => {
         const got = await t.json<Template>('template', 'get', 'counter');

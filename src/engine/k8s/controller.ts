@@ -413,13 +413,18 @@ export class KubeController {
         const input = { ...spec, name };
         parse(templateSpec, input, 'spec');
         const { created } = await this.o.templates.applyTemplate(input);
-        result = condition(
-          'Synced',
-          'True',
-          created ? 'Created' : 'UpToDate',
-          'in the control plane store',
-          generation,
-        );
+        const before = t.status?.conditions?.find((c) => c.type === 'Synced');
+        // Re-applying is idempotent (and restores a template a wiped store lost); the first word stays.
+        result =
+          before?.status === 'True' && before.observedGeneration === generation
+            ? before
+            : condition(
+                'Synced',
+                'True',
+                'Synced',
+                `${created ? 'created' : 'found'} in the control plane store`,
+                generation,
+              );
       } catch (err) {
         const e = asTorporError(err, 'RUNTIME_ERROR');
         const field =

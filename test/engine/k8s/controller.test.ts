@@ -368,7 +368,8 @@ describe('kubernetes engine (real kube-apiserver)', { skip }, () => {
       const c = conditionOf(await kube().get(templates('counter')), 'Synced');
       return c?.status === 'True' ? c : undefined;
     });
-    assert.equal(synced.reason, 'Created');
+    assert.equal(synced.reason, 'Synced');
+    assert.equal(synced.message, 'created in the control plane store');
     const applied = testTemplates.applied.find((x) => x.name === 'counter');
     // The API server applied the schema's defaults: the control plane gets the same spec it would parse.
     assert.equal(applied?.runtime, 'gvisor');
