@@ -11,8 +11,10 @@ import { parse } from '../../core/schemas.ts';
  * file key the camelCase name. Credentials are also read from Alibaba Cloud's own variables (ALIBABA_CLOUD_*). */
 export const ackSettings = z
   .object({
-    region: z.string().regex(/^[a-z]{2}(-[a-z0-9]+)+$/, 'must be a region id such as cn-hangzhou'),
-    clusterId: z.string().regex(/^[A-Za-z0-9-]{1,64}$/, 'must be an ACK cluster id'),
+    region: z
+      .string({ error: 'is required' })
+      .regex(/^[a-z]{2}(-[a-z0-9]+)+$/, 'must be a region id such as cn-hangzhou'),
+    clusterId: z.string({ error: 'is required' }).regex(/^[A-Za-z0-9-]{1,64}$/, 'must be an ACK cluster id'),
     accessKeyId: z.string().min(1).optional(),
     accessKeySecret: z.string().min(1).optional(),
     /** With an AccessKey pair issued by STS. */

@@ -3,6 +3,7 @@
 // flows, wrong secrets refused with clear errors, refresh before expiry with open watches surviving, the
 // Kubernetes engine running unchanged on top, and no secret in any log line or error.
 import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -297,6 +298,25 @@ describe('ACK engine (local ACK/STS stand-in, real kube-apiserver)', { skip }, (
 });
 
 describe('ACK settings', () => {
+  it('--schedule-type alicloud-k8s selects ACK on the command line (settings checked before anything starts)', async () => {
+    const bin = join(import.meta.dirname, '..', '..', '..', 'bin', 'torpor.js');
+    const env = Object.fromEntries(
+      Object.entries(process.env).filter(([k]) => !k.startsWith('ALIBABA_CLOUD_') && !k.startsWith('TORPOR_ALICLOUD_')),
+    );
+    for (const args of [
+      ['up', '--schedule-type', 'alicloud-k8s', '--data-dir', join(tmpdir(), 'torpor-never-created')],
+      ['install', '--engine', 'alicloud-k8s', '--alicloud-cluster-id', 'c1'],
+    ]) {
+      const r = await new Promise<{ code: number; stderr: string }>((done) =>
+        execFile(process.execPath, [bin, ...args], { env }, (err, _out, stderr) =>
+          done({ code: err ? Number(err.code) : 0, stderr }),
+        ),
+      );
+      assert.equal(r.code, 1, args.join(' '));
+      assert.match(r.stderr, /^error: INVALID_ARGUMENT: --alicloud-region \(or TORPOR_ALICLOUD_REGION\)/, r.stderr);
+    }
+  });
+
   it('takes flags over environment over the config file, and names the flag when one is wrong', async () => {
     const dir = await mkdtemp(join(tmpdir(), 'torpor-ack-settings-'));
     try {
