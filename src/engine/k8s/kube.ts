@@ -21,6 +21,8 @@ export interface KubeOptions {
   /** A kubeconfig file; without it: in-cluster configuration inside a pod, else $KUBECONFIG or ~/.kube/config. */
   kubeconfig?: string;
   context?: string;
+  /** Where the pod's service-account files are mounted ("" = /; a test runs outside a pod). */
+  inClusterRoot?: string;
 }
 
 const IN_CLUSTER_TOKEN = '/var/run/secrets/kubernetes.io/serviceaccount/token';
@@ -29,8 +31,9 @@ const IN_CLUSTER_TOKEN = '/var/run/secrets/kubernetes.io/serviceaccount/token';
 export function loadKubeConfig(opts: KubeOptions = {}): KubeConfig {
   const kc = new KubeConfig();
   try {
+    const root = opts.inClusterRoot ?? '';
     if (opts.kubeconfig) kc.loadFromFile(opts.kubeconfig);
-    else if (process.env.KUBERNETES_SERVICE_HOST && existsSync(IN_CLUSTER_TOKEN)) kc.loadFromCluster();
+    else if (process.env.KUBERNETES_SERVICE_HOST && existsSync(root + IN_CLUSTER_TOKEN)) kc.loadFromCluster(root);
     else if (process.env.KUBECONFIG || existsSync(`${process.env.HOME}/.kube/config`)) kc.loadFromDefault();
     else {
       throw new TorporError(

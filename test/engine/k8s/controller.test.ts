@@ -2,12 +2,17 @@
 // WorkerPools reconcile into Deployments of the right shape per runtime class, /scale works, status reports
 // invalid pools, Template changes are refused, and a deleted pool is drained before its Deployment goes.
 import assert from 'node:assert/strict';
+import { copyFile, mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { Writable } from 'node:stream';
 import { after, before, describe, it } from 'node:test';
+import { pino } from 'pino';
 import { KubeController, type PoolControl, type TemplateSink } from '../../../src/engine/k8s/controller.ts';
-import { type Kube, KubeError, resourcePath } from '../../../src/engine/k8s/kube.ts';
+import { Kube, KubeError, loadKubeConfig, resourcePath } from '../../../src/engine/k8s/kube.ts';
 import { deploymentName } from '../../../src/engine/k8s/render.ts';
 import { API_VERSION, type Condition, DRAIN_FINALIZER } from '../../../src/engine/k8s/resources.ts';
-import { eventually, installCrds, quietLog, type RunningKube, startKube } from './kube-helpers.ts';
+import { eventually, installCrds, type RunningKube, startKube } from './kube-helpers.ts';
 
 const started = await startKube();
 const skip = typeof started === 'string' ? started : false;
@@ -65,6 +70,8 @@ class TestTemplates implements TemplateSink {
   }
 }
 
+const logLines: string[] = [];
+const BOOTSTRAP_TOKEN = 'bootstrap-token-for-tests';
 const testPools = new TestPools();
 const testTemplates = new TestTemplates();
 let controller: KubeController | undefined;
@@ -99,7 +106,7 @@ describe('kubernetes engine (real kube-apiserver)', { skip }, () => {
       apiVersion: 'v1',
       kind: 'Secret',
       metadata: { name: 'torpor-agent-token' },
-      stringData: { token: 'bootstrap-token-for-tests' },
+      stringData: { token: BOOTSTRAP_TOKEN },
     });
     controller = new KubeController({
       kube: kube(),
@@ -113,7 +120,15 @@ describe('kubernetes engine (real kube-apiserver)', { skip }, () => {
       },
       pools: testPools,
       templates: testTemplates,
-      log: quietLog(),
+      log: pino(
+        { level: 'debug' },
+        new Writable({
+          write(chunk, _enc, cb) {
+            logLines.push(String(chunk));
+            cb();
+          },
+        }),
+      ),
       resyncMs: 500,
       drainRetryMs: 200,
     });
@@ -187,7 +202,7 @@ describe('kubernetes engine (real kube-apiserver)', { skip }, () => {
     assert.equal(flag('--node'), '$(POD_NAME)');
     assert.equal(flag('--listen'), '$(POD_IP):7071');
     assert.equal(flag('--blob'), 's3://torpor/snapshots?endpoint=http://minio:9000');
-    assert.ok(!c.command.some((a) => a.includes('bootstrap-token')), 'the token is not on the command line');
+    assert.ok(!JSON.stringify(d).includes(BOOTSTRAP_TOKEN), 'the token is not in the Deployment, only its Secret');
     assert.deepEqual(c.envFrom, [{ secretRef: { name: 'torpor-blob' } }]);
     assert.equal(c.env.find((e) => e.name === 'TORPOR_RUNTIME')?.value, 'gvisor');
     const token = c.env.find((e) => e.name === 'TORPOR_AGENT_TOKEN');
@@ -353,7 +368,9 @@ describe('kubernetes engine (real kube-apiserver)', { skip }, () => {
     );
     const env = d.spec.template.spec.containers[0]!.env.find((e) => e.name === 'TORPOR_ASSETS');
     assert.deepEqual(JSON.parse(env?.value ?? '[]'), [set]);
-    assert.equal(conditionOf(await kube().get(assetSets('runsc-2024')), 'Valid')?.status, 'True');
+    const valid = await eventually(async () => conditionOf(await kube().get(assetSets('runsc-2024')), 'Valid'));
+    assert.equal(valid.status, 'True');
+    assert.equal(valid.message, '1 set(s): gvisor/amd64');
   });
 
   it('syncs Templates to the control plane and refuses later changes to them', async () => {
@@ -409,6 +426,41 @@ describe('kubernetes engine (real kube-apiserver)', { skip }, () => {
     assert.match(refused.message, /^spec\.env/);
   });
 
+  it('works with in-cluster configuration (service-account token and CA, TLS verified)', async () => {
+    const root = await mkdtemp(join(tmpdir(), 'torpor-incluster-'));
+    const saved = { host: process.env.KUBERNETES_SERVICE_HOST, port: process.env.KUBERNETES_SERVICE_PORT };
+    try {
+      const sa = join(root, 'var/run/secrets/kubernetes.io/serviceaccount');
+      await mkdir(sa, { recursive: true });
+      await writeFile(join(sa, 'token'), k!.token);
+      await writeFile(join(sa, 'namespace'), 'kube-system');
+      // The API server's own serving certificate (self-signed) is the CA a pod would be given.
+      await copyFile(join(k!.dir, 'certs', 'apiserver.crt'), join(sa, 'ca.crt'));
+      process.env.KUBERNETES_SERVICE_HOST = '127.0.0.1';
+      process.env.KUBERNETES_SERVICE_PORT = new URL(k!.server).port;
+      const inCluster = new Kube(loadKubeConfig({ inClusterRoot: root }));
+      assert.equal(inCluster.namespace(), 'kube-system');
+      const ns = await inCluster.request<{ metadata: { name: string } }>('GET', '/api/v1/namespaces/default');
+      assert.equal(ns.metadata.name, 'default');
+      // TLS is verified: a CA that did not sign the server's certificate is refused.
+      const other = await mkdtemp(join(tmpdir(), 'torpor-incluster-bad-'));
+      await mkdir(join(other, 'var/run/secrets/kubernetes.io/serviceaccount'), { recursive: true });
+      await writeFile(join(other, 'var/run/secrets/kubernetes.io/serviceaccount/token'), k!.token);
+      await copyFile(
+        join(import.meta.dirname, 'fixtures', 'unrelated-ca.crt'),
+        join(other, 'var/run/secrets/kubernetes.io/serviceaccount/ca.crt'),
+      );
+      await assert.rejects(new Kube(loadKubeConfig({ inClusterRoot: other })).request('GET', '/api/v1/namespaces'));
+      await rm(other, { recursive: true, force: true });
+    } finally {
+      process.env.KUBERNETES_SERVICE_HOST = saved.host;
+      process.env.KUBERNETES_SERVICE_PORT = saved.port;
+      if (saved.host === undefined) delete process.env.KUBERNETES_SERVICE_HOST;
+      if (saved.port === undefined) delete process.env.KUBERNETES_SERVICE_PORT;
+      await rm(root, { recursive: true, force: true });
+    }
+  });
+
   it('drains a deleted pool before its Deployment goes (finalizer)', async () => {
     testPools.remaining = 2;
     const callsBefore = testPools.drainCalls.length;
@@ -426,5 +478,16 @@ describe('kubernetes engine (real kube-apiserver)', { skip }, () => {
     testPools.remaining = 0;
     await eventually(async () => ((await kube().get(pools('vms'))) ? undefined : true), 15_000, 'pool gone');
     assert.equal(await kube().get(deployments(deploymentName('vms'))), undefined);
+  });
+
+  it('never puts a secret into a log line, a status or a Deployment', async () => {
+    assert.ok(logLines.length > 0, 'the controller logged');
+    const everything = [
+      ...logLines,
+      JSON.stringify(await kube().request('GET', pools())),
+      JSON.stringify(await kube().request('GET', templates())),
+      JSON.stringify(await kube().request('GET', deployments())),
+    ].join('\n');
+    for (const secret of [BOOTSTRAP_TOKEN, k!.token]) assert.ok(!everything.includes(secret), 'a secret leaked');
   });
 });
