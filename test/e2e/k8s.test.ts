@@ -6,11 +6,13 @@
 // There is no kubelet: the pool's pod is created by the test under the name this machine's agent registers with
 // ("node0"), standing in for the pod that would host that agent.
 import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
 import { after, before, describe, it } from 'node:test';
 import type { Actor, Template } from '../../src/core/types.ts';
 import { resourcePath } from '../../src/engine/k8s/kube.ts';
 import { deploymentName, poolSelector } from '../../src/engine/k8s/render.ts';
 import { API_VERSION, type Condition } from '../../src/engine/k8s/resources.ts';
+import { startStandIn } from '../engine/ack/alicloud-standin.ts';
 import { eventually, installCrds, type RunningKube, startKube } from '../engine/k8s/kube-helpers.ts';
 import { counterImage } from '../fixtures/images.ts';
 import { gvisorSkipReason, startTorpor, type Torpor } from './harness.ts';
@@ -120,5 +122,66 @@ describe('torpor up --engine k8s (real kube-apiserver, real runsc)', { skip }, (
     assert.equal(drained.status, 'SUSPENDED', 'suspended by the drain');
     assert.ok(drained.snapshot && drained.snapshot !== snapshotBefore, 'a new snapshot was taken');
     assert.equal(await kube().get(resourcePath('apps/v1', 'deployments', NS, deploymentName('local'))), undefined);
+  });
+
+  it('torpor up --schedule-type alicloud-k8s: ACK credentials, the same controller, no secret in its output', async () => {
+    const secret = randomBytes(24).toString('base64url');
+    const standIn = await startStandIn({
+      accessKeys: { LTAI5tE2eTestKey: secret },
+      clusterId: 'ce2e',
+      apiServer: k!.server,
+      tokens: [k!.token],
+      roles: {},
+    });
+    let ack: Torpor | undefined;
+    try {
+      await kube().request('POST', '/api/v1/namespaces', {
+        body: { apiVersion: 'v1', kind: 'Namespace', metadata: { name: 'ack' } },
+      });
+      ack = await startTorpor({
+        workers: 1,
+        networkBase: 220,
+        args: [
+          '--schedule-type',
+          'alicloud-k8s',
+          '--alicloud-region',
+          'cn-hangzhou',
+          '--alicloud-cluster-id',
+          'ce2e',
+          '--alicloud-cs-endpoint',
+          standIn.csEndpoint,
+          '--alicloud-cs-protocol',
+          'http',
+          '--watch-namespace',
+          'ack',
+        ],
+        env: { ALIBABA_CLOUD_ACCESS_KEY_ID: 'LTAI5tE2eTestKey', TORPOR_ALICLOUD_ACCESS_KEY_SECRET: secret },
+      });
+      assert.equal(standIn.issues.length, 1, 'the kubeconfig came from ACK');
+      await kube().request('POST', resourcePath(API_VERSION, 'templates', 'ack'), {
+        body: {
+          apiVersion: API_VERSION,
+          kind: 'Template',
+          metadata: { name: 'counter-ack' },
+          spec: { image: await counterImage(), port: 8080, readiness: { path: '/healthz', timeoutSeconds: 20 } },
+        },
+      });
+      const synced = await eventually(
+        async () => {
+          const got = await ack!.cli('template', 'get', 'counter-ack', '-o', 'json');
+          return got.code === 0 ? (JSON.parse(got.stdout) as Template) : undefined;
+        },
+        60_000,
+        'template synced through ACK',
+      );
+      assert.equal(synced.port, 8080);
+      const output = ack.log();
+      assert.match(output, /ACK: kubeconfig obtained/);
+      assert.ok(!output.includes(secret), 'the AccessKey secret is not in the output');
+      assert.ok(!output.includes(k!.token), 'the kubeconfig token is not in the output');
+    } finally {
+      await ack?.stop();
+      await standIn.close();
+    }
   });
 });

@@ -14,8 +14,8 @@ import tls from 'node:tls';
 import { Watch } from '@kubernetes/client-node';
 import { pino } from 'pino';
 import { TorporError } from '../../../src/core/errors.ts';
-import { AckCluster } from '../../../src/engine/ack/cluster.ts';
-import { type AckInput, loadAckSettings } from '../../../src/engine/ack/settings.ts';
+import { AckCluster, credentialFor } from '../../../src/engine/ack/cluster.ts';
+import { type AckInput, authMethod, loadAckSettings } from '../../../src/engine/ack/settings.ts';
 import { KubeController } from '../../../src/engine/k8s/controller.ts';
 import { resourcePath } from '../../../src/engine/k8s/kube.ts';
 import { deploymentName } from '../../../src/engine/k8s/render.ts';
@@ -185,6 +185,15 @@ describe('ACK engine (local ACK/STS stand-in, real kube-apiserver)', { skip }, (
     assert.equal(err.field, 'alicloud-oidc-token-file');
   });
 
+  it('a kubeconfig file is used as it is, without calling ACK', async () => {
+    const before = standIn.issues.length;
+    const cluster = await connect(base({ kubeconfigPath: k!.kubeconfig }));
+    cluster.close();
+    assert.ok((await cluster.kube.request<{ items: unknown[] }>('GET', '/api/v1/namespaces')).items.length > 0);
+    assert.equal(standIn.issues.length, before);
+    assert.equal(cluster.expiration, undefined);
+  });
+
   it('asks for the private (VPC) endpoint when told to', async () => {
     (
       await connect(
@@ -315,6 +324,34 @@ describe('ACK settings', () => {
       assert.equal(r.code, 1, args.join(' '));
       assert.match(r.stderr, /^error: INVALID_ARGUMENT: --alicloud-region \(or TORPOR_ALICLOUD_REGION\)/, r.stderr);
     }
+  });
+
+  it('selects the authentication method the settings describe', async () => {
+    const at = async (flags: AckInput, env: NodeJS.ProcessEnv = {}) =>
+      authMethod(await loadAckSettings({ region: 'cn-hangzhou', clusterId: 'c1', ...flags }, { env }));
+    assert.equal(await at({ accessKeyId: 'LTAIa', accessKeySecret: 's' }), 'access_key');
+    assert.equal(await at({ accessKeyId: 'STS.a', accessKeySecret: 's', securityToken: 't' }), 'sts');
+    assert.equal(await at({ accessKeyId: 'LTAIa', accessKeySecret: 's', roleArn: ROLE }), 'ram_role_arn');
+    assert.equal(
+      await at(
+        {},
+        {
+          ALIBABA_CLOUD_ROLE_ARN: ROLE,
+          ALIBABA_CLOUD_OIDC_PROVIDER_ARN: OIDC_PROVIDER,
+          ALIBABA_CLOUD_OIDC_TOKEN_FILE: '/t',
+        },
+      ),
+      'oidc_role_arn',
+    );
+    assert.equal(await at({ ecsRamRole: '' }), 'ecs_ram_role');
+    assert.equal(await at({}, { ALIBABA_CLOUD_ECS_METADATA: 'TorporRole' }), 'ecs_ram_role');
+    assert.equal(await at({ kubeconfigPath: '/k', accessKeyId: 'LTAIa', accessKeySecret: 's' }), 'kubeconfig');
+    assert.equal(await at({}), 'default');
+    // The ECS role's credential is built without a request (the metadata service is only asked when used).
+    const ecs = credentialFor(
+      await loadAckSettings({ region: 'cn-hangzhou', clusterId: 'c1', ecsRamRole: 'R' }, { env: {} }),
+    );
+    assert.equal(ecs.getType(), 'ecs_ram_role');
   });
 
   it('takes flags over environment over the config file, and names the flag when one is wrong', async () => {
