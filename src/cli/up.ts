@@ -13,7 +13,7 @@ import { Metrics } from '../control/metrics.ts';
 import { TorporError } from '../core/errors.ts';
 import type { AckSettings } from '../engine/ack/settings.ts';
 import type { Engine } from '../engine/engine.ts';
-import { type KubeEngineName, type RunningKubeEngine, startKubeEngine } from '../engine/k8s/engine.ts';
+import { connectCluster, type KubeEngineName, type RunningKubeEngine, startKubeEngine } from '../engine/k8s/engine.ts';
 import type { KubeOptions } from '../engine/k8s/kube.ts';
 import type { AgentSettings } from '../engine/k8s/render.ts';
 import { LocalEngine, localGvisorAssets, locateRunsc } from '../engine/local.ts';
@@ -85,6 +85,15 @@ export interface RunningTorpor {
 
 export async function up(opts: UpOptions): Promise<RunningTorpor> {
   const log = opts.log ?? pino({ name: 'torpor' });
+  // A cluster that cannot be reached (or ACK credentials that do not work) fails before anything starts.
+  const cluster =
+    (opts.engine === 'k8s' || opts.engine === 'ack') && opts.kube
+      ? await connectCluster(opts.engine, {
+          kube: opts.kube.kube,
+          ...(opts.kube.ack ? { ack: opts.kube.ack } : {}),
+          log: log.child({ engine: opts.engine }),
+        })
+      : undefined;
   const tracing = startTracing('torpor', log);
   const nodes = opts.nodes ?? 1;
   if ((opts.networkBase ?? 0) + nodes * opts.workers > 256) {
@@ -179,6 +188,7 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
     if (!opts.kube) throw new TorporError('INVALID_ARGUMENT', `--engine ${opts.engine} needs cluster settings`);
     kubeEngine = await startKubeEngine({
       engine: opts.engine,
+      ...(cluster ? { cluster } : {}),
       kube: opts.kube.kube,
       ...(opts.kube.ack ? { ack: opts.kube.ack } : {}),
       ...(opts.kube.namespace ? { namespace: opts.kube.namespace } : {}),

@@ -3,6 +3,7 @@
 // lifecycle as the place templates are synced to and pools are drained through.
 import type { Logger } from 'pino';
 import type { Lifecycle } from '../../control/lifecycle.ts';
+import { TorporError } from '../../core/errors.ts';
 import type { StateStore } from '../../store/store.ts';
 import { AckCluster } from '../ack/cluster.ts';
 import type { AckSettings } from '../ack/settings.ts';
@@ -34,6 +35,13 @@ export interface KubeEngineOptions {
   store: StateStore;
   lifecycle: Pick<Lifecycle, 'applyTemplate' | 'suspend'>;
   log: Logger;
+  /** A connection made earlier with connectCluster (so a bad kubeconfig fails before anything else starts). */
+  cluster?: ClusterConnection;
+}
+
+export interface ClusterConnection {
+  kube: Kube;
+  close(): void;
 }
 
 export interface RunningKubeEngine {
@@ -46,22 +54,39 @@ export interface RunningKubeEngine {
 export async function connectCluster(
   engine: KubeEngineName,
   opts: { kube?: KubeOptions; ack?: AckSettings; log: Logger },
-): Promise<{ kube: Kube; close(): void }> {
+): Promise<ClusterConnection> {
+  let connection: ClusterConnection;
   if (engine === 'ack') {
-    if (!opts.ack) throw new Error('the ack engine needs its settings');
+    if (!opts.ack) throw new TorporError('INVALID_ARGUMENT', 'the ack engine needs its settings', { field: 'engine' });
     const cluster = await AckCluster.connect({ settings: opts.ack, log: opts.log });
-    return { kube: cluster.kube, close: () => cluster.close() };
+    connection = { kube: cluster.kube, close: () => cluster.close() };
+  } else {
+    connection = { kube: new Kube(loadKubeConfig(opts.kube)), close: () => undefined };
   }
-  return { kube: new Kube(loadKubeConfig(opts.kube)), close: () => undefined };
+  try {
+    await connection.kube.request('GET', '/version');
+  } catch (err) {
+    connection.close();
+    if (err instanceof TorporError) throw err;
+    const c = (err as { cause?: { code?: string; message?: string } }).cause;
+    const cause = c?.code ?? c?.message ?? (err as Error).message;
+    throw new TorporError(
+      'RUNTIME_ERROR',
+      `cannot reach the Kubernetes API server ${connection.kube.server()}: ${cause}`,
+      {
+        field: 'kubeconfig',
+      },
+    );
+  }
+  return connection;
 }
 
 export async function startKubeEngine(o: KubeEngineOptions): Promise<RunningKubeEngine> {
   const log = o.log.child({ engine: o.engine });
-  const cluster = await connectCluster(o.engine, {
-    ...(o.kube ? { kube: o.kube } : {}),
-    ...(o.ack ? { ack: o.ack } : {}),
-    log,
-  });
+  const cluster =
+    o.cluster ??
+    (await connectCluster(o.engine, { ...(o.kube ? { kube: o.kube } : {}), ...(o.ack ? { ack: o.ack } : {}), log }));
+
   const controller = new KubeController({
     kube: cluster.kube,
     ...(o.namespace ? { namespace: o.namespace } : {}),
