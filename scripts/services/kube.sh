@@ -25,13 +25,18 @@ CACHE=${KUBE_CACHE:-/var/cache/torpor/kube-1.20}
 BIN=$CACHE/src/_output/bin
 cmd=${1:-}; dir=${2:-}
 
+apt_install() {
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null 2>&1 || {
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+  }
+}
+
 build() {
-  command -v etcd >/dev/null 2>&1 ||
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends etcd-server >/dev/null
+  command -v etcd >/dev/null 2>&1 || apt_install etcd-server
   if [ -x "$BIN/kube-apiserver" ] && { [ "${WITH_CONTROLLERS:-0}" != 1 ] || [ -x "$BIN/kube-controller-manager" ]; }; then
     echo "kube: built in $BIN"; return
   fi
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends golang-go etcd-server rsync make >/dev/null
+  apt_install golang-go rsync make
   mkdir -p "$CACHE/apt/lists/partial" "$CACHE/apt/archives/partial" "$CACHE/apt/parts"
   # A private apt configuration that adds deb-src for the machine's own Debian mirror (nothing in /etc/apt changes).
   sed 's/^Types: deb$/Types: deb-src/' /etc/apt/sources.list.d/debian.sources > "$CACHE/apt/parts/src.sources"
