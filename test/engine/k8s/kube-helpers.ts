@@ -1,6 +1,7 @@
 // A real Kubernetes API server for tests: etcd + kube-apiserver 1.20 started by scripts/services/kube.sh (built
 // once by scripts/setup.sh), stopped by the PIDs the script recorded. No kubelet: pods never run.
 import { execFile } from 'node:child_process';
+import { existsSync } from 'node:fs';
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -12,6 +13,7 @@ import { crds } from '../../../src/engine/k8s/resources.ts';
 
 const run = promisify(execFile);
 const SCRIPT = join(import.meta.dirname, '..', '..', '..', 'scripts', 'services', 'kube.sh');
+const KUBE_BIN = join(process.env.KUBE_CACHE ?? '/var/cache/torpor/kube-1.20', 'src', '_output', 'bin');
 
 export interface RunningKube {
   dir: string;
@@ -26,9 +28,18 @@ export interface RunningKube {
 
 /** Starts etcd + kube-apiserver, or answers why it cannot (the caller skips, saying so). `extraTokens`:
  * `token,user,uid` lines the API server also accepts. */
-export async function startKube(opts: { extraTokens?: string[]; rbac?: boolean } = {}): Promise<RunningKube | string> {
+export async function startKube(
+  opts: { extraTokens?: string[]; rbac?: boolean; controllers?: boolean } = {},
+): Promise<RunningKube | string> {
+  if (opts.controllers && !existsSync(join(KUBE_BIN, 'kube-controller-manager'))) {
+    return `kube-controller-manager is not built (scripts/setup.sh builds it: kube.sh build with WITH_CONTROLLERS=1)`;
+  }
   const dir = await mkdtemp(join(tmpdir(), 'torpor-kube-'));
-  const env: NodeJS.ProcessEnv = { ...process.env, ...(opts.rbac ? { AUTHZ: 'RBAC' } : {}) };
+  const env: NodeJS.ProcessEnv = {
+    ...process.env,
+    ...(opts.rbac ? { AUTHZ: 'RBAC' } : {}),
+    ...(opts.controllers ? { START_CONTROLLERS: '1' } : {}),
+  };
   if (opts.extraTokens?.length) {
     env.EXTRA_TOKENS = join(dir, 'extra-tokens.csv');
     await writeFile(env.EXTRA_TOKENS, `${opts.extraTokens.join('\n')}\n`, { mode: 0o600 });
