@@ -263,6 +263,55 @@ addAckOptions(addKubeOptions(installCommand)).action(async (o: Record<string, un
   process.stderr.write(`Torpor installed in namespace ${namespace} on ${cluster.kube.server()}\n`);
 });
 
+// ------------------------------------------------------------------ controller
+
+const controllerCommand = program
+  .command('controller')
+  .description(
+    'the Kubernetes controller for a Torpor server (--server): WorkerPools become Deployments of agent pods, ' +
+      "Templates are applied to the server, a deleted pool's actors are suspended first",
+  )
+  .addOption(
+    new Option('--engine <engine>', 'k8s, or ack (cluster credentials from Alibaba Cloud ACK)')
+      .choices(['k8s', 'kubernetes', 'ack', 'alicloud-k8s'])
+      .default('k8s'),
+  );
+addAckOptions(addAgentOptions(addKubeOptions(controllerCommand))).action(
+  async (o: AgentFlags & Record<string, unknown>) => {
+    const { ENGINE_ALIASES, startKubeEngine } = await import('../engine/k8s/engine.ts');
+    const { ApiControlPlane } = await import('../engine/k8s/api-control.ts');
+    const { pino } = await import('pino');
+    const engine = ENGINE_ALIASES[String(o.engine)] === 'ack' ? 'ack' : 'k8s';
+    const server = program.opts<{ server: string }>().server;
+    if (!o.agentBlob) {
+      throw new TorporError('INVALID_ARGUMENT', '--agent-blob is required: the blob store URL the server uses', {
+        field: 'agent-blob',
+      });
+    }
+    const control = new ApiControlPlane({ url: server });
+    const log = pino({ name: 'torpor-controller' });
+    const running = await startKubeEngine({
+      engine,
+      kube: kubeOptions(o as { kubeconfig?: string; context?: string }),
+      ...(engine === 'ack' ? { ack: await ackSettingsFrom(o) } : {}),
+      ...(o.watchNamespace ? { namespace: String(o.watchNamespace) } : {}),
+      agent: agentSettings(o, { serverUrl: server, blobUrl: o.agentBlob }),
+      pools: control,
+      templates: control,
+      log,
+    });
+    process.stderr.write(`Torpor controller running against ${running.kube.server()} for ${server}\n`);
+    const shutdown = () => {
+      running.stop().then(
+        () => process.exit(0),
+        () => process.exit(1),
+      );
+    };
+    process.once('SIGINT', shutdown);
+    process.once('SIGTERM', shutdown);
+  },
+);
+
 // ------------------------------------------------------------------ templates
 
 const template = program.command('template').description('manage templates');

@@ -15,6 +15,7 @@ import type { AckSettings } from '../engine/ack/settings.ts';
 import type { Engine } from '../engine/engine.ts';
 import { connectCluster, type KubeEngineName, type RunningKubeEngine, startKubeEngine } from '../engine/k8s/engine.ts';
 import type { KubeOptions } from '../engine/k8s/kube.ts';
+import { StorePools } from '../engine/k8s/pools.ts';
 import type { AgentSettings } from '../engine/k8s/render.ts';
 import { LocalEngine, localGvisorAssets, locateRunsc } from '../engine/local.ts';
 import { LocalInstances } from '../engine/local-instances.ts';
@@ -193,8 +194,8 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
       ...(opts.kube.ack ? { ack: opts.kube.ack } : {}),
       ...(opts.kube.namespace ? { namespace: opts.kube.namespace } : {}),
       agent: opts.kube.agent(url, `file://${join(dataDir, 'blobs')}`),
-      store,
-      lifecycle,
+      pools: new StorePools({ store, lifecycle, log }),
+      templates: lifecycle,
       log,
     });
   }

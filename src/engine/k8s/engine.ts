@@ -1,15 +1,12 @@
 // The Kubernetes and ACK engines as a control plane runs them: connect to the cluster (a kubeconfig, in-cluster
-// configuration, or ACK's temporary kubeconfig, refreshed), then run the controller with the control plane's
-// lifecycle as the place templates are synced to and pools are drained through.
+// configuration, or ACK's temporary kubeconfig, refreshed), then run the controller with the control plane as the
+// place templates are synced to and pools are drained through (in its process, or over its API).
 import type { Logger } from 'pino';
-import type { Lifecycle } from '../../control/lifecycle.ts';
 import { TorporError } from '../../core/errors.ts';
-import type { StateStore } from '../../store/store.ts';
 import { AckCluster } from '../ack/cluster.ts';
 import type { AckSettings } from '../ack/settings.ts';
-import { KubeController } from './controller.ts';
+import { KubeController, type PoolControl, type TemplateSink } from './controller.ts';
 import { Kube, type KubeOptions, loadKubeConfig } from './kube.ts';
-import { StorePools } from './pools.ts';
 import type { AgentSettings } from './render.ts';
 
 export type KubeEngineName = 'k8s' | 'ack';
@@ -32,8 +29,9 @@ export interface KubeEngineOptions {
   /** Watch one namespace (undefined: all). */
   namespace?: string;
   agent: AgentSettings;
-  store: StateStore;
-  lifecycle: Pick<Lifecycle, 'applyTemplate' | 'suspend'>;
+  /** The control plane: in its process (StorePools + Lifecycle) or over its API (ApiControlPlane). */
+  pools: PoolControl;
+  templates: TemplateSink;
   log: Logger;
   /** A connection made earlier with connectCluster (so a bad kubeconfig fails before anything else starts). */
   cluster?: ClusterConnection;
@@ -91,8 +89,8 @@ export async function startKubeEngine(o: KubeEngineOptions): Promise<RunningKube
     kube: cluster.kube,
     ...(o.namespace ? { namespace: o.namespace } : {}),
     agent: o.agent,
-    pools: new StorePools({ store: o.store, lifecycle: o.lifecycle, log }),
-    templates: o.lifecycle,
+    pools: o.pools,
+    templates: o.templates,
     log,
   });
   try {

@@ -148,7 +148,7 @@ export function renderDeployment(pool: PoolRef, spec: WorkerPoolSpec, agent: Age
                 // of the AssetSet rolls the pods; snapshots keep restoring with the assets they pinned.
                 ...(assets?.length ? [{ name: 'TORPOR_ASSETS', value: JSON.stringify(assets) }] : []),
               ],
-              ...(agent.blobSecret ? { envFrom: [{ secretRef: { name: agent.blobSecret } }] } : {}),
+              ...(agent.blobSecret ? { envFrom: [{ secretRef: { name: agent.blobSecret, optional: true } }] } : {}),
               ports: [{ name: 'agent', containerPort: AGENT_PORT, protocol: 'TCP' }],
               // runsc and QEMU build sandboxes (namespaces, cgroups, seccomp, netns + nftables per activation).
               securityContext: { privileged: true },

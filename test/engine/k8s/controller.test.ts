@@ -203,7 +203,7 @@ describe('kubernetes engine (real kube-apiserver)', { skip }, () => {
     assert.equal(flag('--listen'), '$(POD_IP):7071');
     assert.equal(flag('--blob'), 's3://torpor/snapshots?endpoint=http://minio:9000');
     assert.ok(!JSON.stringify(d).includes(BOOTSTRAP_TOKEN), 'the token is not in the Deployment, only its Secret');
-    assert.deepEqual(c.envFrom, [{ secretRef: { name: 'torpor-blob' } }]);
+    assert.deepEqual(c.envFrom, [{ secretRef: { name: 'torpor-blob', optional: true } }]);
     assert.equal(c.env.find((e) => e.name === 'TORPOR_RUNTIME')?.value, 'gvisor');
     const token = c.env.find((e) => e.name === 'TORPOR_AGENT_TOKEN');
     assert.deepEqual(token?.valueFrom?.secretKeyRef, { name: 'torpor-agent-token', key: 'token' });

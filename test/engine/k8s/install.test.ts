@@ -39,9 +39,10 @@ describe('deploy/ manifests', () => {
         continue;
       assert.equal(o.metadata?.namespace, 'agents', `${o.kind}/${o.metadata?.name}`);
     }
-    const server = containerOf(find(objects, 'Deployment', 'torpor-server'));
-    assert.equal(server.image, 'reg.example/torpor:2');
-    assert.ok(server.args.includes('--agent-image=reg.example/torpor:2'));
+    assert.equal(containerOf(find(objects, 'Deployment', 'torpor-server')).image, 'reg.example/torpor:2');
+    const controller = containerOf(find(objects, 'Deployment', 'torpor-controller'));
+    assert.equal(controller.image, 'reg.example/torpor:2');
+    assert.ok(controller.args.includes('--agent-image=reg.example/torpor:2'));
     assert.equal(containerOf(find(objects, 'Deployment', 'torpor-router')).image, 'reg.example/torpor:2');
     const binding = find(objects, 'ClusterRoleBinding', 'torpor-controller') as { subjects: { namespace: string }[] };
     assert.equal(binding.subjects[0]!.namespace, 'agents');
@@ -53,7 +54,7 @@ describe('deploy/ manifests', () => {
 
   it('the ACK overlay puts worker pods on virtual nodes and the router behind an internal SLB', async () => {
     const objects = await renderInstall({ dir: join(DEPLOY_DIR, 'ack') });
-    const args = containerOf(find(objects, 'Deployment', 'torpor-server')).args;
+    const args = containerOf(find(objects, 'Deployment', 'torpor-controller')).args;
     assert.ok(args.includes('--pool-node-selector=type=virtual-kubelet'));
     assert.ok(args.includes('--pool-toleration=virtual-kubelet.io/provider=alibabacloud:NoSchedule'));
     const svc = find(objects, 'Service', 'torpor-router') as { metadata: { annotations: Record<string, string> } };
@@ -77,12 +78,12 @@ describe('deploy/ manifests', () => {
   });
 });
 
-// The controller's identity: the torpor-server ServiceAccount, as the API server's RBAC sees it.
+// The controller's identity: the torpor-controller ServiceAccount, as the API server's RBAC sees it.
 const controllerToken = randomBytes(24).toString('hex');
 const started = await startKube({
   rbac: true,
   extraTokens: [
-    `${controllerToken},system:serviceaccount:torpor:torpor-server,sa-uid,"system:serviceaccounts,system:serviceaccounts:torpor"`,
+    `${controllerToken},system:serviceaccount:torpor:torpor-controller,sa-uid,"system:serviceaccounts,system:serviceaccounts:torpor"`,
   ],
 });
 const skip = typeof started === 'string' ? started : false;
