@@ -6,7 +6,9 @@
 // There is no kubelet: the pool's pod is created by the test under the name this machine's agent registers with
 // ("node0"), standing in for the pod that would host that agent.
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
+import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import type { Actor, Template } from '../../src/core/types.ts';
 import { resourcePath } from '../../src/engine/k8s/kube.ts';
@@ -18,6 +20,7 @@ import { counterImage } from '../fixtures/images.ts';
 import { gvisorSkipReason, startTorpor, type Torpor } from './harness.ts';
 
 const NS = 'default';
+const BIN = join(import.meta.dirname, '..', '..', 'bin', 'torpor.js');
 const noGvisor = gvisorSkipReason();
 const started = noGvisor ? noGvisor : await startKube();
 const skip = typeof started === 'string' ? started : false;
@@ -122,6 +125,97 @@ describe('torpor up --engine k8s (real kube-apiserver, real runsc)', { skip }, (
     assert.equal(drained.status, 'SUSPENDED', 'suspended by the drain');
     assert.ok(drained.snapshot && drained.snapshot !== snapshotBefore, 'a new snapshot was taken');
     assert.equal(await kube().get(resourcePath('apps/v1', 'deployments', NS, deploymentName('local'))), undefined);
+  });
+
+  it('torpor controller, a separate process, applies templates and drains pools through the server API', async () => {
+    const ns = 'ctl';
+    await kube().request('POST', '/api/v1/namespaces', {
+      body: { apiVersion: 'v1', kind: 'Namespace', metadata: { name: ns } },
+    });
+    await kube().request('POST', resourcePath('v1', 'secrets', ns), {
+      body: { apiVersion: 'v1', kind: 'Secret', metadata: { name: 'torpor-agent-token' }, stringData: { token: 't' } },
+    });
+    const controller = spawn(
+      process.execPath,
+      [
+        BIN,
+        'controller',
+        '--server',
+        t.url,
+        '--kubeconfig',
+        k!.kubeconfig,
+        '--watch-namespace',
+        ns,
+        '--agent-blob',
+        'file:///srv/blobs',
+      ],
+      { stdio: ['ignore', 'pipe', 'pipe'] },
+    );
+    let output = '';
+    controller.stdout.on('data', (d: Buffer) => (output += d));
+    controller.stderr.on('data', (d: Buffer) => (output += d));
+    try {
+      await eventually(async () => (output.includes('Torpor controller running') ? true : undefined), 30_000, output);
+      await kube().request('POST', resourcePath(API_VERSION, 'templates', ns), {
+        body: {
+          apiVersion: API_VERSION,
+          kind: 'Template',
+          metadata: { name: 'counter-api' },
+          spec: { image: await counterImage(), port: 8080, readiness: { path: '/healthz', timeoutSeconds: 20 } },
+        },
+      });
+      const stored = await eventually(
+        async () => {
+          const r = await t.cli('template', 'get', 'counter-api', '-o', 'json');
+          return r.code === 0 ? (JSON.parse(r.stdout) as Template) : undefined;
+        },
+        30_000,
+        'template applied through the API',
+      );
+      assert.equal(stored.port, 8080);
+
+      await t.json<Actor>('actor', 'create', 'k2', '--template', 'counter');
+      const running = await t.json<Actor>('actor', 'resume', 'k2');
+      assert.equal(running.status, 'RUNNING');
+      await kube().request('POST', resourcePath(API_VERSION, 'workerpools', ns), {
+        body: {
+          apiVersion: API_VERSION,
+          kind: 'WorkerPool',
+          metadata: { name: 'remote' },
+          spec: { runtime: 'gvisor' },
+        },
+      });
+      await kube().request('POST', resourcePath('v1', 'pods', ns), {
+        body: {
+          apiVersion: 'v1',
+          kind: 'Pod',
+          metadata: { name: running.node, labels: poolSelector('remote') },
+          spec: { containers: [{ name: 'agent', image: 'torpor:test' }] },
+        },
+      });
+      await eventually(
+        async () => {
+          const p = await kube().get<{ status?: { readyWorkers?: number } }>(
+            resourcePath(API_VERSION, 'workerpools', ns, 'remote'),
+          );
+          return p?.status?.readyWorkers === 2 ? true : undefined;
+        },
+        30_000,
+        'readyWorkers through the API',
+      );
+      await kube().request('DELETE', resourcePath(API_VERSION, 'workerpools', ns, 'remote'));
+      await eventually(
+        async () => ((await kube().get(resourcePath(API_VERSION, 'workerpools', ns, 'remote'))) ? undefined : true),
+        60_000,
+        'pool gone',
+      );
+      const drained = await t.json<Actor>('actor', 'get', 'k2');
+      assert.equal(drained.status, 'SUSPENDED', 'suspended through the API before the pool went');
+    } catch (err) {
+      throw new Error(`${(err as Error).message}\ncontroller output:\n${output}`);
+    } finally {
+      controller.kill('SIGTERM');
+    }
   });
 
   it('torpor up --schedule-type alicloud-k8s: ACK credentials, the same controller, no secret in its output', async () => {

@@ -46,7 +46,8 @@ export class ApiControlPlane implements PoolControl, TemplateSink {
   private async *all<T>(path: string): AsyncGenerator<T> {
     let cursor: string | undefined;
     do {
-      const q = `?limit=1000${cursor ? `&cursor=${encodeURIComponent(cursor)}` : ''}`;
+      // No `limit`: GET /v1/workers hands the query to the store uncoerced (a string limit is refused).
+      const q = cursor ? `?cursor=${encodeURIComponent(cursor)}` : '';
       const page = (await this.call<Page<T>>('GET', path + q)).data;
       yield* page.items;
       cursor = page.nextCursor;
