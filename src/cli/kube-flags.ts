@@ -89,6 +89,7 @@ export function addAgentOptions(cmd: Command): Command {
       '--agent-blob-secret <name>',
       'Secret with the blob store credentials (AWS_ACCESS_KEY_ID, …) for worker pods',
     )
+    .option('--agent-network-base <n>', "worker pods' network index (each pod is its own namespace: 0 is fine)")
     .option('--pool-node-selector <key=value...>', 'node selector every worker pod gets (e.g. ACK virtual nodes)')
     .option('--pool-toleration <key[=value]:Effect...>', 'toleration every worker pod gets');
 }
@@ -99,6 +100,7 @@ export interface AgentFlags {
   agentTokenSecret: string;
   agentBlob?: string;
   agentBlobSecret?: string;
+  agentNetworkBase?: string;
   poolNodeSelector?: string[];
   poolToleration?: string[];
 }
@@ -120,6 +122,7 @@ export function agentSettings(o: AgentFlags, defaults: { serverUrl: string; blob
     tokenSecret: o.agentTokenSecret,
     blobUrl: o.agentBlob ?? defaults.blobUrl,
     ...(o.agentBlobSecret ? { blobSecret: o.agentBlobSecret } : {}),
+    ...(o.agentNetworkBase !== undefined ? { networkBase: networkIndex(o.agentNetworkBase) } : {}),
     ...(Object.keys(nodeSelector).length ? { nodeSelector } : {}),
     ...(o.poolToleration?.length ? { tolerations: o.poolToleration.map(parseToleration) } : {}),
   };
@@ -139,4 +142,14 @@ export function parseToleration(s: string): Toleration {
     ...(value !== undefined ? { operator: 'Equal' as const, value } : { operator: 'Exists' as const }),
     ...(effect ? { effect: effect as Toleration['effect'] } : {}),
   };
+}
+
+function networkIndex(value: string): number {
+  const n = Number(value);
+  if (!Number.isInteger(n) || n < 0 || n > 255) {
+    throw new TorporError('INVALID_ARGUMENT', `--agent-network-base must be an integer from 0 to 255, got "${value}"`, {
+      field: 'agent-network-base',
+    });
+  }
+  return n;
 }

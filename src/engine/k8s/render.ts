@@ -17,6 +17,8 @@ export interface AgentSettings {
    * `blobSecret`'s keys as environment variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), never the URL. */
   blobUrl: string;
   blobSecret?: string;
+  /** The agents' network index (default 0: each pod is its own network namespace, so every agent may use 0). */
+  networkBase?: number;
   /** Pod-level extras every pool gets (e.g. ACK virtual-node selector and tolerations). */
   nodeSelector?: Record<string, string>;
   tolerations?: Toleration[];
@@ -82,7 +84,7 @@ export function renderDeployment(pool: PoolRef, spec: WorkerPoolSpec, agent: Age
     '--workers',
     String(spec.workersPerPod),
     '--network-base',
-    '0',
+    String(agent.networkBase ?? 0),
     '--blob',
     agent.blobUrl,
     '--data-dir',
