@@ -292,6 +292,38 @@ describe('ACK engine (local ACK/STS stand-in, real kube-apiserver)', { skip }, (
     }
   });
 
+  it('torpor install --engine ack applies deploy/ack with the cluster credentials ACK hands out', async () => {
+    const bin = join(import.meta.dirname, '..', '..', '..', 'bin', 'torpor.js');
+    const before = standIn.issues.length;
+    const { stdout, stderr } = await new Promise<{ stdout: string; stderr: string }>((done, fail) =>
+      execFile(
+        process.execPath,
+        [
+          bin,
+          'install',
+          '--engine',
+          'ack',
+          ...['--namespace', 'torpor-ack', '--image', 'registry.example/torpor:9'],
+          ...['--alicloud-region', 'cn-hangzhou', '--alicloud-cluster-id', CLUSTER],
+          ...['--alicloud-cs-endpoint', standIn.csEndpoint, '--alicloud-cs-protocol', 'http'],
+        ],
+        { env: { ...process.env, ALIBABA_CLOUD_ACCESS_KEY_ID: AK.id, ALIBABA_CLOUD_ACCESS_KEY_SECRET: AK.secret } },
+        (err, out, errOut) =>
+          err ? fail(new Error(`${err.message}\n${errOut}`)) : done({ stdout: out, stderr: errOut }),
+      ),
+    );
+    logLines.push(stdout, stderr);
+    assert.equal(standIn.issues.length, before + 1, 'one kubeconfig from ACK');
+    const controller = await k!.kube.get<{
+      spec: { template: { spec: { containers: { image: string; args: string[] }[] } } };
+    }>(resourcePath('apps/v1', 'deployments', 'torpor-ack', 'torpor-controller'));
+    const c = controller!.spec.template.spec.containers[0]!;
+    assert.equal(c.image, 'registry.example/torpor:9');
+    assert.ok(c.args.includes('--pool-node-selector=type=virtual-kubelet'), 'the ACK overlay');
+    assert.ok(await k!.kube.get(resourcePath('v1', 'secrets', 'torpor-ack', 'torpor-agent-token')));
+    assert.match(stderr, /Torpor installed in namespace torpor-ack/);
+  });
+
   it('never writes a secret into a log line or an error', () => {
     const secrets = [
       AK.secret,
