@@ -63,7 +63,7 @@ function base(extra: AckInput = {}): AckInput {
   };
 }
 
-async function connect(flags: AckInput, opts: { refreshMarginMs?: number } = {}) {
+async function connect(flags: AckInput, opts: { refreshMarginMs?: number; retryMs?: number } = {}) {
   const settings = await loadAckSettings(flags, { env: {} });
   return AckCluster.connect({ settings, log, ...opts });
 }
@@ -289,6 +289,33 @@ describe('ACK engine (local ACK/STS stand-in, real kube-apiserver)', { skip }, (
       await controller.stop();
       cluster.close();
       await short.close();
+    }
+  });
+
+  it('a failed refresh is retried (and logged without secrets) until ACK answers again', async () => {
+    const keys: Record<string, string> = { [AK.id]: AK.secret };
+    const flaky = await startStandIn({
+      accessKeys: keys,
+      clusterId: CLUSTER,
+      apiServer: k!.server,
+      tokens: [kubeTokens[0]!.token],
+      roles: {},
+      kubeconfigLifetimeMs: 3000,
+    });
+    const cluster = await connect(
+      { ...base({ accessKeyId: AK.id, accessKeySecret: AK.secret }), csEndpoint: flaky.csEndpoint },
+      { refreshMarginMs: 2000, retryMs: 300 },
+    );
+    try {
+      delete keys[AK.id]; // ACK stops knowing the key: refreshes fail
+      await eventually(async () => (flaky.refusals.length >= 2 ? true : undefined), 10_000, 'failed refreshes');
+      assert.equal(cluster.refreshes, 0);
+      assert.ok(logLines.some((l) => l.includes('kubeconfig refresh failed') && l.includes('InvalidAccessKeyId')));
+      keys[AK.id] = AK.secret;
+      await eventually(async () => (cluster.refreshes >= 1 ? true : undefined), 10_000, 'a refresh after recovery');
+    } finally {
+      cluster.close();
+      await flaky.close();
     }
   });
 
