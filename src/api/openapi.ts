@@ -3,6 +3,7 @@ import { z } from 'zod';
 import { ERROR_STATUS } from '../core/errors.ts';
 import { createActorRequest, execRequest, forkActorRequest, runtimeClass, templateSpec } from '../core/schemas.ts';
 import { ACTOR_STATUSES } from '../core/types.ts';
+import { createInstanceRequest, envObjectSchema, instanceSchema, standardEnvRequest } from '../engine/engine.ts';
 
 const json = (schema: z.ZodType, io: 'input' | 'output' = 'input') =>
   z.toJSONSchema(schema, { io, unrepresentable: 'any' });
@@ -43,6 +44,119 @@ const actorAction = (summary: string, requestBody?: object, status = '200') => (
     },
   },
 });
+
+// ------------------------------------------------------------------ AEnvironment compatibility (src/api/compat.ts)
+
+/** {success, code, message, data}: code 0 and HTTP 200 on success. */
+const envelope = (data: object) => ({
+  type: 'object',
+  required: ['success', 'code', 'message', 'data'],
+  properties: {
+    success: { type: 'boolean', const: true },
+    code: { type: 'integer', const: 0 },
+    message: { type: 'string' },
+    data,
+  },
+});
+const compatOk = (data: object) => ({
+  description: 'OK',
+  content: { 'application/json': { schema: envelope(data) } },
+});
+const compatError = (description: string) => ({
+  description,
+  content: { 'application/json': { schema: ref('CompatError') } },
+});
+const compatErrors = {
+  '400': compatError('Invalid argument (`field` names it)'),
+  '401': compatError('API keys are configured and none valid was presented'),
+  '403': compatError("Another owner's instance, or an owner other than the API key's"),
+  '404': compatError('No such instance or env'),
+  '501': compatError('Not supported by this engine'),
+};
+const ownerHeaders = [
+  {
+    name: 'X-Owner',
+    in: 'header',
+    schema: { type: 'string' },
+    description:
+      'The owner acting (also ?owner=). Without API keys: a stated owner sees only its instances. With API keys: ' +
+      "must be the key's owner, or anyone for a service key",
+  },
+];
+const idParam = { name: 'id', in: 'path', required: true, schema: { type: 'string' }, description: 'instance id' };
+const idempotencyKey = {
+  name: 'Idempotency-Key',
+  in: 'header',
+  schema: { type: 'string', minLength: 1, maxLength: 255 },
+  description: 'retries of a create with the same key (and owner) answer the first instance',
+};
+const security = [{}, { apiKey: [] }];
+
+function compatPaths(): Record<string, object> {
+  const instance = ref('EnvInstance');
+  const list = { type: 'array', items: instance };
+  const create = (summary: string, schema: string) => ({
+    post: {
+      summary,
+      security,
+      parameters: [...ownerHeaders, idempotencyKey],
+      requestBody: body(schema),
+      responses: { '200': compatOk(instance), ...compatErrors },
+    },
+  });
+  const getAndDelete = (deleted: object) => ({
+    get: {
+      summary: 'Get an instance',
+      security,
+      parameters: [idParam, ...ownerHeaders],
+      responses: { '200': compatOk(instance), ...compatErrors },
+    },
+    delete: {
+      summary: 'Delete an instance',
+      security,
+      parameters: [idParam, ...ownerHeaders],
+      responses: { '200': compatOk(deleted), ...compatErrors },
+    },
+  });
+  return {
+    '/health': { get: { summary: "AEnvironment's health check", responses: { '200': { description: '{}' } } } },
+    '/env-instance': create('Create an instance of env "name@version" (AEnvironment public API)', 'CreateEnvInstance'),
+    '/env-instance/{id}': getAndDelete({ type: 'string', const: 'Deleted successfully' }),
+    '/env-instance/{id}/list': {
+      get: {
+        summary: 'List instances of an env: id is "name@version", "name" or "*"',
+        security,
+        parameters: [{ ...idParam, description: '"name@version", "name" or "*"' }, ...ownerHeaders],
+        responses: { '200': compatOk(list), ...compatErrors },
+      },
+    },
+    '/aenvironment/instance': {
+      ...create('Create an instance from an Env object (the standard engine contract)', 'StandardEnv'),
+      get: {
+        summary: 'List instances (of envName, when given)',
+        security,
+        parameters: [{ name: 'envName', in: 'query', schema: { type: 'string' } }, ...ownerHeaders],
+        responses: { '200': compatOk(list), ...compatErrors },
+      },
+    },
+    '/aenvironment/instance/{id}': getAndDelete({ type: 'boolean', const: true }),
+    '/aenvironment/instance/action/warmup': {
+      put: {
+        summary: 'Warm an env up (no body: nothing to do, every template is warm once applied)',
+        security,
+        requestBody: { required: false, content: { 'application/json': { schema: ref('StandardEnv') } } },
+        responses: { '200': compatOk({ oneOf: [ref('Env'), { type: 'null' }] }), ...compatErrors },
+      },
+    },
+    '/aenvironment/instance/action/cleanup': {
+      put: {
+        summary: 'Expired-instance cleanup: always 0 (every TTL is enforced by its own timer)',
+        security,
+        responses: { '200': compatOk({ type: 'integer', const: 0 }), ...compatErrors },
+      },
+    },
+  };
+}
 
 export function openApiDocument(): object {
   return {
@@ -161,9 +275,29 @@ export function openApiDocument(): object {
         },
       },
       '/dashboard/': { get: { summary: 'The web dashboard', responses: { '200': { description: 'text/html' } } } },
+      ...compatPaths(),
     },
     components: {
+      securitySchemes: {
+        apiKey: { type: 'http', scheme: 'bearer', description: 'an API key (torpor up --api-key owner=key)' },
+      },
       schemas: {
+        CreateEnvInstance: json(createInstanceRequest),
+        StandardEnv: json(standardEnvRequest),
+        Env: json(envObjectSchema),
+        EnvInstance: json(instanceSchema),
+        CompatError: {
+          type: 'object',
+          required: ['success', 'code', 'message', 'data'],
+          properties: {
+            success: { type: 'boolean', const: false },
+            code: { type: 'integer', description: 'the HTTP status' },
+            message: { type: 'string', description: 'names the field' },
+            data: { type: 'null' },
+            field: { type: 'string' },
+            error: { type: 'string', description: "Torpor's stable error code" },
+          },
+        },
         TemplateSpec: json(templateSpec),
         CreateActor: json(createActorRequest),
         ForkActor: json(forkActorRequest),

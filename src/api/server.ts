@@ -11,7 +11,7 @@ import { asTorporError, ERROR_STATUS, TorporError } from '../core/errors.ts';
 import { DEFAULT_SPACE } from '../core/types.ts';
 import type { Engine } from '../engine/engine.ts';
 import type { StateStore } from '../store/store.ts';
-import { compatPlugin } from './compat.ts';
+import { type ApiKeys, compatPlugin } from './compat.ts';
 import { dashboardPlugin } from './dashboard.ts';
 import { execStream } from './exec-stream.ts';
 import { CachedUsage, RecentOperations, type StorageMeter, streamEvents } from './live.ts';
@@ -28,6 +28,8 @@ export interface ApiOptions {
   instances?: Engine;
   /** The snapshot store, for `GET /v1/storage` and the dashboard (FsBlobStore measures itself). */
   storage?: StorageMeter;
+  /** When given, the AEnvironment API needs one of these keys. */
+  instanceKeys?: ApiKeys | undefined;
 }
 
 type Params = { space: string; name: string };
@@ -196,7 +198,7 @@ export function buildApi(opts: ApiOptions) {
     });
   });
   void app.register(dashboardPlugin);
-  if (opts.instances) void app.register(compatPlugin, { engine: opts.instances });
+  if (opts.instances) void app.register(compatPlugin, { engine: opts.instances, keys: opts.instanceKeys });
   return app;
 }
 

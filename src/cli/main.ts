@@ -2,7 +2,7 @@
 import { readFileSync } from 'node:fs';
 import { dirname, isAbsolute, join, resolve } from 'node:path';
 import { Command, Option } from 'commander';
-import { parse as parseYaml } from 'yaml';
+import { parse as parseYaml, stringify as stringifyYaml } from 'yaml';
 import { asTorporError, TorporError } from '../core/errors.ts';
 import { type Actor, DEFAULT_SPACE, type Operation } from '../core/types.ts';
 import { ApiClient } from './client.ts';
@@ -68,6 +68,7 @@ interface UpFlags extends AgentFlags {
   workers: string;
   nodes: string;
   networkBase: string;
+  microvmWorkers: string;
   runsc?: string;
   assets?: string;
   layerCacheMib?: string;
@@ -86,24 +87,26 @@ interface UpFlags extends AgentFlags {
   kubeconfig?: string;
   context?: string;
   watchNamespace?: string;
+  mcpPort: string;
+  apiKey?: string[];
 }
 
-/** `space=token` pairs; tokens may also come from TORPOR_INGRESS_TOKENS (same form, comma-separated), so they
- * need not appear in a process listing. */
-function ingressTokens(flags: string[] | undefined): Record<string, string> | undefined {
-  const pairs = [...(flags ?? []), ...(process.env.TORPOR_INGRESS_TOKENS?.split(',').filter(Boolean) ?? [])];
-  if (pairs.length === 0) return undefined;
-  const out: Record<string, string> = {};
-  for (const pair of pairs) {
+/** `name=secret` pairs from a repeatable flag and from an environment variable (same form, comma-separated), so
+ * that secrets need not appear in a process listing. */
+function secretPairs(flags: string[] | undefined, envVar: string, field: string, form: string): [string, string][] {
+  const pairs = [...(flags ?? []), ...(process.env[envVar]?.split(',').filter(Boolean) ?? [])];
+  return pairs.map((pair) => {
     const eq = pair.indexOf('=');
     if (eq <= 0 || eq === pair.length - 1) {
-      throw new TorporError('INVALID_ARGUMENT', 'an ingress token must be given as space=token', {
-        field: 'ingress-token',
-      });
+      throw new TorporError('INVALID_ARGUMENT', `--${field} must be given as ${form}`, { field });
     }
-    out[pair.slice(0, eq)] = pair.slice(eq + 1);
-  }
-  return out;
+    return [pair.slice(0, eq), pair.slice(eq + 1)];
+  });
+}
+
+function ingressTokens(flags: string[] | undefined): Record<string, string> | undefined {
+  const pairs = secretPairs(flags, 'TORPOR_INGRESS_TOKENS', 'ingress-token', 'space=token');
+  return pairs.length > 0 ? Object.fromEntries(pairs) : undefined;
 }
 
 const upCommand = program
@@ -118,6 +121,7 @@ const upCommand = program
   .option('--assets <file>', "the pool's runtime asset sets (YAML; `torpor assets stage` prints one)")
   .option('--layer-cache-mib <n>', 'cap of the image layer cache; least recently used layers go first')
   .option('--rootfs-cache-mib <n>', 'cap of the unpacked image cache; least recently used, unused images go first')
+  .option('--microvm-workers <n>', 'micro-VM worker slots per node, besides the gVisor ones (QEMU)', '0')
   .option(
     '--network-base <n>',
     'first per-worker network index, 0..255 (two instances on one machine need distinct ranges)',
@@ -147,6 +151,16 @@ const upCommand = program
     ),
   )
   .option('--standard-url <url>', 'with --engine standard: the engine serving the standard contract')
+  .option(
+    '--mcp-port <port>',
+    "MCP gateway port: tool traffic by AEnvCore-EnvInstance-ID (AEnvironment's SDK expects 8081 beside the API on 8080)",
+    '7081',
+  )
+  .option(
+    '--api-key <owner=key...>',
+    'require Authorization: Bearer <key> on the AEnvironment API, the key speaking for owner ("*": a service ' +
+      'that states the owner in X-Owner); repeatable, or TORPOR_API_KEYS=owner=key,…',
+  )
   .option('--sample', 'create the sample "counter" template and actor');
 addAckOptions(addAgentOptions(addKubeOptions(upCommand))).action(async (o: UpFlags & Record<string, unknown>) => {
   const { up } = await import('./up.ts');
@@ -167,6 +181,7 @@ addAckOptions(addAgentOptions(addKubeOptions(upCommand))).action(async (o: UpFla
     port: integerFlag('port', o.port, 0, 65535),
     workers: integerFlag('workers', o.workers, 1, 64),
     nodes: integerFlag('nodes', o.nodes, 1, 16),
+    microvmWorkers: integerFlag('microvm-workers', o.microvmWorkers, 0, 64),
     networkBase: integerFlag('network-base', o.networkBase, 0, 255),
     routerPort: integerFlag('router-port', o.routerPort, 0, 65535),
     domain: o.domain,
@@ -185,6 +200,10 @@ addAckOptions(addAgentOptions(addKubeOptions(upCommand))).action(async (o: UpFla
       : {}),
     engine,
     ...(o.standardUrl ? { standardUrl: o.standardUrl } : {}),
+    // The key this Torpor presents to its standard engine: from the environment only, never a flag.
+    ...(process.env.TORPOR_STANDARD_API_KEY ? { standardApiKey: process.env.TORPOR_STANDARD_API_KEY } : {}),
+    mcpPort: integerFlag('mcp-port', o.mcpPort, 0, 65535),
+    apiKeys: secretPairs(o.apiKey, 'TORPOR_API_KEYS', 'api-key', 'owner=key'),
     ...(kubeEngine
       ? {
           kube: {
@@ -196,6 +215,7 @@ addAckOptions(addAgentOptions(addKubeOptions(upCommand))).action(async (o: UpFla
   });
   process.stderr.write(`Torpor API listening on ${torpor.url} (dashboard: ${torpor.url}/dashboard/)\n`);
   process.stderr.write(`Torpor router listening on ${torpor.routerUrl} (Host: <actor>.<space>.actors.${o.domain})\n`);
+  if (torpor.mcpUrl) process.stderr.write(`Torpor MCP gateway listening on ${torpor.mcpUrl}\n`);
   if (o.sample) {
     const { createSample } = await import('./sample.ts');
     await createSample(torpor.lifecycle, resolve(o.dataDir), `${o.domain}:${new URL(torpor.routerUrl).port}`);
@@ -313,6 +333,21 @@ addAckOptions(addAgentOptions(addKubeOptions(controllerCommand))).action(
 );
 
 // ------------------------------------------------------------------ templates
+
+program
+  .command('doctor')
+  .description('for each runtime: usable on this machine, and why not (runsc version, QEMU, KVM probe boot, …)')
+  .option('--runsc <path>', 'runsc binary to check')
+  .action(async (o: { runsc?: string }) => {
+    const { checkRuntimes } = await import('./doctor.ts');
+    const checks = await checkRuntimes(o.runsc ? { runsc: o.runsc } : {});
+    if (format() === 'json') return console.log(JSON.stringify(checks, null, 2));
+    if (format() === 'yaml') return console.log(stringifyYaml(checks).trimEnd());
+    for (const c of checks) {
+      const name = c.vmm ? `${c.runtime} (${c.vmm})` : c.runtime;
+      console.log(`${c.usable ? 'ok  ' : 'no  '} ${name.padEnd(28)} ${c.detail}`);
+    }
+  });
 
 const template = program.command('template').description('manage templates');
 template

@@ -4,6 +4,8 @@ import { mkdir } from 'node:fs/promises';
 import http, { type Server } from 'node:http';
 import { join, resolve } from 'node:path';
 import { type Logger, pino } from 'pino';
+import { ApiKeys } from '../api/compat.ts';
+import { mcpGateway } from '../api/mcp-gateway.ts';
 import { buildApi } from '../api/server.ts';
 import { FsBlobStore } from '../blob/fs.ts';
 import { ActivityTracker } from '../control/activity.ts';
@@ -17,7 +19,7 @@ import { connectCluster, type KubeEngineName, type RunningKubeEngine, startKubeE
 import type { KubeOptions } from '../engine/k8s/kube.ts';
 import { StorePools } from '../engine/k8s/pools.ts';
 import type { AgentSettings } from '../engine/k8s/render.ts';
-import { LocalEngine, localGvisorAssets, locateRunsc } from '../engine/local.ts';
+import { LocalEngine, loadMicrovmAssets, localGvisorAssets, localMicrovmAssets, locateRunsc } from '../engine/local.ts';
 import { LocalInstances } from '../engine/local-instances.ts';
 import { StandardEngine } from '../engine/standard.ts';
 import { ImageStore } from '../image/store.ts';
@@ -48,6 +50,8 @@ export interface UpOptions {
   /** Byte caps of the node's image caches (registry layers; unpacked rootfs): least recently used go first. */
   layerCacheBytes?: number;
   rootfsCacheBytes?: number;
+  /** Micro-VM worker slots per node (QEMU), besides the `workers` gVisor ones. */
+  microvmWorkers?: number;
   /** First per-worker network index: lets two Torpor instances share one machine. */
   networkBase?: number;
   /** zstd level for delta-encoded snapshot files (0: chunks only). */
@@ -65,6 +69,12 @@ export interface UpOptions {
    * (local) or an external service speaking the standard contract at standardUrl. */
   engine?: 'local' | 'standard' | KubeEngineName;
   standardUrl?: string;
+  /** Presented to the standard engine as `Authorization: Bearer` (a service key there). */
+  standardApiKey?: string;
+  /** The MCP gateway (tool traffic by instance id, src/api/mcp-gateway.ts) on this port; none when undefined. */
+  mcpPort?: number;
+  /** [owner, key] pairs: when any, the AEnvironment API needs one of these keys (src/api/compat.ts). */
+  apiKeys?: [string, string][];
   /** With engine k8s or ack: the cluster whose WorkerPools and Templates this control plane reconciles. */
   kube?: {
     kube: KubeOptions;
@@ -79,6 +89,8 @@ export interface UpOptions {
 export interface RunningTorpor {
   url: string;
   routerUrl: string;
+  /** The MCP gateway, when one was asked for. */
+  mcpUrl?: string;
   lifecycle: Lifecycle;
   instances: Engine;
   stop: () => Promise<void>;
@@ -97,10 +109,11 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
       : undefined;
   const tracing = startTracing('torpor', log);
   const nodes = opts.nodes ?? 1;
-  if ((opts.networkBase ?? 0) + nodes * opts.workers > 256) {
+  const microvmWorkers = opts.microvmWorkers ?? 0;
+  if ((opts.networkBase ?? 0) + nodes * (opts.workers + microvmWorkers) > 256) {
     throw new TorporError(
       'INVALID_ARGUMENT',
-      'network-base + nodes × workers must be at most 256 (one /30 per worker)',
+      'network-base + nodes × (workers + microvm-workers) must be at most 256 (one /30 per worker)',
       { field: 'workers' },
     );
   }
@@ -124,6 +137,12 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
     });
   }
   const assetSets = opts.assets ? await loadAssetSets(opts.assets) : [await localGvisorAssets(locateRunsc(opts.runsc))];
+  // Micro-VM workers: QEMU and the guest found on this machine, KVM probed by booting; their files are the
+  // default micro-VM set unless the asset file declares one.
+  const microvm = microvmWorkers > 0 ? await loadMicrovmAssets({}, log) : undefined;
+  if (microvm && !assetSets.some((set) => set.runtime === 'microvm' && set.arch === hostArch())) {
+    assetSets.push(await localMicrovmAssets(microvm));
+  }
   const assetStore = new AssetStore(join(dataDir, 'assets'));
   for (const set of assetSets) {
     // Fetched now so the first activation does not wait; a failure here is not fatal (a later fetch may succeed).
@@ -157,6 +176,8 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
     ...(opts.deltaLevel !== undefined ? { deltaLevel: opts.deltaLevel } : {}),
     assetSets,
     assetStore,
+    microvmWorkers,
+    ...(microvm ? { microvm } : {}),
   });
   await engine.start();
   const lifecycle = new Lifecycle({ store, blob, images, agents: engine, metrics, log });
@@ -173,13 +194,17 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
     if (!opts.standardUrl) {
       throw new TorporError('INVALID_ARGUMENT', '--engine standard needs --standard-url', { field: 'standard-url' });
     }
-    instances = new StandardEngine({ url: opts.standardUrl });
+    instances = new StandardEngine({
+      url: opts.standardUrl,
+      ...(opts.standardApiKey ? { apiKey: opts.standardApiKey } : {}),
+    });
   } else {
     const local = new LocalInstances({ lifecycle, log });
     await local.start();
     instances = local;
   }
-  const api = buildApi({ lifecycle, store, metrics, log, instances, storage: blobFiles });
+  const keys = opts.apiKeys?.length ? new ApiKeys(opts.apiKeys) : undefined;
+  const api = buildApi({ lifecycle, store, metrics, log, instances, storage: blobFiles, instanceKeys: keys });
   await api.listen({ host: opts.host, port: opts.port });
   const url = `http://${opts.host}:${listeningPort(api.server)}`;
 
@@ -222,6 +247,17 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
   await new Promise<void>((resolve) => routerServer.listen(opts.routerPort ?? 7080, opts.host, resolve));
   const routerUrl = `http://${opts.host}:${listeningPort(routerServer)}`;
 
+  let mcpServer: Server | undefined;
+  if (opts.mcpPort !== undefined) {
+    mcpServer = http.createServer(
+      { keepAlive: true },
+      mcpGateway({ engine: instances, keys, proxy: router.handleFor }),
+    );
+    const server = mcpServer;
+    await new Promise<void>((resolve) => server.listen(opts.mcpPort, opts.host, resolve));
+  }
+  const mcpUrl = mcpServer ? `http://${opts.host}:${listeningPort(mcpServer)}` : undefined;
+
   let stopping: Promise<void> | undefined;
   const stop = (): Promise<void> => {
     stopping ??= (async () => {
@@ -231,6 +267,10 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
       router.close();
       routerServer.closeAllConnections();
       await new Promise((r) => routerServer.close(r));
+      if (mcpServer) {
+        mcpServer.closeAllConnections();
+        await new Promise((r) => mcpServer.close(r));
+      }
       await api.close();
       await instances.close();
       await lifecycle.suspendAll();
@@ -240,5 +280,5 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
     })();
     return stopping;
   };
-  return { url, routerUrl, lifecycle, instances, stop };
+  return { url, routerUrl, ...(mcpUrl ? { mcpUrl } : {}), lifecycle, instances, stop };
 }

@@ -65,7 +65,7 @@ export class Lifecycle {
   /** Background durable uploads of paused actors, by local checkpoint directory. */
   private readonly pendingUploads = new Map<string, Promise<void>>();
   private readonly transitionTimeoutMs: number;
-  private readonly compactionQueue: { agent: NodeAgent; key: string }[] = [];
+  private readonly compactionQueue: { agent: NodeAgent; key: string; actor: ActorRef }[] = [];
   private maintaining: Promise<void> | undefined;
   private shuttingDown = false;
   private gcDue = false;
@@ -100,7 +100,10 @@ export class Lifecycle {
       }
       return { template: existing, created: false };
     }
-    if (spec.runtime !== 'gvisor') {
+    const hasPool = this.o.agents
+      .agents()
+      .some((agent) => [...agent.slots.values()].some((slot) => slot.runtime.name === spec.runtime));
+    if (!hasPool) {
       throw new TorporError('NOT_SUPPORTED', `runtime "${spec.runtime}" has no worker pool on this engine`, {
         field: 'runtime',
       });
@@ -381,7 +384,7 @@ export class Lifecycle {
       reason: undefined,
     });
     this.finished(suspended, op, 'ok');
-    this.compactAfterRelease(agent, key);
+    this.compactAfterRelease(agent, key, ref);
     return suspended;
   }
 
@@ -495,8 +498,8 @@ export class Lifecycle {
     return agent.logs({ space, name });
   }
 
-  /** On shutdown: suspends every running actor and waits for their uploads. Queued maintenance is dropped (it
-   * is an optimisation; the next process collects garbage again), the step in progress finishes. */
+  /** On shutdown: suspends every running actor and waits for their uploads and for the compaction of snapshots
+   * still in use; garbage collection is left to the next process. */
   /** Calls `listener` with every snapshot transfer's progress on every node, until the returned function is called. */
   onTransfer(listener: (event: TransferEvent) => void): () => void {
     const agents = this.o.agents.agents();
@@ -658,8 +661,8 @@ export class Lifecycle {
   }
 
   /** Queues the new snapshot's deltas for compaction (see maintain). */
-  private compactAfterRelease(agent: NodeAgent, key: string): void {
-    this.compactionQueue.push({ agent, key });
+  private compactAfterRelease(agent: NodeAgent, key: string, actor: ActorRef): void {
+    this.compactionQueue.push({ agent, key, actor });
     this.kickMaintenance();
   }
 
@@ -690,10 +693,15 @@ export class Lifecycle {
    * additionally holds operations off while it runs, because a snapshot being written may reuse a chunk GC
    * is about to delete. */
   private async maintain(): Promise<void> {
-    while (!this.shuttingDown && (this.compactionQueue.length > 0 || this.gcDue)) {
+    // On shutdown, compactions of live snapshots still finish (their bytes are saved once and for all); garbage
+    // collection waits for the next process.
+    while (this.compactionQueue.length > 0 || (this.gcDue && !this.shuttingDown)) {
       while (this.busy() && !this.shuttingDown) await new Promise((r) => setTimeout(r, COMPACTION_IDLE_MS));
       const next = this.compactionQueue.shift();
       if (next) {
+        // A snapshot nothing points at any more (its actor was deleted, or it aged out) is garbage, not work.
+        const actor = await this.o.store.getActor(next.actor.space, next.actor.name).catch(() => undefined);
+        if (!actor || (actor.snapshot !== next.key && !actor.history.includes(next.key))) continue;
         const saved = await next.agent.compact(next.key).catch((err: unknown) => {
           this.o.log.warn({ err, snapshot: next.key }, 'delta compaction failed');
           return 0;

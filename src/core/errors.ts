@@ -9,6 +9,8 @@ export const ERROR_STATUS = {
   ALREADY_EXISTS: 409,
   CONFLICT: 409,
   FAILED_PRECONDITION: 409,
+  /** A write fenced by a lease whose holding has ended (expired, released or taken over). */
+  LEASE_LOST: 409,
   PAYLOAD_TOO_LARGE: 413,
   IMAGE_REJECTED: 422,
   SNAPSHOT_CORRUPT: 422,

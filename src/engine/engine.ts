@@ -5,44 +5,15 @@
 import { z } from 'zod';
 import { TorporError } from '../core/errors.ts';
 import { labels as labelsSchema } from '../core/schemas.ts';
+import type { ActorRef } from '../core/types.ts';
 
-export const CAPABILITIES = ['suspend', 'resume', 'pause', 'fork', 'exec'] as const;
+/** What an engine may do besides the instance lifecycle. `route`: its instances are actors in this Torpor's store,
+ * so tool traffic reaches them through the router (by instance id). */
+export const CAPABILITIES = ['suspend', 'resume', 'pause', 'fork', 'exec', 'route'] as const;
 export type Capability = (typeof CAPABILITIES)[number];
 
 export const INSTANCE_STATUSES = ['Pending', 'Creating', 'Running', 'Failed', 'Terminated'] as const;
 export type InstanceStatus = (typeof INSTANCE_STATUSES)[number];
-
-/** AEnvironment's Env object (envhub/models.Env), as much of it as Torpor knows. */
-export interface EnvObject {
-  id: string;
-  name: string;
-  description: string;
-  version: string;
-  tags: string[];
-  code_url: string;
-  /** EnvStatus: 6 = Ready. */
-  status: number;
-  artifacts: { id: string; type: string; content: string }[];
-  build_config: Record<string, unknown>;
-  test_config: Record<string, unknown>;
-  deploy_config: Record<string, unknown>;
-  created_at: string;
-  updated_at: string;
-}
-
-/** AEnvironment's EnvInstance JSON. */
-export interface Instance {
-  id: string;
-  env: EnvObject | null;
-  status: InstanceStatus;
-  created_at: string;
-  updated_at: string;
-  ip: string;
-  /** A Go duration ("30m"), or "" for none. */
-  ttl: string;
-  owner: string;
-  labels: Record<string, string>;
-}
 
 export interface CreateInstanceRequest {
   /** "name@version". */
@@ -57,7 +28,7 @@ export interface CreateInstanceRequest {
   name?: string;
 }
 
-/** Who is calling: a stated owner that differs from an instance's owner is refused. */
+/** Who is calling: a caller that states an owner sees and touches only that owner's instances. */
 export interface Caller {
   owner?: string;
 }
@@ -89,7 +60,17 @@ export interface Engine {
   pause(id: string, caller?: Caller): Promise<Instance>;
   fork(id: string, name: string, caller?: Caller): Promise<Instance>;
   exec(id: string, command: string[], caller?: Caller): Promise<ExecOutput>;
+  /** The actor that tool traffic for this instance goes to (the router proxies to it; nothing else does). */
+  route(id: string, caller?: Caller): Promise<ActorRef>;
   close(): Promise<void>;
+}
+
+/** The owner a create is for: the caller's, or the body's when the caller states none; both must agree. */
+export function createOwner(req: { owner?: string | undefined }, caller: Caller): string | undefined {
+  if (req.owner && caller.owner !== undefined && req.owner !== caller.owner) {
+    throw new TorporError('PERMISSION_DENIED', 'owner: differs from the caller', { field: 'owner' });
+  }
+  return caller.owner ?? (req.owner || undefined);
 }
 
 export function notSupported(engine: string, op: string): TorporError {
@@ -124,6 +105,8 @@ const UNIT_MS: Record<string, number> = { ns: 1e-6, us: 1e-3, µs: 1e-3, ms: 1, 
 /** Longest TTL accepted: 30 days. */
 export const MAX_TTL_MS = 30 * 24 * 3_600_000;
 
+const TTL_RULE = 'must be a positive duration such as "30m" or "1h30m", at most 720h';
+
 /** Parses a Go duration ("30m", "1h30m", "1.5h", "90s"); "" means no TTL (undefined). */
 export function parseTtl(ttl: string | undefined, field = 'ttl'): number | undefined {
   if (ttl === undefined || ttl === '') return undefined;
@@ -135,11 +118,7 @@ export function parseTtl(ttl: string | undefined, field = 'ttl'): number | undef
     consumed = re.lastIndex;
   }
   if (consumed !== ttl.length || ms <= 0 || ms > MAX_TTL_MS) {
-    throw new TorporError(
-      'INVALID_ARGUMENT',
-      `${field}: must be a positive duration such as "30m" or "1h30m", at most 720h, got "${ttl}"`,
-      { field },
-    );
+    throw new TorporError('INVALID_ARGUMENT', `${field}: ${TTL_RULE}, got "${ttl}"`, { field });
   }
   return Math.round(ms);
 }
@@ -147,23 +126,97 @@ export function parseTtl(ttl: string | undefined, field = 'ttl'): number | undef
 /** RFC 3339 without fractional seconds (AEnvironment's cleanup parses this). */
 export const rfc3339 = (t: string | number | Date): string => new Date(t).toISOString().replace(/\.\d{3}Z$/, 'Z');
 
-// ------------------------------------------------------------------ input schema
+// ------------------------------------------------------------------ schemas (validation and the OpenAPI document)
+
+function validTtl(ttl: string): boolean {
+  try {
+    parseTtl(ttl);
+    return true;
+  } catch {
+    return false;
+  }
+}
 
 const envVarName = z.string().regex(/^[A-Za-z_][A-Za-z0-9_]*$/, 'must be a valid environment variable name');
 
+/** What a create may carry besides the env, in AEnvironment's field names. */
+const instanceFields = {
+  environment_variables: z.record(envVarName, z.string()).nullish(),
+  arguments: z.array(z.string()).nullish(),
+  ttl: z
+    .string()
+    .optional()
+    .refine((v) => v === undefined || validTtl(v), { error: (issue) => `${TTL_RULE}, got "${String(issue.input)}"` })
+    .describe('a Go duration ("30m", "1h30m"): the instance is deleted that long after creation'),
+  owner: z.string().max(63, 'must be at most 63 characters').optional(),
+  labels: labelsSchema.nullish(),
+};
+
+/** Body of `POST /env-instance` (AEnvironment's CreateEnvInstanceRequest). */
 export const createInstanceRequest = z
   .object({
-    envName: z.string({ error: 'is required' }).min(1, 'is required'),
+    envName: z
+      .string({ error: 'is required' })
+      .min(1, 'is required')
+      .regex(/^[^@]+@[^@]+$/, 'must be "name@version"')
+      .describe('"name@version"'),
     datasource: z.string().optional(),
-    environment_variables: z.record(envVarName, z.string()).nullish(),
-    arguments: z.array(z.string()).nullish(),
-    ttl: z.string().optional(),
-    owner: z.string().max(63, 'must be at most 63 characters').optional(),
-    labels: labelsSchema.nullish(),
+    ...instanceFields,
     name: z
       .string()
       .max(63)
       .regex(/^[a-z0-9]([-a-z0-9]*[a-z0-9])?$/, 'must be a DNS-1123 label')
-      .optional(),
+      .optional()
+      .describe('Torpor extension: a stable instance name; creating it again (same owner) answers the same instance'),
   })
   .passthrough();
+
+/** Body of the standard contract's `POST /aenvironment/instance` and `PUT …/action/warmup`: AEnvironment's Env
+ * object (envhub/models.Env), of which name, version and deploy_config matter (api-service puts the create's
+ * fields in deploy_config); the rest passes through. */
+export const standardEnvRequest = z
+  .object({
+    name: z.string({ error: 'is required (a non-empty string)' }).min(1, 'is required (a non-empty string)'),
+    version: z.string({ error: 'is required (a non-empty string)' }).min(1, 'is required (a non-empty string)'),
+    deploy_config: z
+      .object({
+        ...instanceFields,
+        dataSource: z.string().optional(),
+        instance_name: createInstanceRequest.shape.name,
+      })
+      .passthrough()
+      .nullish(),
+  })
+  .passthrough();
+
+/** AEnvironment's Env object (envhub/models.Env), as much of it as Torpor knows. */
+export const envObjectSchema = z.object({
+  id: z.string(),
+  name: z.string(),
+  description: z.string(),
+  version: z.string(),
+  tags: z.array(z.string()),
+  code_url: z.string(),
+  status: z.number().int().describe('EnvStatus: 6 = Ready'),
+  artifacts: z.array(z.object({ id: z.string(), type: z.string(), content: z.string() })),
+  build_config: z.record(z.string(), z.unknown()),
+  test_config: z.record(z.string(), z.unknown()),
+  deploy_config: z.record(z.string(), z.unknown()),
+  created_at: z.string(),
+  updated_at: z.string(),
+});
+export type EnvObject = z.infer<typeof envObjectSchema>;
+
+/** AEnvironment's EnvInstance JSON. */
+export const instanceSchema = z.object({
+  id: z.string(),
+  env: envObjectSchema.nullable(),
+  status: z.enum(INSTANCE_STATUSES),
+  created_at: z.string().describe('RFC 3339, seconds'),
+  updated_at: z.string(),
+  ip: z.string().describe('the address while running, else ""; tool traffic goes through the MCP gateway by id'),
+  ttl: z.string().describe('a Go duration ("30m"), or "" for none'),
+  owner: z.string(),
+  labels: z.record(z.string(), z.string()),
+});
+export type Instance = z.infer<typeof instanceSchema>;

@@ -1,7 +1,8 @@
 // The local engine seen through the Engine interface: an instance is an actor in one space (default "aenv").
 //
 // - id: "<actor>.<space>", which is also the router host prefix: the instance answers at
-//   http://<id>.actors.<domain> and nowhere a client names.
+//   http://<id>.actors.<domain>, and through the MCP gateway by id (route), and nowhere a client names. Without a
+//   name or idempotency key the actor name ends in 64 random bits, so an id cannot be guessed.
 // - envName "name@version" → template "name-version" (see templateFor); environment_variables / arguments
 //   → a derived template "<template>-e<hash>" (the base's env merged, arguments appended to its command), made
 //   once per distinct set and golden-snapshotted like any template.
@@ -9,12 +10,14 @@
 //   stored, listed and deleted with it; user labels sit beside them (that prefix is refused).
 // - TTL: one timer per instance, armed at create (and for every existing instance at start), that deletes it
 //   at created_at + ttl; no sweep.
+// - Ownership: a caller who states an owner (always, behind API keys: see src/api/compat.ts) sees and touches only
+//   instances of that owner; one who states none (open mode, or a trusted service) is not restricted.
 import { createHash, randomBytes } from 'node:crypto';
 import type { Logger } from 'pino';
 import type { Lifecycle } from '../control/lifecycle.ts';
 import { isTorporError, TorporError } from '../core/errors.ts';
 import { parse } from '../core/schemas.ts';
-import type { Actor, Template } from '../core/types.ts';
+import type { Actor, ActorRef, Template } from '../core/types.ts';
 import {
   CAPABILITIES,
   type Caller,
@@ -22,6 +25,7 @@ import {
   type CreateInstanceRequest,
   type CreateOptions,
   createInstanceRequest,
+  createOwner,
   type Engine,
   type EnvObject,
   type ExecOutput,
@@ -99,18 +103,15 @@ export class LocalInstances implements Engine {
     }
     const ttl = req.ttl ?? '';
     parseTtl(ttl);
-    const owner = opts.owner || req.owner || '';
-    if (req.owner && opts.owner && req.owner !== opts.owner) {
-      throw new TorporError('PERMISSION_DENIED', 'owner: differs from the caller', { field: 'owner' });
-    }
+    const owner = createOwner(req, opts) ?? '';
     const template = await this.templateFor(base, req.environment_variables ?? {}, req.arguments ?? []);
 
-    const prefix = template.slice(0, 52).replace(/-+$/, '');
+    const prefix = template.slice(0, 46).replace(/-+$/, '');
     const name =
       req.name ??
       (opts.idempotencyKey
-        ? `${prefix}-${sha(`${owner}\0${opts.idempotencyKey}`).slice(0, 10)}`
-        : `${prefix}-${randomBytes(5).toString('hex')}`);
+        ? `${prefix}-${sha(`${owner}\0${opts.idempotencyKey}`).slice(0, 16)}`
+        : `${prefix}-${randomBytes(8).toString('hex')}`);
     const labels: Record<string, string> = {
       ...(req.labels ?? {}),
       [L_ENV]: req.envName,
@@ -156,7 +157,7 @@ export class LocalInstances implements Engine {
     for (const actor of await this.actors()) {
       const env = actor.labels[L_ENV]!;
       if (!all && (byVersion ? env !== envName : env.split('@')[0] !== envName)) continue;
-      if (caller.owner && (actor.labels[L_OWNER] ?? '') !== caller.owner) continue;
+      if (caller.owner !== undefined && (actor.labels[L_OWNER] ?? '') !== caller.owner) continue;
       out.push(await this.toInstance(actor));
     }
     return out;
@@ -213,6 +214,11 @@ export class LocalInstances implements Engine {
     return { exitCode: r.exitCode, stdout: r.stdout, stderr: r.stderr };
   }
 
+  async route(id: string, caller: Caller = {}): Promise<ActorRef> {
+    const a = await this.actor(id, caller);
+    return { space: a.space, name: a.name };
+  }
+
   // ---------------------------------------------------------------- helpers
 
   idOf(actor: { name: string; space: string }): string {
@@ -237,9 +243,10 @@ export class LocalInstances implements Engine {
     return actor;
   }
 
+  /** A stated owner must be the instance's (an instance without one belongs to no stated owner). */
   private checkOwner(actor: Actor, caller: Caller): void {
     const owner = actor.labels[L_OWNER] ?? '';
-    if (caller.owner && owner && caller.owner !== owner) {
+    if (caller.owner !== undefined && caller.owner !== owner) {
       throw new TorporError('PERMISSION_DENIED', `owner: instance "${this.idOf(actor)}" belongs to another owner`, {
         field: 'owner',
       });

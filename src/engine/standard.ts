@@ -3,15 +3,20 @@
 // data}; `success: false`, a non-2xx status or a body that is not the envelope is an error carrying the remote
 // message. Each attempt has a timeout; passing failures (network errors, 502/503/504, timeouts) are retried with
 // backoff, and a create always carries one Idempotency-Key for all its attempts, so a retry never makes a
-// second instance on a server that honours the key (Torpor does).
+// second instance on a server that honours the key (Torpor does). With an API key it authenticates as a trusted
+// service (Authorization: Bearer) and states the owner it acts for in X-Owner.
 import { randomUUID } from 'node:crypto';
 import { Agent, request } from 'undici';
 import { type ErrorCode, TorporError } from '../core/errors.ts';
+import { parse } from '../core/schemas.ts';
+import type { ActorRef } from '../core/types.ts';
 import {
   type Caller,
   type Capability,
   type CreateInstanceRequest,
   type CreateOptions,
+  createInstanceRequest,
+  createOwner,
   type Engine,
   type EnvObject,
   type ExecOutput,
@@ -29,6 +34,8 @@ export interface StandardEngineOptions {
   retries?: number;
   /** First backoff delay; doubles each attempt. */
   backoffMs?: number;
+  /** Sent as `Authorization: Bearer <apiKey>` (a service key on the remote Torpor). */
+  apiKey?: string;
 }
 
 const STATUS_CODE: Record<number, ErrorCode> = {
@@ -76,6 +83,7 @@ export class StandardEngine implements Engine {
   private readonly retries: number;
   private readonly backoffMs: number;
   private readonly dispatcher: Agent;
+  private readonly apiKey: string | undefined;
 
   constructor(opts: StandardEngineOptions) {
     let url: URL;
@@ -91,12 +99,15 @@ export class StandardEngine implements Engine {
     this.timeoutMs = opts.timeoutMs ?? 30_000;
     this.retries = opts.retries ?? 3;
     this.backoffMs = opts.backoffMs ?? 200;
+    this.apiKey = opts.apiKey;
     this.dispatcher = new Agent({ keepAliveTimeout: 10_000, connections: 64 });
   }
 
-  async create(req: CreateInstanceRequest, opts: CreateOptions = {}): Promise<Instance> {
+  async create(input: CreateInstanceRequest, opts: CreateOptions = {}): Promise<Instance> {
+    // Bad input is refused here, as by every engine, before anything is sent.
+    const req = parse(createInstanceRequest, input) as CreateInstanceRequest;
     const { name, version } = splitEnvName(req.envName);
-    const owner = opts.owner ?? req.owner;
+    const owner = createOwner(req, opts);
     const env = {
       name,
       version,
@@ -155,6 +166,10 @@ export class StandardEngine implements Engine {
   exec(_id: string, _command: string[]): Promise<ExecOutput> {
     return Promise.reject(notSupported(this.name, 'exec'));
   }
+  /** The remote's instances are not actors of this Torpor: its router cannot reach them. */
+  route(_id: string): Promise<ActorRef> {
+    return Promise.reject(notSupported(this.name, 'route'));
+  }
 
   async close(): Promise<void> {
     await this.dispatcher.close();
@@ -189,6 +204,7 @@ export class StandardEngine implements Engine {
   ): Promise<unknown> {
     const headers: Record<string, string> = { accept: 'application/json', ...o.headers };
     if (o.caller?.owner) headers['x-owner'] = o.caller.owner;
+    if (this.apiKey) headers.authorization = `Bearer ${this.apiKey}`;
     if (o.body !== undefined) headers['content-type'] = 'application/json';
     let status: number;
     let text: string;

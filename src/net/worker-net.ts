@@ -8,6 +8,7 @@
 // nftables table (DNAT of the service ports, masquerade, egress policy) is loaded when the actor is known and
 // deleted with the interior namespace when the activation ends.
 import type { EgressPolicy } from '../core/schemas.ts';
+import { run } from '../sys/run.ts';
 import {
   ACTOR_ADDRESS,
   ACTOR_MAC,
@@ -24,6 +25,9 @@ export interface WorkerNetworkOptions {
   /** Small integer unique on this machine (0..255): picks the namespaces, the link name and the /30. */
   index: number;
   node: NodeNetwork;
+  /** For a micro-VM: the guest, not the interior namespace, owns the actor address. The interior's eth0 then
+   * carries no address and is mirrored (tc, both ways, as Kata does) to a tap device the VMM opens by name. */
+  tap?: boolean;
 }
 
 export interface ActivationNetwork {
@@ -36,6 +40,8 @@ export interface ActivationNetwork {
 
 /** The worker-side interface of the activation's veth pair (the actor's gateway). */
 const ACTOR_LINK = 'actor0';
+/** A micro-VM's tap in the interior namespace: the same name at every activation, so a restored VM finds it. */
+export const TAP = 'tap0';
 
 export class WorkerNetwork {
   readonly namespace: string;
@@ -46,6 +52,7 @@ export class WorkerNetwork {
   private readonly nodeAddress: string;
   private readonly nodeLink: string;
   private readonly interior: string;
+  private readonly tap: boolean;
 
   constructor(opts: WorkerNetworkOptions) {
     if (!Number.isInteger(opts.index) || opts.index < 0 || opts.index > 255) {
@@ -58,6 +65,7 @@ export class WorkerNetwork {
     this.nodeAddress = `10.213.${opts.index}.1`;
     this.address = `10.213.${opts.index}.2`;
     this.nodeLink = `tq${opts.index}h`;
+    this.tap = opts.tap ?? false;
   }
 
   /** The namespace the sandbox runs in (the current activation's interior). */
@@ -95,11 +103,26 @@ export class WorkerNetwork {
       `addr add ${GATEWAY_ADDRESS}/${ACTOR_PREFIX} dev ${ACTOR_LINK}`,
       `link set ${ACTOR_LINK} up`,
     ]);
+    if (this.tap) return this.mirrorToTap();
     await ip(this.interior, [
       `addr add ${ACTOR_ADDRESS}/${ACTOR_PREFIX} dev eth0`,
       'link set eth0 up',
       `route add default via ${GATEWAY_ADDRESS}`,
     ]);
+  }
+
+  /** Every frame arriving on eth0 leaves through the tap and the other way round: the guest behind the tap is
+   * the actor, with the actor's MAC and address, and the veth is only a wire. */
+  private async mirrorToTap(): Promise<void> {
+    await ip(this.interior, [`tuntap add ${TAP} mode tap`, `link set ${TAP} up`, 'link set eth0 up']);
+    const mirror = (from: string, to: string) => [
+      `qdisc add dev ${from} ingress`,
+      `filter add dev ${from} parent ffff: protocol all u32 match u8 0 0 action mirred egress redirect dev ${to}`,
+    ];
+    await run('tc', ['-n', this.interior, '-batch', '-'], {
+      input: `${[...mirror('eth0', TAP), ...mirror(TAP, 'eth0')].join('\n')}\n`,
+      label: 'tc mirror',
+    });
   }
 
   /** Loads the activation's rules: the worker address's ports lead to the actor, its egress is policed. Must run

@@ -1,8 +1,6 @@
 // The router: maps Host to an actor, wakes it if needed (one resume per actor however many requests wait),
 // proxies HTTP, SSE and WebSocket to the worker the store says it runs on, and records activity for the idle
 // policy. It never forwards anywhere a client names.
-
-import { createHash, timingSafeEqual } from 'node:crypto';
 import http, { type IncomingHttpHeaders, type IncomingMessage, type ServerResponse } from 'node:http';
 import net from 'node:net';
 import type { Duplex } from 'node:stream';
@@ -13,6 +11,7 @@ import type { IdlePolicy } from '../control/idle.ts';
 import type { Lifecycle } from '../control/lifecycle.ts';
 import type { Metrics } from '../control/metrics.ts';
 import { asTorporError, ERROR_STATUS, isTorporError, TorporError } from '../core/errors.ts';
+import { bearerToken, secretEquals } from '../core/secret.ts';
 import { withSpan } from '../core/trace.ts';
 import type { Actor, ActorRef } from '../core/types.ts';
 import type { StateStore } from '../store/store.ts';
@@ -53,7 +52,6 @@ const HOP_BY_HOP = new Set([
 ]);
 
 const keyOf = (ref: ActorRef) => `${ref.space}/${ref.name}`;
-const digest = (s: string) => createHash('sha256').update(s).digest();
 
 /** Headers for the upstream request: hop-by-hop ones removed, X-Forwarded-* set, and the ingress token (when the
  * space has one) kept from the actor. */
@@ -99,13 +97,25 @@ export class Router {
     void this.follow();
   }
 
-  /** Keeps the location cache fresh from store change notifications; closes connections of actors that stop. */
+  /** Keeps the location cache fresh from store change notifications; closes connections of actors that stop. A
+   * watch can end (a store may end one that fell too far behind, a connection may fail): then whatever the cache
+   * holds may be stale, so it is dropped (it refills on demand) and the watch starts again. */
   private async follow(): Promise<void> {
-    for await (const change of this.o.store.watch(['actor'], this.watching.signal)) {
-      const actor = change.value as Actor | undefined;
-      if (actor) this.cache.set(change.key, actor);
-      else this.cache.delete(change.key);
-      if (actor?.status !== 'RUNNING') this.closeConnections(change.key);
+    for (let retry = 0; !this.watching.signal.aborted; retry++) {
+      try {
+        for await (const change of this.o.store.watch(['actor'], this.watching.signal)) {
+          retry = 0;
+          const actor = change.value as Actor | undefined;
+          if (actor) this.cache.set(change.key, actor);
+          else this.cache.delete(change.key);
+          if (actor?.status !== 'RUNNING') this.closeConnections(change.key);
+        }
+      } catch (err) {
+        if (!this.watching.signal.aborted) this.o.log.warn({ err }, 'store watch failed');
+      }
+      if (this.watching.signal.aborted) return;
+      this.cache.clear();
+      await new Promise((r) => setTimeout(r, Math.min(5000, 100 * 2 ** retry)));
     }
   }
 
@@ -134,8 +144,7 @@ export class Router {
       throw new TorporError('UNAUTHENTICATED', `space "${ref.space}" needs an ingress token`, {
         field: 'authorization',
       });
-    const presented = /^Bearer (.+)$/i.exec(auth)?.[1] ?? '';
-    if (!timingSafeEqual(digest(presented), digest(token))) {
+    if (!secretEquals(bearerToken(auth) ?? '', token)) {
       throw new TorporError('PERMISSION_DENIED', `the ingress token is not valid for space "${ref.space}"`, {
         field: 'authorization',
       });
@@ -204,11 +213,17 @@ export class Router {
 
   // ------------------------------------------------------------------ HTTP
 
-  readonly handle = (req: IncomingMessage, res: ServerResponse): void => {
+  readonly handle = (req: IncomingMessage, res: ServerResponse): void => this.serve(req, res);
+
+  /** Proxies a request to an actor its caller resolved by other means than Host (the MCP gateway, by instance id),
+   * with everything else as for Host-routed requests: resume on demand, activity, ingress token, limits. */
+  readonly handleFor = (ref: ActorRef, req: IncomingMessage, res: ServerResponse): void => this.serve(req, res, ref);
+
+  private serve(req: IncomingMessage, res: ServerResponse, ref?: ActorRef): void {
     const t0 = performance.now();
     // A client's traceparent is continued; the resume this request may trigger becomes part of its trace.
     const traced = () =>
-      withSpan('router.request', { 'http.request.method': req.method ?? '' }, () => this.route(req, res));
+      withSpan('router.request', { 'http.request.method': req.method ?? '' }, () => this.route(req, res, ref));
     context.with(propagation.extract(context.active(), req.headers), traced).then(
       (outcome) => this.o.metrics.routerRequests.observe({ outcome }, (performance.now() - t0) / 1000),
       (err: unknown) => {
@@ -217,11 +232,11 @@ export class Router {
         sendError(res, e);
       },
     );
-  };
+  }
 
-  private async route(req: IncomingMessage, res: ServerResponse): Promise<string> {
+  private async route(req: IncomingMessage, res: ServerResponse, given?: ActorRef): Promise<string> {
     const path = originFormPath(req.url);
-    const ref = actorOf(req.headers, this.o.domain);
+    const ref = given ?? actorOf(req.headers, this.o.domain);
     this.authorize(ref, req.headers);
     const limit = this.o.bodyLimit ?? 64 * 1024 * 1024;
     if (Number(req.headers['content-length'] ?? 0) > limit) {

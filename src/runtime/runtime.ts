@@ -1,5 +1,5 @@
 // SandboxRuntime: runs one actor on one worker slot, and checkpoints/restores it. Implementations:
-// gvisor (runsc); later microvm. The agent owns orchestration; a runtime only knows sandboxes.
+// gvisor (runsc) and microvm (a VM per activation). The agent owns orchestration; a runtime only knows sandboxes.
 import type { Phases } from '../core/types.ts';
 
 export interface ImageConfigView {
@@ -66,4 +66,6 @@ export interface SandboxRuntime {
   destroy(id: string): Promise<void>;
   /** Ids of sandboxes this runtime knows about on this worker root (for cleaning leftovers). */
   list(): Promise<string[]>;
+  /** Runtimes that supervise a long-lived process per sandbox (a VMM) report its unexpected death here. */
+  onUnexpectedExit?(listener: (id: string, why: string) => void): void;
 }

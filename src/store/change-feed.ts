@@ -11,6 +11,11 @@ export class ChangeFeed {
     this.#emitter.setMaxListeners(0);
   }
 
+  /** Whether anyone subscribes now (a feed fed from elsewhere can skip work when nobody does). */
+  get watched(): boolean {
+    return this.#emitter.listenerCount('change') > 0;
+  }
+
   /** Delivers `change` to every current subscriber (call after the write is durable). */
   publish(change: Change): void {
     // One copy shared by subscribers, separate from the object the writer got back and may mutate.

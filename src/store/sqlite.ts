@@ -11,7 +11,8 @@ import { notFound, TorporError } from '../core/errors.ts';
 import type { Actor, ActorRef, Page, Space, Template, Worker, WorkerFilter } from '../core/types.ts';
 import { ChangeFeed } from './change-feed.ts';
 import { decodeCursor, pageLimit, toPage } from './cursor.ts';
-import type { Change, ChangeKind, ListOptions, StateStore } from './store.ts';
+import { checkFence, checkTtl, leaseLost } from './fence.ts';
+import type { Change, ChangeKind, Fence, ListOptions, StateStore } from './store.ts';
 
 const BUSY_TIMEOUT_MS = 5000;
 
@@ -44,6 +45,8 @@ const MIGRATIONS: readonly string[] = [
   CREATE INDEX workers_actor ON workers (actor_space, actor_name);
   CREATE TABLE leases (key TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at INTEGER NOT NULL) WITHOUT ROWID;
   `,
+  // Fencing tokens. A released lease keeps its row (expired) so the key's next holding still gets a higher token.
+  `ALTER TABLE leases ADD COLUMN token INTEGER NOT NULL DEFAULT 1;`,
 ];
 
 type Row = Record<string, unknown>;
@@ -157,33 +160,45 @@ export class SqliteStore implements StateStore {
     return parseJson<Actor>(this.#get('SELECT json FROM actors WHERE space = ? AND name = ?', [space, name]));
   }
 
-  async casActor(next: Actor, expectedVersion: number): Promise<Actor> {
+  async casActor(next: Actor, expectedVersion: number, fence?: Fence): Promise<Actor> {
+    if (fence) checkFence(fence, next.space);
     const actor: Actor = { ...next, version: expectedVersion + 1, updatedAt: nowIso() };
     const changed = this.#run(
-      `UPDATE actors SET version = ?, status = ?, template = ?, json = ?
-       WHERE space = ? AND name = ? AND version = ?`,
-      [actor.version, actor.status, actor.template, JSON.stringify(actor), actor.space, actor.name, expectedVersion],
+      `UPDATE actors SET version = :version, status = :status, template = :template, json = :json
+       WHERE space = :space AND name = :name AND version = :expected AND ${FENCE_HOLDS}`,
+      {
+        version: actor.version,
+        status: actor.status,
+        template: actor.template,
+        json: JSON.stringify(actor),
+        space: actor.space,
+        name: actor.name,
+        expected: expectedVersion,
+        ...fenceParams(fence),
+      },
     );
-    if (changed === 0) throw this.#casFailure(actor, expectedVersion);
+    if (changed === 0) throw this.#casFailure(actor, expectedVersion, fence);
     this.#publish('actor', actorKey(actor), actor);
     return actor;
   }
 
-  async deleteActor(space: string, name: string, expectedVersion: number): Promise<void> {
-    const changed = this.#run('DELETE FROM actors WHERE space = ? AND name = ? AND version = ?', [
-      space,
-      name,
-      expectedVersion,
-    ]);
-    if (changed === 0) throw this.#casFailure({ space, name }, expectedVersion);
+  async deleteActor(space: string, name: string, expectedVersion: number, fence?: Fence): Promise<void> {
+    if (fence) checkFence(fence, space);
+    const changed = this.#run(
+      `DELETE FROM actors WHERE space = :space AND name = :name AND version = :expected AND ${FENCE_HOLDS}`,
+      { space, name, expected: expectedVersion, ...fenceParams(fence) },
+    );
+    if (changed === 0) throw this.#casFailure({ space, name }, expectedVersion, fence);
     this.#publish('actor', actorKey({ space, name }), undefined);
   }
 
-  /** Explains why a versioned write changed nothing. Read after the fact: either answer was true at some point
-   * after the write was attempted, which is all a caller holding a stale version can act on. */
-  #casFailure(ref: ActorRef, expectedVersion: number): TorporError {
+  /** Explains why a versioned write changed nothing. Read after the fact: each answer was true at some point
+   * after the write was attempted, which is all a caller holding a stale version or lease can act on. A lost
+   * lease is reported before a stale version: re-reading the actor cannot cure it. */
+  #casFailure(ref: ActorRef, expectedVersion: number, fence: Fence | undefined): TorporError {
     const row = this.#get('SELECT version FROM actors WHERE space = ? AND name = ?', [ref.space, ref.name]);
     if (!row) return notFound('actor', actorKey(ref));
+    if (fence && !this.#get(`SELECT ${FENCE_HOLDS} AS holds`, fenceParams(fence))?.['holds']) return leaseLost(fence);
     return new TorporError(
       'CONFLICT',
       `actor "${actorKey(ref)}" changed: expected version ${expectedVersion}, found version ${row['version']}`,
@@ -336,23 +351,26 @@ export class SqliteStore implements StateStore {
 
   // ── leases ───────────────────────────────────────────────────────────────────────────────────────────────
 
-  async acquireLease(key: string, holder: string, ttlMs: number): Promise<boolean> {
-    if (!Number.isFinite(ttlMs) || ttlMs <= 0) {
-      throw new TorporError('INVALID_ARGUMENT', `ttlMs: must be a positive number, got ${ttlMs}`, { field: 'ttlMs' });
-    }
+  async acquireLease(key: string, holder: string, ttlMs: number): Promise<number | undefined> {
+    checkTtl(ttlMs);
     const now = Date.now();
-    // The upsert's WHERE decides: take over an expired lease or extend our own, else leave it (0 changes).
-    const changed = this.#run(
-      `INSERT INTO leases (key, holder, expires_at) VALUES (:key, :holder, :expires)
-       ON CONFLICT (key) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at
-       WHERE leases.holder = excluded.holder OR leases.expires_at <= :now`,
+    // The upsert's WHERE decides: take over an ended lease or extend our own live one, else leave it (no row).
+    // Only an extension of a live holding keeps the token; every new holding gets the next one.
+    const row = this.#get(
+      `INSERT INTO leases (key, holder, expires_at, token) VALUES (:key, :holder, :expires, 1)
+       ON CONFLICT (key) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at,
+         token = CASE WHEN leases.holder = excluded.holder AND leases.expires_at > :now
+                 THEN leases.token ELSE leases.token + 1 END
+       WHERE leases.holder = excluded.holder OR leases.expires_at <= :now
+       RETURNING token`,
       { key, holder, expires: now + Math.ceil(ttlMs), now },
     );
-    return changed > 0;
+    return row === undefined ? undefined : Number(row['token']);
   }
 
+  /** Ends the holding but keeps the row, so the key's token keeps growing. */
   async releaseLease(key: string, holder: string): Promise<void> {
-    this.#run('DELETE FROM leases WHERE key = ? AND holder = ?', [key, holder]);
+    this.#run('UPDATE leases SET expires_at = 0 WHERE key = ? AND holder = ?', [key, holder]);
   }
 
   // ── watch, lifecycle ─────────────────────────────────────────────────────────────────────────────────────
@@ -430,6 +448,14 @@ export class SqliteStore implements StateStore {
   #publish(kind: ChangeKind, key: string, value: Change['value']): void {
     this.#feed.publish({ kind, key, value });
   }
+}
+
+/** SQL condition (on the leases table, or as a subquery) that the write's fence, if any, is still current. */
+const FENCE_HOLDS = `(:lease IS NULL OR EXISTS (
+  SELECT 1 FROM leases WHERE key = :lease AND token = :token AND expires_at > :now))`;
+
+function fenceParams(fence: Fence | undefined): Record<string, SQLInputValue> {
+  return { lease: fence?.lease ?? null, token: fence?.token ?? null, now: Date.now() };
 }
 
 function actorKey(ref: ActorRef): string {

@@ -1,5 +1,5 @@
-// StateStore: where actors, templates, workers and leases live. Implementations: sqlite (embedded default);
-// later redis. Every implementation must pass test/store/conformance.ts.
+// StateStore: where actors, templates, workers and leases live. Implementations: sqlite (embedded default) and
+// redis (several machines). Every implementation must pass test/store/conformance.ts.
 import type { Actor, ActorRef, Page, Space, Template, Worker, WorkerFilter } from '../core/types.ts';
 
 export type ChangeKind = 'actor' | 'template' | 'worker';
@@ -10,6 +10,16 @@ export interface Change {
   key: string;
   /** The record after the change, or undefined when it was deleted. */
   value: Actor | Template | Worker | undefined;
+}
+
+/** Proof that a write is made by the current holder of a lease: the lease's key and the token `acquireLease`
+ * returned. A fenced write is refused with LEASE_LOST once that holding has ended (expired, released, or taken
+ * over: a new holding always has a higher token), so a holder that stalled past its lease cannot overwrite the
+ * work of the one that took over. The lease must be named `<space>/…` after the actor's space (a store spread
+ * over machines keeps a space's leases beside its actors, so the check is atomic with the write). */
+export interface Fence {
+  lease: string;
+  token: number;
 }
 
 export interface ListOptions {
@@ -33,10 +43,10 @@ export interface StateStore {
   createActor(a: Omit<Actor, 'version'>): Promise<Actor>;
   getActor(space: string, name: string): Promise<Actor | undefined>;
   /** Writes `next` iff the stored version equals `expectedVersion`; returns it with version+1. Throws CONFLICT
-   * (stale version) or NOT_FOUND. */
-  casActor(next: Actor, expectedVersion: number): Promise<Actor>;
-  /** Deletes iff the stored version equals `expectedVersion`. Throws CONFLICT or NOT_FOUND. */
-  deleteActor(space: string, name: string, expectedVersion: number): Promise<void>;
+   * (stale version), NOT_FOUND, or LEASE_LOST (`fence` given and no longer current). */
+  casActor(next: Actor, expectedVersion: number, fence?: Fence): Promise<Actor>;
+  /** Deletes iff the stored version equals `expectedVersion`. Throws CONFLICT, NOT_FOUND or LEASE_LOST. */
+  deleteActor(space: string, name: string, expectedVersion: number, fence?: Fence): Promise<void>;
   /** Ordered by space then name; `cursor` is opaque. `space` undefined lists every space. */
   listActors(space: string | undefined, opts?: ListOptions): Promise<Page<Actor>>;
 
@@ -55,8 +65,10 @@ export interface StateStore {
   releaseWorker(id: string, actor: ActorRef): Promise<boolean>;
 
   /** Expiring named locks. Acquire succeeds when the lease is absent, expired, or already held by `holder`
-   * (which extends it). */
-  acquireLease(key: string, holder: string, ttlMs: number): Promise<boolean>;
+   * (which extends it), and returns the holding's fencing token; undefined when another holder has it. Tokens of a
+   * key only grow: a new holding (another holder, or the same one after its lease ended) gets a higher token than
+   * every earlier one, while an extension keeps its token. */
+  acquireLease(key: string, holder: string, ttlMs: number): Promise<number | undefined>;
   releaseLease(key: string, holder: string): Promise<void>;
 
   /** Changes made through this store from now on (for caches: router, scheduler). Ends when `signal` aborts. */

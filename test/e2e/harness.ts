@@ -4,6 +4,7 @@ import { existsSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
+import { counterImage } from '../fixtures/images.ts';
 
 const ROOT = resolve(import.meta.dirname, '../..');
 const BIN = join(ROOT, 'bin/torpor.js');
@@ -17,6 +18,28 @@ export function gvisorSkipReason(): string | undefined {
   return undefined;
 }
 
+/** The counter as AEnvironment's env "counter@v1" (template "counter-v1"). */
+export async function counterEnvTemplate(extra: Record<string, unknown> = {}): Promise<Record<string, unknown>> {
+  return {
+    name: 'counter-v1',
+    image: await counterImage(),
+    port: 8080,
+    readiness: { path: '/healthz', timeoutSeconds: 20 },
+    resources: { memoryMiB: 128, vcpus: 1 },
+    ...extra,
+  };
+}
+
+/** Applies a template over the REST API; throws unless it was created. */
+export async function applyTemplate(url: string, spec: Record<string, unknown>): Promise<void> {
+  const res = await fetch(`${url}/v1/templates`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify(spec),
+  });
+  if (res.status !== 201) throw new Error(`template ${String(spec.name)}: ${res.status} ${await res.text()}`);
+}
+
 export interface CliResult {
   code: number;
   stdout: string;
@@ -26,6 +49,8 @@ export interface CliResult {
 export interface Torpor {
   url: string;
   routerUrl: string;
+  /** The MCP gateway (tool traffic by instance id). */
+  mcpUrl: string;
   dataDir: string;
   cli: (...args: string[]) => Promise<CliResult>;
   /** Runs the CLI with -o json and parses stdout; throws with stderr when it fails. */
@@ -40,9 +65,9 @@ export async function startTorpor(opts: {
   workers?: number;
   networkBase: number;
   dataDir?: string;
-  /** More `torpor up` flags. */
+  /** More `torpor up` flags (a flag given again here wins over the defaults above it). */
   args?: string[];
-  /** More environment for `torpor up`. */
+  /** More environment for `torpor up` (secrets such as TORPOR_API_KEYS). */
   env?: Record<string, string>;
 }): Promise<Torpor> {
   const dataDir = opts.dataDir ?? (await mkdtemp(join(tmpdir(), 'torpor-e2e-')));
@@ -61,6 +86,8 @@ export async function startTorpor(opts: {
       String(opts.workers ?? 2),
       '--network-base',
       String(opts.networkBase),
+      '--mcp-port',
+      '0',
       ...(opts.args ?? []),
     ],
     { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...opts.env } },
@@ -69,15 +96,16 @@ export async function startTorpor(opts: {
   child.stdout?.on('data', (d: Buffer) => {
     output += d.toString();
   });
-  const [url, routerUrl] = await new Promise<[string, string]>((resolveUrl, reject) => {
+  const [url, routerUrl, mcpUrl] = await new Promise<[string, string, string]>((resolveUrl, reject) => {
     const timer = setTimeout(() => reject(new Error(`torpor up did not start:\n${output}`)), 60_000);
     child.stderr?.on('data', (d: Buffer) => {
       output += d.toString();
       const api = /API listening on (http:\/\/\S+)/.exec(output);
       const router = /router listening on (http:\/\/\S+)/.exec(output);
-      if (api && router) {
+      const mcp = /MCP gateway listening on (http:\/\/\S+)/.exec(output);
+      if (api && router && mcp) {
         clearTimeout(timer);
-        resolveUrl([api[1]!, router[1]!]);
+        resolveUrl([api[1]!, router[1]!, mcp[1]!]);
       }
     });
     child.on('exit', (code) => {
@@ -117,5 +145,5 @@ export async function startTorpor(opts: {
     child.kill('SIGKILL');
     await exited;
   };
-  return { url, routerUrl, dataDir, cli, json, stop, crash, log: () => output };
+  return { url, routerUrl, mcpUrl, dataDir, cli, json, stop, crash, log: () => output };
 }

@@ -230,7 +230,7 @@ async function networkState(t: Torpor): Promise<Record<string, string>> {
   state.hostLinks = sh('ip', ['-o', 'link'])
     .split('\n')
     .map((l) => l.replace(/^\d+: /, '').split(/[:@]/)[0])
-    .filter((l) => l?.startsWith('tn'))
+    .filter((l) => l === `tn${BASE}h` || l === `tn${BASE + 1}h`)
     .sort()
     .join(' ');
   const runscRoots = join(t.dataDir, 'nodes');

@@ -79,8 +79,9 @@ describe('router (gVisor, one worker)', { skip: gvisorSkipReason() }, () => {
       args: [
         '--upstream-timeout',
         '3',
+        // Long enough for two suspend+resume cycles on a loaded 2-core machine (three actors, one worker).
         '--queue-deadline',
-        '5',
+        '10',
         '--max-body',
         '2',
         '--ingress-token',
@@ -321,7 +322,7 @@ describe('router (gVisor, one worker)', { skip: gvisorSkipReason() }, () => {
     assert.equal(refused.status, 503);
     assert.equal(JSON.parse(refused.body).error.code, 'NO_CAPACITY');
     assert.ok(Number(refused.headers['retry-after']) > 0);
-    assert.ok(Date.now() - started >= 4500, 'it waited for the queue deadline first');
+    assert.ok(Date.now() - started >= 9500, 'it waited for the queue deadline first');
     await t.json('actor', 'suspend', 'pin1');
     assert.equal((await request(t.routerUrl, { host: hostOf('a1') })).status, 200, 'served once capacity is back');
   });

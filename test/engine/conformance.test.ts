@@ -6,22 +6,11 @@ import { join } from 'node:path';
 import { pino } from 'pino';
 import { up } from '../../src/cli/up.ts';
 import { StandardEngine } from '../../src/engine/standard.ts';
-import { gvisorSkipReason, startTorpor } from '../e2e/harness.ts';
-import { counterImage } from '../fixtures/images.ts';
+import { applyTemplate, counterEnvTemplate, gvisorSkipReason, startTorpor } from '../e2e/harness.ts';
 import { engineConformance } from './conformance.ts';
 
 const skip = gvisorSkipReason();
 const ENV = 'counter@v1';
-
-async function counterTemplate() {
-  return {
-    name: 'counter-v1',
-    image: await counterImage(),
-    port: 8080,
-    readiness: { path: '/healthz', timeoutSeconds: 20 },
-    resources: { memoryMiB: 128, vcpus: 1 },
-  };
-}
 
 engineConformance(
   'local',
@@ -36,7 +25,7 @@ engineConformance(
       networkBase: 100,
       log: pino({ level: 'warn' }),
     });
-    await torpor.lifecycle.applyTemplate(await counterTemplate());
+    await torpor.lifecycle.applyTemplate(await counterEnvTemplate());
     return {
       engine: torpor.instances,
       envName: ENV,
@@ -53,12 +42,7 @@ engineConformance(
   'standard (a second Torpor)',
   async () => {
     const remote = await startTorpor({ workers: 3, networkBase: 110 });
-    const res = await fetch(`${remote.url}/v1/templates`, {
-      method: 'POST',
-      headers: { 'content-type': 'application/json' },
-      body: JSON.stringify(await counterTemplate()),
-    });
-    if (res.status !== 201) throw new Error(`template: ${res.status} ${await res.text()}`);
+    await applyTemplate(remote.url, await counterEnvTemplate());
     const engine = new StandardEngine({ url: remote.url, timeoutMs: 60_000 });
     return {
       engine,

@@ -3,7 +3,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import { isTorporError } from '../../src/core/errors.ts';
-import { CAPABILITIES, type Engine, INSTANCE_STATUSES, type Instance } from '../../src/engine/engine.ts';
+import { CAPABILITIES, type Engine, type Instance, instanceSchema } from '../../src/engine/engine.ts';
 
 export interface ConformanceTarget {
   engine: Engine;
@@ -25,16 +25,13 @@ async function rejectsWith(p: Promise<unknown>, code: string, field?: string): P
 }
 
 function assertInstance(i: Instance, envName: string): void {
-  assert.equal(typeof i.id, 'string');
+  // The schema the OpenAPI document publishes: every field, with its type and the status enum.
+  const parsed = instanceSchema.strict().safeParse(i);
+  assert.ok(parsed.success, JSON.stringify(parsed.error?.issues));
   assert.ok(i.id.length > 0);
-  assert.ok((INSTANCE_STATUSES as readonly string[]).includes(i.status), i.status);
   for (const k of ['created_at', 'updated_at'] as const) {
     assert.match(i[k], /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$/, k);
   }
-  assert.equal(typeof i.ip, 'string');
-  assert.equal(typeof i.ttl, 'string');
-  assert.equal(typeof i.owner, 'string');
-  assert.equal(typeof i.labels, 'object');
   const [name, version] = envName.split('@');
   assert.equal(i.env?.name, name);
   assert.equal(i.env?.version, version);
@@ -66,6 +63,7 @@ export function engineConformance(
         pause: () => engine.pause('x'),
         fork: () => engine.fork('x', 'y'),
         exec: () => engine.exec('x', ['true']),
+        route: () => engine.route('x'),
       };
       for (const c of CAPABILITIES.filter((c) => !engine.capabilities.has(c))) {
         const e = await rejectsWith(calls[c]!(), 'NOT_SUPPORTED');
@@ -126,8 +124,23 @@ export function engineConformance(
       const i = await engine.create({ envName, owner: 'alice' });
       await rejectsWith(engine.get(i.id, { owner: 'mallory' }), 'PERMISSION_DENIED', 'owner');
       await rejectsWith(engine.delete(i.id, { owner: 'mallory' }), 'PERMISSION_DENIED', 'owner');
+      await rejectsWith(engine.create({ envName, owner: 'alice' }, { owner: 'mallory' }), 'PERMISSION_DENIED', 'owner');
       assert.equal((await engine.get(i.id, { owner: 'alice' })).id, i.id, 'still there');
       await engine.delete(i.id, { owner: 'alice' });
+    });
+
+    test('a stated owner sees only its own instances: not an ownerless one; a caller stating none is unrestricted', async () => {
+      const ownerless = await engine.create({ envName });
+      const owned = await engine.create({ envName, owner: 'alice' });
+      assert.equal(ownerless.owner, '');
+      await rejectsWith(engine.get(ownerless.id, { owner: 'alice' }), 'PERMISSION_DENIED', 'owner');
+      await rejectsWith(engine.delete(ownerless.id, { owner: 'alice' }), 'PERMISSION_DENIED', 'owner');
+      const ids = async (owner?: string) => (await engine.list(envName, owner ? { owner } : {})).map((i) => i.id);
+      assert.deepEqual(await ids('alice'), [owned.id]);
+      assert.deepEqual((await ids()).sort(), [ownerless.id, owned.id].sort());
+      assert.equal((await engine.get(owned.id)).owner, 'alice', 'no stated owner: unrestricted');
+      await engine.delete(owned.id);
+      await engine.delete(ownerless.id);
     });
 
     test('bad input is refused with the field named', async () => {
@@ -165,6 +178,20 @@ export function engineConformance(
       // created_at has second precision: allow for it, plus a deletion that tears a sandbox down (slower on a
       // loaded machine). A periodic sweep would be minutes late.
       assert.ok(goneAt - expiry < 4500, `deleted ${goneAt - expiry} ms after expiry`);
+    });
+
+    test("route: tool traffic goes to the instance's own actor, for its owner only", async (ctx) => {
+      if (!engine.capabilities.has('route')) {
+        ctx.skip(`${engine.name} does not declare route`);
+        return;
+      }
+      const i = await engine.create({ envName, owner: 'alice' });
+      const ref = await engine.route(i.id, { owner: 'alice' });
+      assert.equal(`${ref.name}.${ref.space}`, i.id);
+      await rejectsWith(engine.route(i.id, { owner: 'mallory' }), 'PERMISSION_DENIED', 'owner');
+      await rejectsWith(engine.route('no-such-instance'), 'NOT_FOUND', 'id');
+      await engine.delete(i.id);
+      await rejectsWith(engine.route(i.id), 'NOT_FOUND', 'id');
     });
 
     test('declared capabilities work: exec, suspend, resume', async (ctx) => {

@@ -120,6 +120,22 @@ describe('standard engine client', () => {
     await engine.close();
   });
 
+  test('bad input is refused with the field named before anything is sent', async () => {
+    reset();
+    const engine = new StandardEngine({ url, backoffMs: 10 });
+    await assert.rejects(engine.create({ envName: 'counter@v1', ttl: 'soon' }), {
+      code: 'INVALID_ARGUMENT',
+      field: 'ttl',
+    });
+    await assert.rejects(engine.create({ envName: 'counter' }), { code: 'INVALID_ARGUMENT', field: 'envName' });
+    await assert.rejects(engine.create({ envName: 'counter@v1', owner: 'bob' }, { owner: 'alice' }), {
+      code: 'PERMISSION_DENIED',
+      field: 'owner',
+    });
+    assert.equal(seen.length, 0);
+    await engine.close();
+  });
+
   test('capabilities it lacks answer NOT_SUPPORTED naming the engine', async () => {
     const engine = new StandardEngine({ url });
     await assert.rejects(engine.pause('x'), {

@@ -43,6 +43,7 @@ export function stateStoreConformance(name: string, make: () => Promise<StoreFix
     describe('listing', () => listingTests(test));
     describe('workers', () => workerTests(test));
     describe('leases', () => leaseTests(test));
+    describe('fencing', () => fencingTests(test));
     describe('watch', () => watchTests(test));
   });
 }
@@ -460,33 +461,37 @@ function workerTests(test: Register): void {
 
 function leaseTests(test: Register): void {
   test('acquire, refuse another holder, release by the holder', async ({ store }) => {
-    assert.equal(await store.acquireLease('reconciler', 'a', 10_000), true);
-    assert.equal(await store.acquireLease('reconciler', 'b', 10_000), false);
-    assert.equal(await store.acquireLease('other-key', 'b', 10_000), true);
+    assert.equal(typeof (await store.acquireLease('reconciler', 'a', 10_000)), 'number');
+    assert.equal(await store.acquireLease('reconciler', 'b', 10_000), undefined);
+    assert.equal(typeof (await store.acquireLease('other-key', 'b', 10_000)), 'number');
     await store.releaseLease('reconciler', 'a');
-    assert.equal(await store.acquireLease('reconciler', 'b', 10_000), true);
+    assert.equal(typeof (await store.acquireLease('reconciler', 'b', 10_000)), 'number');
   });
 
-  test('the same holder extends its lease', async ({ store }) => {
-    assert.equal(await store.acquireLease('k', 'a', 50), true);
+  test('the same holder extends its lease and keeps its token', async ({ store }) => {
+    assert.notEqual(await store.acquireLease('k', 'a', 50), undefined);
     await sleep(25);
-    assert.equal(await store.acquireLease('k', 'a', 10_000), true);
+    assert.notEqual(await store.acquireLease('k', 'a', 10_000), undefined);
     await sleep(60);
-    assert.equal(await store.acquireLease('k', 'b', 10_000), false, 'the extension did not hold');
+    assert.equal(await store.acquireLease('k', 'b', 10_000), undefined, 'the extension did not hold');
+    // A lease too long to lapse in between, so this is surely an extension: it keeps the holding's token.
+    const token = await store.acquireLease('k2', 'a', 10_000);
+    assert.ok(token !== undefined && token >= 1, `token ${token}`);
+    assert.equal(await store.acquireLease('k2', 'a', 10_000), token);
   });
 
   test('an expired lease can be taken by another holder', async ({ store }) => {
-    assert.equal(await store.acquireLease('k', 'a', 50), true);
-    assert.equal(await store.acquireLease('k', 'b', 50), false);
+    assert.notEqual(await store.acquireLease('k', 'a', 50), undefined);
+    assert.equal(await store.acquireLease('k', 'b', 50), undefined);
     await sleep(80);
-    assert.equal(await store.acquireLease('k', 'b', 10_000), true);
-    assert.equal(await store.acquireLease('k', 'a', 10_000), false);
+    assert.notEqual(await store.acquireLease('k', 'b', 10_000), undefined);
+    assert.equal(await store.acquireLease('k', 'a', 10_000), undefined);
   });
 
   test('release by a non-holder is ignored', async ({ store }) => {
-    assert.equal(await store.acquireLease('k', 'a', 10_000), true);
+    assert.notEqual(await store.acquireLease('k', 'a', 10_000), undefined);
     await store.releaseLease('k', 'b');
-    assert.equal(await store.acquireLease('k', 'b', 10_000), false);
+    assert.equal(await store.acquireLease('k', 'b', 10_000), undefined);
     await store.releaseLease('missing', 'b');
   });
 
@@ -494,7 +499,136 @@ function leaseTests(test: Register): void {
     const results = await Promise.all(
       Array.from({ length: 20 }, (_, i) => clientFor(clients, i).acquireLease('k', `holder-${i}`, 10_000)),
     );
-    assert.equal(results.filter(Boolean).length, 1);
+    assert.equal(results.filter((token) => token !== undefined).length, 1);
+  });
+
+  test('tokens increase with every new holding: takeover, release, re-acquire after expiry', async ({ clients }) => {
+    const [one, two] = [clientFor(clients, 0), clientFor(clients, 1)];
+    const tokens: (number | undefined)[] = [];
+    tokens.push(await one.acquireLease('default/a1', 'a', 40));
+    await sleep(60);
+    tokens.push(await two.acquireLease('default/a1', 'b', 10_000)); // takeover of an expired lease
+    await two.releaseLease('default/a1', 'b');
+    tokens.push(await one.acquireLease('default/a1', 'a', 40)); // after a release
+    await sleep(60);
+    tokens.push(await one.acquireLease('default/a1', 'a', 10_000)); // the same holder, after its lease expired
+    tokens.push(await two.acquireLease('default/a1', 'a', 10_000)); // an extension: the same token
+    assert.ok(
+      tokens.every((t) => typeof t === 'number'),
+      `tokens ${tokens}`,
+    );
+    const [t1, t2, t3, t4, t5] = tokens as number[];
+    assert.ok(t1! < t2! && t2! < t3! && t3! < t4!, `tokens do not increase: ${tokens}`);
+    assert.equal(t5, t4);
+    // Another key's tokens do not disturb this one's order.
+    await one.acquireLease('default/other', 'c', 10_000);
+    await one.releaseLease('default/a1', 'a');
+    assert.ok((await two.acquireLease('default/a1', 'd', 10_000))! > t4!);
+  });
+}
+
+// ── fencing ──────────────────────────────────────────────────────────────────────────────────────────────────
+
+function fencingTests(test: Register): void {
+  const LEASE = 'default/a1';
+
+  test("a stale holder's late write is LEASE_LOST and changes nothing; the new holder's write wins", async ({
+    store,
+    clients,
+  }) => {
+    const [stale, fresh] = [clientFor(clients, 1), clientFor(clients, 0)];
+    const created = await store.createActor(actor('default', 'a1'));
+    const oldToken = (await stale.acquireLease(LEASE, 'old', 40))!;
+    const read = (await stale.getActor('default', 'a1'))!; // the old holder read version 1, then stalled
+    await sleep(60);
+    const newToken = (await fresh.acquireLease(LEASE, 'new', 10_000))!;
+    assert.ok(newToken > oldToken);
+
+    // The old holder wakes up: its write carries the right version but a lease that has been taken over.
+    await rejectsWith(
+      stale.casActor({ ...read, status: 'FAILED' }, 1, { lease: LEASE, token: oldToken }),
+      'LEASE_LOST',
+      'fence',
+    );
+    await rejectsWith(stale.deleteActor('default', 'a1', 1, { lease: LEASE, token: oldToken }), 'LEASE_LOST', 'fence');
+    assert.deepEqual(await store.getActor('default', 'a1'), created);
+
+    const next = await fresh.casActor({ ...read, status: 'RESUMING' }, 1, { lease: LEASE, token: newToken });
+    assert.equal(next.version, 2);
+    assert.deepEqual(await store.getActor('default', 'a1'), next);
+    // A lost lease is reported before a stale version: re-reading the actor would not help the old holder.
+    await rejectsWith(stale.casActor(next, 1, { lease: LEASE, token: oldToken }), 'LEASE_LOST', 'fence');
+    await rejectsWith(fresh.casActor(next, 1, { lease: LEASE, token: newToken }), 'CONFLICT');
+    await fresh.deleteActor('default', 'a1', 2, { lease: LEASE, token: newToken });
+    assert.equal(await store.getActor('default', 'a1'), undefined);
+  });
+
+  test('a fenced write after the lease expired or was released is LEASE_LOST', async ({ store }) => {
+    const created = await store.createActor(actor('default', 'a1'));
+    const released = (await store.acquireLease(LEASE, 'a', 10_000))!;
+    assert.equal((await store.casActor(created, 1, { lease: LEASE, token: released })).version, 2);
+    await store.releaseLease(LEASE, 'a');
+    await rejectsWith(store.casActor(created, 2, { lease: LEASE, token: released }), 'LEASE_LOST', 'fence');
+    const expired = (await store.acquireLease(LEASE, 'b', 40))!;
+    await sleep(60); // nobody takes it over: the holding just ends
+    await rejectsWith(store.casActor(created, 2, { lease: LEASE, token: expired }), 'LEASE_LOST', 'fence');
+    await rejectsWith(store.casActor(created, 2, { lease: 'default/never', token: 1 }), 'LEASE_LOST', 'fence');
+    assert.equal((await store.getActor('default', 'a1'))?.version, 2);
+    // Unfenced writes are not affected by leases.
+    assert.equal((await store.casActor(created, 2)).version, 3);
+  });
+
+  test("a fence must be a lease of the actor's space with a valid token: INVALID_ARGUMENT", async ({ store }) => {
+    const created = await store.createActor(actor('default', 'a1'));
+    const global = (await store.acquireLease('reconciler', 'a', 10_000))!;
+    const otherSpace = (await store.acquireLease('team-b/a1', 'a', 10_000))!;
+    await rejectsWith(
+      store.casActor(created, 1, { lease: 'reconciler', token: global }),
+      'INVALID_ARGUMENT',
+      'fence.lease',
+    );
+    await rejectsWith(
+      store.casActor(created, 1, { lease: 'team-b/a1', token: otherSpace }),
+      'INVALID_ARGUMENT',
+      'fence.lease',
+    );
+    await rejectsWith(
+      store.deleteActor('default', 'a1', 1, { lease: 'team-b/a1', token: otherSpace }),
+      'INVALID_ARGUMENT',
+      'fence.lease',
+    );
+    await rejectsWith(store.casActor(created, 1, { lease: LEASE, token: 0 }), 'INVALID_ARGUMENT', 'fence.token');
+    assert.deepEqual(await store.getActor('default', 'a1'), created);
+  });
+
+  test('a succession of holders across clients: a write after the lease changed hands is refused', async ({
+    store,
+    clients,
+  }) => {
+    await store.createActor(actor('default', 'a1'));
+    const write = async (client: StateStore, holder: string, token: number): Promise<string> => {
+      const current = (await client.getActor('default', 'a1'))!;
+      try {
+        await client.casActor({ ...current, labels: { by: holder } }, current.version, { lease: LEASE, token });
+        return 'ok';
+      } catch (err) {
+        return isTorporError(err) ? err.code : String(err);
+      }
+    };
+    const outcomes: string[] = [];
+    let previous: { client: StateStore; holder: string; token: number } | undefined;
+    for (let i = 0; i < 5; i++) {
+      const client = clientFor(clients, i);
+      const holder = `holder-${i}`;
+      const token = await client.acquireLease(LEASE, holder, 10_000);
+      assert.ok(token !== undefined && (previous === undefined || token > previous.token), `token ${token}`);
+      if (previous) outcomes.push(await write(previous.client, previous.holder, previous.token));
+      outcomes.push(await write(client, holder, token));
+      previous = { client, holder, token };
+      await client.releaseLease(LEASE, holder); // the next holder takes it over
+    }
+    assert.deepEqual(outcomes, ['ok', ...Array.from({ length: 4 }, () => ['LEASE_LOST', 'ok']).flat()]);
+    assert.deepEqual((await store.getActor('default', 'a1'))?.labels, { by: 'holder-4' });
   });
 }
 

@@ -677,12 +677,729 @@ export interface paths {
       };
     };
   };
+  '/health': {
+    /** AEnvironment's health check */
+    get: {
+      responses: {
+        /** @description {} */
+        200: {
+          content: never;
+        };
+      };
+    };
+  };
+  '/env-instance': {
+    /** Create an instance of env "name@version" (AEnvironment public API) */
+    post: {
+      parameters: {
+        header?: {
+          /** @description The owner acting (also ?owner=). Without API keys: a stated owner sees only its instances. With API keys: must be the key's owner, or anyone for a service key */
+          'X-Owner'?: string;
+          /** @description retries of a create with the same key (and owner) answer the first instance */
+          'Idempotency-Key'?: string;
+        };
+      };
+      requestBody: {
+        content: {
+          'application/json': components['schemas']['CreateEnvInstance'];
+        };
+      };
+      responses: {
+        /** @description OK */
+        200: {
+          content: {
+            'application/json': {
+              /** @constant */
+              success: true;
+              /** @constant */
+              code: 0;
+              message: string;
+              data: components['schemas']['EnvInstance'];
+            };
+          };
+        };
+        /** @description Invalid argument (`field` names it) */
+        400: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+        /** @description API keys are configured and none valid was presented */
+        401: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+        /** @description Another owner's instance, or an owner other than the API key's */
+        403: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+        /** @description No such instance or env */
+        404: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+        /** @description Not supported by this engine */
+        501: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+      };
+    };
+  };
+  '/env-instance/{id}': {
+    /** Get an instance */
+    get: {
+      parameters: {
+        header?: {
+          /** @description The owner acting (also ?owner=). Without API keys: a stated owner sees only its instances. With API keys: must be the key's owner, or anyone for a service key */
+          'X-Owner'?: string;
+        };
+        path: {
+          /** @description instance id */
+          id: string;
+        };
+      };
+      responses: {
+        /** @description OK */
+        200: {
+          content: {
+            'application/json': {
+              /** @constant */
+              success: true;
+              /** @constant */
+              code: 0;
+              message: string;
+              data: components['schemas']['EnvInstance'];
+            };
+          };
+        };
+        /** @description Invalid argument (`field` names it) */
+        400: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+        /** @description API keys are configured and none valid was presented */
+        401: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+        /** @description Another owner's instance, or an owner other than the API key's */
+        403: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+        /** @description No such instance or env */
+        404: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+        /** @description Not supported by this engine */
+        501: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+      };
+    };
+    /** Delete an instance */
+    delete: {
+      parameters: {
+        header?: {
+          /** @description The owner acting (also ?owner=). Without API keys: a stated owner sees only its instances. With API keys: must be the key's owner, or anyone for a service key */
+          'X-Owner'?: string;
+        };
+        path: {
+          /** @description instance id */
+          id: string;
+        };
+      };
+      responses: {
+        /** @description OK */
+        200: {
+          content: {
+            'application/json': {
+              /** @constant */
+              success: true;
+              /** @constant */
+              code: 0;
+              message: string;
+              /** @constant */
+              data: 'Deleted successfully';
+            };
+          };
+        };
+        /** @description Invalid argument (`field` names it) */
+        400: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+        /** @description API keys are configured and none valid was presented */
+        401: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+        /** @description Another owner's instance, or an owner other than the API key's */
+        403: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+        /** @description No such instance or env */
+        404: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+        /** @description Not supported by this engine */
+        501: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+      };
+    };
+  };
+  '/env-instance/{id}/list': {
+    /** List instances of an env: id is "name@version", "name" or "*" */
+    get: {
+      parameters: {
+        header?: {
+          /** @description The owner acting (also ?owner=). Without API keys: a stated owner sees only its instances. With API keys: must be the key's owner, or anyone for a service key */
+          'X-Owner'?: string;
+        };
+        path: {
+          /** @description "name@version", "name" or "*" */
+          id: string;
+        };
+      };
+      responses: {
+        /** @description OK */
+        200: {
+          content: {
+            'application/json': {
+              /** @constant */
+              success: true;
+              /** @constant */
+              code: 0;
+              message: string;
+              data: components['schemas']['EnvInstance'][];
+            };
+          };
+        };
+        /** @description Invalid argument (`field` names it) */
+        400: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+        /** @description API keys are configured and none valid was presented */
+        401: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+        /** @description Another owner's instance, or an owner other than the API key's */
+        403: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+        /** @description No such instance or env */
+        404: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+        /** @description Not supported by this engine */
+        501: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+      };
+    };
+  };
+  '/aenvironment/instance': {
+    /** List instances (of envName, when given) */
+    get: {
+      parameters: {
+        query?: {
+          envName?: string;
+        };
+        header?: {
+          /** @description The owner acting (also ?owner=). Without API keys: a stated owner sees only its instances. With API keys: must be the key's owner, or anyone for a service key */
+          'X-Owner'?: string;
+        };
+      };
+      responses: {
+        /** @description OK */
+        200: {
+          content: {
+            'application/json': {
+              /** @constant */
+              success: true;
+              /** @constant */
+              code: 0;
+              message: string;
+              data: components['schemas']['EnvInstance'][];
+            };
+          };
+        };
+        /** @description Invalid argument (`field` names it) */
+        400: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+        /** @description API keys are configured and none valid was presented */
+        401: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+        /** @description Another owner's instance, or an owner other than the API key's */
+        403: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+        /** @description No such instance or env */
+        404: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+        /** @description Not supported by this engine */
+        501: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+      };
+    };
+    /** Create an instance from an Env object (the standard engine contract) */
+    post: {
+      parameters: {
+        header?: {
+          /** @description The owner acting (also ?owner=). Without API keys: a stated owner sees only its instances. With API keys: must be the key's owner, or anyone for a service key */
+          'X-Owner'?: string;
+          /** @description retries of a create with the same key (and owner) answer the first instance */
+          'Idempotency-Key'?: string;
+        };
+      };
+      requestBody: {
+        content: {
+          'application/json': components['schemas']['StandardEnv'];
+        };
+      };
+      responses: {
+        /** @description OK */
+        200: {
+          content: {
+            'application/json': {
+              /** @constant */
+              success: true;
+              /** @constant */
+              code: 0;
+              message: string;
+              data: components['schemas']['EnvInstance'];
+            };
+          };
+        };
+        /** @description Invalid argument (`field` names it) */
+        400: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+        /** @description API keys are configured and none valid was presented */
+        401: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+        /** @description Another owner's instance, or an owner other than the API key's */
+        403: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+        /** @description No such instance or env */
+        404: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+        /** @description Not supported by this engine */
+        501: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+      };
+    };
+  };
+  '/aenvironment/instance/{id}': {
+    /** Get an instance */
+    get: {
+      parameters: {
+        header?: {
+          /** @description The owner acting (also ?owner=). Without API keys: a stated owner sees only its instances. With API keys: must be the key's owner, or anyone for a service key */
+          'X-Owner'?: string;
+        };
+        path: {
+          /** @description instance id */
+          id: string;
+        };
+      };
+      responses: {
+        /** @description OK */
+        200: {
+          content: {
+            'application/json': {
+              /** @constant */
+              success: true;
+              /** @constant */
+              code: 0;
+              message: string;
+              data: components['schemas']['EnvInstance'];
+            };
+          };
+        };
+        /** @description Invalid argument (`field` names it) */
+        400: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+        /** @description API keys are configured and none valid was presented */
+        401: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+        /** @description Another owner's instance, or an owner other than the API key's */
+        403: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+        /** @description No such instance or env */
+        404: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+        /** @description Not supported by this engine */
+        501: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+      };
+    };
+    /** Delete an instance */
+    delete: {
+      parameters: {
+        header?: {
+          /** @description The owner acting (also ?owner=). Without API keys: a stated owner sees only its instances. With API keys: must be the key's owner, or anyone for a service key */
+          'X-Owner'?: string;
+        };
+        path: {
+          /** @description instance id */
+          id: string;
+        };
+      };
+      responses: {
+        /** @description OK */
+        200: {
+          content: {
+            'application/json': {
+              /** @constant */
+              success: true;
+              /** @constant */
+              code: 0;
+              message: string;
+              /** @constant */
+              data: true;
+            };
+          };
+        };
+        /** @description Invalid argument (`field` names it) */
+        400: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+        /** @description API keys are configured and none valid was presented */
+        401: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+        /** @description Another owner's instance, or an owner other than the API key's */
+        403: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+        /** @description No such instance or env */
+        404: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+        /** @description Not supported by this engine */
+        501: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+      };
+    };
+  };
+  '/aenvironment/instance/action/warmup': {
+    /** Warm an env up (no body: nothing to do, every template is warm once applied) */
+    put: {
+      requestBody?: {
+        content: {
+          'application/json': components['schemas']['StandardEnv'];
+        };
+      };
+      responses: {
+        /** @description OK */
+        200: {
+          content: {
+            'application/json': {
+              /** @constant */
+              success: true;
+              /** @constant */
+              code: 0;
+              message: string;
+              data: components['schemas']['Env'] | null;
+            };
+          };
+        };
+        /** @description Invalid argument (`field` names it) */
+        400: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+        /** @description API keys are configured and none valid was presented */
+        401: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+        /** @description Another owner's instance, or an owner other than the API key's */
+        403: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+        /** @description No such instance or env */
+        404: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+        /** @description Not supported by this engine */
+        501: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+      };
+    };
+  };
+  '/aenvironment/instance/action/cleanup': {
+    /** Expired-instance cleanup: always 0 (every TTL is enforced by its own timer) */
+    put: {
+      responses: {
+        /** @description OK */
+        200: {
+          content: {
+            'application/json': {
+              /** @constant */
+              success: true;
+              /** @constant */
+              code: 0;
+              message: string;
+              /** @constant */
+              data: 0;
+            };
+          };
+        };
+        /** @description Invalid argument (`field` names it) */
+        400: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+        /** @description API keys are configured and none valid was presented */
+        401: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+        /** @description Another owner's instance, or an owner other than the API key's */
+        403: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+        /** @description No such instance or env */
+        404: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+        /** @description Not supported by this engine */
+        501: {
+          content: {
+            'application/json': components['schemas']['CompatError'];
+          };
+        };
+      };
+    };
+  };
 }
 
 export type webhooks = Record<string, never>;
 
 export interface components {
   schemas: {
+    CreateEnvInstance: {
+      /** @description "name@version" */
+      envName: string;
+      datasource?: string;
+      environment_variables?: {
+        [key: string]: string;
+      } | null;
+      arguments?: string[] | null;
+      /** @description a Go duration ("30m", "1h30m"): the instance is deleted that long after creation */
+      ttl?: string;
+      owner?: string;
+      labels?: {
+        [key: string]: string;
+      } | null;
+      /** @description Torpor extension: a stable instance name; creating it again (same owner) answers the same instance */
+      name?: string;
+      [key: string]: unknown;
+    };
+    StandardEnv: {
+      name: string;
+      version: string;
+      deploy_config?: {
+        environment_variables?: {
+          [key: string]: string;
+        } | null;
+        arguments?: string[] | null;
+        /** @description a Go duration ("30m", "1h30m"): the instance is deleted that long after creation */
+        ttl?: string;
+        owner?: string;
+        labels?: {
+          [key: string]: string;
+        } | null;
+        dataSource?: string;
+        /** @description Torpor extension: a stable instance name; creating it again (same owner) answers the same instance */
+        instance_name?: string;
+        [key: string]: unknown;
+      } | null;
+      [key: string]: unknown;
+    };
+    Env: {
+      id: string;
+      name: string;
+      description: string;
+      version: string;
+      tags: string[];
+      code_url: string;
+      /** @description EnvStatus: 6 = Ready */
+      status: number;
+      artifacts: {
+        id: string;
+        type: string;
+        content: string;
+      }[];
+      build_config: {
+        [key: string]: unknown;
+      };
+      test_config: {
+        [key: string]: unknown;
+      };
+      deploy_config: {
+        [key: string]: unknown;
+      };
+      created_at: string;
+      updated_at: string;
+    };
+    EnvInstance: {
+      id: string;
+      env: {
+        id: string;
+        name: string;
+        description: string;
+        version: string;
+        tags: string[];
+        code_url: string;
+        /** @description EnvStatus: 6 = Ready */
+        status: number;
+        artifacts: {
+          id: string;
+          type: string;
+          content: string;
+        }[];
+        build_config: {
+          [key: string]: unknown;
+        };
+        test_config: {
+          [key: string]: unknown;
+        };
+        deploy_config: {
+          [key: string]: unknown;
+        };
+        created_at: string;
+        updated_at: string;
+      } | null;
+      /** @enum {string} */
+      status: 'Pending' | 'Creating' | 'Running' | 'Failed' | 'Terminated';
+      /** @description RFC 3339, seconds */
+      created_at: string;
+      updated_at: string;
+      /** @description the address while running, else ""; tool traffic goes through the MCP gateway by id */
+      ip: string;
+      /** @description a Go duration ("30m"), or "" for none */
+      ttl: string;
+      owner: string;
+      labels: {
+        [key: string]: string;
+      };
+    };
+    CompatError: {
+      /** @constant */
+      success: false;
+      /** @description the HTTP status */
+      code: number;
+      /** @description names the field */
+      message: string;
+      data: null;
+      field?: string;
+      /** @description Torpor's stable error code */
+      error?: string;
+    };
     TemplateSpec: {
       name: string;
       image: string;
@@ -991,6 +1708,7 @@ export interface components {
         | 'ALREADY_EXISTS'
         | 'CONFLICT'
         | 'FAILED_PRECONDITION'
+        | 'LEASE_LOST'
         | 'PAYLOAD_TOO_LARGE'
         | 'IMAGE_REJECTED'
         | 'SNAPSHOT_CORRUPT'

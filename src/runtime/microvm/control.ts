@@ -1,0 +1,113 @@
+// The host end of the guest control channel (virtio-serial port "torpor.0", a unix socket on the host): one
+// request per line, answered by the guest init (guest/init.sh) with the same sequence number. Fields are base64
+// ("-" = empty) so that arguments may hold spaces and newlines.
+import type { Socket } from 'node:net';
+import { TorporError } from '../../core/errors.ts';
+import { connectWhenReady, readLines } from './unix-socket.ts';
+
+const b64 = (text: string): string => (text === '' ? '-' : Buffer.from(text).toString('base64'));
+const unb64 = (field: string | undefined): Buffer =>
+  field === undefined || field === '-' ? Buffer.alloc(0) : Buffer.from(field, 'base64');
+
+export interface GuestExecResult {
+  exitCode: number;
+  stdout: Buffer;
+  stderr: Buffer;
+}
+
+interface Pending {
+  resolve: (fields: string[]) => void;
+  reject: (err: Error) => void;
+  timer: NodeJS.Timeout;
+}
+
+export class GuestControl {
+  private readonly socket: Socket;
+  private readonly pending = new Map<number, Pending>();
+  private seq = 0;
+  private closed = false;
+
+  private constructor(socket: Socket) {
+    this.socket = socket;
+    readLines(socket, (line) => this.onLine(line));
+    socket.on('close', () => {
+      this.closed = true;
+      for (const [seq, p] of this.pending) {
+        clearTimeout(p.timer);
+        p.reject(new TorporError('RUNTIME_ERROR', 'guest control channel closed'));
+        this.pending.delete(seq);
+      }
+    });
+    socket.on('error', () => undefined);
+  }
+
+  static async connect(path: string, timeoutMs: number, alive: () => boolean): Promise<GuestControl> {
+    return new GuestControl(await connectWhenReady(path, timeoutMs, alive));
+  }
+
+  private onLine(line: string): void {
+    const fields = line.split(' ');
+    const seq = Number(fields[0]);
+    const p = this.pending.get(seq);
+    if (!p) return; // an answer to a request that timed out
+    this.pending.delete(seq);
+    clearTimeout(p.timer);
+    if (fields[1] === 'err') p.reject(new TorporError('RUNTIME_ERROR', `guest: ${fields.slice(2).join(' ')}`));
+    else p.resolve(fields.slice(1));
+  }
+
+  /** Sends one request. Requests written before the guest opens its port wait in the socket: the first answer
+   * to a ping is the moment the guest init is serving. */
+  request(verb: string, args: string[], timeoutMs: number): Promise<string[]> {
+    if (this.closed) return Promise.reject(new TorporError('RUNTIME_ERROR', 'guest control channel closed'));
+    const seq = ++this.seq;
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.pending.delete(seq);
+        reject(new TorporError('TIMEOUT', `guest did not answer "${verb}" within ${timeoutMs} ms`));
+      }, timeoutMs);
+      this.pending.set(seq, { resolve, reject, timer });
+      this.socket.write(`${[seq, verb, ...args].join(' ')}\n`);
+    });
+  }
+
+  async ping(timeoutMs: number): Promise<void> {
+    await this.request('ping', [], timeoutMs);
+  }
+
+  async start(
+    opts: { argv: string[]; env: string[]; workDir: string; actorId: string },
+    timeoutMs: number,
+  ): Promise<void> {
+    await this.request(
+      'start',
+      [b64(opts.argv.join('\n')), b64(opts.env.join('\n')), b64(opts.workDir), b64(opts.actorId)],
+      timeoutMs,
+    );
+  }
+
+  /** After a restore: sets the guest's wall clock (it stood still while the VM was suspended) and rewrites the
+   * actor id (a restore may be another actor: a fork), in one round trip. */
+  async resync(date: Date, actorId: string, timeoutMs: number): Promise<void> {
+    // Sent as plain text (the guest writes it with a shell builtin): actor ids are "space/name" DNS labels.
+    if (!/^[a-z0-9_][-a-z0-9_]*\/[a-z0-9][-a-z0-9]*$/.test(actorId)) {
+      throw new TorporError('INVALID_ARGUMENT', `actor id "${actorId}" is not space/name`, { field: 'actorId' });
+    }
+    await this.request('resync', [String(Math.round(date.getTime() / 1000)), actorId], timeoutMs);
+  }
+
+  async exec(argv: string[], timeoutMs: number): Promise<GuestExecResult> {
+    const seconds = Math.max(1, Math.ceil(timeoutMs / 1000));
+    const t0 = performance.now();
+    const fields = await this.request('exec', [b64(argv.join('\n')), String(seconds)], timeoutMs + 5000);
+    // "exit CODE STDOUT STDERR"; the guest's timeout kills with SIGKILL (128 + 9) once the time is up.
+    const exitCode = Number(fields[1]);
+    if (exitCode === 137 && performance.now() - t0 >= seconds * 1000)
+      throw new TorporError('TIMEOUT', `command timed out after ${timeoutMs} ms`);
+    return { exitCode, stdout: unb64(fields[2]), stderr: unb64(fields[3]) };
+  }
+
+  close(): void {
+    this.socket.destroy();
+  }
+}

@@ -1,0 +1,397 @@
+// Micro-VM runtime: each activation is a VM driven directly by Torpor through a VMM driver (QEMU here; Cloud
+// Hypervisor behind the same interface), with no containerd and no shim. The guest kernel and initramfs come
+// from the runtime's assets; the image's rootfs is a read-only disk under an overlay in guest RAM, so the actor's
+// writes travel with the memory snapshot. eth0 sits at the stable actor address on a tap in the activation's
+// interior network namespace. A virtio-serial channel to the guest init starts the workload, runs exec, answers
+// readiness and resynchronises the clock and the actor id after a restore.
+import { createHash } from 'node:crypto';
+import { existsSync } from 'node:fs';
+import { mkdir, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { TorporError } from '../../core/errors.ts';
+import { elapsedMs } from '../../core/time.ts';
+import type { Phases } from '../../core/types.ts';
+import { processRunning } from '../../sys/process.ts';
+import { run as runProgram } from '../../sys/run.ts';
+import { mergeEnv, processArgs } from '../gvisor/spec.ts';
+import type {
+  ActivationSpec,
+  CheckpointResult,
+  ExecResult,
+  OutputListener,
+  Sandbox,
+  SandboxRuntime,
+} from '../runtime.ts';
+import { GuestControl } from './control.ts';
+import { ensureRootDisk } from './disk.ts';
+import { MEMORY_FILE, type Vm, type VmConfig, type VmmDriver } from './vmm.ts';
+
+/** The guest's side of the activation network (the same on every worker: see src/net/worker-net.ts). */
+export interface GuestNetwork {
+  address: string;
+  prefix: number;
+  gateway: string;
+  mac: string;
+  /** The tap device in the activation's interior namespace. */
+  tap: string;
+}
+
+export interface MicrovmRuntimeOptions {
+  driver: VmmDriver;
+  kernel: string;
+  initrd: string;
+  accel: 'kvm' | 'tcg';
+  /** Per worker: one directory per sandbox (VMM sockets, logs), so `list` and leftovers are scoped to a slot. */
+  stateRoot: string;
+  /** Root disks built from image rootfs directories, shared by every worker of the machine. */
+  diskCache: string;
+  /** Guest RAM files: a tmpfs (default /dev/shm/torpor), so guest memory is never written back to a disk. */
+  memoryDir?: string;
+  network: GuestNetwork;
+  /** How long a booted guest may take until its init answers (TCG boots take ~2 s on a quiet host). */
+  bootTimeoutMs?: number;
+}
+
+/** The device model of a snapshot (vm.json), checked at restore. */
+interface VmRecord {
+  version: 1;
+  driver: string;
+  accel: 'kvm' | 'tcg';
+  memoryMiB: number;
+  vcpus: number;
+  diskSha256: string;
+  cmdline: string;
+  mac: string;
+}
+const VM_RECORD = 'vm.json';
+const CONTROL_TIMEOUT_MS = 10_000;
+
+interface Running {
+  vm: Vm;
+  control?: GuestControl;
+  config: VmConfig;
+  /** Set before Torpor itself stops the VMM: any other exit is a crash. */
+  stopping: boolean;
+}
+
+/** The host's TSC rate for the kernel command line: a TCG guest calibrating its own clock on a busy host may
+ * hang or drift. */
+async function hostTscKhz(): Promise<number | undefined> {
+  const info = await readFile('/proc/cpuinfo', 'utf8').catch(() => '');
+  const mhz = /^cpu MHz\s*:\s*([\d.]+)/m.exec(info)?.[1];
+  return mhz ? Math.round(Number(mhz) * 1000) : undefined;
+}
+
+/** Moves a file, copying (sparse: a guest's untouched RAM is holes) when source and target are on different
+ * file systems (guest RAM on tmpfs, checkpoints on disk). */
+async function moveFile(from: string, to: string): Promise<void> {
+  try {
+    await rename(from, to);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'EXDEV') throw err;
+    await runProgram('cp', ['--sparse=always', from, to], { label: 'cp guest memory', timeoutMs: 120_000 });
+    await rm(from, { force: true });
+  }
+}
+
+export class MicrovmRuntime implements SandboxRuntime {
+  readonly name = 'microvm' as const;
+  private readonly opts: MicrovmRuntimeOptions;
+  private readonly running = new Map<string, Running>();
+  private readonly exitListeners = new Set<(id: string, why: string) => void>();
+
+  constructor(opts: MicrovmRuntimeOptions) {
+    this.opts = opts;
+  }
+
+  private get memoryDir(): string {
+    return this.opts.memoryDir ?? '/dev/shm/torpor';
+  }
+
+  private runDir(id: string): string {
+    return join(this.opts.stateRoot, id);
+  }
+
+  /** Unix socket paths must fit in 108 bytes; a run directory under a data directory may not. */
+  private socketDir(id: string): string {
+    return join('/run/torpor-vm', createHash('sha256').update(this.runDir(id)).digest('hex').slice(0, 16));
+  }
+
+  private ramFile(id: string): string {
+    return join(this.memoryDir, `${id}.ram`);
+  }
+
+  private async cmdline(): Promise<string> {
+    const n = this.opts.network;
+    const parts = ['console=ttyS0', 'loglevel=1', 'panic=-1', `torpor.ip=${n.address}/${n.prefix}`];
+    parts.push(`torpor.gw=${n.gateway}`);
+    if (this.opts.accel === 'tcg') {
+      const khz = await hostTscKhz();
+      if (khz) parts.push(`tsc_early_khz=${khz}`, 'tsc=reliable');
+    }
+    return parts.join(' ');
+  }
+
+  private vmConfig(spec: ActivationSpec, disk: string, memory: VmConfig['memory'], model: VmRecord): VmConfig {
+    return {
+      id: spec.id,
+      // The activation's asset set (pinned by its snapshot, for a restore) names the guest and the VMM; the
+      // runtime's own paths are the fallback for callers without one.
+      kernel: spec.assets.kernel ?? this.opts.kernel,
+      initrd: spec.assets.initrd ?? this.opts.initrd,
+      ...(spec.assets.qemu ? { vmm: spec.assets.qemu } : {}),
+      ...(spec.assets['qemu-tcg'] ? { tcgModule: spec.assets['qemu-tcg'] } : {}),
+      ...(spec.assets.bios ? { firmware: spec.assets.bios } : {}),
+      cmdline: model.cmdline,
+      memoryMiB: model.memoryMiB,
+      vcpus: model.vcpus,
+      disk,
+      netnsPath: spec.netnsPath,
+      tap: this.opts.network.tap,
+      mac: model.mac,
+      runDir: this.runDir(spec.id),
+      socketDir: this.socketDir(spec.id),
+      consoleLog: spec.logFile,
+      memory,
+      accel: model.accel,
+    };
+  }
+
+  /** Registers a started VMM and watches it: an exit Torpor did not ask for is reported to the listeners. */
+  private supervise(id: string, vm: Vm, config: VmConfig): Running {
+    const entry: Running = { vm, config, stopping: false };
+    this.running.set(id, entry);
+    void vm.exited.then((how) => {
+      if (this.running.get(id) === entry) this.running.delete(id);
+      if (entry.stopping) return;
+      entry.control?.close();
+      for (const l of this.exitListeners) l(id, `VMM exited unexpectedly (${how})`);
+    });
+    return entry;
+  }
+
+  onUnexpectedExit(listener: (id: string, why: string) => void): void {
+    this.exitListeners.add(listener);
+  }
+
+  private async prepare(spec: ActivationSpec) {
+    await this.destroy(spec.id);
+    const disk = await ensureRootDisk(spec.rootfs, this.opts.diskCache);
+    await mkdir(this.runDir(spec.id), { recursive: true });
+    await mkdir(this.socketDir(spec.id), { recursive: true });
+    await mkdir(this.memoryDir, { recursive: true });
+    await writeFile(join(this.runDir(spec.id), 'owner'), `${process.pid}\n`);
+    return disk;
+  }
+
+  async run(spec: ActivationSpec): Promise<Sandbox> {
+    const disk = await this.prepare(spec);
+    const model: VmRecord = {
+      version: 1,
+      driver: this.opts.driver.name,
+      accel: this.opts.accel,
+      memoryMiB: spec.memoryMiB,
+      vcpus: spec.vcpus,
+      diskSha256: disk.sha256,
+      cmdline: await this.cmdline(),
+      mac: this.opts.network.mac,
+    };
+    await writeFile(join(this.runDir(spec.id), VM_RECORD), JSON.stringify(model));
+    const config = this.vmConfig(spec, disk.path, { path: this.ramFile(spec.id), shared: true }, model);
+    const vm = await this.opts.driver.boot(config).catch(async (err: unknown) => {
+      throw await this.failure('boot', spec, err);
+    });
+    await this.writePid(spec.id, vm.pid);
+    const entry = this.supervise(spec.id, vm, config);
+    try {
+      entry.control = await GuestControl.connect(vm.controlSocket, CONTROL_TIMEOUT_MS, () => vm.running());
+      await entry.control.ping(this.opts.bootTimeoutMs ?? 30_000);
+      await entry.control.start(
+        {
+          argv: processArgs(spec),
+          env: mergeEnv(spec.image.env, spec.env),
+          workDir: spec.image.workingDir || '/',
+          actorId: spec.actorId,
+        },
+        CONTROL_TIMEOUT_MS,
+      );
+    } catch (err) {
+      const failure = await this.failure('boot', spec, err);
+      await this.destroy(spec.id);
+      throw failure;
+    }
+    return { id: spec.id, spec, logFile: spec.logFile };
+  }
+
+  async checkpoint(sandbox: Sandbox, dir: string): Promise<CheckpointResult> {
+    const entry = this.running.get(sandbox.id);
+    if (!entry) throw new TorporError('FAILED_PRECONDITION', `VM ${sandbox.id} is not running`, { field: 'sandbox' });
+    const phases: Phases = {};
+    await rm(dir, { recursive: true, force: true });
+    await mkdir(dir, { recursive: true });
+    let t0 = performance.now();
+    await entry.vm.pause();
+    phases.pause = elapsedMs(t0);
+    t0 = performance.now();
+    const files = await entry.vm.snapshot(dir);
+    phases.snapshot = elapsedMs(t0);
+    t0 = performance.now();
+    // Guest RAM in a shared file is the snapshot's memory as it stands (the VM is paused): move it, not copy it
+    // (unless the checkpoint lives on another file system). RAM mapped privately travelled in the stream.
+    if (this.opts.driver.ramInFile && entry.config.memory.shared) {
+      await moveFile(entry.config.memory.path, join(dir, MEMORY_FILE));
+      files.push(MEMORY_FILE);
+    }
+    // The device model travels with the snapshot: a restore rebuilds the same one (and refuses another disk).
+    const record = await readFile(join(this.runDir(sandbox.id), VM_RECORD));
+    await writeFile(join(dir, VM_RECORD), record);
+    phases.capture = elapsedMs(t0);
+    t0 = performance.now();
+    entry.stopping = true;
+    entry.control?.close();
+    await entry.vm.shutdown();
+    phases.shutdown = elapsedMs(t0);
+    t0 = performance.now();
+    await this.removeLeftovers(sandbox.id);
+    phases.teardown = elapsedMs(t0);
+    return { files: [...files, VM_RECORD].sort(), phases };
+  }
+
+  async restore(spec: ActivationSpec, dir: string, files: string[]): Promise<{ sandbox: Sandbox; phases: Phases }> {
+    const phases: Phases = {};
+    let t0 = performance.now();
+    const listed = files.length > 0 ? files : await readdir(dir);
+    const model = JSON.parse(await readFile(join(dir, VM_RECORD), 'utf8')) as VmRecord;
+    const disk = await this.prepare(spec);
+    if (model.diskSha256 !== disk.sha256) {
+      throw new TorporError(
+        'RUNTIME_ERROR',
+        `the snapshot's root disk (sha256 ${model.diskSha256.slice(0, 12)}) differs from this node's build of the image (${disk.sha256.slice(0, 12)})`,
+        { field: 'rootfs' },
+      );
+    }
+    if (model.accel !== this.opts.accel || model.driver !== this.opts.driver.name) {
+      throw new TorporError(
+        'RUNTIME_ERROR',
+        `snapshot taken with ${model.driver}/${model.accel}, this worker runs ${this.opts.driver.name}/${this.opts.accel}`,
+        { field: 'runtime' },
+      );
+    }
+    await writeFile(join(this.runDir(spec.id), VM_RECORD), JSON.stringify(model));
+    // The snapshot's memory file is mapped copy-on-write (never modified: forks and kept copies share it); a
+    // snapshot without one carried guest RAM in its stream, which then lands in a fresh shared file.
+    const memory =
+      listed.includes(MEMORY_FILE) || !this.opts.driver.ramInFile
+        ? { path: join(dir, MEMORY_FILE), shared: false }
+        : { path: this.ramFile(spec.id), shared: true };
+    const config = this.vmConfig(spec, disk.path, memory, model);
+    phases.prepare = elapsedMs(t0);
+    t0 = performance.now();
+    let control: GuestControl | undefined;
+    const connectControl = async (started: Vm) => {
+      control = await GuestControl.connect(started.controlSocket, CONTROL_TIMEOUT_MS, () => started.running());
+    };
+    const vm = await this.opts.driver.restore(config, dir, listed, connectControl).catch(async (err: unknown) => {
+      control?.close();
+      throw await this.failure('restore', spec, err);
+    });
+    await this.writePid(spec.id, vm.pid);
+    const entry = this.supervise(spec.id, vm, config);
+    entry.control = control;
+    phases.restore = elapsedMs(t0);
+    try {
+      t0 = performance.now();
+      if (!entry.control) throw new TorporError('RUNTIME_ERROR', 'guest control channel not connected');
+      await vm.resume();
+      phases.resume = elapsedMs(t0);
+      t0 = performance.now();
+      // The guest's clock stood still while it was suspended, and the actor may be someone else now (a fork).
+      await entry.control.resync(new Date(), spec.actorId, CONTROL_TIMEOUT_MS);
+      phases.resync = elapsedMs(t0);
+    } catch (err) {
+      const failure = await this.failure('restore', spec, err);
+      await this.destroy(spec.id);
+      throw failure;
+    }
+    return { sandbox: { id: spec.id, spec, logFile: spec.logFile }, phases };
+  }
+
+  async exec(sandbox: Sandbox, command: string[], timeoutMs: number, onOutput?: OutputListener): Promise<ExecResult> {
+    const control = this.running.get(sandbox.id)?.control;
+    if (!control) throw new TorporError('FAILED_PRECONDITION', 'actor is not running', { field: 'status' });
+    if (command.length === 0) throw new TorporError('INVALID_ARGUMENT', 'command is empty', { field: 'command' });
+    const r = await control.exec(command, timeoutMs);
+    if (r.stdout.length > 0) onOutput?.('stdout', r.stdout);
+    if (r.stderr.length > 0) onOutput?.('stderr', r.stderr);
+    return { exitCode: r.exitCode, stdout: r.stdout.toString(), stderr: r.stderr.toString() };
+  }
+
+  async alive(id: string): Promise<boolean> {
+    const entry = this.running.get(id);
+    if (entry) return entry.vm.running();
+    const pid = await this.recordedPid(id);
+    return pid !== undefined && (await this.ownsProcess(id, pid));
+  }
+
+  async destroy(id: string): Promise<void> {
+    const entry = this.running.get(id);
+    if (entry) {
+      entry.stopping = true;
+      entry.control?.close();
+      entry.vm.kill();
+      await Promise.race([entry.vm.exited, new Promise((r) => setTimeout(r, 10_000).unref())]);
+      this.running.delete(id);
+    } else {
+      // A VMM left by an earlier process (its pid recorded in the run directory).
+      const pid = await this.recordedPid(id);
+      if (pid !== undefined && (await this.ownsProcess(id, pid))) {
+        process.kill(pid, 'SIGKILL');
+        for (let i = 0; i < 1000 && (await processRunning(pid)); i++) await new Promise((r) => setTimeout(r, 10));
+      }
+    }
+    await this.removeLeftovers(id);
+  }
+
+  async list(): Promise<string[]> {
+    const entries = await readdir(this.opts.stateRoot, { withFileTypes: true }).catch(() => []);
+    return entries.filter((e) => e.isDirectory()).map((e) => e.name);
+  }
+
+  private async removeLeftovers(id: string): Promise<void> {
+    await rm(this.runDir(id), { recursive: true, force: true });
+    await rm(this.socketDir(id), { recursive: true, force: true });
+    await rm(this.ramFile(id), { force: true });
+  }
+
+  private async writePid(id: string, pid: number): Promise<void> {
+    await writeFile(join(this.runDir(id), 'pid'), `${pid}\n`);
+  }
+
+  private async recordedPid(id: string): Promise<number | undefined> {
+    const text = await readFile(join(this.runDir(id), 'pid'), 'utf8').catch(() => '');
+    const pid = Number.parseInt(text, 10);
+    return Number.isInteger(pid) && pid > 0 ? pid : undefined;
+  }
+
+  /** Whether `pid` is this sandbox's VMM (and not a recycled pid): its command line names its socket directory. */
+  private async ownsProcess(id: string, pid: number): Promise<boolean> {
+    if (!(await processRunning(pid))) return false;
+    const cmdline = await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '');
+    return cmdline.includes(this.socketDir(id));
+  }
+
+  /** A boot or restore error with the tail of what the VMM and the guest console said. */
+  private async failure(what: string, spec: ActivationSpec, err: unknown): Promise<TorporError> {
+    const tail = async (path: string) =>
+      existsSync(path) ? (await readFile(path, 'utf8')).trim().split('\n').slice(-3).join(' | ') : '';
+    const vmm = await tail(join(this.runDir(spec.id), 'qemu.log'));
+    const guest = await tail(spec.logFile);
+    const message = err instanceof Error ? err.message : String(err);
+    const details = [vmm && `VMM: ${vmm}`, guest && `guest: ${guest}`].filter(Boolean).join('; ');
+    return new TorporError(
+      err instanceof TorporError && err.code === 'TIMEOUT' ? 'TIMEOUT' : 'RUNTIME_ERROR',
+      `micro-VM ${what} failed: ${message}${details ? ` (${details})` : ''}`,
+      { cause: err },
+    );
+  }
+}
