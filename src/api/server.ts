@@ -6,6 +6,7 @@ import { parse as parseYaml } from 'yaml';
 import type { Lifecycle } from '../control/lifecycle.ts';
 import type { Metrics } from '../control/metrics.ts';
 import { asTorporError, ERROR_STATUS, TorporError } from '../core/errors.ts';
+import { listQuery, parse } from '../core/schemas.ts';
 import { withCallerTrace } from '../core/trace.ts';
 import { DEFAULT_SPACE } from '../core/types.ts';
 import type { Engine } from '../engine/engine.ts';
@@ -185,7 +186,7 @@ export function buildApi(opts: ApiOptions) {
     req.raw.once('close', end);
     shutdown.signal.addEventListener('abort', end, { once: true });
   });
-  app.get('/v1/workers', async (req) => store.listWorkers(req.query as { limit?: number; cursor?: string }));
+  app.get('/v1/workers', async (req) => store.listWorkers(parse(listQuery, req.query ?? {})));
   app.get<{ Querystring: { limit?: string; space?: string; actor?: string } }>('/v1/operations', async (req) => {
     const limit = req.query.limit === undefined ? undefined : Number(req.query.limit);
     if (limit !== undefined && !(Number.isInteger(limit) && limit >= 1 && limit <= 500)) {

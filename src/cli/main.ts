@@ -1,11 +1,21 @@
 // The `torpor` command: `up` runs the embedded deployment; everything else talks to a server over REST.
 import { readFileSync } from 'node:fs';
-import { dirname, isAbsolute, resolve } from 'node:path';
+import { dirname, isAbsolute, join, resolve } from 'node:path';
 import { Command, Option } from 'commander';
 import { parse as parseYaml, stringify as stringifyYaml } from 'yaml';
 import { asTorporError, TorporError } from '../core/errors.ts';
 import { type Actor, DEFAULT_SPACE, type Operation } from '../core/types.ts';
 import { ApiClient } from './client.ts';
+import {
+  type AgentFlags,
+  ackSettingsFrom,
+  addAckOptions,
+  addAgentOptions,
+  addKubeOptions,
+  agentSettings,
+  ENGINE_CHOICES,
+  kubeOptions,
+} from './kube-flags.ts';
 import { describeActor, type Kind, type OutputFormat, render } from './output.ts';
 import { withTransferProgress } from './transfers.ts';
 
@@ -51,7 +61,7 @@ function integerFlag(name: string, value: string, min: number, max: number): num
   return n;
 }
 
-interface UpFlags {
+interface UpFlags extends AgentFlags {
   dataDir: string;
   host: string;
   port: string;
@@ -74,6 +84,9 @@ interface UpFlags {
   engine: string;
   scheduleType?: string;
   standardUrl?: string;
+  kubeconfig?: string;
+  context?: string;
+  watchNamespace?: string;
   mcpPort: string;
   apiKey?: string[];
 }
@@ -96,7 +109,7 @@ function ingressTokens(flags: string[] | undefined): Record<string, string> | un
   return pairs.length > 0 ? Object.fromEntries(pairs) : undefined;
 }
 
-program
+const upCommand = program
   .command('up')
   .description('run Torpor on this machine (API, local engine, reconciler)')
   .option('--data-dir <dir>', 'where state, snapshots and caches live', '/var/lib/torpor')
@@ -125,12 +138,17 @@ program
     'require Authorization: Bearer <token> for actors of a space (repeatable)',
   )
   .addOption(
-    new Option('--engine <engine>', 'engine behind the AEnvironment API (/env-instance, /aenvironment/instance)')
-      .choices(['local', 'standard'])
+    new Option(
+      '--engine <engine>',
+      'engine: local (this machine), k8s (a Kubernetes cluster: pools, templates), ack (Alibaba Cloud ACK), standard',
+    )
+      .choices(ENGINE_CHOICES)
       .default('local'),
   )
   .addOption(
-    new Option('--schedule-type <engine>', "alias of --engine (AEnvironment's name)").choices(['local', 'standard']),
+    new Option('--schedule-type <engine>', "alias of --engine (AEnvironment's name; alicloud-k8s = ack)").choices(
+      ENGINE_CHOICES,
+    ),
   )
   .option('--standard-url <url>', 'with --engine standard: the engine serving the standard contract')
   .option(
@@ -143,56 +161,176 @@ program
     'require Authorization: Bearer <key> on the AEnvironment API, the key speaking for owner ("*": a service ' +
       'that states the owner in X-Owner); repeatable, or TORPOR_API_KEYS=owner=key,…',
   )
-  .option('--sample', 'create the sample "counter" template and actor')
-  .action(async (o: UpFlags) => {
-    const { up } = await import('./up.ts');
-    const torpor = await up({
-      dataDir: o.dataDir,
-      host: o.host,
-      port: integerFlag('port', o.port, 0, 65535),
-      workers: integerFlag('workers', o.workers, 1, 64),
-      nodes: integerFlag('nodes', o.nodes, 1, 16),
-      microvmWorkers: integerFlag('microvm-workers', o.microvmWorkers, 0, 64),
-      networkBase: integerFlag('network-base', o.networkBase, 0, 255),
-      routerPort: integerFlag('router-port', o.routerPort, 0, 65535),
-      domain: o.domain,
-      queueSize: integerFlag('queue-size', o.queueSize, 1, 1_000_000),
-      queueDeadlineMs: integerFlag('queue-deadline', o.queueDeadline, 1, 3600) * 1000,
-      upstreamTimeoutMs: integerFlag('upstream-timeout', o.upstreamTimeout, 1, 86400) * 1000,
-      maxBodyBytes: integerFlag('max-body', o.maxBody, 1, 65536) * 1024 * 1024,
-      ...(ingressTokens(o.ingressToken) ? { ingressTokens: ingressTokens(o.ingressToken)! } : {}),
-      ...(o.runsc ? { runsc: o.runsc } : {}),
-      ...(o.assets ? { assets: o.assets } : {}),
-      ...(o.layerCacheMib
-        ? { layerCacheBytes: integerFlag('layer-cache-mib', o.layerCacheMib, 1, 1 << 24) * 1024 * 1024 }
-        : {}),
-      ...(o.rootfsCacheMib
-        ? { rootfsCacheBytes: integerFlag('rootfs-cache-mib', o.rootfsCacheMib, 1, 1 << 24) * 1024 * 1024 }
-        : {}),
-      engine: (o.scheduleType ?? o.engine) as 'local' | 'standard',
-      ...(o.standardUrl ? { standardUrl: o.standardUrl } : {}),
-      // The key this Torpor presents to its standard engine: from the environment only, never a flag.
-      ...(process.env.TORPOR_STANDARD_API_KEY ? { standardApiKey: process.env.TORPOR_STANDARD_API_KEY } : {}),
-      mcpPort: integerFlag('mcp-port', o.mcpPort, 0, 65535),
-      apiKeys: secretPairs(o.apiKey, 'TORPOR_API_KEYS', 'api-key', 'owner=key'),
-    });
-    process.stderr.write(`Torpor API listening on ${torpor.url} (dashboard: ${torpor.url}/dashboard/)\n`);
-    process.stderr.write(`Torpor router listening on ${torpor.routerUrl} (Host: <actor>.<space>.actors.${o.domain})\n`);
-    if (torpor.mcpUrl) process.stderr.write(`Torpor MCP gateway listening on ${torpor.mcpUrl}\n`);
-    if (o.sample) {
-      const { createSample } = await import('./sample.ts');
-      await createSample(torpor.lifecycle, resolve(o.dataDir), `${o.domain}:${new URL(torpor.routerUrl).port}`);
+  .option('--sample', 'create the sample "counter" template and actor');
+addAckOptions(addAgentOptions(addKubeOptions(upCommand))).action(async (o: UpFlags & Record<string, unknown>) => {
+  const { up } = await import('./up.ts');
+  const { ENGINE_ALIASES } = await import('../engine/k8s/engine.ts');
+  const engine = ENGINE_ALIASES[o.scheduleType ?? o.engine]!;
+  const kubeEngine =
+    engine === 'k8s' || engine === 'ack'
+      ? {
+          engine,
+          kube: kubeOptions(o),
+          ...(engine === 'ack' ? { ack: await ackSettingsFrom(o) } : {}),
+          ...(o.watchNamespace ? { namespace: o.watchNamespace } : {}),
+        }
+      : undefined;
+  const torpor = await up({
+    dataDir: o.dataDir,
+    host: o.host,
+    port: integerFlag('port', o.port, 0, 65535),
+    workers: integerFlag('workers', o.workers, 1, 64),
+    nodes: integerFlag('nodes', o.nodes, 1, 16),
+    microvmWorkers: integerFlag('microvm-workers', o.microvmWorkers, 0, 64),
+    networkBase: integerFlag('network-base', o.networkBase, 0, 255),
+    routerPort: integerFlag('router-port', o.routerPort, 0, 65535),
+    domain: o.domain,
+    queueSize: integerFlag('queue-size', o.queueSize, 1, 1_000_000),
+    queueDeadlineMs: integerFlag('queue-deadline', o.queueDeadline, 1, 3600) * 1000,
+    upstreamTimeoutMs: integerFlag('upstream-timeout', o.upstreamTimeout, 1, 86400) * 1000,
+    maxBodyBytes: integerFlag('max-body', o.maxBody, 1, 65536) * 1024 * 1024,
+    ...(ingressTokens(o.ingressToken) ? { ingressTokens: ingressTokens(o.ingressToken)! } : {}),
+    ...(o.runsc ? { runsc: o.runsc } : {}),
+    ...(o.assets ? { assets: o.assets } : {}),
+    ...(o.layerCacheMib
+      ? { layerCacheBytes: integerFlag('layer-cache-mib', o.layerCacheMib, 1, 1 << 24) * 1024 * 1024 }
+      : {}),
+    ...(o.rootfsCacheMib
+      ? { rootfsCacheBytes: integerFlag('rootfs-cache-mib', o.rootfsCacheMib, 1, 1 << 24) * 1024 * 1024 }
+      : {}),
+    engine,
+    ...(o.standardUrl ? { standardUrl: o.standardUrl } : {}),
+    // The key this Torpor presents to its standard engine: from the environment only, never a flag.
+    ...(process.env.TORPOR_STANDARD_API_KEY ? { standardApiKey: process.env.TORPOR_STANDARD_API_KEY } : {}),
+    mcpPort: integerFlag('mcp-port', o.mcpPort, 0, 65535),
+    apiKeys: secretPairs(o.apiKey, 'TORPOR_API_KEYS', 'api-key', 'owner=key'),
+    ...(kubeEngine
+      ? {
+          kube: {
+            ...kubeEngine,
+            agent: (url: string, blobUrl: string) => agentSettings(o, { serverUrl: url, blobUrl }),
+          },
+        }
+      : {}),
+  });
+  process.stderr.write(`Torpor API listening on ${torpor.url} (dashboard: ${torpor.url}/dashboard/)\n`);
+  process.stderr.write(`Torpor router listening on ${torpor.routerUrl} (Host: <actor>.<space>.actors.${o.domain})\n`);
+  if (torpor.mcpUrl) process.stderr.write(`Torpor MCP gateway listening on ${torpor.mcpUrl}\n`);
+  if (o.sample) {
+    const { createSample } = await import('./sample.ts');
+    await createSample(torpor.lifecycle, resolve(o.dataDir), `${o.domain}:${new URL(torpor.routerUrl).port}`);
+  }
+  const shutdown = () => {
+    process.stderr.write('Torpor stopping: suspending running actors…\n');
+    torpor.stop().then(
+      () => process.exit(0),
+      () => process.exit(1),
+    );
+  };
+  process.once('SIGINT', shutdown);
+  process.once('SIGTERM', shutdown);
+});
+
+// ------------------------------------------------------------------ install
+
+const installCommand = program
+  .command('install')
+  .description('render deploy/ and apply it to a Kubernetes cluster (server-side apply, CRDs first)')
+  .addOption(
+    new Option('--engine <engine>', 'k8s, or ack (Alibaba Cloud ACK: deploy/ack)')
+      .choices(['k8s', 'ack', 'alicloud-k8s'])
+      .default('k8s'),
+  )
+  .addOption(new Option('--schedule-type <engine>', 'alias of --engine').choices(['k8s', 'ack', 'alicloud-k8s']))
+  .option('--dry-run', 'print the manifests instead of applying them (no cluster is contacted)')
+  .option('--namespace <ns>', 'namespace for Torpor', 'torpor')
+  .option('--image <image>', 'the torpor image (server, router, worker pods)')
+  .option('--blob <url>', 'snapshot store URL for torpor-config (credentials: the Secret torpor-blob)')
+  .option('--domain <domain>', 'router domain for torpor-config');
+addAckOptions(addKubeOptions(installCommand)).action(async (o: Record<string, unknown>) => {
+  const { DEPLOY_DIR, applyInstall, renderInstall, toYaml } = await import('../engine/k8s/install.ts');
+  const { ENGINE_ALIASES, connectCluster } = await import('../engine/k8s/engine.ts');
+  const engine = ENGINE_ALIASES[String(o.scheduleType ?? o.engine)] === 'ack' ? 'ack' : 'k8s';
+  const config: Record<string, string> = {};
+  if (o.blob) config.blob = String(o.blob);
+  if (o.domain) config.domain = String(o.domain);
+  const namespace = String(o.namespace);
+  config.server = `http://torpor-server.${namespace}.svc:7070`;
+  config.store = `redis://torpor-redis.${namespace}.svc:6379`;
+  const objects = await renderInstall({
+    dir: engine === 'ack' ? join(DEPLOY_DIR, 'ack') : DEPLOY_DIR,
+    namespace,
+    ...(o.image ? { image: String(o.image) } : {}),
+    config,
+  });
+  if (o.dryRun) {
+    process.stdout.write(toYaml(objects));
+    process.stdout.write(`# plus Secret ${namespace}/torpor-agent-token: a random token generated in the cluster\n`);
+    return;
+  }
+  const { pino } = await import('pino');
+  const log = pino({ name: 'torpor-install' });
+  const cluster = await connectCluster(engine, {
+    kube: kubeOptions(o as { kubeconfig?: string; context?: string }),
+    ...(engine === 'ack' ? { ack: await ackSettingsFrom(o) } : {}),
+    log,
+  });
+  try {
+    await applyInstall(cluster.kube, objects, log);
+  } finally {
+    cluster.close();
+  }
+  process.stderr.write(`Torpor installed in namespace ${namespace} on ${cluster.kube.server()}\n`);
+});
+
+// ------------------------------------------------------------------ controller
+
+const controllerCommand = program
+  .command('controller')
+  .description(
+    'the Kubernetes controller for a Torpor server (--server): WorkerPools become Deployments of agent pods, ' +
+      "Templates are applied to the server, a deleted pool's actors are suspended first",
+  )
+  .addOption(
+    new Option('--engine <engine>', 'k8s, or ack (cluster credentials from Alibaba Cloud ACK)')
+      .choices(['k8s', 'kubernetes', 'ack', 'alicloud-k8s'])
+      .default('k8s'),
+  );
+addAckOptions(addAgentOptions(addKubeOptions(controllerCommand))).action(
+  async (o: AgentFlags & Record<string, unknown>) => {
+    const { ENGINE_ALIASES, startKubeEngine } = await import('../engine/k8s/engine.ts');
+    const { ApiControlPlane } = await import('../engine/k8s/api-control.ts');
+    const { pino } = await import('pino');
+    const engine = ENGINE_ALIASES[String(o.engine)] === 'ack' ? 'ack' : 'k8s';
+    const server = program.opts<{ server: string }>().server;
+    if (!o.agentBlob) {
+      throw new TorporError('INVALID_ARGUMENT', '--agent-blob is required: the blob store URL the server uses', {
+        field: 'agent-blob',
+      });
     }
+    const control = new ApiControlPlane({ url: server });
+    const log = pino({ name: 'torpor-controller' });
+    const running = await startKubeEngine({
+      engine,
+      kube: kubeOptions(o as { kubeconfig?: string; context?: string }),
+      ...(engine === 'ack' ? { ack: await ackSettingsFrom(o) } : {}),
+      ...(o.watchNamespace ? { namespace: String(o.watchNamespace) } : {}),
+      agent: agentSettings(o, { serverUrl: server, blobUrl: o.agentBlob }),
+      pools: control,
+      templates: control,
+      log,
+    });
+    process.stderr.write(`Torpor controller running against ${running.kube.server()} for ${server}\n`);
     const shutdown = () => {
-      process.stderr.write('Torpor stopping: suspending running actors…\n');
-      torpor.stop().then(
+      running.stop().then(
         () => process.exit(0),
         () => process.exit(1),
       );
     };
     process.once('SIGINT', shutdown);
     process.once('SIGTERM', shutdown);
-  });
+  },
+);
 
 // ------------------------------------------------------------------ beyond one machine
 

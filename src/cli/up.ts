@@ -12,7 +12,12 @@ import { Lifecycle } from '../control/lifecycle.ts';
 import { Metrics } from '../control/metrics.ts';
 import { TorporError } from '../core/errors.ts';
 import type { AssetSet } from '../core/schemas.ts';
+import type { AckSettings } from '../engine/ack/settings.ts';
 import type { Engine } from '../engine/engine.ts';
+import { connectCluster, type KubeEngineName, type RunningKubeEngine, startKubeEngine } from '../engine/k8s/engine.ts';
+import type { KubeOptions } from '../engine/k8s/kube.ts';
+import { StorePools } from '../engine/k8s/pools.ts';
+import type { AgentSettings } from '../engine/k8s/render.ts';
 import { LocalEngine, loadMicrovmAssets, localGvisorAssets, localMicrovmAssets, locateRunsc } from '../engine/local.ts';
 import { LocalInstances } from '../engine/local-instances.ts';
 import { StandardEngine } from '../engine/standard.ts';
@@ -56,7 +61,7 @@ export interface UpOptions {
   ingressTokens?: Record<string, string>;
   /** The engine behind the AEnvironment API (/env-instance, /aenvironment/instance): this node's actors
    * (local) or an external service speaking the standard contract at standardUrl. */
-  engine?: 'local' | 'standard';
+  engine?: 'local' | 'standard' | KubeEngineName;
   standardUrl?: string;
   /** Presented to the standard engine as `Authorization: Bearer` (a service key there). */
   standardApiKey?: string;
@@ -64,6 +69,14 @@ export interface UpOptions {
   mcpPort?: number;
   /** [owner, key] pairs: when any, the AEnvironment API needs one of these keys (src/api/compat.ts). */
   apiKeys?: [string, string][];
+  /** With engine k8s or ack: the cluster whose WorkerPools and Templates this control plane reconciles. */
+  kube?: {
+    kube: KubeOptions;
+    ack?: AckSettings;
+    namespace?: string;
+    /** What worker pods get, given this control plane's URL and blob store. */
+    agent: (serverUrl: string, blobUrl: string) => AgentSettings;
+  };
   log?: Logger;
 }
 
@@ -79,6 +92,15 @@ export interface RunningTorpor {
 
 export async function up(opts: UpOptions): Promise<RunningTorpor> {
   const log = opts.log ?? pino({ name: 'torpor' });
+  // A cluster that cannot be reached (or ACK credentials that do not work) fails before anything starts.
+  const cluster =
+    (opts.engine === 'k8s' || opts.engine === 'ack') && opts.kube
+      ? await connectCluster(opts.engine, {
+          kube: opts.kube.kube,
+          ...(opts.kube.ack ? { ack: opts.kube.ack } : {}),
+          log: log.child({ engine: opts.engine }),
+        })
+      : undefined;
   const tracing = startTracing('torpor', log);
   const nodes = opts.nodes ?? 1;
   const microvmWorkers = opts.microvmWorkers ?? 0;
@@ -163,6 +185,23 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
   await api.listen({ host: opts.host, port: opts.port });
   const url = `http://${opts.host}:${listeningPort(api.server)}`;
 
+  // Kubernetes / ACK: WorkerPools become Deployments of agent pods, Templates sync into this store.
+  let kubeEngine: RunningKubeEngine | undefined;
+  if (opts.engine === 'k8s' || opts.engine === 'ack') {
+    if (!opts.kube) throw new TorporError('INVALID_ARGUMENT', `--engine ${opts.engine} needs cluster settings`);
+    kubeEngine = await startKubeEngine({
+      engine: opts.engine,
+      ...(cluster ? { cluster } : {}),
+      kube: opts.kube.kube,
+      ...(opts.kube.ack ? { ack: opts.kube.ack } : {}),
+      ...(opts.kube.namespace ? { namespace: opts.kube.namespace } : {}),
+      agent: opts.kube.agent(url, `file://${join(dataDir, 'blobs')}`),
+      pools: new StorePools({ store, lifecycle, log }),
+      templates: lifecycle,
+      log,
+    });
+  }
+
   const router = await serveRouter({
     store,
     lifecycle,
@@ -193,6 +232,7 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
   const stop = (): Promise<void> => {
     stopping ??= (async () => {
       clearInterval(reconciler);
+      await kubeEngine?.stop();
       await router.close();
       if (mcpServer) {
         mcpServer.closeAllConnections();

@@ -217,5 +217,12 @@ describe('traces, logs and metrics of one resume (gVisor)', { skip }, () => {
     assert.ok(resumes >= 3, `resumes: ${resumes}`);
     assert.equal(value(/^torpor_operation_phase_seconds_count\{operation="resume",phase="ready"\} (\d+)$/m), resumes);
     assert.ok(requests > 0);
+    // Query strings are parsed like every other list's.
+    const page = await fetch(`${t.url}/v1/workers?limit=1000`);
+    assert.equal(page.status, 200);
+    assert.equal(((await page.json()) as { items: unknown[] }).items.length, 1);
+    const bad = await fetch(`${t.url}/v1/workers?limit=0`);
+    assert.equal(bad.status, 400);
+    assert.equal(((await bad.json()) as { error: { field: string } }).error.field, 'limit');
   });
 });

@@ -1,0 +1,249 @@
+// Worker pods for real, without a kubelet: `torpor server` (SQLite store, directory blob store) and `torpor
+// controller` run as processes; the controller renders a WorkerPool's Deployment in a real kube-apiserver; a
+// stand-in kubelet takes that pod template and runs exactly its command and environment (POD_NAME, POD_IP, the
+// bootstrap token from the Secret) as a `torpor agent` in a network namespace of its own, as a pod would have.
+// The agent registers with the server under its pod's name, the pool reports its worker, an actor runs on it, and
+// deleting the pool suspends the actor through the server before the pool goes.
+//
+// Needs a torpor with `server` and `agent` (the distributed commands): this checkout's, or TORPOR_CLI=path/to/bin/
+// torpor.js (the controller always runs from this checkout).
+import assert from 'node:assert/strict';
+import { type ChildProcess, execFile, execFileSync, spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, describe, it } from 'node:test';
+import { promisify } from 'node:util';
+import type { Actor } from '../../src/core/types.ts';
+import { resourcePath } from '../../src/engine/k8s/kube.ts';
+import { deploymentName } from '../../src/engine/k8s/render.ts';
+import { API_VERSION } from '../../src/engine/k8s/resources.ts';
+import { eventually, installCrds, type RunningKube, startKube } from '../engine/k8s/kube-helpers.ts';
+import { counterImage } from '../fixtures/images.ts';
+import { gvisorSkipReason } from './harness.ts';
+
+const run = promisify(execFile);
+const BIN = join(import.meta.dirname, '..', '..', 'bin', 'torpor.js');
+const CLI = process.env.TORPOR_CLI ?? BIN;
+/** The stand-in pod's network index: namespace torpor-node232, address 10.214.232.2. */
+const BASE = 232;
+const POD_IP = `10.214.${BASE}.2`;
+/** The server's address on this host, reachable from the pod's namespace through its uplink. */
+const CONTROL = `10.214.${BASE}.254`;
+const NS = 'default';
+
+function cliSkipReason(): string | undefined {
+  // The command list of `torpor --help`: each command at the start of a line, indented by two spaces.
+  const help = execFileSync(process.execPath, [CLI, '--help'], { encoding: 'utf8' });
+  for (const command of ['server', 'agent', 'node-net']) {
+    if (!new RegExp(`^ {2}${command} `, 'm').test(help)) {
+      return `${CLI} has no \`torpor ${command}\` yet (the distributed commands); set TORPOR_CLI to one that has`;
+    }
+  }
+  return undefined;
+}
+
+const early = gvisorSkipReason() ?? cliSkipReason();
+const started = early ?? (await startKube());
+const skip = typeof started === 'string' ? started : false;
+const k = typeof started === 'string' ? undefined : started;
+
+async function freePort(host: string): Promise<number> {
+  const server = createServer();
+  await new Promise<void>((r) => server.listen(0, host, r));
+  const port = (server.address() as { port: number }).port;
+  await new Promise((r) => server.close(r));
+  return port;
+}
+
+class Proc {
+  readonly child: ChildProcess;
+  output = '';
+  constructor(program: string, args: string[], env: NodeJS.ProcessEnv = {}) {
+    this.child = spawn(program, args, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...env } });
+    this.child.stdout?.on('data', (d: Buffer) => (this.output += d));
+    this.child.stderr?.on('data', (d: Buffer) => (this.output += d));
+  }
+  async stop(): Promise<void> {
+    if (this.child.exitCode !== null || this.child.signalCode !== null) return;
+    const exited = new Promise((r) => this.child.once('exit', r));
+    this.child.kill('SIGTERM');
+    await Promise.race([exited, new Promise((r) => setTimeout(r, 30_000).unref())]);
+    if (this.child.exitCode === null) this.child.kill('SIGKILL');
+  }
+}
+
+interface Container {
+  command: string[];
+  env?: {
+    name: string;
+    value?: string;
+    valueFrom?: { fieldRef?: { fieldPath: string }; secretKeyRef?: { name: string; key: string } };
+  }[];
+  volumeMounts?: { name: string; mountPath: string }[];
+}
+
+describe('worker pods run by a stand-in kubelet: torpor agent registers, serves, drains', { skip }, () => {
+  let dir: string;
+  let serverUrl: string;
+  let server: Proc | undefined;
+  let controller: Proc | undefined;
+  let agent: Proc | undefined;
+  const kube = () => (k as RunningKube).kube;
+  const api = async <T>(method: string, path: string, body?: unknown): Promise<T> => {
+    const res = await fetch(serverUrl + path, {
+      method,
+      headers: body === undefined ? {} : { 'content-type': 'application/json' },
+      ...(body === undefined ? {} : { body: JSON.stringify(body) }),
+    });
+    const text = await res.text();
+    if (!res.ok) throw new Error(`${method} ${path}: ${res.status} ${text}`);
+    return JSON.parse(text) as T;
+  };
+
+  before(async () => {
+    dir = await mkdtemp(join(tmpdir(), 'torpor-k8s-agent-'));
+    const token = randomBytes(24).toString('hex');
+    const tokenFile = join(dir, 'agent-token');
+    await writeFile(tokenFile, token, { mode: 0o600 });
+    await installCrds(kube());
+    await kube().request('POST', resourcePath('v1', 'secrets', NS), {
+      body: { apiVersion: 'v1', kind: 'Secret', metadata: { name: 'torpor-agent-token' }, stringData: { token } },
+    });
+    await run('ip', ['addr', 'replace', `${CONTROL}/32`, 'dev', 'lo']);
+    serverUrl = `http://${CONTROL}:${await freePort(CONTROL)}`;
+    const blobs = join(dir, 'blobs');
+    server = new Proc(process.execPath, [
+      CLI,
+      'server',
+      ...['--store', `sqlite:${join(dir, 'state.db')}`, '--blob', blobs, '--host', CONTROL],
+      ...['--port', new URL(serverUrl).port, '--agent-token-file', tokenFile, '--data-dir', join(dir, 'server')],
+    ]);
+    await eventually(async () => ((await fetch(`${serverUrl}/healthz`)).ok ? true : undefined), 30_000, 'server');
+    controller = new Proc(process.execPath, [
+      BIN,
+      'controller',
+      ...['--server', serverUrl, '--kubeconfig', k!.kubeconfig, '--watch-namespace', NS],
+      ...['--agent-blob', blobs, '--agent-network-base', String(BASE), '--agent-image', 'torpor:test'],
+    ]);
+    await eventually(
+      async () => (controller!.output.includes('controller running') ? true : undefined),
+      30_000,
+      'controller',
+    );
+  });
+
+  after(async () => {
+    await agent?.stop();
+    await controller?.stop();
+    await server?.stop();
+    await run(process.execPath, [CLI, 'node-net', 'delete', '--network-base', String(BASE), '--workers', '1']).catch(
+      () => undefined,
+    );
+    await run('ip', ['addr', 'del', `${CONTROL}/32`, 'dev', 'lo']).catch(() => undefined);
+    await k?.stop();
+    if (dir && !process.env.TORPOR_KEEP_TEST_DIR) await rm(dir, { recursive: true, force: true });
+  });
+
+  it('the rendered pod runs as a real agent that registers and hosts an actor', async () => {
+    await kube().request('POST', resourcePath(API_VERSION, 'templates', NS), {
+      body: {
+        apiVersion: API_VERSION,
+        kind: 'Template',
+        metadata: { name: 'counter' },
+        spec: { image: await counterImage(), port: 8080, readiness: { path: '/healthz', timeoutSeconds: 20 } },
+      },
+    });
+    await kube().request('POST', resourcePath(API_VERSION, 'workerpools', NS), {
+      body: {
+        apiVersion: API_VERSION,
+        kind: 'WorkerPool',
+        metadata: { name: 'live' },
+        spec: { runtime: 'gvisor', replicas: 1, workersPerPod: 1 },
+      },
+    });
+    const deployment = await eventually(
+      () =>
+        kube().get<{
+          spec: { template: { metadata: { labels: Record<string, string> }; spec: { containers: Container[] } } };
+        }>(resourcePath('apps/v1', 'deployments', NS, deploymentName('live'))),
+      30_000,
+      'deployment',
+    );
+    // The stand-in kubelet: the pod object, then its container as a process in the pod's own network namespace.
+    const template = deployment.spec.template;
+    const podName = 'torpor-pool-live-0';
+    await kube().request('POST', resourcePath('v1', 'pods', NS), {
+      body: {
+        apiVersion: 'v1',
+        kind: 'Pod',
+        metadata: { name: podName, labels: template.metadata.labels },
+        spec: template.spec,
+      },
+    });
+    const container = template.spec.containers[0]!;
+    const env: Record<string, string> = {};
+    for (const e of container.env ?? []) {
+      if (e.value !== undefined) env[e.name] = e.value;
+      else if (e.valueFrom?.fieldRef?.fieldPath === 'metadata.name') env[e.name] = podName;
+      else if (e.valueFrom?.fieldRef?.fieldPath === 'status.podIP') env[e.name] = POD_IP;
+      else if (e.valueFrom?.secretKeyRef) {
+        const ref = e.valueFrom.secretKeyRef;
+        const secret = await kube().get<{ data: Record<string, string> }>(resourcePath('v1', 'secrets', NS, ref.name));
+        env[e.name] = Buffer.from(secret!.data[ref.key]!, 'base64').toString('utf8');
+      } else assert.fail(`the stand-in kubelet does not know how to set ${e.name}`);
+    }
+    // $(VAR) as the kubelet expands it; the emptyDir volumes become directories of their own.
+    let argv = container.command.map((a) => a.replace(/\$\(([A-Z_]+)\)/g, (_, v: string) => env[v] ?? `$(${v})`));
+    for (const m of container.volumeMounts ?? []) {
+      const hostDir = join(dir, 'pod', m.name);
+      await mkdir(hostDir, { recursive: true });
+      argv = argv.map((a) => (a === m.mountPath ? hostDir : a));
+    }
+    assert.equal(argv[0], 'torpor');
+    await run(process.execPath, [CLI, 'node-net', 'create', '--network-base', String(BASE), '--workers', '1']);
+    agent = new Proc(
+      'nsenter',
+      [`--net=/var/run/netns/torpor-node${BASE}`, '--', process.execPath, CLI, ...argv.slice(1)],
+      env,
+    );
+
+    const pool = await eventually(
+      async () => {
+        const p = await kube().get<{ status?: { readyWorkers?: number } }>(
+          resourcePath(API_VERSION, 'workerpools', NS, 'live'),
+        );
+        return p?.status?.readyWorkers === 1 ? p : undefined;
+      },
+      60_000,
+      `the agent registered (agent output: ${agent.output})`,
+    );
+    assert.equal(pool.status?.readyWorkers, 1);
+
+    await eventually(
+      async () => (await api<{ name: string }>('GET', '/v1/templates/counter')).name,
+      30_000,
+      'template',
+    );
+    await api('POST', `/v1/spaces/${NS}/actors`, { name: 'a1', template: 'counter' });
+    const running = await api<Actor>('POST', `/v1/spaces/${NS}/actors/a1/resume`, {});
+    assert.equal(running.status, 'RUNNING');
+    assert.equal(running.node, podName, 'the actor runs on the pod’s agent');
+    const reply = await fetch(`http://${running.address}/`);
+    assert.equal(reply.status, 200);
+  });
+
+  it('deleting the pool suspends its actor through the server before the pool goes', async () => {
+    await kube().request('DELETE', resourcePath(API_VERSION, 'workerpools', NS, 'live'));
+    await eventually(
+      async () => ((await kube().get(resourcePath(API_VERSION, 'workerpools', NS, 'live'))) ? undefined : true),
+      60_000,
+      'pool gone',
+    );
+    const actor = await api<Actor>('GET', `/v1/spaces/${NS}/actors/a1`);
+    assert.equal(actor.status, 'SUSPENDED');
+    assert.ok(actor.snapshot, 'it has a snapshot to resume from');
+  });
+});
