@@ -22,7 +22,7 @@ import { LocalInstances } from '../engine/local-instances.ts';
 import { ImageStore } from '../image/store.ts';
 import { NodeNetwork } from '../net/node-net.ts';
 import { WorkerNetwork } from '../net/worker-net.ts';
-import { listeningPort, serveRouter } from '../router/serve.ts';
+import { listeningPort, type ServeRouterOptions, serveRouter } from '../router/serve.ts';
 import { ServerOperations } from '../router/server-operations.ts';
 import { loadAssetSets, pinnedAssets, selectAssetSet } from '../runtime/asset-set.ts';
 import { AssetStore } from '../runtime/assets.ts';
@@ -211,17 +211,11 @@ export async function agent(o: AgentOptions): Promise<Running> {
 
 // ------------------------------------------------------------------ router
 
-export interface RouterOptions {
+export interface RouterOptions extends Omit<ServeRouterOptions, 'store' | 'lifecycle' | 'metrics' | 'log'> {
+  /** The store's URL (the same as the server's). */
   store: string;
+  /** The server that resumes and suspends actors. */
   server: string;
-  host: string;
-  port: number;
-  domain: string;
-  queueSize?: number;
-  queueDeadlineMs?: number;
-  upstreamTimeoutMs?: number;
-  maxBodyBytes?: number;
-  ingressTokens?: Record<string, string>;
   log?: Logger;
 }
 

@@ -51,6 +51,18 @@ export function readTemplateFile(file: string): Record<string, unknown> {
 
 // ------------------------------------------------------------------ up
 
+/** On SIGINT or SIGTERM: `stop`, then exit (1 when stopping failed). */
+function stopOnSignal(stop: () => Promise<void>): void {
+  const shutdown = () => {
+    stop().then(
+      () => process.exit(0),
+      () => process.exit(1),
+    );
+  };
+  process.once('SIGINT', shutdown);
+  process.once('SIGTERM', shutdown);
+}
+
 function integerFlag(name: string, value: string, min: number, max: number): number {
   const n = Number(value);
   if (!Number.isInteger(n) || n < min || n > max) {
@@ -220,15 +232,10 @@ addAckOptions(addAgentOptions(addKubeOptions(upCommand))).action(async (o: UpFla
     const { createSample } = await import('./sample.ts');
     await createSample(torpor.lifecycle, resolve(o.dataDir), `${o.domain}:${new URL(torpor.routerUrl).port}`);
   }
-  const shutdown = () => {
+  stopOnSignal(() => {
     process.stderr.write('Torpor stopping: suspending running actors…\n');
-    torpor.stop().then(
-      () => process.exit(0),
-      () => process.exit(1),
-    );
-  };
-  process.once('SIGINT', shutdown);
-  process.once('SIGTERM', shutdown);
+    return torpor.stop();
+  });
 });
 
 // ------------------------------------------------------------------ install
@@ -321,14 +328,7 @@ addAckOptions(addAgentOptions(addKubeOptions(controllerCommand))).action(
       log,
     });
     process.stderr.write(`Torpor controller running against ${running.kube.server()} for ${server}\n`);
-    const shutdown = () => {
-      running.stop().then(
-        () => process.exit(0),
-        () => process.exit(1),
-      );
-    };
-    process.once('SIGINT', shutdown);
-    process.once('SIGTERM', shutdown);
+    stopOnSignal(() => running.stop());
   },
 );
 
@@ -338,14 +338,7 @@ addAckOptions(addAgentOptions(addKubeOptions(controllerCommand))).action(
 async function serveUntilSignal(what: string, start: () => Promise<{ url: string; stop: () => Promise<void> }>) {
   const running = await start();
   process.stderr.write(`Torpor ${what} listening on ${running.url}\n`);
-  const shutdown = () => {
-    running.stop().then(
-      () => process.exit(0),
-      () => process.exit(1),
-    );
-  };
-  process.once('SIGINT', shutdown);
-  process.once('SIGTERM', shutdown);
+  stopOnSignal(() => running.stop());
 }
 
 program

@@ -9,6 +9,7 @@ import type { Logger } from 'pino';
 import type { ActivateResult, AgentClient, LocalCheckpoint, LogOptions, TransferEvent } from '../agent/client.ts';
 import type { BlobStore } from '../blob/blob.ts';
 import { asTorporError, notFound, TorporError } from '../core/errors.ts';
+import type { RuntimeClass } from '../core/schemas.ts';
 import {
   createActorRequest,
   dnsLabel,
@@ -38,6 +39,9 @@ export interface AgentDirectory {
   agent(node: string): Promise<AgentClient | undefined>;
   /** Every registered agent. */
   agents(): Promise<AgentClient[]>;
+  /** The runtime classes this engine can ever have workers of, when that is fixed (agents in this process); absent
+   * when agents come and go (a template's pool may register later: its golden snapshot then waits for it). */
+  runtimes?(): Promise<Set<RuntimeClass>>;
 }
 
 /** What the router and the idle policy ask of a lifecycle: this process's, or a server's over its API. */
@@ -130,7 +134,8 @@ export class Lifecycle {
       }
       return { template: existing, created: false };
     }
-    if (!(await this.hasPool(spec.runtime))) {
+    const runtimes = await this.o.agents.runtimes?.();
+    if (runtimes && !runtimes.has(spec.runtime)) {
       throw new TorporError('NOT_SUPPORTED', `runtime "${spec.runtime}" has no worker pool on this engine`, {
         field: 'runtime',
       });
@@ -635,8 +640,10 @@ export class Lifecycle {
   private async workerLoss(actor: Actor, judgeLeases: boolean): Promise<string | undefined> {
     if (!actor.worker) return 'it has no worker';
     const worker = await this.o.store.getWorker(actor.worker);
-    if (!worker) return `node ${actor.node} was lost (worker ${actor.worker} is no longer registered)`;
-    if (judgeLeases && leaseExpired(worker)) return `node ${worker.node} was lost (its lease expired)`;
+    if (!worker) return `worker ${actor.worker} was lost (no longer registered: node ${actor.node} is gone)`;
+    if (judgeLeases && leaseExpired(worker)) {
+      return `worker ${worker.id} was lost (its lease expired: node ${worker.node} stopped renewing it)`;
+    }
     if (!sameActor(worker.actor, actor)) return `worker ${actor.worker} was lost (its agent restarted)`;
     return undefined;
   }
@@ -820,12 +827,6 @@ export class Lifecycle {
     };
     if (result === 'ok') this.o.log.info(fields, `${op.kind} done`);
     else this.o.log.warn(fields, `${op.kind} failed`);
-  }
-
-  /** Whether any worker of the runtime class is registered (whatever engine or agent process it belongs to). */
-  private async hasPool(runtime: string): Promise<boolean> {
-    for await (const w of allWorkers(this.o.store)) if (w.runtime === runtime) return true;
-    return false;
   }
 
   private snapshotKey(ref: ActorRef): string {

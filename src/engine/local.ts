@@ -10,7 +10,7 @@ import { NodeAgent } from '../agent/agent.ts';
 import { StoreRegistry } from '../agent/registry.ts';
 import type { BlobStore } from '../blob/blob.ts';
 import { TorporError } from '../core/errors.ts';
-import type { AssetSet } from '../core/schemas.ts';
+import type { AssetSet, RuntimeClass } from '../core/schemas.ts';
 import type { ImageStore } from '../image/store.ts';
 import { ACTOR_ADDRESS, ACTOR_MAC, ACTOR_PREFIX, GATEWAY_ADDRESS } from '../net/egress.ts';
 import { NodeNetwork } from '../net/node-net.ts';
@@ -183,6 +183,11 @@ export class LocalEngine {
 
   async agents(): Promise<NodeAgent[]> {
     return [...this.nodes.values()];
+  }
+
+  /** The runtime classes of this engine's worker slots (a template of another class has no pool here). */
+  async runtimes(): Promise<Set<RuntimeClass>> {
+    return new Set(this.localAgents().flatMap((agent) => [...agent.slots.values()].map((slot) => slot.runtime.name)));
   }
 
   /** The node agents, now (for what must not wait, e.g. the image cache asking which images are in use). */

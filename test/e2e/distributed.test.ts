@@ -18,12 +18,13 @@ import { type RedisServer, startRedis } from '../store/redis-server.ts';
 import { run, TorporProcess, torpor } from './cluster.ts';
 import { gvisorSkipReason, nftSkipReason } from './harness.ts';
 
-/** Node A and node B: network indices (namespaces torpor-node220/221, one worker each: 10.213.220/221.2). */
-const NODES = { 'node-a': 220, 'node-b': 221 } as const;
+/** Node A and node B: network indices (namespaces torpor-node224/225, one worker each: 10.213.224/225.2). Not 220
+ * (test/e2e/k8s.test.ts) nor 232 (k8s-agent.test.ts). */
+const NODES = { 'node-a': 224, 'node-b': 225 } as const;
 type NodeName = keyof typeof NODES;
 /** The control plane's address on this host, reachable from the node namespaces through their uplinks (in
  * 10.214.0.0/16, which actors are refused by default). The server, S3 and the router listen there. */
-const CONTROL = '10.214.220.254';
+const CONTROL = '10.214.224.254';
 // Longer than an agent takes to restart on a loaded 2-core machine (3–4 s), or a restart would count as a lost node.
 const LEASE_SECONDS = 6;
 const BUCKET = 'torpor-dist';
@@ -208,7 +209,7 @@ describe('beyond one machine: server, two agents in their own namespaces, router
 
     a = await api<Actor>('POST', actorPath('c1', '/resume'), { worker: 'node-b-w0' });
     assert.equal(a.node, 'node-b');
-    assert.equal(a.address, '10.213.221.2:8080');
+    assert.equal(a.address, `10.213.${NODES['node-b']}.2:8080`);
     assert.ok((a as { lastOperation?: { phases: Record<string, number> } }).lastOperation?.phases.fetch !== undefined);
     assert.equal(await count('c1'), 3, 'memory intact after the move through S3');
 
@@ -239,7 +240,7 @@ describe('beyond one machine: server, two agents in their own namespaces, router
       return a.status === 'SUSPENDED' ? a : undefined;
     });
     const ms = Date.now() - t0;
-    assert.match(lost.reason ?? '', /node node-b was lost/);
+    assert.match(lost.reason ?? '', /worker node-b-w0 was lost \(its lease expired: node node-b stopped renewing it\)/);
     assert.equal(lost.snapshot, last, 'back at its last durable snapshot');
     assert.equal(lost.worker, undefined);
     assert.ok(ms < (LEASE_SECONDS + 5) * 1000, `settled ${ms} ms after the kill`);
@@ -267,9 +268,11 @@ describe('beyond one machine: server, two agents in their own namespaces, router
     await assert.rejects(stray.start(), /exited \(1\)/);
     assert.match(
       stray.log(),
-      /FAILED_PRECONDITION: this process must run in the node's network namespace torpor-node220/,
+      new RegExp(
+        `FAILED_PRECONDITION: this process must run in the node's network namespace torpor-node${NODES['node-a']}`,
+      ),
     );
-    assert.match(stray.log(), /nsenter --net=\/var\/run\/netns\/torpor-node220/);
+    assert.ok(stray.log().includes(`nsenter --net=/var/run/netns/torpor-node${NODES['node-a']}`));
     assert.ok(!(await workers()).some((w) => w.node === 'stray'), 'nothing registered');
   });
 
