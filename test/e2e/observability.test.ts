@@ -2,7 +2,7 @@
 // over OTLP/HTTP to a collector run by the test, with a span per phase (matching the phases the actor records);
 // the log line of that resume names actor, space, template, operation and trace; metrics cover the layers.
 import assert from 'node:assert/strict';
-import { rm } from 'node:fs/promises';
+import { readdir, rm } from 'node:fs/promises';
 import { createServer, request, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
@@ -183,8 +183,13 @@ describe('traces, logs and metrics of one resume (gVisor)', { skip }, () => {
     const upLine = up.writes.join('');
     assert.match(upLine, /suspending o1 +[\d.]+ (B|KiB|MiB) \/ [\d.]+ (B|KiB|MiB) +100% +[\d.]+ (B|KiB|MiB)\/s/);
     assert.ok(upLine.endsWith('\n'));
-    // Without the node's own copy of that snapshot, the resume downloads it.
-    await rm(join(t.dataDir, 'nodes', 'node0', 'snapshots'), { recursive: true, force: true });
+    // Without the node's own copy of that snapshot, the resume downloads it. The copy is kept in the background
+    // after the suspend answers: wait for it, then take it away.
+    const kept = join(t.dataDir, 'nodes', 'node0', 'snapshots');
+    for (let i = 0; i < 100 && (await readdir(kept).catch(() => [])).length === 0; i++) {
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    await rm(kept, { recursive: true, force: true, maxRetries: 10, retryDelay: 50 });
     const down = terminal();
     await withTransferProgress(t.url, path, 'resuming o1', () => post('resume'), down.stream);
     assert.match(down.writes.join(''), /resuming o1 +[\d.]+ (B|KiB|MiB) \/ [\d.]+ (B|KiB|MiB) +100%/);

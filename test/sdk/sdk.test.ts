@@ -40,6 +40,9 @@ describe('SDK against torpor up (gVisor)', { skip }, () => {
     opts = { apiUrl: t.url, routerUrl: t.routerUrl, space: 'sdk' };
     // --sample applies the "counter" template after the server starts listening.
     for (let i = 0; i < 600 && !(await Template.get('counter', opts).catch(() => undefined)); i++) await sleep(100);
+    // …and then creates the sample actor.
+    const sample = { ...opts, space: 'default' };
+    for (let i = 0; i < 600 && !(await Actor.connect('counter', sample).catch(() => undefined)); i++) await sleep(100);
   });
   after(async () => {
     await t?.stop();
