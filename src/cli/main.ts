@@ -73,7 +73,7 @@ function integerFlag(name: string, value: string, min: number, max: number): num
   return n;
 }
 
-interface UpFlags extends AgentFlags {
+interface UpFlags extends AgentFlags, RouterFlags {
   dataDir: string;
   host: string;
   port: string;
@@ -87,12 +87,6 @@ interface UpFlags extends AgentFlags {
   rootfsCacheMib?: string;
   sample?: boolean;
   routerPort: string;
-  domain: string;
-  queueSize: string;
-  queueDeadline: string;
-  upstreamTimeout: string;
-  maxBody: string;
-  ingressToken?: string[];
   engine: string;
   scheduleType?: string;
   standardUrl?: string;
@@ -121,6 +115,41 @@ function ingressTokens(flags: string[] | undefined): Record<string, string> | un
   return pairs.length > 0 ? Object.fromEntries(pairs) : undefined;
 }
 
+/** The router's flags, the same for `torpor up` and `torpor router`. */
+interface RouterFlags {
+  domain: string;
+  queueSize: string;
+  queueDeadline: string;
+  upstreamTimeout: string;
+  maxBody: string;
+  ingressToken?: string[];
+}
+
+function withRouterOptions(command: Command): Command {
+  return command
+    .option('--domain <domain>', 'router domain', 'torpor.localhost')
+    .option('--queue-size <n>', 'requests that may wait for a resume at once', '1000')
+    .option('--queue-deadline <seconds>', 'how long a request waits for a resume before 503', '30')
+    .option('--upstream-timeout <seconds>', 'how long the router waits for an actor to answer before 504', '60')
+    .option('--max-body <mib>', 'largest request body the router forwards, in MiB (413 beyond)', '64')
+    .option(
+      '--ingress-token <space=token...>',
+      'require Authorization: Bearer <token> for actors of a space (repeatable)',
+    );
+}
+
+function routerSettings(o: RouterFlags) {
+  const tokens = ingressTokens(o.ingressToken);
+  return {
+    domain: o.domain,
+    queueSize: integerFlag('queue-size', o.queueSize, 1, 1_000_000),
+    queueDeadlineMs: integerFlag('queue-deadline', o.queueDeadline, 1, 3600) * 1000,
+    upstreamTimeoutMs: integerFlag('upstream-timeout', o.upstreamTimeout, 1, 86400) * 1000,
+    maxBodyBytes: integerFlag('max-body', o.maxBody, 1, 65536) * 1024 * 1024,
+    ...(tokens ? { ingressTokens: tokens } : {}),
+  };
+}
+
 const upCommand = program
   .command('up')
   .description('run Torpor on this machine (API, local engine, reconciler)')
@@ -140,15 +169,6 @@ const upCommand = program
     '0',
   )
   .option('--router-port <port>', 'router port: Host <actor>.<space>.actors.<domain> reaches the actor', '7080')
-  .option('--domain <domain>', 'router domain', 'torpor.localhost')
-  .option('--queue-size <n>', 'requests that may wait for a resume at once', '1000')
-  .option('--queue-deadline <seconds>', 'how long a request waits for a resume before 503', '30')
-  .option('--upstream-timeout <seconds>', 'how long the router waits for an actor to answer before 504', '60')
-  .option('--max-body <mib>', 'largest request body the router forwards, in MiB (413 beyond)', '64')
-  .option(
-    '--ingress-token <space=token...>',
-    'require Authorization: Bearer <token> for actors of a space (repeatable)',
-  )
   .addOption(
     new Option(
       '--engine <engine>',
@@ -174,69 +194,66 @@ const upCommand = program
       'that states the owner in X-Owner); repeatable, or TORPOR_API_KEYS=owner=key,…',
   )
   .option('--sample', 'create the sample "counter" template and actor');
-addAckOptions(addAgentOptions(addKubeOptions(upCommand))).action(async (o: UpFlags & Record<string, unknown>) => {
-  const { up } = await import('./up.ts');
-  const { ENGINE_ALIASES } = await import('../engine/k8s/engine.ts');
-  const engine = ENGINE_ALIASES[o.scheduleType ?? o.engine]!;
-  const kubeEngine =
-    engine === 'k8s' || engine === 'ack'
-      ? {
-          engine,
-          kube: kubeOptions(o),
-          ...(engine === 'ack' ? { ack: await ackSettingsFrom(o) } : {}),
-          ...(o.watchNamespace ? { namespace: o.watchNamespace } : {}),
-        }
-      : undefined;
-  const torpor = await up({
-    dataDir: o.dataDir,
-    host: o.host,
-    port: integerFlag('port', o.port, 0, 65535),
-    workers: integerFlag('workers', o.workers, 1, 64),
-    nodes: integerFlag('nodes', o.nodes, 1, 16),
-    microvmWorkers: integerFlag('microvm-workers', o.microvmWorkers, 0, 64),
-    networkBase: integerFlag('network-base', o.networkBase, 0, 255),
-    routerPort: integerFlag('router-port', o.routerPort, 0, 65535),
-    domain: o.domain,
-    queueSize: integerFlag('queue-size', o.queueSize, 1, 1_000_000),
-    queueDeadlineMs: integerFlag('queue-deadline', o.queueDeadline, 1, 3600) * 1000,
-    upstreamTimeoutMs: integerFlag('upstream-timeout', o.upstreamTimeout, 1, 86400) * 1000,
-    maxBodyBytes: integerFlag('max-body', o.maxBody, 1, 65536) * 1024 * 1024,
-    ...(ingressTokens(o.ingressToken) ? { ingressTokens: ingressTokens(o.ingressToken)! } : {}),
-    ...(o.runsc ? { runsc: o.runsc } : {}),
-    ...(o.assets ? { assets: o.assets } : {}),
-    ...(o.layerCacheMib
-      ? { layerCacheBytes: integerFlag('layer-cache-mib', o.layerCacheMib, 1, 1 << 24) * 1024 * 1024 }
-      : {}),
-    ...(o.rootfsCacheMib
-      ? { rootfsCacheBytes: integerFlag('rootfs-cache-mib', o.rootfsCacheMib, 1, 1 << 24) * 1024 * 1024 }
-      : {}),
-    engine,
-    ...(o.standardUrl ? { standardUrl: o.standardUrl } : {}),
-    // The key this Torpor presents to its standard engine: from the environment only, never a flag.
-    ...(process.env.TORPOR_STANDARD_API_KEY ? { standardApiKey: process.env.TORPOR_STANDARD_API_KEY } : {}),
-    mcpPort: integerFlag('mcp-port', o.mcpPort, 0, 65535),
-    apiKeys: secretPairs(o.apiKey, 'TORPOR_API_KEYS', 'api-key', 'owner=key'),
-    ...(kubeEngine
-      ? {
-          kube: {
-            ...kubeEngine,
-            agent: (url: string, blobUrl: string) => agentSettings(o, { serverUrl: url, blobUrl }),
-          },
-        }
-      : {}),
-  });
-  process.stderr.write(`Torpor API listening on ${torpor.url} (dashboard: ${torpor.url}/dashboard/)\n`);
-  process.stderr.write(`Torpor router listening on ${torpor.routerUrl} (Host: <actor>.<space>.actors.${o.domain})\n`);
-  if (torpor.mcpUrl) process.stderr.write(`Torpor MCP gateway listening on ${torpor.mcpUrl}\n`);
-  if (o.sample) {
-    const { createSample } = await import('./sample.ts');
-    await createSample(torpor.lifecycle, resolve(o.dataDir), `${o.domain}:${new URL(torpor.routerUrl).port}`);
-  }
-  stopOnSignal(() => {
-    process.stderr.write('Torpor stopping: suspending running actors…\n');
-    return torpor.stop();
-  });
-});
+addAckOptions(addAgentOptions(addKubeOptions(withRouterOptions(upCommand)))).action(
+  async (o: UpFlags & Record<string, unknown>) => {
+    const { up } = await import('./up.ts');
+    const { ENGINE_ALIASES } = await import('../engine/k8s/engine.ts');
+    const engine = ENGINE_ALIASES[o.scheduleType ?? o.engine]!;
+    const kubeEngine =
+      engine === 'k8s' || engine === 'ack'
+        ? {
+            engine,
+            kube: kubeOptions(o),
+            ...(engine === 'ack' ? { ack: await ackSettingsFrom(o) } : {}),
+            ...(o.watchNamespace ? { namespace: o.watchNamespace } : {}),
+          }
+        : undefined;
+    const torpor = await up({
+      dataDir: o.dataDir,
+      host: o.host,
+      port: integerFlag('port', o.port, 0, 65535),
+      workers: integerFlag('workers', o.workers, 1, 64),
+      nodes: integerFlag('nodes', o.nodes, 1, 16),
+      microvmWorkers: integerFlag('microvm-workers', o.microvmWorkers, 0, 64),
+      networkBase: integerFlag('network-base', o.networkBase, 0, 255),
+      routerPort: integerFlag('router-port', o.routerPort, 0, 65535),
+      ...routerSettings(o),
+      ...(o.runsc ? { runsc: o.runsc } : {}),
+      ...(o.assets ? { assets: o.assets } : {}),
+      ...(o.layerCacheMib
+        ? { layerCacheBytes: integerFlag('layer-cache-mib', o.layerCacheMib, 1, 1 << 24) * 1024 * 1024 }
+        : {}),
+      ...(o.rootfsCacheMib
+        ? { rootfsCacheBytes: integerFlag('rootfs-cache-mib', o.rootfsCacheMib, 1, 1 << 24) * 1024 * 1024 }
+        : {}),
+      engine,
+      ...(o.standardUrl ? { standardUrl: o.standardUrl } : {}),
+      // The key this Torpor presents to its standard engine: from the environment only, never a flag.
+      ...(process.env.TORPOR_STANDARD_API_KEY ? { standardApiKey: process.env.TORPOR_STANDARD_API_KEY } : {}),
+      mcpPort: integerFlag('mcp-port', o.mcpPort, 0, 65535),
+      apiKeys: secretPairs(o.apiKey, 'TORPOR_API_KEYS', 'api-key', 'owner=key'),
+      ...(kubeEngine
+        ? {
+            kube: {
+              ...kubeEngine,
+              agent: (url: string, blobUrl: string) => agentSettings(o, { serverUrl: url, blobUrl }),
+            },
+          }
+        : {}),
+    });
+    process.stderr.write(`Torpor API listening on ${torpor.url} (dashboard: ${torpor.url}/dashboard/)\n`);
+    process.stderr.write(`Torpor router listening on ${torpor.routerUrl} (Host: <actor>.<space>.actors.${o.domain})\n`);
+    if (torpor.mcpUrl) process.stderr.write(`Torpor MCP gateway listening on ${torpor.mcpUrl}\n`);
+    if (o.sample) {
+      const { createSample } = await import('./sample.ts');
+      await createSample(torpor.lifecycle, resolve(o.dataDir), `${o.domain}:${new URL(torpor.routerUrl).port}`);
+    }
+    stopOnSignal(() => {
+      process.stderr.write('Torpor stopping: suspending running actors…\n');
+      return torpor.stop();
+    });
+  },
+);
 
 // ------------------------------------------------------------------ install
 
@@ -432,48 +449,24 @@ program
     },
   );
 
-program
+const routerCommand = program
   .command('router')
   .description('the resume-on-request proxy, over a shared store; resumes and suspends through --server')
   .requiredOption('--store <url>', 'state store (the same as the server’s)')
   .option('--host <host>', 'address to listen on', '127.0.0.1')
-  .option('--port <port>', 'router port (0 = any free port)', '7080')
-  .option('--domain <domain>', 'router domain', 'torpor.localhost')
-  .option('--queue-size <n>', 'requests that may wait for a resume at once', '1000')
-  .option('--queue-deadline <seconds>', 'how long a request waits for a resume before 503', '30')
-  .option('--upstream-timeout <seconds>', 'how long the router waits for an actor to answer before 504', '60')
-  .option('--max-body <mib>', 'largest request body the router forwards, in MiB (413 beyond)', '64')
-  .option('--ingress-token <space=token...>', 'require Authorization: Bearer <token> for actors of a space')
-  .action(
-    async (o: {
-      store: string;
-      host: string;
-      port: string;
-      domain: string;
-      queueSize: string;
-      queueDeadline: string;
-      upstreamTimeout: string;
-      maxBody: string;
-      ingressToken?: string[];
-    }) => {
-      const { router } = await import('./distributed.ts');
-      const tokens = ingressTokens(o.ingressToken);
-      await serveUntilSignal('router', () =>
-        router({
-          store: o.store,
-          server: program.opts<{ server: string }>().server,
-          host: o.host,
-          port: integerFlag('port', o.port, 0, 65535),
-          domain: o.domain,
-          queueSize: integerFlag('queue-size', o.queueSize, 1, 1_000_000),
-          queueDeadlineMs: integerFlag('queue-deadline', o.queueDeadline, 1, 3600) * 1000,
-          upstreamTimeoutMs: integerFlag('upstream-timeout', o.upstreamTimeout, 1, 86400) * 1000,
-          maxBodyBytes: integerFlag('max-body', o.maxBody, 1, 65536) * 1024 * 1024,
-          ...(tokens ? { ingressTokens: tokens } : {}),
-        }),
-      );
-    },
+  .option('--port <port>', 'router port (0 = any free port)', '7080');
+withRouterOptions(routerCommand).action(async (o: RouterFlags & { store: string; host: string; port: string }) => {
+  const { router } = await import('./distributed.ts');
+  await serveUntilSignal('router', () =>
+    router({
+      store: o.store,
+      server: program.opts<{ server: string }>().server,
+      host: o.host,
+      port: integerFlag('port', o.port, 0, 65535),
+      ...routerSettings(o),
+    }),
   );
+});
 
 program
   .command('node-net <action>')
