@@ -1,8 +1,9 @@
 // Micro-VM actors end to end on a real `torpor up` with two nodes, each with one gVisor and one micro-VM worker
 // (QEMU; TCG unless a KVM probe boot succeeds): the in-RAM counter is suspended to the object store and resumed
-// on the other node with its count intact, the actor id file is fresh after every resume, exec works, the
-// checkpoint's per-phase timings reach the actor's lastOperation and the metrics, a fork continues from the
-// source's snapshot, and a VMM that dies is noticed and the actor rolled back to its last snapshot.
+// on the other node with its count intact, the actor id file is fresh after every resume, exec works (its output
+// streamed as the command writes it), the checkpoint's per-phase timings reach the actor's lastOperation and the
+// metrics, a fork continues from the source's snapshot, and a VMM that dies is noticed and the actor rolled back
+// to its last snapshot.
 import assert from 'node:assert/strict';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -78,6 +79,32 @@ describe('micro-VM actors through the API (QEMU)', { skip, timeout: 600_000 }, (
     });
     assert.equal(uname.exitCode, 0);
     assert.match(uname.stdout, /^Linux version /, 'a real guest kernel, not gVisor');
+
+    // Streamed exec: the first line reaches the client while the command still runs (it sleeps 2 s after it).
+    const t0 = performance.now();
+    const res = await fetch(`${t.url}${actorPath('vm1')}/exec`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', accept: 'application/x-ndjson' },
+      body: JSON.stringify({
+        command: ['/bin/busybox', 'sh', '-c', 'echo one; sleep 2; echo two >&2; sleep 1; echo three; exit 3'],
+      }),
+    });
+    assert.equal(res.status, 200);
+    const seen: { at: number; line: Record<string, unknown> }[] = [];
+    let buffered = '';
+    for await (const chunk of res.body!) {
+      buffered += Buffer.from(chunk).toString();
+      for (let nl = buffered.indexOf('\n'); nl >= 0; nl = buffered.indexOf('\n')) {
+        seen.push({ at: performance.now() - t0, line: JSON.parse(buffered.slice(0, nl)) });
+        buffered = buffered.slice(nl + 1);
+      }
+    }
+    assert.deepEqual(
+      seen.map((s) => s.line),
+      [{ stdout: 'one\n' }, { stderr: 'two\n' }, { stdout: 'three\n' }, { exitCode: 3 }],
+    );
+    const done = seen.at(-1)!.at;
+    assert.ok(done - seen[0]!.at >= 2500, `"one" arrived ${done - seen[0]!.at} ms before the end, not streamed`);
 
     const suspended = await api<Actor>('POST', `${actorPath('vm1')}/suspend`);
     assert.equal(suspended.status, 'SUSPENDED');

@@ -3,6 +3,7 @@
 // ("-" = empty) so that arguments may hold spaces and newlines.
 import type { Socket } from 'node:net';
 import { TorporError } from '../../core/errors.ts';
+import type { OutputListener } from '../runtime.ts';
 import { connectWhenReady, readLines } from './unix-socket.ts';
 
 const b64 = (text: string): string => (text === '' ? '-' : Buffer.from(text).toString('base64'));
@@ -19,6 +20,8 @@ interface Pending {
   resolve: (fields: string[]) => void;
   reject: (err: Error) => void;
   timer: NodeJS.Timeout;
+  /** Lines that precede the answer (exec output: "SEQ out|err CHUNK"). */
+  onPartial?: (fields: string[]) => void;
 }
 
 export class GuestControl {
@@ -50,6 +53,10 @@ export class GuestControl {
     const seq = Number(fields[0]);
     const p = this.pending.get(seq);
     if (!p) return; // an answer to a request that timed out
+    if (fields[1] === 'out' || fields[1] === 'err') {
+      p.onPartial?.(fields.slice(1));
+      return;
+    }
     this.pending.delete(seq);
     clearTimeout(p.timer);
     if (fields[1] === 'err') p.reject(new TorporError('RUNTIME_ERROR', `guest: ${fields.slice(2).join(' ')}`));
@@ -58,7 +65,7 @@ export class GuestControl {
 
   /** Sends one request. Requests written before the guest opens its port wait in the socket: the first answer
    * to a ping is the moment the guest init is serving. */
-  request(verb: string, args: string[], timeoutMs: number): Promise<string[]> {
+  request(verb: string, args: string[], timeoutMs: number, onPartial?: (fields: string[]) => void): Promise<string[]> {
     if (this.closed) return Promise.reject(new TorporError('RUNTIME_ERROR', 'guest control channel closed'));
     const seq = ++this.seq;
     return new Promise((resolve, reject) => {
@@ -66,7 +73,7 @@ export class GuestControl {
         this.pending.delete(seq);
         reject(new TorporError('TIMEOUT', `guest did not answer "${verb}" within ${timeoutMs} ms`));
       }, timeoutMs);
-      this.pending.set(seq, { resolve, reject, timer });
+      this.pending.set(seq, { resolve, reject, timer, ...(onPartial ? { onPartial } : {}) });
       this.socket.write(`${[seq, verb, ...args].join(' ')}\n`);
     });
   }
@@ -96,15 +103,27 @@ export class GuestControl {
     await this.request('resync', [String(Math.round(date.getTime() / 1000)), actorId], timeoutMs);
   }
 
-  async exec(argv: string[], timeoutMs: number): Promise<GuestExecResult> {
+  /** Runs a command in the actor's root. Its output reaches `onOutput` as the guest sends it ("out"/"err" lines
+   * before the answer); a guest of an older init sends it all in the answer, which is passed on the same way. */
+  async exec(argv: string[], timeoutMs: number, onOutput?: OutputListener): Promise<GuestExecResult> {
     const seconds = Math.max(1, Math.ceil(timeoutMs / 1000));
     const t0 = performance.now();
-    const fields = await this.request('exec', [b64(argv.join('\n')), String(seconds)], timeoutMs + 5000);
-    // "exit CODE STDOUT STDERR"; the guest's timeout kills with SIGKILL (128 + 9) once the time is up.
+    const output = { stdout: [] as Buffer[], stderr: [] as Buffer[] };
+    const take = (stream: 'stdout' | 'stderr', chunk: Buffer) => {
+      if (chunk.length === 0) return;
+      output[stream].push(chunk);
+      onOutput?.(stream, chunk);
+    };
+    const fields = await this.request('exec', [b64(argv.join('\n')), String(seconds)], timeoutMs + 5000, (f) =>
+      take(f[0] === 'out' ? 'stdout' : 'stderr', unb64(f[1])),
+    );
+    // "exit CODE STDOUT STDERR"; the guest kills with SIGKILL (128 + 9) once the time is up.
+    take('stdout', unb64(fields[2]));
+    take('stderr', unb64(fields[3]));
     const exitCode = Number(fields[1]);
     if (exitCode === 137 && performance.now() - t0 >= seconds * 1000)
       throw new TorporError('TIMEOUT', `command timed out after ${timeoutMs} ms`);
-    return { exitCode, stdout: unb64(fields[2]), stderr: unb64(fields[3]) };
+    return { exitCode, stdout: Buffer.concat(output.stdout), stderr: Buffer.concat(output.stderr) };
   }
 
   close(): void {

@@ -320,9 +320,7 @@ export class MicrovmRuntime implements SandboxRuntime {
     const control = this.running.get(sandbox.id)?.control;
     if (!control) throw new TorporError('FAILED_PRECONDITION', 'actor is not running', { field: 'status' });
     if (command.length === 0) throw new TorporError('INVALID_ARGUMENT', 'command is empty', { field: 'command' });
-    const r = await control.exec(command, timeoutMs);
-    if (r.stdout.length > 0) onOutput?.('stdout', r.stdout);
-    if (r.stderr.length > 0) onOutput?.('stderr', r.stderr);
+    const r = await control.exec(command, timeoutMs, onOutput);
     return { exitCode: r.exitCode, stdout: r.stdout.toString(), stderr: r.stderr.toString() };
   }
 

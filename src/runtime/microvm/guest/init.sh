@@ -7,7 +7,9 @@
 #   SEQ start ARGV ENV WORKDIR ACTORID     -> SEQ ok          (starts the workload; fields base64, "-" = empty)
 #   SEQ resync UNIXSECONDS ACTORID         -> SEQ ok          (after a restore: the guest clock stood still, and the
 #                                                             actor may be another one; ACTORID is plain text)
-#   SEQ exec ARGV TIMEOUTSECONDS           -> SEQ exit CODE STDOUT STDERR
+#   SEQ exec ARGV TIMEOUTSECONDS           -> SEQ out CHUNK / SEQ err CHUNK ... (the output as it comes, base64)
+#                                             then SEQ exit CODE - -   (torpor-spawn --stream; an older guest
+#                                             answered SEQ exit CODE STDOUT STDERR at the end: the host takes both)
 # Errors answer "SEQ err MESSAGE". The loop reopens the port when the host side goes away (a snapshot's VMM quits;
 # the restored one connects again). Kernel command line: torpor.ip=ADDR/PREFIX torpor.gw=ADDR; torpor.probe=1
 # only proves that the kernel booted (the KVM probe) and powers off.
@@ -65,8 +67,19 @@ mkdir -p "$S"
 : >"$S/env"
 echo / >"$S/wd"
 unb64() { [ "$1" = - ] || echo "$1" | base64 -d; }
-b64file() { if [ -s "$1" ]; then base64 -w 0 "$1"; else echo -; fi; }
 set_id() { unb64 "$1" >/run/ident/actor-id; }
+# The clock is set by a helper that runs from boot on (torpor-spawn --clock): after a restore a resync is then two
+# fifo writes, no fork and exec (which a TCG guest pays with a cold translation cache).
+mkfifo /run/clock.req /run/clock.ans
+torpor-spawn --clock /run/clock.req /run/clock.ans </dev/null >/dev/null 2>&1 &
+clock_pid=$!
+set_clock() {
+  # Only while the helper lives: an answer fifo without its writer would block the loop for good.
+  if [ -d "/proc/$clock_pid" ] && echo "$1" >/run/clock.req && read -r answer </run/clock.ans; then
+    [ "$answer" = ok ] && return 0
+  fi
+  date -u -s "@$1" >/dev/null
+}
 
 serve() {
   while read -r seq verb a1 a2 a3 a4 <&3; do
@@ -84,7 +97,7 @@ serve() {
       echo "$seq ok" >&3
       ;;
     resync)
-      if date -u -s "@$a1" >/dev/null && echo -n "$a2" >/run/ident/actor-id; then
+      if set_clock "$a1" && echo -n "$a2" >/run/ident/actor-id; then
         echo "$seq ok" >&3
       else
         echo "$seq err cannot set the clock to $a1 or the actor id" >&3
@@ -92,10 +105,8 @@ serve() {
       ;;
     exec)
       unb64 "$a1" >"$S/exec.argv"
-      timeout -s KILL "${a2:-60}" torpor-spawn "$R" "$(cat "$S/wd")" "$S/env" "$S/exec.argv" \
-        </dev/null >"$S/exec.out" 2>"$S/exec.err" 3>&-
-      code=$?
-      echo "$seq exit $code $(b64file "$S/exec.out") $(b64file "$S/exec.err")" >&3
+      torpor-spawn --stream "$seq" "${a2:-60}" "$R" "$(cat "$S/wd")" "$S/env" "$S/exec.argv" </dev/null 2>/dev/null ||
+        echo "$seq err exec failed" >&3
       ;;
     *) echo "$seq err unknown request $verb" >&3 ;;
     esac
