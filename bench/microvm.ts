@@ -1,12 +1,23 @@
-// bench/microvm: Torpor's micro-VM resume and suspend (through the REST API, as a user drives them) next to a
-// bare QEMU restore of the same snapshot, in the same run: the same QEMU, guest, disk and device model, on the
-// same kind of network (a worker's namespaces with a tap), started by hand with `-incoming defer`, loaded with
-// `migrate-incoming exec:cat`, `cont`, then polled until the counter answers. Prints one JSON document: medians
-// and p95 in ms, per-phase medians, and ratios (ours / bare).
-// Usage: node bench/microvm.ts [--cycles N]     (root; QEMU and the guest from scripts/setup.sh)
+// bench/microvm: Torpor's micro-VM suspend and resume (through the REST API, as a user drives them) for several
+// guest memory sizes, each next to a bare QMP suspend and resume of the same VM in the same run: the same QEMU,
+// guest kernel and initrd, root disk, device model (vm.json of Torpor's snapshot) and kind of network (a worker's
+// namespaces with a tap), driven by hand over QMP.
+//   bare resume  = launch QEMU with `-incoming defer`, `migrate-incoming exec:cat STATE`, `cont`, then poll the
+//                  counter's /healthz until it answers. Torpor's resume is measured to the same end point: the
+//                  API answers a resume once the actor's readiness probe (the same /healthz) has passed.
+//                  Both load Torpor's last snapshot of the actor; RAM is restored the way the runtime does it
+//                  (a snapshot with a memory file maps it copy-on-write; one without carries RAM in its stream).
+//   bare suspend = `stop`, plain `migrate` (RAM in the stream, x-ignore-shared off: a VM restored copy-on-write
+//                  has no shared RAM file to leave out, which is also what Torpor's runtime does after a restore)
+//                  to a file on the data directory's disk, then fsync. Torpor's suspend is measured to the snapshot
+//                  being durable in the blob store (chunked, uploaded, manifest written).
+// Bytes stored per snapshot: the objects a suspend adds to the blob store (new chunks, deltas, the manifest: after
+// dedup and compression), next to the snapshot's own file sizes and the bare migration file's size.
+// Prints one JSON document: p50/p95 in ms, per-phase medians, ratios (Torpor / bare) and the load average.
+// Usage: node bench/microvm.ts [--cycles N] [--sizes 128,256,512]   (root; QEMU and the guest from scripts/setup.sh)
 import { spawn } from 'node:child_process';
-import { mkdir, mkdtemp, readFile, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { mkdir, mkdtemp, open, readdir, readFile, rm, stat } from 'node:fs/promises';
+import { loadavg, tmpdir } from 'node:os';
 import { basename, join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { pino } from 'pino';
@@ -22,11 +33,19 @@ import { probeKvm, qemuArgs } from '../src/runtime/microvm/qemu.ts';
 import { QmpClient } from '../src/runtime/microvm/qmp.ts';
 import { restoreSnapshot } from '../src/snapshot/index.ts';
 import { api } from './lib/api.ts';
-import { round, summary } from './lib/bare.ts';
+import { round, type Summary, summary } from './lib/bare.ts';
 
-const { values } = parseArgs({ options: { cycles: { type: 'string', default: '10' } } });
+const { values } = parseArgs({
+  options: { cycles: { type: 'string', default: '5' }, sizes: { type: 'string', default: '128,256,512' } },
+});
 const cycles = Number(values.cycles);
+const sizes = values.sizes.split(',').map(Number);
+if (!(cycles > 0) || sizes.some((s) => !(s >= 64))) throw new Error('--cycles N (> 0) --sizes MiB,MiB,... (>= 64)');
 const log = pino({ level: 'warn' });
+// Network indices of this benchmark (bench/router uses 230, the micro-VM e2e test 200): Torpor's worker pool
+// takes NETWORK_BASE and the next one, the bare VM BARE_NETWORK.
+const NETWORK_BASE = 204;
+const BARE_NETWORK = 207;
 
 interface Actor {
   address?: string;
@@ -39,6 +58,8 @@ function phaseMedians(ops: Record<string, number>[]): Record<string, number> {
   return Object.fromEntries([...names].map((n) => [n, round(summary(ops.map((o) => o[n] ?? 0)).p50)]));
 }
 
+const ms = (s: Summary) => ({ p50: round(s.p50), p95: round(s.p95), min: round(s.min), max: round(s.max), n: s.n });
+
 async function waitForFreeWorker(base: string): Promise<void> {
   for (let i = 0; i < 500; i++) {
     const workers = await api<{ items: { state: string; runtime: string }[] }>(base, 'GET', '/v1/workers');
@@ -47,7 +68,220 @@ async function waitForFreeWorker(base: string): Promise<void> {
   }
 }
 
-async function torpor(ref: string, dataDir: string) {
+/** Every object in the blob store and its size (what a suspend adds is the difference). */
+async function blobObjects(root: string): Promise<Map<string, number>> {
+  const found = new Map<string, number>();
+  const walk = async (dir: string): Promise<void> => {
+    for (const e of await readdir(dir, { withFileTypes: true }).catch(() => [])) {
+      const path = join(dir, e.name);
+      if (e.isDirectory()) {
+        if (e.name !== '.tmp') await walk(path);
+      } else found.set(path, (await stat(path)).size);
+    }
+  };
+  await walk(root);
+  return found;
+}
+
+function addedBytes(before: Map<string, number>, after: Map<string, number>): number {
+  let sum = 0;
+  for (const [path, size] of after) if (!before.has(path)) sum += size;
+  return sum;
+}
+
+type Torpor = Awaited<ReturnType<typeof up>>;
+
+/** `cycles` suspends and resumes of one counter actor with `memoryMiB` of guest memory, through the API. */
+async function torporCycles(t: Torpor, ref: string, memoryMiB: number, blobRoot: string) {
+  const suspend: number[] = [];
+  const resume: number[] = [];
+  const stored: number[] = [];
+  const suspendPhases: Record<string, number>[] = [];
+  const resumePhases: Record<string, number>[] = [];
+  const template = `bench-vm-${memoryMiB}`;
+  const actorPath = `/v1/spaces/bench/actors/vm-${memoryMiB}`;
+  await api(t.url, 'POST', '/v1/templates', {
+    name: template,
+    image: ref,
+    port: 8080,
+    runtime: 'microvm',
+    readiness: { path: '/healthz', timeoutSeconds: 60 },
+    resources: { memoryMiB, vcpus: 1 },
+  });
+  await api(t.url, 'POST', '/v1/spaces/bench/actors', { name: `vm-${memoryMiB}`, template });
+  let actor = await api<Actor>(t.url, 'POST', `${actorPath}/resume`, {});
+  for (let i = 0; i < cycles; i++) {
+    const got = Number(await (await fetch(`http://${actor.address}/`)).text());
+    if (got !== i + 1) throw new Error(`counter returned ${got}, expected ${i + 1}: memory was lost`);
+    const before = await blobObjects(blobRoot);
+    let t0 = performance.now();
+    actor = await api<Actor>(t.url, 'POST', `${actorPath}/suspend`, {});
+    suspend.push(performance.now() - t0);
+    stored.push(addedBytes(before, await blobObjects(blobRoot)));
+    suspendPhases.push(actor.lastOperation?.phases ?? {});
+    await waitForFreeWorker(t.url);
+    t0 = performance.now();
+    actor = await api<Actor>(t.url, 'POST', `${actorPath}/resume`, {});
+    resume.push(performance.now() - t0);
+    resumePhases.push(actor.lastOperation?.phases ?? {});
+  }
+  actor = await api<Actor>(t.url, 'POST', `${actorPath}/suspend`, {});
+  return {
+    snapshot: actor.snapshot!,
+    suspend: summary(suspend),
+    resume: summary(resume),
+    stored: summary(stored),
+    suspendPhases: phaseMedians(suspendPhases),
+    resumePhases: phaseMedians(resumePhases),
+  };
+}
+
+interface VmModel {
+  cmdline: string;
+  memoryMiB: number;
+  vcpus: number;
+  mac: string;
+  accel: 'kvm' | 'tcg';
+}
+
+async function fsyncFile(path: string): Promise<void> {
+  const handle = await open(path, 'r+');
+  try {
+    await handle.sync();
+  } finally {
+    await handle.close();
+  }
+}
+
+async function untilStatus(qmp: QmpClient, leave: string): Promise<void> {
+  for (let i = 0; i < 120_000; i++) {
+    const { status } = await qmp.execute<{ status: string }>('query-status');
+    if (status !== leave) return;
+    await new Promise((r) => setTimeout(r, 1));
+  }
+}
+
+async function untilMigrated(qmp: QmpClient): Promise<void> {
+  for (let i = 0; i < 120_000; i++) {
+    const m = await qmp.execute<{ status?: string }>('query-migrate');
+    if (m.status === 'completed') return;
+    if (m.status === 'failed' || m.status === 'cancelled') throw new Error(`bare migrate ${m.status}`);
+    await new Promise((r) => setTimeout(r, 1));
+  }
+}
+
+/** Bare QEMU over QMP: `cycles` times, resume Torpor's last snapshot of the actor to ready, then suspend it to a
+ * file. */
+async function bareCycles(
+  net: WorkerNetwork,
+  paths: { qemu: string; kernel: string; initrd: string; disk: string },
+  snapshotDir: string,
+  work: string,
+) {
+  const model = JSON.parse(await readFile(join(snapshotDir, 'vm.json'), 'utf8')) as VmModel;
+  const hasMemoryFile = (await readdir(snapshotDir)).includes('memory');
+  const url = `http://${net.address}:8080/healthz`;
+  const resume: number[] = [];
+  const suspend: number[] = [];
+  const fileBytes: number[] = [];
+  const phases: Record<string, number>[] = [];
+  for (let i = 0; i < cycles; i++) {
+    await net.prepare();
+    await net.activate({ ports: [8080], egress: 'allow-all', actor: 'bench/bare' });
+    // Short: unix socket paths must fit in 108 bytes.
+    const runDir = `/run/torpor-vm/bare-${process.pid}-${i}`;
+    const ramFile = `/dev/shm/torpor-bench-bare-${process.pid}.ram`;
+    const saved = join(work, `bare-${model.memoryMiB}-${i}.state`);
+    await mkdir(runDir, { recursive: true });
+    const args = qemuArgs(
+      {
+        id: 'bare',
+        kernel: paths.kernel,
+        initrd: paths.initrd,
+        cmdline: model.cmdline,
+        memoryMiB: model.memoryMiB,
+        vcpus: model.vcpus,
+        disk: paths.disk,
+        netnsPath: net.netnsPath,
+        tap: TAP,
+        mac: model.mac,
+        runDir,
+        socketDir: runDir,
+        consoleLog: join(work, 'bare-console.log'),
+        memory: hasMemoryFile ? { path: join(snapshotDir, 'memory'), shared: false } : { path: ramFile, shared: true },
+        accel: model.accel,
+      },
+      true,
+    );
+    let t0 = performance.now();
+    const phase: Record<string, number> = {};
+    const mark = (name: string) => {
+      phase[name] = performance.now() - t0 - Object.values(phase).reduce((a, b) => a + b, 0);
+    };
+    const child = spawn('nsenter', [`--net=${net.netnsPath}`, '--', paths.qemu, ...args], { stdio: 'ignore' });
+    try {
+      const qmp = await QmpClient.connect(join(runDir, 'qmp.sock'), 10_000, () => child.exitCode === null);
+      // QEMU throttles migrations to 128 MiB/s by default; Torpor lifts that too.
+      await qmp.execute('migrate-set-parameters', { 'max-bandwidth': 64 * 1024 ** 3 });
+      await qmp.execute('migrate-set-capabilities', {
+        capabilities: [{ capability: 'x-ignore-shared', state: hasMemoryFile }],
+      });
+      mark('launch');
+      await qmp.execute('migrate-incoming', { uri: `exec:cat ${join(snapshotDir, 'state')}` });
+      await untilStatus(qmp, 'inmigrate');
+      mark('load');
+      await qmp.execute('cont');
+      mark('cont');
+      await waitReady(url, 30_000);
+      mark('ready');
+      resume.push(performance.now() - t0);
+      phases.push(phase);
+
+      const got = await (await fetch(`http://${net.address}:8080/`)).text();
+      if (!/^\d+$/.test(got.trim())) throw new Error(`bare counter answered ${got}`);
+      await qmp.execute('migrate-set-capabilities', {
+        capabilities: [{ capability: 'x-ignore-shared', state: false }],
+      });
+      t0 = performance.now();
+      await qmp.execute('stop');
+      await qmp.execute('migrate', { uri: `exec:cat > ${saved}` });
+      await untilMigrated(qmp);
+      await fsyncFile(saved);
+      suspend.push(performance.now() - t0);
+      fileBytes.push((await stat(saved)).size);
+      qmp.close();
+    } finally {
+      child.kill('SIGKILL');
+      if (child.exitCode === null) await new Promise((r) => child.once('exit', r));
+      await rm(runDir, { recursive: true, force: true });
+      await rm(ramFile, { force: true });
+      await rm(saved, { force: true });
+    }
+  }
+  return {
+    resume: summary(resume),
+    suspend: summary(suspend),
+    fileBytes: summary(fileBytes),
+    resumePhases: phaseMedians(phases),
+  };
+}
+
+async function filesBytes(dir: string): Promise<Record<string, number>> {
+  const out: Record<string, number> = {};
+  for (const name of (await readdir(dir)).sort()) out[name] = (await stat(join(dir, name))).size;
+  return out;
+}
+
+const found = locateMicrovm();
+if (!found.paths) throw new Error(found.missing.join('; '));
+const { qemu, kernel, initrd } = found.paths;
+const work = await mkdtemp(join(tmpdir(), 'torpor-bench-microvm-'));
+const loadBefore = loadavg().map(round);
+const results: Record<string, unknown>[] = [];
+try {
+  const { ref } = await buildCounterImage(join(work, 'image'));
+  const dataDir = join(work, 'torpor');
+  const blobRoot = join(dataDir, 'blobs');
   const t = await up({
     dataDir,
     host: '127.0.0.1',
@@ -55,130 +289,55 @@ async function torpor(ref: string, dataDir: string) {
     routerPort: 0,
     workers: 1,
     microvmWorkers: 1,
-    networkBase: 230,
+    networkBase: NETWORK_BASE,
     log,
   });
-  const suspend: number[] = [];
-  const resume: number[] = [];
-  const suspendPhases: Record<string, number>[] = [];
-  const resumePhases: Record<string, number>[] = [];
-  const actorPath = '/v1/spaces/bench/actors/vm';
+  const node = new NodeNetwork({ index: BARE_NETWORK });
+  const net = new WorkerNetwork({ index: BARE_NETWORK, node, tap: true });
   try {
-    await api(t.url, 'POST', '/v1/templates', {
-      name: 'bench-vm',
-      image: ref,
-      port: 8080,
-      runtime: 'microvm',
-      readiness: { path: '/healthz', timeoutSeconds: 60 },
-      resources: { memoryMiB: 128, vcpus: 1 },
-    });
-    await api(t.url, 'POST', '/v1/spaces/bench/actors', { name: 'vm', template: 'bench-vm' });
-    let actor = await api<Actor>(t.url, 'POST', `${actorPath}/resume`, {});
-    for (let i = 0; i < cycles; i++) {
-      const got = Number(await (await fetch(`http://${actor.address}/`)).text());
-      if (got !== i + 1) throw new Error(`counter returned ${got}, expected ${i + 1}: memory was lost`);
-      let t0 = performance.now();
-      actor = await api<Actor>(t.url, 'POST', `${actorPath}/suspend`, {});
-      suspend.push(performance.now() - t0);
-      suspendPhases.push(actor.lastOperation?.phases ?? {});
-      await waitForFreeWorker(t.url);
-      t0 = performance.now();
-      actor = await api<Actor>(t.url, 'POST', `${actorPath}/resume`, {});
-      resume.push(performance.now() - t0);
-      resumePhases.push(actor.lastOperation?.phases ?? {});
+    await node.ensure();
+    await net.ensure();
+    const rootfs = (await new ImageStore(join(dataDir, 'images')).resolve(ref)).rootfs;
+    const disk = join(dataDir, 'microvm', 'disks', `${basename(rootfs)}.ext4`);
+    for (const memoryMiB of sizes) {
+      const o = await torporCycles(t, ref, memoryMiB, blobRoot);
+      // The same snapshot, rebuilt from the object store into a plain directory, and the same root disk.
+      const snapshotDir = join(work, `snapshot-${memoryMiB}`);
+      await restoreSnapshot({ blob: new FsBlobStore(blobRoot), key: o.snapshot, dir: snapshotDir });
+      const b = await bareCycles(net, { qemu, kernel, initrd, disk }, snapshotDir, work);
+      results.push({
+        guest_memory_mib: memoryMiB,
+        torpor: {
+          suspend_ms: ms(o.suspend),
+          resume_ms: ms(o.resume),
+          suspend_phase_p50_ms: o.suspendPhases,
+          resume_phase_p50_ms: o.resumePhases,
+        },
+        bare: {
+          suspend_ms: ms(b.suspend),
+          resume_to_ready_ms: ms(b.resume),
+          resume_phase_p50_ms: b.resumePhases,
+        },
+        ratios: {
+          suspend_p50: round(o.suspend.p50 / b.suspend.p50),
+          suspend_p95: round(o.suspend.p95 / b.suspend.p95),
+          resume_p50: round(o.resume.p50 / b.resume.p50),
+          resume_p95: round(o.resume.p95 / b.resume.p95),
+        },
+        bytes: {
+          stored_per_snapshot_p50: o.stored.p50,
+          stored_per_snapshot_max: o.stored.max,
+          snapshot_files: await filesBytes(snapshotDir),
+          bare_migration_file_p50: b.fileBytes.p50,
+        },
+      });
+      await rm(snapshotDir, { recursive: true, force: true });
     }
-    actor = await api<Actor>(t.url, 'POST', `${actorPath}/suspend`, {});
-    return {
-      snapshot: actor.snapshot!,
-      suspend: summary(suspend),
-      resume: summary(resume),
-      suspendPhases: phaseMedians(suspendPhases),
-      resumePhases: phaseMedians(resumePhases),
-    };
   } finally {
+    await net.destroy().catch(() => undefined);
+    await node.destroy().catch(() => undefined);
     await t.stop();
   }
-}
-
-/** Bare QEMU: restore Torpor's last snapshot of the actor, by hand, `cycles` times. */
-async function bare(qemu: string, kernel: string, initrd: string, disk: string, snapshotDir: string, work: string) {
-  const model = JSON.parse(await readFile(join(snapshotDir, 'vm.json'), 'utf8')) as {
-    cmdline: string;
-    memoryMiB: number;
-    vcpus: number;
-    mac: string;
-    accel: 'kvm' | 'tcg';
-  };
-  const node = new NodeNetwork({ index: 250 });
-  const net = new WorkerNetwork({ index: 250, node, tap: true });
-  await node.ensure();
-  await net.ensure();
-  const url = `http://${net.address}:8080/healthz`;
-  const restore: number[] = [];
-  try {
-    for (let i = 0; i < cycles; i++) {
-      await net.prepare();
-      await net.activate({ ports: [8080], egress: 'allow-all', actor: 'bench/bare' });
-      // Short: unix socket paths must fit in 108 bytes.
-      const runDir = `/run/torpor-vm/bare-${process.pid}-${i}`;
-      await mkdir(runDir, { recursive: true });
-      const args = qemuArgs(
-        {
-          id: 'bare',
-          kernel,
-          initrd,
-          cmdline: model.cmdline,
-          memoryMiB: model.memoryMiB,
-          vcpus: model.vcpus,
-          disk,
-          netnsPath: net.netnsPath,
-          tap: TAP,
-          mac: model.mac,
-          runDir,
-          socketDir: runDir,
-          consoleLog: join(work, 'bare-console.log'),
-          memory: { path: join(snapshotDir, 'memory'), shared: false },
-          accel: model.accel,
-        },
-        true,
-      );
-      const t0 = performance.now();
-      const child = spawn('nsenter', [`--net=${net.netnsPath}`, '--', qemu, ...args], { stdio: 'ignore' });
-      const qmp = await QmpClient.connect(join(runDir, 'qmp.sock'), 10_000, () => child.exitCode === null);
-      await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
-      await qmp.execute('migrate-incoming', { uri: `exec:cat ${join(snapshotDir, 'state')}` });
-      while ((await qmp.execute<{ status: string }>('query-status')).status === 'inmigrate') {
-        await new Promise((r) => setTimeout(r, 1));
-      }
-      await qmp.execute('cont');
-      await waitReady(url, 30_000);
-      restore.push(performance.now() - t0);
-      qmp.close();
-      child.kill('SIGKILL');
-      await new Promise((r) => child.once('exit', r));
-      await rm(runDir, { recursive: true, force: true });
-    }
-  } finally {
-    await net.destroy();
-    await node.destroy();
-  }
-  return { restore: summary(restore) };
-}
-
-const found = locateMicrovm();
-if (!found.paths) throw new Error(found.missing.join('; '));
-const { qemu, kernel, initrd } = found.paths;
-const work = await mkdtemp(join(tmpdir(), 'torpor-bench-microvm-'));
-try {
-  const { ref } = await buildCounterImage(join(work, 'image'));
-  const dataDir = join(work, 'torpor');
-  const o = await torpor(ref, dataDir);
-  // The same snapshot, rebuilt from the object store into a plain directory, and the same root disk.
-  const snapshotDir = join(work, 'snapshot');
-  await restoreSnapshot({ blob: new FsBlobStore(join(dataDir, 'blobs')), key: o.snapshot, dir: snapshotDir });
-  const rootfs = (await new ImageStore(join(dataDir, 'images')).resolve(ref)).rootfs;
-  const disk = join(dataDir, 'microvm', 'disks', `${basename(rootfs)}.ext4`);
-  const b = await bare(qemu, kernel, initrd, disk, snapshotDir, work);
   const kvm = await probeKvm(qemu, kernel, initrd);
   console.log(
     JSON.stringify(
@@ -187,19 +346,9 @@ try {
         cycles,
         qemu,
         accel: kvm.usable ? 'kvm' : 'tcg',
-        guest_memory_mib: 128,
-        bare: { restore_to_ready_ms: b.restore },
-        torpor: {
-          suspend_ms: o.suspend,
-          resume_ms: o.resume,
-          suspend_phase_p50_ms: o.suspendPhases,
-          resume_phase_p50_ms: o.resumePhases,
-        },
-        ratios: {
-          resume_p50: round(o.resume.p50 / b.restore.p50),
-          resume_p95: round(o.resume.p95 / b.restore.p95),
-        },
-        targets: { resume_ratio: 1.25 },
+        load_average: { before: loadBefore, after: loadavg().map(round) },
+        sizes: results,
+        targets: { suspend_ratio: 1.25, resume_ratio: 1.25 },
       },
       null,
       2,

@@ -329,6 +329,8 @@ export class NodeAgent implements AgentClient {
       assets: {} as Record<string, string>,
     };
     await mkdir(join(this.nodeDir, 'logs', req.actor.space), { recursive: true });
+    // What a restored sandbox still finishes while it is probed for readiness (see SandboxRuntime.restore).
+    let settled: Promise<Phases> | undefined;
     try {
       const kept = req.snapshot ? this.keptSnapshot(req.snapshot) : undefined;
       const localDir =
@@ -341,8 +343,9 @@ export class NodeAgent implements AgentClient {
         spec.assets = await timed(phases, 'assets', () =>
           this.prepareAssets(slot, req.template.runtime, pinned, 'the local checkpoint'),
         );
-        const { sandbox, phases: p } = await slot.runtime.restore(spec, localDir, []);
+        const { sandbox, phases: p, settled: late } = await slot.runtime.restore(spec, localDir, []);
         slot.sandbox = sandbox;
+        settled = late;
         Object.assign(phases, p);
       } else if (req.snapshot) {
         const dir = join(workDir, 'checkpoint');
@@ -357,8 +360,9 @@ export class NodeAgent implements AgentClient {
           this.prepareAssets(slot, restored.manifest.runtime, restored.manifest.assets, `snapshot ${snapshot}`),
         );
         const files = restored.manifest.files.map((f) => f.name);
-        const { sandbox, phases: p } = await slot.runtime.restore(spec, dir, files);
+        const { sandbox, phases: p, settled: late } = await slot.runtime.restore(spec, dir, files);
         slot.sandbox = sandbox;
+        settled = late;
         Object.assign(phases, p);
       } else {
         const pinned = this.bootAssets(req.template);
@@ -368,9 +372,11 @@ export class NodeAgent implements AgentClient {
       }
       slot.actor = req.actor;
       crashPoint('activate.restored');
-      await timed(phases, 'ready', () =>
-        waitReady(`http://${slot.net.address}:${readyPort}${readiness.path}`, readiness.timeoutSeconds * 1000),
-      );
+      await timed(phases, 'ready', async () => {
+        const url = `http://${slot.net.address}:${readyPort}${readiness.path}`;
+        const [, late] = await Promise.all([waitReady(url, readiness.timeoutSeconds * 1000), settled]);
+        Object.assign(phases, late);
+      });
     } catch (err) {
       await this.releaseLocked(slot);
       throw err;

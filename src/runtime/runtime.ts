@@ -52,13 +52,22 @@ export interface ExecResult {
 /** Receives a command's output as it is produced (exec streaming). */
 export type OutputListener = (stream: 'stdout' | 'stderr', chunk: Buffer) => void;
 
+export interface Restored {
+  sandbox: Sandbox;
+  phases: Phases;
+  settled?: Promise<Phases>;
+}
+
 export interface SandboxRuntime {
   readonly name: 'gvisor' | 'microvm';
   run(spec: ActivationSpec): Promise<Sandbox>;
   /** Saves the sandbox's state in `dir` and stops it; `destroy` then releases what is left (it can be slow, so the
    * caller may run it off the critical path). */
   checkpoint(sandbox: Sandbox, dir: string): Promise<CheckpointResult>;
-  restore(spec: ActivationSpec, dir: string, files: string[]): Promise<{ sandbox: Sandbox; phases: Phases }>;
+  /** `settled`, when given, is work the restored sandbox still finishes (a micro-VM guest's clock and actor id
+   * resync) while the caller waits for readiness: the activation counts as ready once both are done, so neither
+   * waits for the other. It resolves with that work's phases. */
+  restore(spec: ActivationSpec, dir: string, files: string[]): Promise<Restored>;
   exec(sandbox: Sandbox, command: string[], timeoutMs: number, onOutput?: OutputListener): Promise<ExecResult>;
   /** Whether the sandbox is still running (e.g. after a failed checkpoint). */
   alive(id: string): Promise<boolean>;

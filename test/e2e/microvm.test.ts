@@ -145,6 +145,12 @@ describe('micro-VM actors through the API (QEMU)', { skip, timeout: 600_000 }, (
     }
     assert.equal(after.status, 'SUSPENDED');
     assert.match(after.reason ?? '', /worker node0-m0 was lost/);
+    // The lost worker comes back once its VMM is reaped (the other one still runs vm1): wait for it.
+    for (let i = 0; i < 120; i++) {
+      const workers = await api<{ items: { runtime: string; state: string }[] }>('GET', '/v1/workers');
+      if (workers.items.some((w) => w.runtime === 'microvm' && w.state === 'free')) break;
+      await new Promise((r) => setTimeout(r, 250));
+    }
     const recovered = await api<Actor>('POST', `${actorPath('vm2')}/resume`);
     assert.equal(await get(recovered), '4', 'recovered from its last snapshot');
 

@@ -83,7 +83,7 @@ describe('micro-VM runtime (Cloud Hypervisor)', { skip, timeout: 300_000 }, () =
     assert.equal(id.stdout, 'default/ch-a');
     const cp = await runtime.checkpoint(booted, join(root, 'snap'));
     assert.deepEqual(cp.files, ['config.json', 'memory-ranges', 'state.json', 'vm.json']);
-    await runtime.restore(await spec('ch-b', 'torpor-cht-b'), join(root, 'snap'), cp.files);
+    await (await runtime.restore(await spec('ch-b', 'torpor-cht-b'), join(root, 'snap'), cp.files)).settled;
     assert.equal(await get('torpor-cht-b', '/'), '3');
     assert.equal(await get('torpor-cht-b', '/id'), 'default/ch-b');
   });

@@ -122,7 +122,10 @@ describe('micro-VM runtime (QEMU)', { skip, timeout: 300_000 }, () => {
     // Restore elsewhere (another namespace, another id and actor): the counter and the overlay's file continue.
     const b = await spec('vm-b', 'torpor-mvt-b', 'default/b');
     const restoredB = await runtime.restore(b, snap, cp.files);
-    t.diagnostic(`restore phases ${JSON.stringify(restoredB.phases)}`);
+    // The clock and actor id resync finishes after restore returns (callers probe readiness meanwhile).
+    const late = await restoredB.settled;
+    t.diagnostic(`restore phases ${JSON.stringify({ ...restoredB.phases, ...late })}`);
+    assert.equal(typeof late?.resync, 'number');
     assert.equal(await get('torpor-mvt-b', '/'), '3');
     assert.equal(await get('torpor-mvt-b', '/id'), 'default/b', 'the actor id is rewritten at every restore');
     const note = await runtime.exec(restoredB.sandbox, ['/bin/busybox', 'cat', '/tmp/note'], 10_000);
@@ -132,7 +135,7 @@ describe('micro-VM runtime (QEMU)', { skip, timeout: 300_000 }, () => {
 
     // Fork: a second VM from the same snapshot, at the same time, with its own copy-on-write memory.
     const c = await spec('vm-c', 'torpor-mvt-c', 'default/c');
-    await runtime.restore(c, snap, cp.files);
+    await (await runtime.restore(c, snap, cp.files)).settled;
     assert.equal(await get('torpor-mvt-c', '/'), '3');
     assert.equal(await get('torpor-mvt-c', '/'), '4');
     assert.equal(await get('torpor-mvt-b', '/'), '4');
@@ -143,6 +146,7 @@ describe('micro-VM runtime (QEMU)', { skip, timeout: 300_000 }, () => {
     const cp2 = await runtime.checkpoint(restoredB.sandbox, snap2);
     assert.deepEqual(cp2.files, ['state', 'vm.json']);
     const again = await runtime.restore(await spec('vm-b2', 'torpor-mvt-b', 'default/b'), snap2, cp2.files);
+    await again.settled;
     assert.equal(await get('torpor-mvt-b', '/'), '5');
     const cp3 = await runtime.checkpoint(again.sandbox, join(root, 'snap3'));
     assert.deepEqual(cp3.files, ['memory', 'state', 'vm.json'], 'RAM from a stream lands in a shared file again');

@@ -159,7 +159,8 @@ class QemuVm implements Vm {
   async loadSnapshot(dir: string): Promise<void> {
     await this.client.execute('migrate-incoming', { uri: `exec:cat ${shellQuote(join(dir, STATE_FILE))}` });
     const deadline = Date.now() + MIGRATION_TIMEOUT_MS;
-    for (let delay = 1; Date.now() < deadline; delay = Math.min(delay * 2, 20)) {
+    // Polled tightly: a restore's load takes tens of ms, and every ms waited here is resume latency.
+    for (let delay = 1; Date.now() < deadline; delay = Math.min(delay * 2, 4)) {
       // A failed incoming migration makes QEMU exit: `client` then throws "not running".
       const status = await this.status();
       if (status === 'paused' || status === 'running') return;
