@@ -31,7 +31,7 @@ import { TAP, WorkerNetwork } from '../src/net/worker-net.ts';
 import { locateMicrovm } from '../src/runtime/microvm/locate.ts';
 import { probeKvm, qemuArgs } from '../src/runtime/microvm/qemu.ts';
 import { QmpClient } from '../src/runtime/microvm/qmp.ts';
-import { restoreSnapshot } from '../src/snapshot/index.ts';
+import { readManifest, restoreSnapshot } from '../src/snapshot/index.ts';
 import { api } from './lib/api.ts';
 import { round, type Summary, summary } from './lib/bare.ts';
 
@@ -46,6 +46,13 @@ const log = pino({ level: 'warn' });
 // takes NETWORK_BASE and the next one, the bare VM BARE_NETWORK.
 const NETWORK_BASE = 204;
 const BARE_NETWORK = 207;
+
+type SnapshotKind = 'memory-file' | 'stream';
+
+async function snapshotKind(blob: FsBlobStore, key: string): Promise<SnapshotKind> {
+  const manifest = await readManifest(blob, key);
+  return manifest.files.some((f) => f.name === 'memory') ? 'memory-file' : 'stream';
+}
 
 interface Actor {
   address?: string;
@@ -98,6 +105,11 @@ async function torporCycles(t: Torpor, ref: string, memoryMiB: number, blobRoot:
   const stored: number[] = [];
   const suspendPhases: Record<string, number>[] = [];
   const resumePhases: Record<string, number>[] = [];
+  // A snapshot of a VM that booted or was restored from a stream has a memory file (mapped copy-on-write at the
+  // next restore); one of a VM restored copy-on-write carries RAM in its stream: suspends alternate between them.
+  const resumeByKind: Record<SnapshotKind, number[]> = { 'memory-file': [], stream: [] };
+  const snapshots: Record<SnapshotKind, string | undefined> = { 'memory-file': undefined, stream: undefined };
+  const blob = new FsBlobStore(blobRoot);
   const template = `bench-vm-${memoryMiB}`;
   const actorPath = `/v1/spaces/bench/actors/vm-${memoryMiB}`;
   await api(t.url, 'POST', '/v1/templates', {
@@ -119,15 +131,23 @@ async function torporCycles(t: Torpor, ref: string, memoryMiB: number, blobRoot:
     suspend.push(performance.now() - t0);
     stored.push(addedBytes(before, await blobObjects(blobRoot)));
     suspendPhases.push(actor.lastOperation?.phases ?? {});
+    const kind = await snapshotKind(blob, actor.snapshot!);
     await waitForFreeWorker(t.url);
     t0 = performance.now();
     actor = await api<Actor>(t.url, 'POST', `${actorPath}/resume`, {});
     resume.push(performance.now() - t0);
+    resumeByKind[kind].push(resume.at(-1)!);
     resumePhases.push(actor.lastOperation?.phases ?? {});
   }
-  actor = await api<Actor>(t.url, 'POST', `${actorPath}/suspend`, {});
+  // The last snapshot of each kind, for the bare runs.
+  for (let i = 0; i < 2; i++) {
+    actor = await api<Actor>(t.url, 'POST', `${actorPath}/suspend`, {});
+    snapshots[await snapshotKind(blob, actor.snapshot!)] = actor.snapshot!;
+    if (i === 0) actor = await api<Actor>(t.url, 'POST', `${actorPath}/resume`, {});
+  }
   return {
-    snapshot: actor.snapshot!,
+    snapshots,
+    resumeByKind,
     suspend: summary(suspend),
     resume: summary(resume),
     stored: summary(stored),
@@ -260,8 +280,9 @@ async function bareCycles(
   }
   return {
     resume: summary(resume),
-    suspend: summary(suspend),
-    fileBytes: summary(fileBytes),
+    resumeSamples: resume,
+    suspendSamples: suspend,
+    fileSamples: fileBytes,
     resumePhases: phaseMedians(phases),
   };
 }
@@ -301,10 +322,28 @@ try {
     const disk = join(dataDir, 'microvm', 'disks', `${basename(rootfs)}.ext4`);
     for (const memoryMiB of sizes) {
       const o = await torporCycles(t, ref, memoryMiB, blobRoot);
-      // The same snapshot, rebuilt from the object store into a plain directory, and the same root disk.
-      const snapshotDir = join(work, `snapshot-${memoryMiB}`);
-      await restoreSnapshot({ blob: new FsBlobStore(blobRoot), key: o.snapshot, dir: snapshotDir });
-      const b = await bareCycles(net, { qemu, kernel, initrd, disk }, snapshotDir, work);
+      // The same snapshots (one of each kind), rebuilt from the object store into plain directories, and the
+      // same root disk. Bare figures are over both kinds, as Torpor's are.
+      const bareRuns: Awaited<ReturnType<typeof bareCycles>>[] = [];
+      const snapshotFiles: Record<string, Record<string, number>> = {};
+      for (const [kind, key] of Object.entries(o.snapshots)) {
+        const snapshotDir = join(work, `snapshot-${memoryMiB}-${kind}`);
+        await restoreSnapshot({ blob: new FsBlobStore(blobRoot), key: key!, dir: snapshotDir });
+        snapshotFiles[kind] = await filesBytes(snapshotDir);
+        bareRuns.push(await bareCycles(net, { qemu, kernel, initrd, disk }, snapshotDir, work));
+        await rm(snapshotDir, { recursive: true, force: true });
+      }
+      const b = {
+        resume: summary(bareRuns.flatMap((r) => r.resumeSamples)),
+        suspend: summary(bareRuns.flatMap((r) => r.suspendSamples)),
+        fileBytes: summary(bareRuns.flatMap((r) => r.fileSamples)),
+      };
+      const bareByKind = Object.fromEntries(
+        Object.keys(o.snapshots).map((kind, i) => [
+          kind,
+          { resume_to_ready_ms: ms(bareRuns[i]!.resume), resume_phase_p50_ms: bareRuns[i]!.resumePhases },
+        ]),
+      );
       results.push({
         guest_memory_mib: memoryMiB,
         torpor: {
@@ -313,11 +352,16 @@ try {
           suspend_phase_p50_ms: o.suspendPhases,
           resume_phase_p50_ms: o.resumePhases,
         },
-        bare: {
-          suspend_ms: ms(b.suspend),
-          resume_to_ready_ms: ms(b.resume),
-          resume_phase_p50_ms: b.resumePhases,
-        },
+        bare: { suspend_ms: ms(b.suspend), resume_to_ready_ms: ms(b.resume) },
+        resume_by_snapshot_kind: Object.fromEntries(
+          Object.entries(o.resumeByKind).map(([kind, samples]) => [
+            kind,
+            {
+              torpor_resume_ms: samples.length > 0 ? ms(summary(samples)) : null,
+              bare: bareByKind[kind] ?? null,
+            },
+          ]),
+        ),
         ratios: {
           suspend_p50: round(o.suspend.p50 / b.suspend.p50),
           suspend_p95: round(o.suspend.p95 / b.suspend.p95),
@@ -327,11 +371,10 @@ try {
         bytes: {
           stored_per_snapshot_p50: o.stored.p50,
           stored_per_snapshot_max: o.stored.max,
-          snapshot_files: await filesBytes(snapshotDir),
+          snapshot_files: snapshotFiles,
           bare_migration_file_p50: b.fileBytes.p50,
         },
       });
-      await rm(snapshotDir, { recursive: true, force: true });
     }
   } finally {
     await net.destroy().catch(() => undefined);
