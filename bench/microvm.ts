@@ -108,6 +108,7 @@ async function torporCycles(t: Torpor, ref: string, memoryMiB: number, blobRoot:
   // A snapshot of a VM that booted or was restored from a stream has a memory file (mapped copy-on-write at the
   // next restore); one of a VM restored copy-on-write carries RAM in its stream: suspends alternate between them.
   const resumeByKind: Record<SnapshotKind, number[]> = { 'memory-file': [], stream: [] };
+  const phasesByKind: Record<SnapshotKind, Record<string, number>[]> = { 'memory-file': [], stream: [] };
   const snapshots: Record<SnapshotKind, string | undefined> = { 'memory-file': undefined, stream: undefined };
   const blob = new FsBlobStore(blobRoot);
   const template = `bench-vm-${memoryMiB}`;
@@ -138,6 +139,7 @@ async function torporCycles(t: Torpor, ref: string, memoryMiB: number, blobRoot:
     resume.push(performance.now() - t0);
     resumeByKind[kind].push(resume.at(-1)!);
     resumePhases.push(actor.lastOperation?.phases ?? {});
+    phasesByKind[kind].push(actor.lastOperation?.phases ?? {});
   }
   // The last snapshot of each kind, for the bare runs.
   for (let i = 0; i < 2; i++) {
@@ -148,6 +150,7 @@ async function torporCycles(t: Torpor, ref: string, memoryMiB: number, blobRoot:
   return {
     snapshots,
     resumeByKind,
+    phasesByKind,
     suspend: summary(suspend),
     resume: summary(resume),
     stored: summary(stored),
@@ -358,6 +361,7 @@ try {
             kind,
             {
               torpor_resume_ms: samples.length > 0 ? ms(summary(samples)) : null,
+              torpor_resume_phase_p50_ms: phaseMedians(o.phasesByKind[kind as SnapshotKind]),
               bare: bareByKind[kind] ?? null,
             },
           ]),
