@@ -374,7 +374,11 @@ export class NodeAgent implements AgentClient {
       crashPoint('activate.restored');
       await timed(phases, 'ready', async () => {
         const url = `http://${slot.net.address}:${readyPort}${readiness.path}`;
-        const [, late] = await Promise.all([waitReady(url, readiness.timeoutSeconds * 1000), settled]);
+        // A sandbox that fails to settle will not become ready: stop probing it.
+        const probing = new AbortController();
+        settled?.catch(() => probing.abort());
+        const ready = waitReady(url, readiness.timeoutSeconds * 1000, probing.signal);
+        const [, late] = await Promise.all([ready, settled]);
         Object.assign(phases, late);
       });
     } catch (err) {
