@@ -10,7 +10,6 @@ import { type Logger, pino } from 'pino';
 import { NodeAgent } from '../agent/agent.ts';
 import { buildAgentApi } from '../agent/api.ts';
 import { ServerRegistry } from '../agent/remote.ts';
-import type { StorageMeter } from '../api/live.ts';
 import { buildApi } from '../api/server.ts';
 import { openBlobStore } from '../blob/open.ts';
 import { Lifecycle } from '../control/lifecycle.ts';
@@ -28,6 +27,7 @@ import { loadAssetSets, pinnedAssets, selectAssetSet } from '../runtime/asset-se
 import { AssetStore } from '../runtime/assets.ts';
 import { GvisorRuntime } from '../runtime/gvisor/runsc.ts';
 import { openStore } from '../store/open.ts';
+import { storageMeter } from './storage.ts';
 import { startTracing } from './tracing.ts';
 import { prefetchAssetSets } from './up.ts';
 
@@ -50,10 +50,6 @@ export function agentToken(flag: string | undefined, file: string | undefined, f
     throw new TorporError('INVALID_ARGUMENT', `the agent token must be at least 16 characters`, { field });
   }
   return token;
-}
-
-function meter(blob: unknown): StorageMeter | undefined {
-  return typeof (blob as Partial<StorageMeter>).usage === 'function' ? (blob as StorageMeter) : undefined;
 }
 
 // ------------------------------------------------------------------ server
@@ -93,7 +89,7 @@ export async function server(o: ServerOptions): Promise<Running> {
   });
   const instances = new LocalInstances({ lifecycle, log });
   await instances.start();
-  const storage = meter(blob);
+  const storage = storageMeter(blob);
   const api = buildApi({
     lifecycle,
     store,
