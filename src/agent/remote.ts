@@ -192,4 +192,9 @@ export class ServerRegistry implements WorkerRegistry {
   async expire(ids: string[]): Promise<void> {
     await callJson(this.o.server, 'POST', this.path('/expire'), { workers: ids }, { token: this.o.token });
   }
+
+  /** Asks the server to suspend the actors running on these workers (a draining agent, see NodeAgent.drain). */
+  async suspendActors(ids: string[], timeoutMs: number): Promise<void> {
+    await callJson(this.o.server, 'POST', this.path('/drain'), { workers: ids }, { token: this.o.token, timeoutMs });
+  }
 }

@@ -5,6 +5,7 @@
 // host). `torpor up` remains the all-in-one embedded deployment.
 import { readFileSync } from 'node:fs';
 import { mkdir } from 'node:fs/promises';
+import type { Server } from 'node:http';
 import { join, resolve } from 'node:path';
 import { type Logger, pino } from 'pino';
 import { NodeAgent } from '../agent/agent.ts';
@@ -97,7 +98,11 @@ export async function server(o: ServerOptions): Promise<Running> {
     log,
     instances,
     ...(storage ? { storage } : {}),
-    nodes: { token: o.agentToken, leaseMs: o.workerLeaseMs },
+    nodes: {
+      token: o.agentToken,
+      leaseMs: o.workerLeaseMs,
+      suspend: (space: string, name: string) => lifecycle.suspend(space, name),
+    },
   });
   await api.listen({ host: o.host, port: o.port });
   // After listening: settling an actor may need its agent, and agents register through this API.
@@ -136,6 +141,8 @@ export interface AgentOptions {
   /** The pool's runtime asset sets (YAML); default: the local runsc. */
   assets?: string;
   deltaLevel?: number;
+  /** On stop, how long the agent waits for its running actors to be suspended (default 60 s; 0: no drain). */
+  drainTimeoutMs?: number;
   log?: Logger;
 }
 
@@ -198,11 +205,31 @@ export async function agent(o: AgentOptions): Promise<Running> {
   return {
     url,
     stop: async () => {
-      await api.close();
+      // Before the API closes: the server checkpoints and uploads through it.
+      const drainMs = o.drainTimeoutMs ?? 60_000;
+      if (drainMs > 0) {
+        const left = await nodeAgent.drain((ids, ms) => registry.suspendActors(ids, ms), drainMs);
+        if (left.length > 0)
+          log.warn({ workers: left }, 'drain timed out: these actors go back to their last snapshot');
+      }
+      await closeLettingRequestsFinish(api);
       await nodeAgent.stop();
       await tracing?.shutdown();
     },
   };
+}
+
+/** Closes an API whose clients keep connections alive: requests in flight finish, and each connection closes once
+ * idle (a plain close only closes those idle at the moment it is called; the rest would linger for the keep-alive
+ * timeout, over a minute — e.g. the server's connection still waiting on a drained worker's teardown). */
+async function closeLettingRequestsFinish(api: { close(): Promise<unknown>; server: Server }): Promise<void> {
+  const closing = api.close();
+  const sweeper = setInterval(() => api.server.closeIdleConnections(), 100);
+  try {
+    await closing;
+  } finally {
+    clearInterval(sweeper);
+  }
 }
 
 // ------------------------------------------------------------------ router

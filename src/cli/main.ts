@@ -426,8 +426,14 @@ agentCommand
   .option('--data-dir <dir>', 'where this node keeps checkpoints, caches and logs', '/var/lib/torpor/agent')
   .option('--runsc <path>', 'runsc binary (default: the asset built by scripts/setup.sh)')
   .option('--assets <file>', "the pool's runtime asset sets (YAML; `torpor assets stage` prints one)")
+  .option(
+    '--drain-timeout <seconds>',
+    'on SIGTERM, how long to wait for the running actors to be suspended before exiting (0: no drain)',
+    '60',
+  )
   .action(
     async (o: {
+      drainTimeout: string;
       token?: string;
       tokenFile?: string;
       node: string;
@@ -450,6 +456,7 @@ agentCommand
           networkBase: integerFlag('network-base', o.networkBase, 0, 255),
           blob: o.blob,
           dataDir: o.dataDir,
+          drainTimeoutMs: integerFlag('drain-timeout', o.drainTimeout, 0, 86_400) * 1000,
           ...(o.listen ? { listen: o.listen } : {}),
           ...(o.runsc ? { runsc: o.runsc } : {}),
           ...(o.assets ? { assets: o.assets } : {}),

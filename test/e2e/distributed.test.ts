@@ -28,6 +28,8 @@ const CONTROL = '10.214.224.254';
 // Longer than an agent takes to restart on a loaded 2-core machine (3–4 s), or a restart would count as a lost node.
 const LEASE_SECONDS = 6;
 const BUCKET = 'torpor-dist';
+/** How long a stopping agent waits for its actors to be suspended (within TorporProcess.stop's 30 s). */
+const DRAIN_SECONDS = 20;
 
 const skip = gvisorSkipReason() ?? nftSkipReason();
 
@@ -129,7 +131,7 @@ describe('beyond one machine: server, two agents in their own namespaces, router
         [
           ...['--server', serverUrl, 'agent', '--token-file', token, '--node', node, '--workers', '1'],
           ...['--network-base', String(base), '--blob', blobUrl, '--listen', `10.214.${base}.2:7071`],
-          ...['--data-dir', join(dir, node)],
+          ...['--data-dir', join(dir, node), '--drain-timeout', String(DRAIN_SECONDS)],
         ],
         { netns: `torpor-node${base}`, env, logFile: join(dir, `${node}.log`) },
       );
@@ -184,17 +186,21 @@ describe('beyond one machine: server, two agents in their own namespaces, router
     return a;
   }
 
-  test('an actor suspended on node A resumes on node B through S3 with its memory intact', async (t) => {
-    if (s3Skip) return t.skip(s3Skip);
-    const image = await counterImage();
+  /** The counter template (applying it again is a no-op: each test may run alone). */
+  async function applyCounter(): Promise<void> {
     await api('POST', '/v1/templates', {
       name: 'counter',
-      image,
+      image: await counterImage(),
       port: 8080,
       readiness: { path: '/healthz', timeoutSeconds: 20 },
       resources: { memoryMiB: 64, vcpus: 1 },
       idleTimeoutSeconds: 0,
     });
+  }
+
+  test('an actor suspended on node A resumes on node B through S3 with its memory intact', async (t) => {
+    if (s3Skip) return t.skip(s3Skip);
+    await applyCounter();
     const created = await api<Actor>('POST', '/v1/spaces/default/actors', { name: 'c1', template: 'counter' });
     assert.match(created.snapshot ?? '', /^snapshots\/_golden\/counter\//, 'created from the golden snapshot');
 
@@ -274,6 +280,45 @@ describe('beyond one machine: server, two agents in their own namespaces, router
     );
     assert.ok(stray.log().includes(`nsenter --net=/var/run/netns/torpor-node${NODES['node-a']}`));
     assert.ok(!(await workers()).some((w) => w.node === 'stray'), 'nothing registered');
+  });
+
+  test('an agent stopped with SIGTERM drains: its actor is suspended with its memory and resumes elsewhere', async (t) => {
+    if (s3Skip) return t.skip(s3Skip);
+    await applyCounter();
+    const seen = lastSeen; // d1's counts are not c1's (the crash cases follow c1)
+    await api('POST', '/v1/spaces/default/actors', { name: 'd1', template: 'counter' });
+    const running = await api<Actor>('POST', actorPath('d1', '/resume'), { worker: 'node-a-w0' });
+    assert.equal(running.node, 'node-a');
+    const golden = running.snapshot;
+    assert.deepEqual([await count('d1'), await count('d1')], [1, 2]);
+
+    const t0 = Date.now();
+    await agents['node-a'].stop();
+    const exit = await agents['node-a'].exited;
+    assert.deepEqual(exit, { code: 0, signal: null }, `node-a exited by itself:\n${agents['node-a'].tail()}`);
+    assert.ok(Date.now() - t0 < DRAIN_SECONDS * 1000, 'within the drain timeout');
+    assert.match(agents['node-a'].log(), /draining: suspending the running actors/);
+
+    const drained = await getActor('d1');
+    assert.equal(drained.status, 'SUSPENDED', 'suspended, not left running on a node that is gone');
+    assert.equal(drained.reason, undefined, `suspended, not lost: ${drained.reason}`);
+    assert.notEqual(drained.snapshot, golden, 'a snapshot of its own');
+    assert.ok(drained.snapshot && (await blob.has(drained.snapshot)), 'its snapshot is in S3');
+    assert.ok(!(await workers()).some((w) => w.node === 'node-a'), "node A's workers left the pool");
+
+    const moved = await api<Actor>('POST', actorPath('d1', '/resume'), {});
+    assert.equal(moved.node, 'node-b');
+    assert.equal(await count('d1'), 3, 'its memory came along');
+    await api<Actor>('POST', actorPath('d1', '/suspend'));
+    await api('DELETE', actorPath('d1'));
+    lastSeen = seen;
+    await agents['node-a'].start();
+    await until('node-a registered again', 10_000, async () =>
+      (await workers()).some((w) => w.id === 'node-a-w0' && w.state === 'free') ? true : undefined,
+    );
+    await until('node-b frees its worker', 10_000, async () =>
+      (await workers()).find((w) => w.id === 'node-b-w0')?.state === 'free' ? true : undefined,
+    );
   });
 
   /** Each step where a process may die, and what the actor must come back as: "forward" = with everything the
