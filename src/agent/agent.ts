@@ -197,6 +197,11 @@ export class NodeAgent implements AgentClient {
   /** Snapshot transfers in progress on this node, per actor: for progress displays. */
   readonly transfers = new EventEmitter<{ progress: [TransferEvent] }>();
 
+  async watchTransfers(listener: (event: TransferEvent) => void): Promise<() => void> {
+    this.transfers.on('progress', listener);
+    return () => this.transfers.off('progress', listener);
+  }
+
   private progressOf(actor: ActorRef, direction: TransferEvent['direction']): ProgressListener {
     return (p) => this.transfers.emit('progress', { ...actor, direction, ...p });
   }

@@ -636,10 +636,11 @@ export class Lifecycle {
   /** Calls `listener` with every snapshot transfer's progress on every node whose agent reports it, until the
    * returned function is called. */
   async onTransfer(listener: (event: TransferEvent) => void): Promise<() => void> {
-    const agents = (await this.o.agents.agents()).filter((agent) => agent.transfers);
-    for (const agent of agents) agent.transfers?.on('progress', listener);
+    const agents = await this.o.agents.agents();
+    // A node that cannot be watched (its agent unreachable) just reports nothing.
+    const watches = await Promise.all(agents.map((agent) => agent.watchTransfers(listener).catch(() => () => {})));
     return () => {
-      for (const agent of agents) agent.transfers?.off('progress', listener);
+      for (const unwatch of watches) unwatch();
     };
   }
 

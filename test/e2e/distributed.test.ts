@@ -321,6 +321,56 @@ describe('beyond one machine: server, two agents in their own namespaces, router
     );
   });
 
+  test("remote agents' snapshot transfer progress reaches the server's event stream", async (t) => {
+    if (s3Skip) return t.skip(s3Skip);
+    await applyCounter();
+    const seen = lastSeen;
+    await api('POST', '/v1/spaces/default/actors', { name: 'p1', template: 'counter' });
+    await api<Actor>('POST', actorPath('p1', '/resume'), { worker: 'node-a-w0' });
+    assert.equal(await count('p1'), 1);
+
+    const listening = new AbortController();
+    const res = await fetch(`${serverUrl}${actorPath('p1', '/transfers')}`, { signal: listening.signal });
+    assert.equal(res.status, 200);
+    const reader = res.body!.pipeThrough(new TextDecoderStream()).getReader();
+    let text = '';
+    const reading = (async () => {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) return;
+        text += value;
+      }
+    })().catch(() => undefined);
+    await until('subscribed', 5000, async () => (text.includes(': subscribed') ? true : undefined));
+
+    await api<Actor>('POST', actorPath('p1', '/suspend')); // node A uploads
+    await until('node A frees its worker', 10_000, async () =>
+      (await workers()).find((w) => w.id === 'node-a-w0')?.state === 'free' ? true : undefined,
+    );
+    const moved = await api<Actor>('POST', actorPath('p1', '/resume'), { worker: 'node-b-w0' }); // node B downloads
+    assert.equal(moved.node, 'node-b');
+    assert.equal(await count('p1'), 2);
+    listening.abort();
+    await reading;
+    const events = [...text.matchAll(/^data: (.*)\n/gm)].map(
+      (m) => JSON.parse(m[1]!) as { direction: string; bytesDone: number; bytesTotal: number },
+    );
+
+    for (const direction of ['upload', 'download']) {
+      const of = events.filter((e) => e.direction === direction);
+      assert.ok(of.length > 0, `${direction} progress forwarded from the agent (events: ${events.length})`);
+      const last = of.at(-1)!;
+      assert.ok(last.bytesTotal > 0);
+      assert.equal(last.bytesDone, last.bytesTotal, `the ${direction} reached its total`);
+    }
+    await api<Actor>('POST', actorPath('p1', '/suspend'));
+    await api('DELETE', actorPath('p1'));
+    lastSeen = seen;
+    await until('node-b frees its worker', 10_000, async () =>
+      (await workers()).find((w) => w.id === 'node-b-w0')?.state === 'free' ? true : undefined,
+    );
+  });
+
   /** Each step where a process may die, and what the actor must come back as: "forward" = with everything the
    * interrupted operation captured (count continues from the last one seen), "back" = at the last acknowledged
    * suspend. Resumes always come back counting from the last acknowledged suspend. */
