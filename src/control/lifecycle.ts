@@ -81,11 +81,11 @@ const snapshotIdOf = (key: string): string => key.split('/').at(-2)!;
 /** Compaction waits for this long without any lifecycle operation. */
 const COMPACTION_IDLE_MS = 500;
 
-/** A snapshot whose write record lapsed and some object it names is gone: never committed. */
-function lapsedWrite(key: string): TorporError {
+/** A snapshot that may not be committed: its manifest is missing, or (its write record lapsed) an object it names. */
+function incompleteSnapshot(key: string): TorporError {
   return new TorporError(
     'SNAPSHOT_CORRUPT',
-    `snapshot ${key}: its write outlived its record and lost objects to a collection`,
+    `snapshot ${key} is incomplete: its manifest or an object it names is missing`,
     {
       field: 'snapshot',
     },
@@ -200,7 +200,7 @@ export class Lifecycle {
       const write = await this.snapshotGc.beginWrite(key);
       try {
         await agent.checkpoint({ workerId: worker.id, actor: ref, template, manifestKey: key, parent: null });
-        if (!(await write.whole())) throw lapsedWrite(key);
+        if (!(await write.whole())) throw incompleteSnapshot(key);
         await this.o.store.setTemplateGolden(template.name, key);
       } finally {
         await write.end();
@@ -461,7 +461,7 @@ export class Lifecycle {
       op.snapshot = { rawBytes, storedBytes, uploadedChunks, reusedChunks, zeroChunks, deltaFiles };
       this.o.metrics.snapshotBytes.inc({ kind: 'raw' }, uploaded.stats.rawBytes);
       this.o.metrics.snapshotBytes.inc({ kind: 'stored' }, uploaded.stats.storedBytes);
-      if (!(await write.whole())) throw lapsedWrite(key);
+      if (!(await write.whole())) throw incompleteSnapshot(key);
     } catch (err) {
       // The manifest is the commit marker: if it got written (the agent died answering), the snapshot is whole.
       if (!(await write.whole().catch(() => false))) {
@@ -552,7 +552,7 @@ export class Lifecycle {
       const write = await this.snapshotGc.beginWrite(key);
       try {
         await agent.upload({ actor: ref, template, manifestKey: key, parent: actor.snapshot ?? null }, dir);
-        if (!(await write.whole())) throw lapsedWrite(key);
+        if (!(await write.whole())) throw incompleteSnapshot(key);
         await this.locks.run(ref, async () => {
           const current = await this.o.store.getActor(ref.space, ref.name);
           if (!current || current.localSnapshot !== dir) return;

@@ -51,7 +51,8 @@ export interface SnapshotGcOptions {
 
 /** A snapshot write in flight, recorded in the store until end(). */
 export interface SnapshotWrite {
-  /** True when the write may be committed: its record never lapsed, or every object its manifest names exists. */
+  /** True when the write may be committed: its manifest exists and, if its record ever lapsed (a sweep may have run
+   * meanwhile), every object the manifest names does too. */
   whole(): Promise<boolean>;
   end(): Promise<void>;
 }
@@ -96,7 +97,7 @@ export class SnapshotGc {
     return {
       whole: async () => {
         await renew();
-        return !lapsed || snapshotWhole(this.o.blob, key);
+        return lapsed ? snapshotWhole(this.o.blob, key) : this.o.blob.has(key);
       },
       end: async () => {
         clearInterval(timer);
