@@ -11,8 +11,10 @@
 //            writer waits (bounded) for the sweep to end.
 //   GC       1. takes the cluster-wide GC lease (one collection at a time across servers);
 //            2. plans while writes go on: live manifests, the objects they name, the objects listed;
-//            3. takes the sweep lease: from now on no new write begins;
-//            4. waits until no write recorded before is in flight (each ends, or expires: its writer died);
+//            3. waits for a moment when no write is in flight (each ends, or expires: its writer died), then takes
+//               the sweep lease: from now on no new write begins; if writes never pause, it takes the lease anyway
+//               after a while and waits for those in flight (new ones wait for the sweep);
+//            4. checks, holding the lease, that no write is in flight (one may have begun just before it);
 //            5. re-reads the live set and adds the manifests that became live since step 2 (writes that finished
 //               meanwhile, with every chunk they reused): only what is still unreferenced is deleted;
 //            6. deletes (manifests, then chunks), checking before each batch that it still holds the sweep lease;
@@ -38,12 +40,14 @@ export interface SnapshotGcOptions {
   log: Logger;
   /** Names this process's leases; unique per process. */
   holder: string;
-  /** How long a write's record lasts without renewal (renewed every quarter of it). Default 60 s. */
+  /** How long a write's record lasts without renewal (renewed every quarter of it): how long the record of a write
+   * whose process died keeps collections waiting. Default 30 s. */
   writeTtlMs?: number;
   /** How long the GC and sweep leases last without renewal (renewed every quarter). Default 30 s. */
   leaseTtlMs?: number;
-  /** How long a sweep waits for the writes in flight before it gives up (retried at the next collection), and
-   * how long a write waits for a sweep to end. Default 120 s. */
+  /** How long a collection waits for a moment without writes in flight before it gives up (retried at the next
+   * collection; for its second half it holds new writes off, see closeGate), and how long a write waits for a
+   * sweep to end. Default 120 s: the first half outlasts the record of a write whose process died. */
   waitMs?: number;
   /** How often waits poll the store. Default 100 ms. */
   pollMs?: number;
@@ -66,7 +70,7 @@ export class SnapshotGc {
 
   constructor(opts: SnapshotGcOptions) {
     this.o = opts;
-    this.writeTtlMs = opts.writeTtlMs ?? 60_000;
+    this.writeTtlMs = opts.writeTtlMs ?? 30_000;
     this.leaseTtlMs = opts.leaseTtlMs ?? 30_000;
     this.waitMs = opts.waitMs ?? 120_000;
     this.pollMs = opts.pollMs ?? 100;
@@ -117,14 +121,13 @@ export class SnapshotGc {
     const gcLease = this.keepLease(SNAPSHOT_GC_LEASE);
     try {
       let plan = await planGarbage(this.o.blob, await liveManifests());
-      const sweepToken = await store.acquireLease(SNAPSHOT_SWEEP_LEASE, holder, this.leaseTtlMs);
-      if (sweepToken === undefined) return undefined;
+      const sweepToken = await this.closeGate();
+      if (sweepToken === undefined) {
+        this.o.log.info('snapshot garbage collection put off: snapshot writes still in flight');
+        return undefined;
+      }
       const sweepLease = this.keepLease(SNAPSHOT_SWEEP_LEASE);
       try {
-        if (!(await this.writesEnded())) {
-          this.o.log.info('snapshot garbage collection put off: snapshot writes still in flight');
-          return undefined;
-        }
         plan = await addLiveManifests(this.o.blob, plan, await liveManifests());
         return await deleteGarbage(this.o.blob, plan, {
           beforeBatch: async () => {
@@ -145,9 +148,32 @@ export class SnapshotGc {
     }
   }
 
-  /** Waits (up to waitMs) until no snapshot write is recorded. */
-  private async writesEnded(): Promise<boolean> {
+  /** Takes the sweep lease at a moment when no write is in flight; returns its token, or undefined (leaving the
+   * lease free) when there was none within waitMs. For the first half of waitMs it waits for a moment without writes
+   * *without* holding new ones off (a write whose process died keeps its record until it expires: it must not hold
+   * every suspend off meanwhile); past that (writes never paused), it holds new writes off and waits for those in
+   * flight to end. */
+  private async closeGate(): Promise<number | undefined> {
+    const { store, holder } = this.o;
     const deadline = Date.now() + this.waitMs;
+    const patientUntil = Date.now() + this.waitMs / 2;
+    for (;;) {
+      const idle = (await store.listSnapshotWrites()).length === 0;
+      if (idle || Date.now() >= patientUntil) {
+        const token = await store.acquireLease(SNAPSHOT_SWEEP_LEASE, holder, this.leaseTtlMs);
+        if (token === undefined) return undefined;
+        // Writes recorded before the lease (one may have begun since the listing) end, or expire.
+        if (await this.writesEnded(deadline)) return token;
+        await store.releaseLease(SNAPSHOT_SWEEP_LEASE, holder);
+        return undefined;
+      }
+      if (Date.now() >= deadline) return undefined;
+      await sleep(this.pollMs);
+    }
+  }
+
+  /** Waits (up to `deadline`) until no snapshot write is recorded. */
+  private async writesEnded(deadline: number): Promise<boolean> {
     for (;;) {
       if ((await this.o.store.listSnapshotWrites()).length === 0) return true;
       if (Date.now() >= deadline) return false;

@@ -185,12 +185,47 @@ for (const [name, open, skip] of suites) {
       }
     });
 
-    it('a collection planned while a write is in flight deletes none of its objects', async () => {
+    it('a collection waits for the writes in flight without holding new ones off, and deletes none of their objects', async () => {
       const servers = await open();
       const { s, gated, writeNew, otherObjects } = await setup();
       try {
         const gcA = gcFor(servers.a, s.blob, 'server-a');
         const gcB = gcFor(servers.b, s.blob, 'server-b');
+        const write = await gcA.beginWrite(NEW);
+        const manifestPut = gated.hold((op, key) => op === 'put' && key === NEW);
+        const writing = writeNew();
+        await manifestPut.reached;
+
+        const collecting = gcB.collect(() => liveIn(servers.b));
+        await new Promise((r) => setTimeout(r, 300));
+        for (const key of otherObjects) assert.equal(await s.blob.has(key), true, 'nothing deleted while A writes');
+        // A write whose process died keeps its record until it expires: meanwhile other writes go on.
+        const other = await gcA.beginWrite('snapshots/s/another/3/manifest.json');
+        await other.end();
+
+        manifestPut.open();
+        await writing;
+        await servers.a.ensureSpace('s');
+        await servers.a.createActor({ ...actor('s', 'kept'), snapshot: NEW });
+        await write.end();
+        const result = await collecting;
+        assert.ok(result, 'the collection ran');
+        assert.equal(result.deletedManifests, 2, 'OLD and OTHER');
+        assert.equal(result.deletedChunks, otherObjects.length, "OTHER's objects, none of NEW's");
+        await assertRestorable(s);
+      } finally {
+        await s.cleanup();
+        await servers.cleanup();
+      }
+    });
+
+    it('a collection that finds no moment without writes holds new ones off, waits for those in flight, and deletes none of their objects', async () => {
+      const servers = await open();
+      const { s, gated, writeNew, otherObjects } = await setup();
+      try {
+        const gcA = gcFor(servers.a, s.blob, 'server-a');
+        // Patient for 0.5 s: then B holds new writes off and waits for A's.
+        const gcB = gcFor(servers.b, s.blob, 'server-b', 1000);
         // Server A suspends: the write is recorded, every chunk is handled (all reused: `has` said yes), the
         // manifest is not written yet.
         const write = await gcA.beginWrite(NEW);
