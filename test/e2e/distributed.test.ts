@@ -1,10 +1,11 @@
 // Torpor beyond one machine, all real processes: redis-server as the state store, Ceph radosgw as the blob
 // store, one `torpor server`, two `torpor agent`s each in its own node network namespace, and one `torpor
 // router`. An actor suspended on node A resumes on node B through S3 with its memory intact; an agent killed
-// with -9 loses its lease and its actor goes back to its last snapshot; and a kill -9 at each named step of
-// suspend and resume, of the agent and of the server, leaves the actor consistent once the process is back: a
-// snapshot pointer that names a manifest in S3 that restores, workers that are free unless they run it, and a
-// count that never goes back past the last acknowledged suspend.
+// with -9 loses its lease and its actor goes back to its last snapshot; an agent stopped with SIGTERM drains (its
+// actor is suspended and resumes on the other node); the agents' transfer progress reaches the server's event
+// stream; and a kill -9 at each named step of suspend and resume, of the agent and of the server, leaves the actor
+// consistent once the process is back: a snapshot pointer that names a manifest in S3 that restores, workers that
+// are free unless they run it, and a count that never goes back past the last acknowledged suspend.
 import assert from 'node:assert/strict';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { createServer } from 'node:net';
