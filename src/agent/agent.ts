@@ -144,6 +144,12 @@ export class NodeAgent implements AgentClient {
   private readonly slotLocks = new KeyedMutex();
   /** Set once start() has prepared every slot: the agent API refuses calls before (see api.ts). */
   ready = false;
+  /** Set by drain(): no activation begins any more, and workers leave the pool as they become idle. */
+  private draining = false;
+  /** Workers drain() took out of the pool (no longer registered, no longer heartbeated). */
+  private readonly drained = new Set<string>();
+  /** Workers with an activation in progress. */
+  private readonly activating = new Set<string>();
   private readonly keepSnapshots: number;
 
   constructor(opts: NodeAgentOptions) {
@@ -190,6 +196,11 @@ export class NodeAgent implements AgentClient {
 
   /** Snapshot transfers in progress on this node, per actor: for progress displays. */
   readonly transfers = new EventEmitter<{ progress: [TransferEvent] }>();
+
+  async watchTransfers(listener: (event: TransferEvent) => void): Promise<() => void> {
+    this.transfers.on('progress', listener);
+    return () => this.transfers.off('progress', listener);
+  }
 
   private progressOf(actor: ActorRef, direction: TransferEvent['direction']): ProgressListener {
     return (p) => this.transfers.emit('progress', { ...actor, direction, ...p });
@@ -258,9 +269,11 @@ export class NodeAgent implements AgentClient {
     if (this.heartbeating) return;
     this.heartbeating = true;
     try {
-      const live = [...this.slots.values()].filter((slot) => !slot.failed).map((slot) => slot.id);
+      const live = [...this.slots.values()]
+        .filter((slot) => !slot.failed && !this.drained.has(slot.id))
+        .map((slot) => slot.id);
       const { unknown } = await this.opts.registry.heartbeat(live);
-      if (unknown.length === 0) return;
+      if (unknown.length === 0 || this.draining) return;
       this.opts.log.warn({ workers: unknown }, 'workers were declared lost; releasing and registering them again');
       for (const id of unknown) await this.release(id).catch(() => undefined);
       await this.opts.registry.register(unknown.map((id) => this.freeWorker(this.slot(id))));
@@ -281,10 +294,54 @@ export class NodeAgent implements AgentClient {
   /** Restores (or boots) the actor on the worker and waits until it is ready. */
   async activate(req: ActivateRequest): Promise<ActivateResult> {
     this.slot(req.workerId);
+    if (this.draining) {
+      throw new TorporError('FAILED_PRECONDITION', `node ${this.node} is draining (its agent is stopping)`, {
+        field: 'worker',
+      });
+    }
     const attributes = { 'torpor.worker': req.workerId, 'torpor.actor': `${req.actor.space}/${req.actor.name}` };
-    return this.slotLocks.run(req.workerId, () =>
-      withSpan('agent.activate', attributes, () => this.activateTraced(req)),
-    );
+    this.activating.add(req.workerId);
+    try {
+      return await this.slotLocks.run(req.workerId, () =>
+        withSpan('agent.activate', attributes, () => this.activateTraced(req)),
+      );
+    } finally {
+      this.activating.delete(req.workerId);
+    }
+  }
+
+  /** Empties the node before its agent stops (`torpor agent` on SIGTERM): no activation begins any more, idle
+   * workers leave the pool at once (so no claim lands on them), and `suspend` (the server, suspending the actors of
+   * the workers given) takes every running actor to a durable snapshot; each worker leaves the pool as its actor
+   * goes. Bounded by `timeoutMs`; returns the workers still running an actor then (stop() ends them: their actors
+   * go back to their last snapshot). */
+  async drain(suspend: (workers: string[], timeoutMs: number) => Promise<void>, timeoutMs: number): Promise<string[]> {
+    this.draining = true;
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const running = [...this.slots.values()].filter((s) => s.sandbox !== undefined).map((s) => s.id);
+      const idle = [...this.slots.keys()].filter((id) => !running.includes(id) && !this.activating.has(id));
+      await this.leavePool(idle);
+      const left = deadline - Date.now();
+      if ((running.length === 0 && this.activating.size === 0) || left <= 0) return running;
+      if (running.length === 0) {
+        await new Promise((r) => setTimeout(r, 100)); // an activation that began before the drain finishes
+        continue;
+      }
+      this.opts.log.info({ workers: running }, 'draining: suspending the running actors');
+      await suspend(running, left).catch(async (err: unknown) => {
+        this.opts.log.warn({ err }, 'draining: suspending the running actors failed');
+        await new Promise((r) => setTimeout(r, Math.min(1000, Math.max(0, deadline - Date.now()))));
+      });
+    }
+  }
+
+  /** Unregisters the workers not yet out of the pool (during a drain). */
+  private async leavePool(ids: string[]): Promise<void> {
+    const leaving = ids.filter((id) => !this.drained.has(id));
+    if (leaving.length === 0) return;
+    await this.opts.registry.unregister(leaving);
+    for (const id of leaving) this.drained.add(id);
   }
 
   private async activateTraced(req: ActivateRequest): Promise<ActivateResult> {
@@ -618,6 +675,8 @@ export class NodeAgent implements AgentClient {
 
   /** Resolves when the worker's previous sandbox is fully gone (the worker may be handed out again). */
   async settled(workerId: string): Promise<void> {
+    // Draining: the worker leaves the pool before the server frees it, so no claim can land on it.
+    if (this.draining) await this.leavePool([workerId]);
     this.startTeardown(workerId);
     await this.slot(workerId).teardown;
   }

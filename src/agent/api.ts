@@ -11,7 +11,7 @@ import { asTorporError, ERROR_STATUS, TorporError } from '../core/errors.ts';
 import { parse, templateSpec } from '../core/schemas.ts';
 import { bearerToken, secretEquals } from '../core/secret.ts';
 import { withCallerTrace } from '../core/trace.ts';
-import type { AgentClient } from './client.ts';
+import type { AgentClient, TransferEvent } from './client.ts';
 
 export interface AgentApiOptions {
   agent: AgentClient;
@@ -69,6 +69,12 @@ function execLines(run: (out: PassThrough) => Promise<unknown>): Readable {
 export function buildAgentApi(opts: AgentApiOptions) {
   const { agent, token } = opts;
   const app = Fastify({ loggerInstance: opts.log, bodyLimit: 4 * 1024 * 1024 });
+  // Ends the streams that last as long as their caller listens, so closing the API does not wait for them.
+  const closing = new AbortController();
+  app.addHook('preClose', (done) => {
+    closing.abort();
+    done();
+  });
 
   app.addHook('onRequest', async (req) => {
     const presented = bearerToken(req.headers.authorization);
@@ -147,6 +153,22 @@ export function buildAgentApi(opts: AgentApiOptions) {
   app.post('/v1/snapshots/compact', async (req) => ({
     saved: await agent.compact(parse(schemas.compact, req.body).manifestKey),
   }));
+
+  // Snapshot transfer progress on this node as NDJSON, one TransferEvent a line, for as long as the caller listens
+  // (a server forwards them to its own /transfers subscribers). The first line, {}, says the subscription is live.
+  app.get('/v1/transfers', async (req, reply) => {
+    const out = new PassThrough();
+    const unwatch = await agent.watchTransfers((event: TransferEvent) => out.write(`${JSON.stringify(event)}\n`));
+    const end = () => {
+      unwatch();
+      out.end();
+    };
+    req.raw.once('close', end);
+    closing.signal.addEventListener('abort', end, { once: true });
+    out.write('{}\n');
+    void reply.type('application/x-ndjson');
+    return out;
+  });
 
   app.get<{ Params: { space: string; name: string }; Querystring: { follow?: string } }>(
     '/v1/logs/:space/:name',

@@ -2,7 +2,6 @@
 // up); RemoteAgent answers it over the agent API (torpor server → torpor agent). Everything crossing this seam
 // is plain data, so the two behave the same; node-local paths (a paused actor's checkpoint) are opaque strings
 // the control layer stores and hands back, never builds.
-import type { EventEmitter } from 'node:events';
 import type { Readable } from 'node:stream';
 import type { ActorRef, Phases, SnapshotManifest, Template } from '../core/types.ts';
 import type { ExecResult, OutputListener } from '../runtime/runtime.ts';
@@ -70,9 +69,10 @@ export interface LogOptions {
 
 export interface AgentClient {
   readonly node: string;
-  /** Snapshot transfers in progress on the node, when the agent reports them (agents in this process do; remote
-   * ones do not, yet). */
-  readonly transfers?: EventEmitter<{ progress: [TransferEvent] }>;
+  /** Calls `listener` with the progress of every snapshot transfer on the node from now on (for progress displays),
+   * until the returned function is called. Resolves once the subscription is live (for a remote agent: its stream
+   * of events is open). */
+  watchTransfers(listener: (event: TransferEvent) => void): Promise<() => void>;
   /** Restores (or boots) the actor on the worker and waits until it is ready. */
   activate(req: ActivateRequest): Promise<ActivateResult>;
   /** Checkpoints the worker's sandbox into a node-local directory (the sandbox stops). With `deferTeardown`,

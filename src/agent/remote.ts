@@ -17,6 +17,7 @@ import type {
   LocalCheckpoint,
   LocalCheckpointTarget,
   LogOptions,
+  TransferEvent,
   UploadRequest,
 } from './client.ts';
 import type { WorkerInfo, WorkerRegistry } from './registry.ts';
@@ -110,6 +111,30 @@ export class RemoteAgent implements AgentClient {
     return readExecLines(body, onOutput, this.node);
   }
 
+  /** Opens the agent's stream of transfer events (GET /v1/transfers) for this listener; resolves once the agent
+   * said the subscription is live. */
+  async watchTransfers(listener: (event: TransferEvent) => void): Promise<() => void> {
+    const stop = new AbortController();
+    const body = await callStream(this.url, 'GET', '/v1/transfers', undefined, {
+      token: this.token,
+      timeoutMs: this.shortCallMs,
+      bodyTimeoutMs: 0,
+      signal: stop.signal,
+    });
+    const lines = readLines(body, (line) => {
+      const event = JSON.parse(line) as Partial<TransferEvent>;
+      if (event.direction) listener(event as TransferEvent);
+    });
+    void lines.done.catch(() => undefined); // the stream ends when unwatched, or with the agent
+    try {
+      await lines.first;
+    } catch (err) {
+      stop.abort();
+      throw err;
+    }
+    return () => stop.abort();
+  }
+
   logs(actor: ActorRef, opts: LogOptions = {}): Promise<Readable> {
     const path = `/v1/logs/${encodeURIComponent(actor.space)}/${encodeURIComponent(actor.name)}`;
     return callStream(this.url, 'GET', opts.follow ? `${path}?follow=true` : path, undefined, {
@@ -119,6 +144,35 @@ export class RemoteAgent implements AgentClient {
       ...(opts.signal ? { signal: opts.signal } : {}),
     });
   }
+}
+
+/** Calls `onLine` with each line of an NDJSON stream; `first` settles with the first line. */
+function readLines(body: Readable, onLine: (line: string) => void): { first: Promise<void>; done: Promise<void> } {
+  let seen!: () => void;
+  let failed!: (err: unknown) => void;
+  const first = new Promise<void>((resolve, reject) => {
+    seen = resolve;
+    failed = reject;
+  });
+  const done = (async () => {
+    let pending = '';
+    try {
+      for await (const chunk of body) {
+        pending += (chunk as Buffer).toString('utf8');
+        for (let nl = pending.indexOf('\n'); nl >= 0; nl = pending.indexOf('\n')) {
+          const line = pending.slice(0, nl);
+          pending = pending.slice(nl + 1);
+          seen();
+          if (line.trim()) onLine(line);
+        }
+      }
+      failed(new Error('the stream ended before its first line'));
+    } catch (err) {
+      failed(err);
+      throw err;
+    }
+  })();
+  return { first, done };
 }
 
 type ExecLine = { stream?: 'stdout' | 'stderr'; data?: string; result?: ExecResult; error?: ErrorBody };
@@ -191,5 +245,10 @@ export class ServerRegistry implements WorkerRegistry {
 
   async expire(ids: string[]): Promise<void> {
     await callJson(this.o.server, 'POST', this.path('/expire'), { workers: ids }, { token: this.o.token });
+  }
+
+  /** Asks the server to suspend the actors running on these workers (a draining agent, see NodeAgent.drain). */
+  async suspendActors(ids: string[], timeoutMs: number): Promise<void> {
+    await callJson(this.o.server, 'POST', this.path('/drain'), { workers: ids }, { token: this.o.token, timeoutMs });
   }
 }

@@ -15,6 +15,9 @@ export interface NodesOptions {
   token: string;
   /** Lease length given to every worker; agents heartbeat three times within it. */
   leaseMs: number;
+  /** Suspends an actor (the lifecycle's suspend): what a draining agent asks for its running actors. Without it,
+   * /v1/nodes/:node/drain is NOT_SUPPORTED. */
+  suspend?: (space: string, name: string) => Promise<unknown>;
 }
 
 const workerId = z.string().regex(/^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$/, 'must be a worker id');
@@ -85,6 +88,27 @@ export async function nodesPlugin(app: FastifyInstance, opts: NodesOptions): Pro
     const { workers } = parse(workerList, req.body);
     await new StoreRegistry(opts.store, { leaseMs: opts.leaseMs }).unregister(await ownWorkers(node, workers));
     return {};
+  });
+
+  // A draining agent (stopping on SIGTERM): suspends the actors running on the given workers of its node, all at
+  // once; answers once every suspend ended, with those that failed (their actors stay where they are).
+  app.post<Node>('/v1/nodes/:node/drain', async (req) => {
+    const node = parse(dnsLabel, req.params.node, 'node');
+    const { workers } = parse(workerList, req.body);
+    const suspend = opts.suspend;
+    if (!suspend) throw new TorporError('NOT_SUPPORTED', 'this server does not drain nodes', { field: 'node' });
+    const actors: { space: string; name: string }[] = [];
+    for (const id of await ownWorkers(node, workers)) {
+      const ref = (await opts.store.getWorker(id))?.actor;
+      const actor = ref && (await opts.store.getActor(ref.space, ref.name));
+      if (actor && actor.worker === id && actor.status === 'RUNNING') actors.push(ref);
+    }
+    req.log.info({ node, actors: actors.length }, 'draining a node: suspending its actors');
+    const results = await Promise.allSettled(actors.map((a) => suspend(a.space, a.name)));
+    const failed = results.flatMap((r, i) =>
+      r.status === 'rejected' ? [{ actor: `${actors[i]!.space}/${actors[i]!.name}`, error: String(r.reason) }] : [],
+    );
+    return { suspended: actors.length - failed.length, failed };
   });
 
   app.post<Node>('/v1/nodes/:node/expire', async (req) => {

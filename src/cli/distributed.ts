@@ -5,12 +5,12 @@
 // host). `torpor up` remains the all-in-one embedded deployment.
 import { readFileSync } from 'node:fs';
 import { mkdir } from 'node:fs/promises';
+import type { Server } from 'node:http';
 import { join, resolve } from 'node:path';
 import { type Logger, pino } from 'pino';
 import { NodeAgent } from '../agent/agent.ts';
 import { buildAgentApi } from '../agent/api.ts';
 import { ServerRegistry } from '../agent/remote.ts';
-import type { StorageMeter } from '../api/live.ts';
 import { buildApi } from '../api/server.ts';
 import { openBlobStore } from '../blob/open.ts';
 import { Lifecycle } from '../control/lifecycle.ts';
@@ -28,6 +28,7 @@ import { loadAssetSets, pinnedAssets, selectAssetSet } from '../runtime/asset-se
 import { AssetStore } from '../runtime/assets.ts';
 import { GvisorRuntime } from '../runtime/gvisor/runsc.ts';
 import { openStore } from '../store/open.ts';
+import { storageMeter } from './storage.ts';
 import { startTracing } from './tracing.ts';
 import { prefetchAssetSets } from './up.ts';
 
@@ -50,10 +51,6 @@ export function agentToken(flag: string | undefined, file: string | undefined, f
     throw new TorporError('INVALID_ARGUMENT', `the agent token must be at least 16 characters`, { field });
   }
   return token;
-}
-
-function meter(blob: unknown): StorageMeter | undefined {
-  return typeof (blob as Partial<StorageMeter>).usage === 'function' ? (blob as StorageMeter) : undefined;
 }
 
 // ------------------------------------------------------------------ server
@@ -93,7 +90,7 @@ export async function server(o: ServerOptions): Promise<Running> {
   });
   const instances = new LocalInstances({ lifecycle, log });
   await instances.start();
-  const storage = meter(blob);
+  const storage = storageMeter(blob);
   const api = buildApi({
     lifecycle,
     store,
@@ -101,7 +98,11 @@ export async function server(o: ServerOptions): Promise<Running> {
     log,
     instances,
     ...(storage ? { storage } : {}),
-    nodes: { token: o.agentToken, leaseMs: o.workerLeaseMs },
+    nodes: {
+      token: o.agentToken,
+      leaseMs: o.workerLeaseMs,
+      suspend: (space: string, name: string) => lifecycle.suspend(space, name),
+    },
   });
   await api.listen({ host: o.host, port: o.port });
   // After listening: settling an actor may need its agent, and agents register through this API.
@@ -140,6 +141,8 @@ export interface AgentOptions {
   /** The pool's runtime asset sets (YAML); default: the local runsc. */
   assets?: string;
   deltaLevel?: number;
+  /** On stop, how long the agent waits for its running actors to be suspended (default 60 s; 0: no drain). */
+  drainTimeoutMs?: number;
   log?: Logger;
 }
 
@@ -202,11 +205,31 @@ export async function agent(o: AgentOptions): Promise<Running> {
   return {
     url,
     stop: async () => {
-      await api.close();
+      // Before the API closes: the server checkpoints and uploads through it.
+      const drainMs = o.drainTimeoutMs ?? 60_000;
+      if (drainMs > 0) {
+        const left = await nodeAgent.drain((ids, ms) => registry.suspendActors(ids, ms), drainMs);
+        if (left.length > 0)
+          log.warn({ workers: left }, 'drain timed out: these actors go back to their last snapshot');
+      }
+      await closeLettingRequestsFinish(api);
       await nodeAgent.stop();
       await tracing?.shutdown();
     },
   };
+}
+
+/** Closes an API whose clients keep connections alive: requests in flight finish, and each connection closes once
+ * idle (a plain close only closes those idle at the moment it is called; the rest would linger for the keep-alive
+ * timeout, over a minute — e.g. the server's connection still waiting on a drained worker's teardown). */
+async function closeLettingRequestsFinish(api: { close(): Promise<unknown>; server: Server }): Promise<void> {
+  const closing = api.close();
+  const sweeper = setInterval(() => api.server.closeIdleConnections(), 100);
+  try {
+    await closing;
+  } finally {
+    clearInterval(sweeper);
+  }
 }
 
 // ------------------------------------------------------------------ router

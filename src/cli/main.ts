@@ -17,6 +17,7 @@ import {
   kubeOptions,
 } from './kube-flags.ts';
 import { describeActor, type Kind, type OutputFormat, render } from './output.ts';
+import { addBlobOption, addStoreOption } from './storage.ts';
 import { withTransferProgress } from './transfers.ts';
 
 const program = new Command('torpor')
@@ -85,6 +86,8 @@ interface UpFlags extends AgentFlags, RouterFlags {
   assets?: string;
   layerCacheMib?: string;
   rootfsCacheMib?: string;
+  store?: string;
+  blob?: string;
   sample?: boolean;
   routerPort: string;
   engine: string;
@@ -194,6 +197,8 @@ const upCommand = program
       'that states the owner in X-Owner); repeatable, or TORPOR_API_KEYS=owner=key,…',
   )
   .option('--sample', 'create the sample "counter" template and actor');
+addStoreOption(upCommand, { required: false, otherwise: 'a SQLite file in --data-dir' });
+addBlobOption(upCommand, { required: false, otherwise: 'the directory blobs/ in --data-dir' });
 addAckOptions(addAgentOptions(addKubeOptions(withRouterOptions(upCommand)))).action(
   async (o: UpFlags & Record<string, unknown>) => {
     const { up } = await import('./up.ts');
@@ -210,6 +215,8 @@ addAckOptions(addAgentOptions(addKubeOptions(withRouterOptions(upCommand)))).act
         : undefined;
     const torpor = await up({
       dataDir: o.dataDir,
+      ...(o.store ? { store: o.store } : {}),
+      ...(o.blob ? { blob: o.blob } : {}),
       host: o.host,
       port: integerFlag('port', o.port, 0, 65535),
       workers: integerFlag('workers', o.workers, 1, 64),
@@ -358,11 +365,12 @@ async function serveUntilSignal(what: string, start: () => Promise<{ url: string
   stopOnSignal(() => running.stop());
 }
 
-program
+const serverCommand = program
   .command('server')
-  .description('the control API, scheduler and reconciler, over a shared store and blob store (agents register here)')
-  .requiredOption('--store <url>', 'state store: redis://host:port, or a SQLite file shared by processes')
-  .requiredOption('--blob <url>', 'blob store: s3://bucket/prefix?endpoint=URL&pathStyle=true, or a directory')
+  .description('the control API, scheduler and reconciler, over a shared store and blob store (agents register here)');
+addStoreOption(serverCommand, { required: true });
+addBlobOption(serverCommand, { required: true });
+serverCommand
   .option('--host <host>', 'address to listen on (agents must reach it)', '127.0.0.1')
   .option('--port <port>', 'API port (0 = any free port)', '7070')
   .option('--agent-token <token>', 'token agents and this server present to each other (or TORPOR_AGENT_TOKEN)')
@@ -401,24 +409,31 @@ program
     },
   );
 
-program
+const agentCommand = program
   .command('agent')
   .description(
     "a node agent: runs this node's workers, registered with the server given by --server (run it in the node's " +
       'namespace)',
-  )
+  );
+addBlobOption(agentCommand, { required: true, note: 'the same as the server’s' });
+agentCommand
   .option('--token <token>', 'the agent token (or TORPOR_AGENT_TOKEN)')
   .option('--token-file <file>', 'read the agent token from this file')
   .requiredOption('--node <name>', 'node name (DNS-1123 label, unique)')
   .option('--workers <n>', 'worker slots', '2')
   .requiredOption('--network-base <n>', "the node's network index: namespace torpor-node<n>, workers n…n+workers-1")
-  .requiredOption('--blob <url>', 'blob store (the same as the server’s)')
   .option('--listen <addr:port>', "agent API address (default: the node's address, port 7071)")
   .option('--data-dir <dir>', 'where this node keeps checkpoints, caches and logs', '/var/lib/torpor/agent')
   .option('--runsc <path>', 'runsc binary (default: the asset built by scripts/setup.sh)')
   .option('--assets <file>', "the pool's runtime asset sets (YAML; `torpor assets stage` prints one)")
+  .option(
+    '--drain-timeout <seconds>',
+    'on SIGTERM, how long to wait for the running actors to be suspended before exiting (0: no drain)',
+    '60',
+  )
   .action(
     async (o: {
+      drainTimeout: string;
       token?: string;
       tokenFile?: string;
       node: string;
@@ -441,6 +456,7 @@ program
           networkBase: integerFlag('network-base', o.networkBase, 0, 255),
           blob: o.blob,
           dataDir: o.dataDir,
+          drainTimeoutMs: integerFlag('drain-timeout', o.drainTimeout, 0, 86_400) * 1000,
           ...(o.listen ? { listen: o.listen } : {}),
           ...(o.runsc ? { runsc: o.runsc } : {}),
           ...(o.assets ? { assets: o.assets } : {}),
@@ -451,8 +467,9 @@ program
 
 const routerCommand = program
   .command('router')
-  .description('the resume-on-request proxy, over a shared store; resumes and suspends through --server')
-  .requiredOption('--store <url>', 'state store (the same as the server’s)')
+  .description('the resume-on-request proxy, over a shared store; resumes and suspends through --server');
+addStoreOption(routerCommand, { required: true, note: 'the same as the server’s' });
+routerCommand
   .option('--host <host>', 'address to listen on', '127.0.0.1')
   .option('--port <port>', 'router port (0 = any free port)', '7080');
 withRouterOptions(routerCommand).action(async (o: RouterFlags & { store: string; host: string; port: string }) => {

@@ -1,5 +1,5 @@
-// `torpor up`: the embedded deployment in one process — SQLite state, filesystem blobs, a local engine with
-// in-process node agents, the reconciler and the REST API.
+// `torpor up`: the embedded deployment in one process — SQLite state, filesystem blobs (or the --store and --blob
+// of a shared deployment), a local engine with in-process node agents, the reconciler and the REST API.
 import { mkdir } from 'node:fs/promises';
 import http, { type Server } from 'node:http';
 import { join, resolve } from 'node:path';
@@ -8,6 +8,7 @@ import { ApiKeys } from '../api/compat.ts';
 import { mcpGateway } from '../api/mcp-gateway.ts';
 import { buildApi } from '../api/server.ts';
 import { FsBlobStore } from '../blob/fs.ts';
+import { openBlobStore } from '../blob/open.ts';
 import { Lifecycle } from '../control/lifecycle.ts';
 import { Metrics } from '../control/metrics.ts';
 import { TorporError } from '../core/errors.ts';
@@ -26,12 +27,18 @@ import { listeningPort, serveRouter } from '../router/serve.ts';
 import { fetchAssets, hostArch, loadAssetSets, pinnedAssets } from '../runtime/asset-set.ts';
 import { AssetStore } from '../runtime/assets.ts';
 import { prepareRunsc } from '../runtime/gvisor/runsc.ts';
+import { openStore } from '../store/open.ts';
 import { SqliteStore } from '../store/sqlite.ts';
 import { Progress } from './progress.ts';
+import { storageMeter } from './storage.ts';
 import { startTracing } from './tracing.ts';
 
 export interface UpOptions {
   dataDir: string;
+  /** State store URL (src/store/open.ts); default: SQLite in dataDir. */
+  store?: string;
+  /** Blob store URL (src/blob/open.ts); default: the directory blobs/ in dataDir. */
+  blob?: string;
   host: string;
   port: number;
   /** Worker slots per node. */
@@ -114,10 +121,15 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
   const dataDir = resolve(opts.dataDir);
   await mkdir(dataDir, { recursive: true });
   const metrics = new Metrics();
-  const store = metrics.timed(SqliteStore.open(join(dataDir, 'state.db')), metrics.storeOperations);
+  const store = metrics.timed(
+    opts.store ? await openStore(opts.store) : SqliteStore.open(join(dataDir, 'state.db')),
+    metrics.storeOperations,
+  );
   metrics.observeStore(store);
-  const blobFiles = new FsBlobStore(join(dataDir, 'blobs'));
-  const blob = metrics.blob(blobFiles);
+  const blobUrl = opts.blob ?? `file://${join(dataDir, 'blobs')}`;
+  const blobStore = opts.blob ? openBlobStore(opts.blob) : new FsBlobStore(join(dataDir, 'blobs'));
+  const blob = metrics.blob(blobStore);
+  const storage = storageMeter(blobStore);
   let engine: LocalEngine | undefined;
   const images = new ImageStore(join(dataDir, 'images'), {
     ...(opts.layerCacheBytes !== undefined ? { layerCacheBytes: opts.layerCacheBytes } : {}),
@@ -181,7 +193,15 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
     instances = local;
   }
   const keys = opts.apiKeys?.length ? new ApiKeys(opts.apiKeys) : undefined;
-  const api = buildApi({ lifecycle, store, metrics, log, instances, storage: blobFiles, instanceKeys: keys });
+  const api = buildApi({
+    lifecycle,
+    store,
+    metrics,
+    log,
+    instances,
+    ...(storage ? { storage } : {}),
+    instanceKeys: keys,
+  });
   await api.listen({ host: opts.host, port: opts.port });
   const url = `http://${opts.host}:${listeningPort(api.server)}`;
 
@@ -195,7 +215,7 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
       kube: opts.kube.kube,
       ...(opts.kube.ack ? { ack: opts.kube.ack } : {}),
       ...(opts.kube.namespace ? { namespace: opts.kube.namespace } : {}),
-      agent: opts.kube.agent(url, `file://${join(dataDir, 'blobs')}`),
+      agent: opts.kube.agent(url, blobUrl),
       pools: new StorePools({ store, lifecycle, log }),
       templates: lifecycle,
       log,

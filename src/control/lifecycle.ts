@@ -25,13 +25,14 @@ import { timed, traceId, withSpan } from '../core/trace.ts';
 import type { Actor, ActorRef, ActorStatus, Operation, Page, Template, Worker, WorkerFilter } from '../core/types.ts';
 import type { ImageStore } from '../image/store.ts';
 import type { OutputListener } from '../runtime/runtime.ts';
-import { collectGarbage, newSnapshotId } from '../snapshot/index.ts';
+import { newSnapshotId, snapshotWhole } from '../snapshot/index.ts';
 import { allActors, allTemplates, allWorkers } from '../store/all.ts';
 import type { StateStore } from '../store/store.ts';
 import { crashPoint } from '../sys/crash.ts';
 import { Unreachable } from '../sys/http.ts';
 import { ActorLocks } from './actor-lock.ts';
 import type { Metrics } from './metrics.ts';
+import { SnapshotGc, type SnapshotWrite } from './snapshot-gc.ts';
 
 /** Where the lifecycle finds node agents: in this process (LocalEngine) or behind their APIs (NodeDirectory). */
 export interface AgentDirectory {
@@ -80,6 +81,17 @@ const snapshotIdOf = (key: string): string => key.split('/').at(-2)!;
 /** Compaction waits for this long without any lifecycle operation. */
 const COMPACTION_IDLE_MS = 500;
 
+/** A snapshot that may not be committed: its manifest is missing, or (its write record lapsed) an object it names. */
+function incompleteSnapshot(key: string): TorporError {
+  return new TorporError(
+    'SNAPSHOT_CORRUPT',
+    `snapshot ${key} is incomplete: its manifest or an object it names is missing`,
+    {
+      field: 'snapshot',
+    },
+  );
+}
+
 function sameSpec(a: Template, b: Template): boolean {
   const strip = ({ createdAt: _c, goldenSnapshot: _g, ...rest }: Template) => JSON.stringify(rest);
   return strip(a) === strip(b);
@@ -97,7 +109,8 @@ export class Lifecycle {
   private maintaining: Promise<void> | undefined;
   private shuttingDown = false;
   private gcDue = false;
-  private gcRunning: Promise<void> | undefined;
+  /** Snapshot writes and garbage collection, coordinated with every other server through the store. */
+  private readonly snapshotGc: SnapshotGc;
   private activeOperations = 0;
   private lastOperationEnd = 0;
   /** Workers being freed (sandbox teardown in progress). */
@@ -108,9 +121,11 @@ export class Lifecycle {
     this.o = opts;
     this.transitionTimeoutMs = opts.transitionTimeoutMs ?? 120_000;
     this.claimWaitMs = opts.claimWaitMs ?? 10_000;
+    const holder = opts.holder ?? `${hostname()}/${randomUUID()}`;
+    this.snapshotGc = new SnapshotGc({ store: opts.store, blob: opts.blob, log: opts.log, holder });
     this.locks = new ActorLocks({
       store: opts.store,
-      holder: opts.holder ?? `${hostname()}/${randomUUID()}`,
+      holder,
       ttlMs: opts.lockTtlMs ?? 10_000,
       waitMs: this.transitionTimeoutMs,
     });
@@ -171,7 +186,6 @@ export class Lifecycle {
   }
 
   private async takeGoldenLocked(template: Template, ref: ActorRef): Promise<void> {
-    while (this.gcRunning) await this.gcRunning;
     // Templates applied together take turns on the workers; give up only after a minute without one.
     let worker = await this.claimWorker({ runtime: template.runtime }, ref);
     for (let tries = 0; !worker && tries < 240; tries++) {
@@ -183,8 +197,14 @@ export class Lifecycle {
     try {
       await agent.activate({ workerId: worker.id, actor: ref, template });
       const key = `snapshots/_golden/${template.name}/${newSnapshotId()}/manifest.json`;
-      await agent.checkpoint({ workerId: worker.id, actor: ref, template, manifestKey: key, parent: null });
-      await this.o.store.setTemplateGolden(template.name, key);
+      const write = await this.snapshotGc.beginWrite(key);
+      try {
+        await agent.checkpoint({ workerId: worker.id, actor: ref, template, manifestKey: key, parent: null });
+        if (!(await write.whole())) throw incompleteSnapshot(key);
+        await this.o.store.setTemplateGolden(template.name, key);
+      } finally {
+        await write.end();
+      }
       this.o.log.info({ template: template.name, snapshot: key }, 'golden snapshot taken');
     } finally {
       await this.releaseHeld(worker.id, ref);
@@ -377,7 +397,7 @@ export class Lifecycle {
   }
 
   private async suspendLocked(ref: ActorRef, onlyIf?: (actor: Actor) => boolean): Promise<Actor> {
-    let actor = await this.getActor(ref.space, ref.name);
+    const actor = await this.getActor(ref.space, ref.name);
     if (actor.status === 'SUSPENDED') return actor;
     if (onlyIf && !onlyIf(actor)) {
       throw new TorporError('FAILED_PRECONDITION', 'actor is no longer idle', { field: 'status' });
@@ -391,7 +411,31 @@ export class Lifecycle {
     const node = actor.node!;
     const agent = await this.agentOf(node);
     const key = this.snapshotKey(ref);
-    actor = await this.transition(actor, 'SUSPENDING', { lastOperation: op, pendingSnapshot: key });
+    // Recorded before the actor changes: a wait for a garbage collection that times out leaves it RUNNING.
+    const write = await this.snapshotGc.beginWrite(key);
+    try {
+      return await this.suspendWriting(actor, { op, t0, worker, node, agent, key, template, write });
+    } finally {
+      await write.end();
+    }
+  }
+
+  private async suspendWriting(
+    running: Actor,
+    s: {
+      op: Operation;
+      t0: number;
+      worker: string;
+      node: string;
+      agent: AgentClient;
+      key: string;
+      template: Template;
+      write: SnapshotWrite;
+    },
+  ): Promise<Actor> {
+    const { op, t0, worker, node, agent, key, template, write } = s;
+    const ref = { space: running.space, name: running.name };
+    const actor = await this.transition(running, 'SUSPENDING', { lastOperation: op, pendingSnapshot: key });
     crashPoint('suspend.marked');
 
     let local: LocalCheckpoint;
@@ -417,9 +461,10 @@ export class Lifecycle {
       op.snapshot = { rawBytes, storedBytes, uploadedChunks, reusedChunks, zeroChunks, deltaFiles };
       this.o.metrics.snapshotBytes.inc({ kind: 'raw' }, uploaded.stats.rawBytes);
       this.o.metrics.snapshotBytes.inc({ kind: 'stored' }, uploaded.stats.storedBytes);
+      if (!(await write.whole())) throw incompleteSnapshot(key);
     } catch (err) {
       // The manifest is the commit marker: if it got written (the agent died answering), the snapshot is whole.
-      if (!(await this.manifestExists(key))) {
+      if (!(await write.whole().catch(() => false))) {
         // The checkpoint exists only on the node: keep it there (PAUSED) rather than lose the actor's state.
         const e = asTorporError(err);
         op.error = e.message;
@@ -504,16 +549,22 @@ export class Lifecycle {
   private uploadPaused(actor: Actor, template: Template, agent: AgentClient, dir: string, key: string): void {
     const ref = { space: actor.space, name: actor.name };
     const upload = (async () => {
-      await agent.upload({ actor: ref, template, manifestKey: key, parent: actor.snapshot ?? null }, dir);
-      await this.locks.run(ref, async () => {
-        const current = await this.o.store.getActor(ref.space, ref.name);
-        if (!current || current.localSnapshot !== dir) return;
-        await this.o.store.casActor(
-          { ...current, ...this.withNewSnapshot(current, key, template) },
-          current.version,
-          this.locks.fence(ref),
-        );
-      });
+      const write = await this.snapshotGc.beginWrite(key);
+      try {
+        await agent.upload({ actor: ref, template, manifestKey: key, parent: actor.snapshot ?? null }, dir);
+        if (!(await write.whole())) throw incompleteSnapshot(key);
+        await this.locks.run(ref, async () => {
+          const current = await this.o.store.getActor(ref.space, ref.name);
+          if (!current || current.localSnapshot !== dir) return;
+          await this.o.store.casActor(
+            { ...current, ...this.withNewSnapshot(current, key, template) },
+            current.version,
+            this.locks.fence(ref),
+          );
+        });
+      } finally {
+        await write.end();
+      }
     })()
       .catch((err: unknown) => this.o.log.warn({ err, actor: actorKey(ref) }, 'durable copy of paused actor failed'))
       .finally(() => this.pendingUploads.delete(dir));
@@ -585,10 +636,11 @@ export class Lifecycle {
   /** Calls `listener` with every snapshot transfer's progress on every node whose agent reports it, until the
    * returned function is called. */
   async onTransfer(listener: (event: TransferEvent) => void): Promise<() => void> {
-    const agents = (await this.o.agents.agents()).filter((agent) => agent.transfers);
-    for (const agent of agents) agent.transfers?.on('progress', listener);
+    const agents = await this.o.agents.agents();
+    // A node that cannot be watched (its agent unreachable) just reports nothing.
+    const watches = await Promise.all(agents.map((agent) => agent.watchTransfers(listener).catch(() => () => {})));
     return () => {
-      for (const agent of agents) agent.transfers?.off('progress', listener);
+      for (const unwatch of watches) unwatch();
     };
   }
 
@@ -688,7 +740,8 @@ export class Lifecycle {
    * sandbox still runs, otherwise back to the last snapshot. */
   private async settleCheckpoint(actor: Actor): Promise<[ActorStatus, Partial<Actor>, string]> {
     const pending = actor.pendingSnapshot;
-    if (actor.status === 'SUSPENDING' && pending && (await this.manifestExists(pending))) {
+    // Whole, not just present: its writer may have stalled past its write record while a collection swept.
+    if (actor.status === 'SUSPENDING' && pending && (await snapshotWhole(this.o.blob, pending).catch(() => false))) {
       await this.releaseHeld(actor.worker, actor);
       const template = await this.o.store.getTemplate(actor.template);
       const patch = template ? this.withNewSnapshot(actor, pending, template) : { snapshot: pending };
@@ -881,9 +934,8 @@ export class Lifecycle {
   }
 
   /** Background work that must never slow a resume or a suspend: delta compaction (CPU-heavy, zstd level 19)
-   * and snapshot garbage collection. One thing at a time, only while no lifecycle operation is in flight; GC
-   * additionally holds operations off while it runs, because a snapshot being written may reuse a chunk GC
-   * is about to delete. */
+   * and snapshot garbage collection. One thing at a time, only while no lifecycle operation is in flight (GC's
+   * safety beside snapshot writes does not rest on this: see snapshot-gc.ts). */
   private async maintain(): Promise<void> {
     // On shutdown, compactions of live snapshots still finish (their bytes are saved once and for all); garbage
     // collection waits for the next process.
@@ -903,26 +955,17 @@ export class Lifecycle {
         continue;
       }
       this.gcDue = false;
-      this.gcRunning = this.collectGarbage().finally(() => {
-        this.gcRunning = undefined;
-      });
-      await this.gcRunning;
+      await this.collectGarbage();
     }
   }
 
   /** Deletes manifests no actor or template points at (snapshot, history, golden) and every object only they
-   * used. Runs with no snapshot write in flight in this process (see maintain); with several servers, a collection
-   * can still race another server's suspend (deleting a chunk that suspend reuses): not handled yet. */
+   * used. Safe beside snapshot writes on this and every other server (see snapshot-gc.ts); one collection runs at a
+   * time cluster-wide. */
   private async collectGarbage(): Promise<void> {
-    const live = new Set<string>();
-    for await (const a of allActors(this.o.store)) {
-      for (const k of [a.snapshot, ...a.history]) if (k) live.add(k);
-      // A suspend cut short whose manifest was written is completed by the reconciler: keep what it wrote.
-      if (a.pendingSnapshot && (await this.manifestExists(a.pendingSnapshot))) live.add(a.pendingSnapshot);
-    }
-    for await (const t of allTemplates(this.o.store)) if (t.goldenSnapshot) live.add(t.goldenSnapshot);
     try {
-      const result = await collectGarbage(this.o.blob, [...live]);
+      const result = await this.snapshotGc.collect(() => this.liveManifests());
+      if (!result) return;
       this.o.metrics.gcDeleted.inc({ kind: 'manifest' }, result.deletedManifests);
       this.o.metrics.gcDeleted.inc({ kind: 'object' }, result.deletedChunks);
       if (result.deletedManifests + result.deletedChunks > 0) this.o.log.info(result, 'snapshot garbage collected');
@@ -931,10 +974,20 @@ export class Lifecycle {
     }
   }
 
+  private async liveManifests(): Promise<string[]> {
+    const live = new Set<string>();
+    for await (const a of allActors(this.o.store)) {
+      for (const k of [a.snapshot, ...a.history]) if (k) live.add(k);
+      // A suspend cut short whose manifest was written is completed by the reconciler: keep what it wrote.
+      if (a.pendingSnapshot && (await this.manifestExists(a.pendingSnapshot))) live.add(a.pendingSnapshot);
+    }
+    for await (const t of allTemplates(this.o.store)) if (t.goldenSnapshot) live.add(t.goldenSnapshot);
+    return [...live];
+  }
+
   /** Runs a lifecycle operation under the actor's lock, counted as activity (see compaction). */
   private operate<T>(ref: ActorRef, fn: () => Promise<T>): Promise<T> {
     return this.locks.run(ref, async () => {
-      while (this.gcRunning) await this.gcRunning;
       this.activeOperations++;
       try {
         return await fn();

@@ -2,11 +2,15 @@
 // names it. Safety comes first: if a live manifest cannot be read, nothing is deleted.
 //
 // Not safe to run concurrently with writeSnapshot: a snapshot being written has chunks in the store but no
-// manifest in the live set yet (and may be reusing a chunk GC is about to delete). Callers serialize the two.
+// manifest in the live set yet (and may be reusing a chunk GC is about to delete). collectGarbage is for a caller
+// that serializes the two itself; with several processes, src/control/snapshot-gc.ts plans (planGarbage) while
+// writes go on, holds new writes off and waits for those in flight, adds what became live meanwhile
+// (addLiveManifests), and only then deletes (deleteGarbage).
 import type { BlobStore } from '../blob/blob.ts';
 import { CHUNK_PREFIX, DEFAULT_MANIFEST_PREFIX, DELTA_PREFIX, readManifest, referencedKeys } from './manifest.ts';
 import { TaskPool } from './pool.ts';
 
+/** Object requests (deletes, existence checks) in flight at once. */
 const DELETE_CONCURRENCY = 8;
 
 export interface GcOptions {
@@ -27,6 +31,21 @@ export async function collectGarbage(
   liveManifestKeys: string[],
   opts: GcOptions = {},
 ): Promise<GcResult> {
+  const plan = await planGarbage(blob, liveManifestKeys, opts);
+  return opts.dryRun ? resultOf(plan) : deleteGarbage(blob, plan);
+}
+
+/** What a collection would delete, decided from the live manifests and the objects listed now. */
+export interface GcPlan {
+  live: Set<string>;
+  referenced: Set<string>;
+  deadManifests: string[];
+  deadChunks: string[];
+  /** Chunk and delta objects listed. */
+  listedChunks: number;
+}
+
+export async function planGarbage(blob: BlobStore, liveManifestKeys: string[], opts: GcOptions = {}): Promise<GcPlan> {
   const live = new Set(liveManifestKeys);
   // Read the live set first: a missing or corrupt live manifest throws here, before anything is deleted.
   const referenced = await referencedChunkKeys(blob, live);
@@ -35,17 +54,66 @@ export async function collectGarbage(
   );
   const chunkKeys = [...(await listAll(blob, CHUNK_PREFIX)), ...(await listAll(blob, DELTA_PREFIX))];
   const deadChunks = chunkKeys.filter((key) => !referenced.has(key));
-  if (!opts.dryRun) {
-    // Manifests before chunks: a crash in between leaves orphan chunks (collected next time), never a
-    // manifest pointing at deleted chunks.
-    await deleteAll(blob, deadManifests);
-    await deleteAll(blob, deadChunks);
-  }
+  return { live, referenced, deadManifests, deadChunks, listedChunks: chunkKeys.length };
+}
+
+/** The plan once `liveManifestKeys` are live too (manifests committed since it was made): they and every object
+ * they name are no longer garbage. Reads only the manifests new to the plan. */
+export async function addLiveManifests(blob: BlobStore, plan: GcPlan, liveManifestKeys: string[]): Promise<GcPlan> {
+  const added = new Set(liveManifestKeys.filter((key) => !plan.live.has(key)));
+  if (added.size === 0) return plan;
+  const referenced = new Set([...plan.referenced, ...(await referencedChunkKeys(blob, added))]);
+  const live = new Set([...plan.live, ...added]);
   return {
-    deletedManifests: deadManifests.length,
-    deletedChunks: deadChunks.length,
-    keptChunks: chunkKeys.length - deadChunks.length,
+    live,
+    referenced,
+    deadManifests: plan.deadManifests.filter((key) => !live.has(key)),
+    deadChunks: plan.deadChunks.filter((key) => !referenced.has(key)),
+    listedChunks: plan.listedChunks,
   };
+}
+
+export interface DeleteOptions {
+  /** Called before each batch of deletions; a throw stops the collection there (e.g. a lease was lost). */
+  beforeBatch?: () => Promise<void>;
+}
+
+const DELETE_BATCH = 256;
+
+export async function deleteGarbage(blob: BlobStore, plan: GcPlan, opts: DeleteOptions = {}): Promise<GcResult> {
+  // Manifests before chunks: a crash in between leaves orphan chunks (collected next time), never a manifest
+  // pointing at deleted chunks.
+  for (const keys of [plan.deadManifests, plan.deadChunks]) {
+    for (let i = 0; i < keys.length; i += DELETE_BATCH) {
+      await opts.beforeBatch?.();
+      await deleteAll(blob, keys.slice(i, i + DELETE_BATCH));
+    }
+  }
+  return resultOf(plan);
+}
+
+function resultOf(plan: GcPlan): GcResult {
+  return {
+    deletedManifests: plan.deadManifests.length,
+    deletedChunks: plan.deadChunks.length,
+    keptChunks: plan.listedChunks - plan.deadChunks.length,
+  };
+}
+
+/** Whether the manifest `key` exists and every object it names does too (a snapshot that can be restored). */
+export async function snapshotWhole(blob: BlobStore, key: string): Promise<boolean> {
+  if (!(await blob.has(key))) return false;
+  const keys = [...referencedKeys(await readManifest(blob, key))];
+  let missing = 0;
+  const pool = new TaskPool(DELETE_CONCURRENCY);
+  await pool.run(async () => {
+    for (const k of keys) {
+      await pool.submit(async () => {
+        if (!(await blob.has(k))) missing++;
+      });
+    }
+  });
+  return missing === 0;
 }
 
 async function referencedChunkKeys(blob: BlobStore, liveManifestKeys: Set<string>): Promise<Set<string>> {

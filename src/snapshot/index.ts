@@ -1,6 +1,15 @@
 // Snapshot format v1: content-addressed, compressed, deduplicated chunks plus a manifest written last.
 export { COMPACT_DELTA_LEVEL, compactDelta, DEFAULT_DELTA_LEVEL } from './delta.ts';
-export { collectGarbage, type GcOptions, type GcResult } from './gc.ts';
+export {
+  addLiveManifests,
+  collectGarbage,
+  deleteGarbage,
+  type GcOptions,
+  type GcPlan,
+  type GcResult,
+  planGarbage,
+  snapshotWhole,
+} from './gc.ts';
 export {
   CHUNK_PREFIX,
   chunkKey,

@@ -29,7 +29,14 @@ import type { Actor, ActorRef, Page, Space, Template, Worker, WorkerFilter } fro
 import { ChangeFeed } from './change-feed.ts';
 import { decodeCursor, pageLimit, toPage } from './cursor.ts';
 import { checkFence, checkTtl, leaseLost, leaseSpace } from './fence.ts';
-import type { Change, ChangeKind, Fence, ListOptions, StateStore } from './store.ts';
+import {
+  type Change,
+  type ChangeKind,
+  type Fence,
+  type ListOptions,
+  SNAPSHOT_SWEEP_LEASE,
+  type StateStore,
+} from './store.ts';
 
 const SCHEMA_VERSION = 1;
 const DEFAULT_SHARDS = 16;
@@ -252,6 +259,21 @@ const PLAIN_SCRIPTS = {
   releaseLease: `
     if redis.call('HGET', KEYS[1], 'holder') == ARGV[1] then redis.call('DEL', KEYS[1]) end
     return 0`,
+  // KEYS: snapshot writes (a sorted set scored by expiry, ms of the server's clock), the sweep lease. ARGV: key,
+  // ttl ms. A write already in flight is extended; a new one is refused while the sweep lease is held.
+  recordSnapshotWrite: `
+    local t = redis.call('TIME')
+    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    local expires = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]) or '0')
+    if expires <= now and redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+    return 1`,
+  // KEYS: snapshot writes. Drops the expired ones, returns the others.
+  listSnapshotWrites: `
+    local t = redis.call('TIME')
+    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+    return redis.call('ZRANGE', KEYS[1], 0, -1)`,
   // KEYS: spaces, space index. ARGV: name, created at.
   ensureSpace: `
     if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then redis.call('ZADD', KEYS[2], 0, ARGV[1]) end
@@ -362,6 +384,7 @@ class Keys {
   lease(lease: string): string {
     return this.key(this.leaseTag(lease), `lease:${lease}`);
   }
+  snapshotWrites = (): string => this.key('g', 'snapshot-writes');
   leaseCounter(lease: string): string {
     return this.key(this.leaseTag(lease), 'lease-seq');
   }
@@ -655,6 +678,23 @@ export class RedisStore implements StateStore {
 
   async releaseLease(key: string, holder: string): Promise<void> {
     await this.#plain('releaseLease', [this.#keys.lease(key)], [holder]);
+  }
+
+  // ── snapshot writes ──────────────────────────────────────────────────────────────────────────────────────
+
+  async recordSnapshotWrite(key: string, ttlMs: number): Promise<boolean> {
+    checkTtl(ttlMs);
+    const k = this.#keys;
+    const keys = [k.snapshotWrites(), k.lease(SNAPSHOT_SWEEP_LEASE)];
+    return Number(await this.#plain('recordSnapshotWrite', keys, [key, Math.ceil(ttlMs)])) === 1;
+  }
+
+  async endSnapshotWrite(key: string): Promise<void> {
+    await this.#client.zrem(this.#keys.snapshotWrites(), key);
+  }
+
+  async listSnapshotWrites(): Promise<string[]> {
+    return ((await this.#plain('listSnapshotWrites', [this.#keys.snapshotWrites()], [])) as string[]).map(String);
   }
 
   // ── watch, lifecycle ─────────────────────────────────────────────────────────────────────────────────────

@@ -12,7 +12,14 @@ import type { Actor, ActorRef, Page, Space, Template, Worker, WorkerFilter } fro
 import { ChangeFeed } from './change-feed.ts';
 import { decodeCursor, pageLimit, toPage } from './cursor.ts';
 import { checkFence, checkTtl, leaseLost } from './fence.ts';
-import type { Change, ChangeKind, Fence, ListOptions, StateStore } from './store.ts';
+import {
+  type Change,
+  type ChangeKind,
+  type Fence,
+  type ListOptions,
+  SNAPSHOT_SWEEP_LEASE,
+  type StateStore,
+} from './store.ts';
 
 const BUSY_TIMEOUT_MS = 5000;
 
@@ -47,6 +54,7 @@ const MIGRATIONS: readonly string[] = [
   `,
   // Fencing tokens. A released lease keeps its row (expired) so the key's next holding still gets a higher token.
   `ALTER TABLE leases ADD COLUMN token INTEGER NOT NULL DEFAULT 1;`,
+  `CREATE TABLE snapshot_writes (key TEXT PRIMARY KEY, expires_at INTEGER NOT NULL) WITHOUT ROWID;`,
 ];
 
 type Row = Record<string, unknown>;
@@ -371,6 +379,34 @@ export class SqliteStore implements StateStore {
   /** Ends the holding but keeps the row, so the key's token keeps growing. */
   async releaseLease(key: string, holder: string): Promise<void> {
     this.#run('UPDATE leases SET expires_at = 0 WHERE key = ? AND holder = ?', [key, holder]);
+  }
+
+  // ── snapshot writes ──────────────────────────────────────────────────────────────────────────────────────
+
+  async recordSnapshotWrite(key: string, ttlMs: number): Promise<boolean> {
+    checkTtl(ttlMs);
+    const now = Date.now();
+    // One statement, so the check of the sweep lease and the insert are atomic: a write already in flight is
+    // extended; a new one is refused while a sweep holds its lease.
+    const row = this.#get(
+      `INSERT INTO snapshot_writes (key, expires_at)
+         SELECT :key, :expires WHERE NOT EXISTS (SELECT 1 FROM leases WHERE key = :sweep AND expires_at > :now)
+           OR EXISTS (SELECT 1 FROM snapshot_writes WHERE key = :key AND expires_at > :now)
+       ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at
+       RETURNING key`,
+      { key, expires: now + Math.ceil(ttlMs), now, sweep: SNAPSHOT_SWEEP_LEASE },
+    );
+    return row !== undefined;
+  }
+
+  async endSnapshotWrite(key: string): Promise<void> {
+    this.#run('DELETE FROM snapshot_writes WHERE key = ?', [key]);
+  }
+
+  async listSnapshotWrites(): Promise<string[]> {
+    const now = Date.now();
+    this.#run('DELETE FROM snapshot_writes WHERE expires_at <= ?', [now]);
+    return this.#all('SELECT key FROM snapshot_writes', []).map((row) => String(row['key']));
   }
 
   // ── watch, lifecycle ─────────────────────────────────────────────────────────────────────────────────────

@@ -22,6 +22,9 @@ export interface Fence {
   token: number;
 }
 
+/** Held by the garbage collection deleting snapshot objects (see StateStore.recordSnapshotWrite). */
+export const SNAPSHOT_SWEEP_LEASE = 'snapshot-sweep';
+
 export interface ListOptions {
   limit?: number;
   cursor?: string;
@@ -70,6 +73,18 @@ export interface StateStore {
    * every earlier one, while an extension keeps its token. */
   acquireLease(key: string, holder: string, ttlMs: number): Promise<number | undefined>;
   releaseLease(key: string, holder: string): Promise<void>;
+
+  // Snapshot writes in flight, so that garbage collection on any server never deletes an object one of them
+  // reuses (protocol in src/control/snapshot-gc.ts). A write is recorded before its first chunk and ended once its
+  // manifest is live (or abandoned); while the lease SNAPSHOT_SWEEP_LEASE is held, no new write may begin.
+
+  /** Records the write of snapshot `key` as in flight for `ttlMs` (or extends it); returns false, recording
+   * nothing, when the write is not already recorded and SNAPSHOT_SWEEP_LEASE is held (a sweep is deleting). */
+  recordSnapshotWrite(key: string, ttlMs: number): Promise<boolean>;
+  /** Idempotent. */
+  endSnapshotWrite(key: string): Promise<void>;
+  /** Keys of the writes recorded and not expired, in no particular order. */
+  listSnapshotWrites(): Promise<string[]>;
 
   /** Changes made through this store from now on (for caches: router, scheduler). Ends when `signal` aborts. */
   watch(kinds: ChangeKind[], signal: AbortSignal): AsyncIterable<Change>;

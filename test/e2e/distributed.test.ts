@@ -1,10 +1,11 @@
 // Torpor beyond one machine, all real processes: redis-server as the state store, Ceph radosgw as the blob
 // store, one `torpor server`, two `torpor agent`s each in its own node network namespace, and one `torpor
 // router`. An actor suspended on node A resumes on node B through S3 with its memory intact; an agent killed
-// with -9 loses its lease and its actor goes back to its last snapshot; and a kill -9 at each named step of
-// suspend and resume, of the agent and of the server, leaves the actor consistent once the process is back: a
-// snapshot pointer that names a manifest in S3 that restores, workers that are free unless they run it, and a
-// count that never goes back past the last acknowledged suspend.
+// with -9 loses its lease and its actor goes back to its last snapshot; an agent stopped with SIGTERM drains (its
+// actor is suspended and resumes on the other node); the agents' transfer progress reaches the server's event
+// stream; and a kill -9 at each named step of suspend and resume, of the agent and of the server, leaves the actor
+// consistent once the process is back: a snapshot pointer that names a manifest in S3 that restores, workers that
+// are free unless they run it, and a count that never goes back past the last acknowledged suspend.
 import assert from 'node:assert/strict';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { createServer } from 'node:net';
@@ -28,6 +29,8 @@ const CONTROL = '10.214.224.254';
 // Longer than an agent takes to restart on a loaded 2-core machine (3–4 s), or a restart would count as a lost node.
 const LEASE_SECONDS = 6;
 const BUCKET = 'torpor-dist';
+/** How long a stopping agent waits for its actors to be suspended (within TorporProcess.stop's 30 s). */
+const DRAIN_SECONDS = 20;
 
 const skip = gvisorSkipReason() ?? nftSkipReason();
 
@@ -129,7 +132,7 @@ describe('beyond one machine: server, two agents in their own namespaces, router
         [
           ...['--server', serverUrl, 'agent', '--token-file', token, '--node', node, '--workers', '1'],
           ...['--network-base', String(base), '--blob', blobUrl, '--listen', `10.214.${base}.2:7071`],
-          ...['--data-dir', join(dir, node)],
+          ...['--data-dir', join(dir, node), '--drain-timeout', String(DRAIN_SECONDS)],
         ],
         { netns: `torpor-node${base}`, env, logFile: join(dir, `${node}.log`) },
       );
@@ -184,17 +187,21 @@ describe('beyond one machine: server, two agents in their own namespaces, router
     return a;
   }
 
-  test('an actor suspended on node A resumes on node B through S3 with its memory intact', async (t) => {
-    if (s3Skip) return t.skip(s3Skip);
-    const image = await counterImage();
+  /** The counter template (applying it again is a no-op: each test may run alone). */
+  async function applyCounter(): Promise<void> {
     await api('POST', '/v1/templates', {
       name: 'counter',
-      image,
+      image: await counterImage(),
       port: 8080,
       readiness: { path: '/healthz', timeoutSeconds: 20 },
       resources: { memoryMiB: 64, vcpus: 1 },
       idleTimeoutSeconds: 0,
     });
+  }
+
+  test('an actor suspended on node A resumes on node B through S3 with its memory intact', async (t) => {
+    if (s3Skip) return t.skip(s3Skip);
+    await applyCounter();
     const created = await api<Actor>('POST', '/v1/spaces/default/actors', { name: 'c1', template: 'counter' });
     assert.match(created.snapshot ?? '', /^snapshots\/_golden\/counter\//, 'created from the golden snapshot');
 
@@ -274,6 +281,95 @@ describe('beyond one machine: server, two agents in their own namespaces, router
     );
     assert.ok(stray.log().includes(`nsenter --net=/var/run/netns/torpor-node${NODES['node-a']}`));
     assert.ok(!(await workers()).some((w) => w.node === 'stray'), 'nothing registered');
+  });
+
+  test('an agent stopped with SIGTERM drains: its actor is suspended with its memory and resumes elsewhere', async (t) => {
+    if (s3Skip) return t.skip(s3Skip);
+    await applyCounter();
+    const seen = lastSeen; // d1's counts are not c1's (the crash cases follow c1)
+    await api('POST', '/v1/spaces/default/actors', { name: 'd1', template: 'counter' });
+    const running = await api<Actor>('POST', actorPath('d1', '/resume'), { worker: 'node-a-w0' });
+    assert.equal(running.node, 'node-a');
+    const golden = running.snapshot;
+    assert.deepEqual([await count('d1'), await count('d1')], [1, 2]);
+
+    const t0 = Date.now();
+    await agents['node-a'].stop();
+    const exit = await agents['node-a'].exited;
+    assert.deepEqual(exit, { code: 0, signal: null }, `node-a exited by itself:\n${agents['node-a'].tail()}`);
+    assert.ok(Date.now() - t0 < DRAIN_SECONDS * 1000, 'within the drain timeout');
+    assert.match(agents['node-a'].log(), /draining: suspending the running actors/);
+
+    const drained = await getActor('d1');
+    assert.equal(drained.status, 'SUSPENDED', 'suspended, not left running on a node that is gone');
+    assert.equal(drained.reason, undefined, `suspended, not lost: ${drained.reason}`);
+    assert.notEqual(drained.snapshot, golden, 'a snapshot of its own');
+    assert.ok(drained.snapshot && (await blob.has(drained.snapshot)), 'its snapshot is in S3');
+    assert.ok(!(await workers()).some((w) => w.node === 'node-a'), "node A's workers left the pool");
+
+    const moved = await api<Actor>('POST', actorPath('d1', '/resume'), {});
+    assert.equal(moved.node, 'node-b');
+    assert.equal(await count('d1'), 3, 'its memory came along');
+    await api<Actor>('POST', actorPath('d1', '/suspend'));
+    await api('DELETE', actorPath('d1'));
+    lastSeen = seen;
+    await agents['node-a'].start();
+    await until('node-a registered again', 10_000, async () =>
+      (await workers()).some((w) => w.id === 'node-a-w0' && w.state === 'free') ? true : undefined,
+    );
+    await until('node-b frees its worker', 10_000, async () =>
+      (await workers()).find((w) => w.id === 'node-b-w0')?.state === 'free' ? true : undefined,
+    );
+  });
+
+  test("remote agents' snapshot transfer progress reaches the server's event stream", async (t) => {
+    if (s3Skip) return t.skip(s3Skip);
+    await applyCounter();
+    const seen = lastSeen;
+    await api('POST', '/v1/spaces/default/actors', { name: 'p1', template: 'counter' });
+    await api<Actor>('POST', actorPath('p1', '/resume'), { worker: 'node-a-w0' });
+    assert.equal(await count('p1'), 1);
+
+    const listening = new AbortController();
+    const res = await fetch(`${serverUrl}${actorPath('p1', '/transfers')}`, { signal: listening.signal });
+    assert.equal(res.status, 200);
+    const reader = res.body!.pipeThrough(new TextDecoderStream()).getReader();
+    let text = '';
+    const reading = (async () => {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) return;
+        text += value;
+      }
+    })().catch(() => undefined);
+    await until('subscribed', 5000, async () => (text.includes(': subscribed') ? true : undefined));
+
+    await api<Actor>('POST', actorPath('p1', '/suspend')); // node A uploads
+    await until('node A frees its worker', 10_000, async () =>
+      (await workers()).find((w) => w.id === 'node-a-w0')?.state === 'free' ? true : undefined,
+    );
+    const moved = await api<Actor>('POST', actorPath('p1', '/resume'), { worker: 'node-b-w0' }); // node B downloads
+    assert.equal(moved.node, 'node-b');
+    assert.equal(await count('p1'), 2);
+    listening.abort();
+    await reading;
+    const events = [...text.matchAll(/^data: (.*)\n/gm)].map(
+      (m) => JSON.parse(m[1]!) as { direction: string; bytesDone: number; bytesTotal: number },
+    );
+
+    for (const direction of ['upload', 'download']) {
+      const of = events.filter((e) => e.direction === direction);
+      assert.ok(of.length > 0, `${direction} progress forwarded from the agent (events: ${events.length})`);
+      const last = of.at(-1)!;
+      assert.ok(last.bytesTotal > 0);
+      assert.equal(last.bytesDone, last.bytesTotal, `the ${direction} reached its total`);
+    }
+    await api<Actor>('POST', actorPath('p1', '/suspend'));
+    await api('DELETE', actorPath('p1'));
+    lastSeen = seen;
+    await until('node-b frees its worker', 10_000, async () =>
+      (await workers()).find((w) => w.id === 'node-b-w0')?.state === 'free' ? true : undefined,
+    );
   });
 
   /** Each step where a process may die, and what the actor must come back as: "forward" = with everything the

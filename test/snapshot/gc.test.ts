@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, it } from 'node:test';
 import type { SnapshotManifest } from '../../src/core/types.ts';
-import { chunkKey, collectGarbage, restoreSnapshot, writeSnapshot } from '../../src/snapshot/index.ts';
+import { chunkKey, collectGarbage, restoreSnapshot, snapshotWhole, writeSnapshot } from '../../src/snapshot/index.ts';
 import { rejectsWith } from '../blob/conformance.ts';
 import { CHUNK, chunkKeysIn, META, makeCheckpoint, scratch, scribble } from './helpers.ts';
 
@@ -32,6 +32,13 @@ describe('collectGarbage', () => {
   });
   afterEach(async () => {
     await s.cleanup();
+  });
+
+  it('snapshotWhole: the manifest and every object it names exist', async () => {
+    assert.equal(await snapshotWhole(s.blob, NEW), true);
+    assert.equal(await snapshotWhole(s.blob, 'snapshots/web/none.json'), false);
+    await s.blob.delete([...chunkKeysOf(newManifest)][0]!);
+    assert.equal(await snapshotWhole(s.blob, NEW), false);
   });
 
   it('deletes dead manifests and the chunks only they used, keeping every live chunk', async () => {

@@ -8,7 +8,7 @@ import { describe, it } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { isTorporError } from '../../src/core/errors.ts';
 import type { Actor, ActorRef, Template, Worker } from '../../src/core/types.ts';
-import type { Change, ChangeKind, StateStore } from '../../src/store/store.ts';
+import { type Change, type ChangeKind, SNAPSHOT_SWEEP_LEASE, type StateStore } from '../../src/store/store.ts';
 
 export interface StoreFixture {
   store: StateStore;
@@ -44,6 +44,7 @@ export function stateStoreConformance(name: string, make: () => Promise<StoreFix
     describe('workers', () => workerTests(test));
     describe('leases', () => leaseTests(test));
     describe('fencing', () => fencingTests(test));
+    describe('snapshot writes', () => snapshotWriteTests(test));
     describe('watch', () => watchTests(test));
   });
 }
@@ -721,5 +722,63 @@ function watchTests(test: Register): void {
     const seen: Change[] = [];
     for await (const change of stream) seen.push(change);
     assert.deepEqual(seen, []);
+  });
+}
+
+// ── snapshot writes ──────────────────────────────────────────────────────────────────────────────────────────
+
+function snapshotWriteTests(test: Register): void {
+  test('a recorded write is listed until it ends', async ({ clients }) => {
+    const [a, b] = [clientFor(clients, 0), clientFor(clients, 1)];
+    assert.deepEqual(await a.listSnapshotWrites(), []);
+    assert.equal(await a.recordSnapshotWrite('snapshots/s/a/1/manifest.json', 60_000), true);
+    assert.equal(await b.recordSnapshotWrite('snapshots/s/b/2/manifest.json', 60_000), true);
+    assert.deepEqual((await b.listSnapshotWrites()).sort(), [
+      'snapshots/s/a/1/manifest.json',
+      'snapshots/s/b/2/manifest.json',
+    ]);
+    await b.endSnapshotWrite('snapshots/s/a/1/manifest.json');
+    await b.endSnapshotWrite('snapshots/s/a/1/manifest.json');
+    assert.deepEqual(await a.listSnapshotWrites(), ['snapshots/s/b/2/manifest.json']);
+  });
+
+  test('an expired write is not listed', async ({ store }) => {
+    assert.equal(await store.recordSnapshotWrite('k/short', 50), true);
+    assert.equal(await store.recordSnapshotWrite('k/long', 60_000), true);
+    await sleep(120);
+    assert.deepEqual(await store.listSnapshotWrites(), ['k/long']);
+  });
+
+  test('while the sweep lease is held no new write begins, but one in flight is extended', async ({ clients }) => {
+    const [gc, writer] = [clientFor(clients, 0), clientFor(clients, 1)];
+    assert.equal(await writer.recordSnapshotWrite('k/in-flight', 60_000), true);
+    assert.ok(await gc.acquireLease(SNAPSHOT_SWEEP_LEASE, 'gc-1', 60_000));
+    assert.equal(await writer.recordSnapshotWrite('k/new', 60_000), false);
+    assert.equal(await writer.recordSnapshotWrite('k/in-flight', 60_000), true);
+    assert.deepEqual(await gc.listSnapshotWrites(), ['k/in-flight']);
+    await gc.releaseLease(SNAPSHOT_SWEEP_LEASE, 'gc-1');
+    assert.equal(await writer.recordSnapshotWrite('k/new', 60_000), true);
+    assert.deepEqual((await gc.listSnapshotWrites()).sort(), ['k/in-flight', 'k/new']);
+  });
+
+  test('an expired write cannot be extended while the sweep lease is held', async ({ clients }) => {
+    const [gc, writer] = [clientFor(clients, 0), clientFor(clients, 1)];
+    assert.equal(await writer.recordSnapshotWrite('k/stalled', 50), true);
+    await sleep(120);
+    assert.ok(await gc.acquireLease(SNAPSHOT_SWEEP_LEASE, 'gc-1', 60_000));
+    assert.equal(await writer.recordSnapshotWrite('k/stalled', 60_000), false);
+    assert.deepEqual(await gc.listSnapshotWrites(), []);
+  });
+
+  test('a sweep lease that expired no longer holds writes off', async ({ clients }) => {
+    const [gc, writer] = [clientFor(clients, 0), clientFor(clients, 1)];
+    assert.ok(await gc.acquireLease(SNAPSHOT_SWEEP_LEASE, 'gc-1', 50));
+    await sleep(120);
+    assert.equal(await writer.recordSnapshotWrite('k/after', 60_000), true);
+  });
+
+  test('a bad ttl is refused', async ({ store }) => {
+    await rejectsWith(store.recordSnapshotWrite('k/x', 0), 'INVALID_ARGUMENT', 'ttlMs');
+    assert.deepEqual(await store.listSnapshotWrites(), []);
   });
 }

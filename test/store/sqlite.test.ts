@@ -38,7 +38,7 @@ async function withDir(body: (dir: string) => Promise<void>): Promise<void> {
 }
 
 describe('SqliteStore specifics', () => {
-  it('keeps data across close and reopen, in WAL mode, at schema version 2', async () => {
+  it('keeps data across close and reopen, in WAL mode, at schema version 3', async () => {
     await withDir(async (dir) => {
       const path = join(dir, 'state.db');
       const first = SqliteStore.open(path);
@@ -50,7 +50,7 @@ describe('SqliteStore specifics', () => {
 
       const raw = new DatabaseSync(path, { readOnly: true });
       assert.deepEqual({ ...raw.prepare('PRAGMA journal_mode').get() }, { journal_mode: 'wal' });
-      assert.deepEqual({ ...raw.prepare(`SELECT value FROM meta WHERE key = 'schema_version'`).get() }, { value: '2' });
+      assert.deepEqual({ ...raw.prepare(`SELECT value FROM meta WHERE key = 'schema_version'`).get() }, { value: '3' });
       raw.close();
     });
   });
