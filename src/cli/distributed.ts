@@ -140,6 +140,8 @@ export interface AgentOptions {
   /** The pool's runtime asset sets (YAML); default: the local runsc. */
   assets?: string;
   deltaLevel?: number;
+  /** Byte cap of the node's snapshot chunk cache. */
+  chunkCacheBytes?: number;
   log?: Logger;
 }
 
@@ -193,6 +195,7 @@ export async function agent(o: AgentOptions): Promise<Running> {
     log,
     waitForRegistry: true,
     ...(o.deltaLevel !== undefined ? { deltaLevel: o.deltaLevel } : {}),
+    ...(o.chunkCacheBytes !== undefined ? { chunkCacheBytes: o.chunkCacheBytes } : {}),
   });
   const api = buildAgentApi({ agent: nodeAgent, token: o.token, log, ready: () => nodeAgent.ready });
   await api.listen({ host, port });
