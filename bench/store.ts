@@ -22,6 +22,7 @@ import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { Redis } from 'ioredis';
 import type { Actor } from '../src/core/types.ts';
+import { encodeActor } from '../src/store/actor-codec.ts';
 import { RedisStore } from '../src/store/redis.ts';
 import { SqliteStore } from '../src/store/sqlite.ts';
 import type { StateStore } from '../src/store/store.ts';
@@ -238,7 +239,10 @@ async function memorySection(raw: Redis, url: string) {
       while (next < MEMORY_ACTORS) {
         const i = next++;
         const space = `tenant-${String(i % spaces).padStart(2, '0')}`;
-        await store.createActor({ ...sample, space, name: `actor-${String(i).padStart(6, '0')}` });
+        const name = `actor-${String(i).padStart(6, '0')}`;
+        // Its own snapshot key, as a suspend writes it (the store keeps such keys relative to the actor).
+        const snapshot = sample.snapshot!.replace('snapshots/sample/a0/', `snapshots/${space}/${name}/`);
+        await store.createActor({ ...sample, space, name, snapshot });
       }
     }),
   );
@@ -251,6 +255,7 @@ async function memorySection(raw: Redis, url: string) {
     actors: MEMORY_ACTORS,
     spaces,
     record_json_bytes: JSON.stringify({ ...sample, version: 1 }).length,
+    record_stored_bytes: encodeActor({ ...sample, version: 1 }).length,
     create_seconds: round2(seconds),
     used_memory_delta_bytes: total,
     change_stream_bytes: streamBytes,
