@@ -13,7 +13,7 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { createWriteStream } from 'node:fs';
 import { mkdir, mkdtemp, open, readFile, rm, writeFile } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
@@ -145,6 +145,7 @@ try {
     size_mib: size / MiB,
     zero_percent: zeroPercent,
     rounds,
+    load_average_at_start: loadavg().map(round),
     snapshot: {
       chunks: written.stats.totalChunks,
       zero_chunks: written.stats.zeroChunks,

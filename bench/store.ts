@@ -17,7 +17,7 @@
 //   node bench/store.ts [--ops 1000] [--rounds 5] [--concurrency 32] [--transitions 2000]
 //                       [--memory-actors 100000] [--sections raw,lifecycle,memory]   → JSON on stdout
 import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { Redis } from 'ioredis';
@@ -39,6 +39,7 @@ const { values } = parseArgs({
     transitions: { type: 'string', default: '2000' },
     'memory-actors': { type: 'string', default: '100000' },
     sections: { type: 'string', default: 'raw,lifecycle,memory' },
+    'lifecycle-stores': { type: 'string', default: 'redis,sqlite_file' },
   },
 });
 const SECTIONS = new Set(values.sections.split(','));
@@ -138,14 +139,19 @@ async function rawSection(raw: Redis, url: string, dir: string) {
 
 /** Lifecycle transitions (whole resumes and suspends) per second and their latency, the control plane alone. */
 async function lifecycleSection(raw: Redis, url: string, dir: string) {
-  const names = Array.from({ length: CONCURRENCY }, (_, i) => `a${i}`);
+  const actorNames = Array.from({ length: CONCURRENCY }, (_, i) => `a${i}`);
   // Twice as many workers as actors: a suspend frees its worker in the background, as it does in production.
   const workersPerNode = Math.ceil((2 * CONCURRENCY) / 4);
   const redisStore = await RedisStore.open({ url, prefix: 'lc:' });
   const sqliteStore = SqliteStore.open(join(dir, 'lifecycle.db'));
+  const wanted = new Set(values['lifecycle-stores'].split(','));
   const planes = {
-    redis: { cp: await controlPlane(redisStore, 4, workersPerNode), transitions: TRANSITIONS },
-    sqlite_file: { cp: await controlPlane(sqliteStore, 4, workersPerNode), transitions: SQLITE_TRANSITIONS },
+    ...(wanted.has('redis')
+      ? { redis: { cp: await controlPlane(redisStore, 4, workersPerNode), transitions: TRANSITIONS } }
+      : {}),
+    ...(wanted.has('sqlite_file')
+      ? { sqlite_file: { cp: await controlPlane(sqliteStore, 4, workersPerNode), transitions: SQLITE_TRANSITIONS } }
+      : {}),
   };
   const rates = new Map<string, number[]>();
   const latencies = new Map<string, number[]>();
@@ -161,7 +167,7 @@ async function lifecycleSection(raw: Redis, url: string, dir: string) {
     }
     for (const [name, plane] of Object.entries(planes)) {
       const before = sumCalls(plane.cp.calls);
-      const run = await cycle(plane.cp, 'bench', names, warmup ? 2 * CONCURRENCY : plane.transitions);
+      const run = await cycle(plane.cp, 'bench', actorNames, warmup ? 2 * CONCURRENCY : plane.transitions);
       if (warmup) continue;
       add(rates, name, [Math.round(run.transitions / run.seconds)]);
       add(latencies, name, run.latencies);
@@ -176,31 +182,28 @@ async function lifecycleSection(raw: Redis, url: string, dir: string) {
     const s = summary(latencies.get(k)!);
     return { n: s.n, p50: round2(s.p50), p95: round2(s.p95), p99: round2(s.p99), max: round2(s.max) };
   };
-  const redisRate = stats(rates.get('redis')!).median;
-  const floorRate = stats(rates.get('redis_floor.get')!).median;
+  const names = Object.keys(planes);
+  const each = <T>(f: (name: string) => T) => Object.fromEntries(names.map((n) => [n, f(n)]));
+  const rateOf = (k: string) => rates.get(k) && stats(rates.get(k)!).median;
+  const floorRate = rateOf('redis_floor.get')!;
+  const floorP99 = summary(latencies.get('redis_floor.get')!).p99;
   return {
-    transitions_per_sample: { redis: TRANSITIONS, sqlite_file: SQLITE_TRANSITIONS },
+    transitions_per_sample: each((n) => planes[n as keyof typeof planes]!.transitions),
     actors_in_flight: CONCURRENCY,
     transitions_per_second: {
-      redis: stats(rates.get('redis')!),
-      sqlite_file: stats(rates.get('sqlite_file')!),
+      ...each((n) => stats(rates.get(n)!)),
       redis_floor_get: stats(rates.get('redis_floor.get')!),
     },
-    latency_ms: {
-      redis: latency('redis'),
-      sqlite_file: latency('sqlite_file'),
-      redis_floor_get: latency('redis_floor.get'),
-    },
-    store_calls_per_transition: {
-      redis: round2(calls.get('redis')! / ROUNDS),
-      sqlite_file: round2(calls.get('sqlite_file')! / ROUNDS),
-    },
+    latency_ms: { ...each(latency), redis_floor_get: latency('redis_floor.get') },
+    store_calls_per_transition: each((n) => round2(calls.get(n)! / ROUNDS)),
     ratios: {
-      redis_transitions_over_floor_gets: round2(redisRate / floorRate),
-      redis_over_sqlite: round2(redisRate / stats(rates.get('sqlite_file')!).median),
-      redis_p99_over_floor_p99: round2(
-        summary(latencies.get('redis')!).p99 / summary(latencies.get('redis_floor.get')!).p99,
-      ),
+      ...(rateOf('redis') ? { redis_transitions_over_floor_gets: round2(rateOf('redis')! / floorRate) } : {}),
+      ...(rateOf('redis') && rateOf('sqlite_file')
+        ? { redis_over_sqlite: round2(rateOf('redis')! / rateOf('sqlite_file')!) }
+        : {}),
+      ...(latencies.get('redis')
+        ? { redis_p99_over_floor_p99: round2(summary(latencies.get('redis')!).p99 / floorP99) }
+        : {}),
     },
     target_redis_transitions_per_second: 2000,
   };
@@ -279,6 +282,7 @@ try {
     redis_version: redisVersion,
     rounds: ROUNDS,
     concurrency: CONCURRENCY,
+    load_average_at_start: loadavg().map(round2),
   };
   if (SECTIONS.has('memory')) result.memory = await memorySection(raw, server.url); // first: nothing else in the server yet
   if (SECTIONS.has('raw')) result.raw = await rawSection(raw, server.url, dir);
