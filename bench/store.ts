@@ -156,6 +156,8 @@ async function lifecycleSection(raw: Redis, url: string, dir: string) {
   const rates = new Map<string, number[]>();
   const latencies = new Map<string, number[]>();
   const calls = new Map<string, number>();
+  /** CPU milliseconds per transition, of this process (the control plane) and of redis-server. */
+  const cpuMs = new Map<string, number[]>();
   const add = <T>(m: Map<string, T[]>, k: string, xs: T[]) => m.set(k, [...(m.get(k) ?? []), ...xs]);
   for (const { cp } of Object.values(planes)) await createActors(cp, 'bench', 'a', CONCURRENCY);
   for (let r = -1; r < ROUNDS; r++) {
@@ -167,8 +169,13 @@ async function lifecycleSection(raw: Redis, url: string, dir: string) {
     }
     for (const [name, plane] of Object.entries(planes)) {
       const before = sumCalls(plane.cp.calls);
+      const [cpuBefore, redisCpuBefore] = [process.cpuUsage(), await redisCpuMs(raw)];
       const run = await cycle(plane.cp, 'bench', actorNames, warmup ? 2 * CONCURRENCY : plane.transitions);
       if (warmup) continue;
+      const cpu = process.cpuUsage(cpuBefore);
+      add(cpuMs, `${name}.control_plane`, [(cpu.user + cpu.system) / 1000 / run.transitions]);
+      if (name === 'redis')
+        add(cpuMs, 'redis.redis_server', [((await redisCpuMs(raw)) - redisCpuBefore) / run.transitions]);
       add(rates, name, [Math.round(run.transitions / run.seconds)]);
       add(latencies, name, run.latencies);
       calls.set(name, (calls.get(name) ?? 0) + (sumCalls(plane.cp.calls) - before) / run.transitions);
@@ -196,6 +203,8 @@ async function lifecycleSection(raw: Redis, url: string, dir: string) {
     },
     latency_ms: { ...each(latency), redis_floor_get: latency('redis_floor.get') },
     store_calls_per_transition: each((n) => round2(calls.get(n)! / ROUNDS)),
+    // What the machine's load cannot skew: one core of the control plane sustains 1000 / control_plane of them.
+    cpu_ms_per_transition: Object.fromEntries([...cpuMs].map(([k, xs]) => [k, round3(stats(xs).median)])),
     ratios: {
       ...(rateOf('redis') ? { redis_transitions_over_floor_gets: round2(rateOf('redis')! / floorRate) } : {}),
       ...(rateOf('redis') && rateOf('sqlite_file')
@@ -208,6 +217,15 @@ async function lifecycleSection(raw: Redis, url: string, dir: string) {
     target_redis_transitions_per_second: 2000,
   };
 }
+
+/** redis-server's CPU time so far (user + system), in ms. */
+async function redisCpuMs(raw: Redis): Promise<number> {
+  const info = await raw.info('cpu');
+  const field = (name: string) => Number(new RegExp(`${name}:([\\d.]+)`).exec(info)?.[1]);
+  return (field('used_cpu_user') + field('used_cpu_sys')) * 1000;
+}
+
+const round3 = (x: number) => Math.round(x * 1000) / 1000;
 
 function sumCalls(calls: Map<string, number>): number {
   let n = 0;
