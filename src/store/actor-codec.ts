@@ -63,11 +63,20 @@ function longKey(key: string, own: string): string {
   return key.startsWith('~~') ? key.slice(1) : key;
 }
 
-/** Renames the fields of `o` by `names`; fields the table does not know keep their name (a newer build's). */
-function rename(o: object, names: Names): Record<string, unknown> {
+/** Renames the fields of `o` by `names`; fields the table does not know keep their name (a newer build's). Plain
+ * loops: this runs on every actor read and write. */
+function rename(o: Record<string, unknown>, names: Names): Record<string, unknown> {
   const out: Record<string, unknown> = {};
-  for (const [k, v] of Object.entries(o)) if (v !== undefined) out[names[k] ?? k] = v;
+  for (const k in o) {
+    const v = o[k];
+    if (v !== undefined) out[names[k] ?? k] = v;
+  }
   return out;
+}
+
+function isEmpty(o: object): boolean {
+  for (const _ in o) return false;
+  return true;
 }
 
 function ownPrefix(space: string, name: string): string {
@@ -76,31 +85,52 @@ function ownPrefix(space: string, name: string): string {
 
 export function encodeActor(actor: Actor): string {
   const own = ownPrefix(actor.space, actor.name);
-  const { space: _s, name: _n, version, ...rest } = actor;
-  const fields: Record<string, unknown> = { ...rest };
-  for (const f of SNAPSHOT_FIELDS) if (typeof fields[f] === 'string') fields[f] = shortKey(fields[f], own);
-  fields.history = actor.history.length ? actor.history.map((k) => shortKey(k, own)) : undefined;
-  if (Object.keys(actor.labels).length === 0) fields.labels = undefined;
-  const op = actor.lastOperation;
-  if (op) {
-    const o = rename(op, OPERATION);
-    if (op.snapshot) o[OPERATION.snapshot!] = rename(op.snapshot, SNAPSHOT_STATS);
-    fields.lastOperation = o;
+  const fields = actor as unknown as Record<string, unknown>;
+  const out: Record<string, unknown> = {};
+  for (const k in fields) {
+    let v = fields[k];
+    if (v === undefined || k === 'space' || k === 'name' || k === 'version') continue;
+    if (SNAPSHOT_FIELDS.has(k) && typeof v === 'string') v = shortKey(v, own);
+    else if (k === 'history') {
+      if (actor.history.length === 0) continue;
+      v = actor.history.map((key) => shortKey(key, own));
+    } else if (k === 'labels' && isEmpty(actor.labels)) continue;
+    else if (k === 'lastOperation') v = encodeOperation(v as Operation);
+    out[ACTOR[k] ?? k] = v;
   }
-  return `${version}\n${JSON.stringify(rename(fields, ACTOR))}`;
+  return `${actor.version}\n${JSON.stringify(out)}`;
+}
+
+function encodeOperation(op: Operation): Record<string, unknown> {
+  const o = rename(op as unknown as Record<string, unknown>, OPERATION);
+  if (op.snapshot) o[OPERATION.snapshot!] = rename(op.snapshot, SNAPSHOT_STATS);
+  return o;
 }
 
 export function decodeActor(space: string, name: string, text: string): Actor {
   const newline = text.indexOf('\n');
   const own = ownPrefix(space, name);
-  const fields = rename(JSON.parse(text.slice(newline + 1)) as object, ACTOR_LONG);
-  for (const f of SNAPSHOT_FIELDS) if (typeof fields[f] === 'string') fields[f] = longKey(fields[f], own);
-  fields.history = ((fields.history as string[] | undefined) ?? []).map((k) => longKey(k, own));
-  fields.labels ??= {};
-  if (fields.lastOperation) {
-    const op = rename(fields.lastOperation as object, OPERATION_LONG);
-    if (op.snapshot) op.snapshot = rename(op.snapshot as object, SNAPSHOT_STATS_LONG);
-    fields.lastOperation = op as unknown as Operation;
+  const stored = JSON.parse(text.slice(newline + 1)) as Record<string, unknown>;
+  const actor: Record<string, unknown> = {
+    space,
+    name,
+    version: Number(text.slice(0, newline)),
+    labels: {},
+    history: [],
+  };
+  for (const k in stored) {
+    const field = ACTOR_LONG[k] ?? k;
+    let v = stored[k];
+    if (SNAPSHOT_FIELDS.has(field) && typeof v === 'string') v = longKey(v, own);
+    else if (field === 'history') v = (v as string[]).map((key) => longKey(key, own));
+    else if (field === 'lastOperation') v = decodeOperation(v as Record<string, unknown>);
+    actor[field] = v;
   }
-  return { space, name, version: Number(text.slice(0, newline)), ...fields } as Actor;
+  return actor as unknown as Actor;
+}
+
+function decodeOperation(stored: Record<string, unknown>): Operation {
+  const op = rename(stored, OPERATION_LONG);
+  if (op.snapshot) op.snapshot = rename(op.snapshot as Record<string, unknown>, SNAPSHOT_STATS_LONG);
+  return op as unknown as Operation;
 }
