@@ -15,7 +15,8 @@
 // share is reported apart.
 //
 //   node bench/store.ts [--ops 1000] [--rounds 5] [--concurrency 32] [--transitions 2000]
-//                       [--memory-actors 100000] [--sections raw,lifecycle,memory]   → JSON on stdout
+//                       [--memory-actors 100000] [--sections raw,lifecycle,memory]
+//                       [--lifecycle-stores redis,sqlite_file]   → JSON on stdout
 import { mkdtemp, rm } from 'node:fs/promises';
 import { loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
