@@ -11,14 +11,14 @@
 //   node bench/blob.ts [--size-mib 64] [--rounds 3] [--part-mib 8] [--concurrency 4] [--link-mibps 32]
 
 import { createHash, randomBytes } from 'node:crypto';
-import { connect, createServer, type Server, type Socket } from 'node:net';
-import { Readable, Transform, Writable } from 'node:stream';
+import { Readable, Writable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { parseArgs } from 'node:util';
 import { DeleteObjectCommand, GetObjectCommand, PutObjectCommand } from '@aws-sdk/client-s3';
 import { S3BlobStore, type S3Connection } from '../src/blob/s3.ts';
 import { createBucket, startS3 } from '../test/blob/s3-helpers.ts';
 import { round } from './lib/bare.ts';
+import { throttledLink } from './lib/link.ts';
 
 const { values } = parseArgs({
   options: {
@@ -67,43 +67,6 @@ async function timed(expectedBytes: number, run: () => Promise<number | undefine
 
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 const mibs = (xs: number[]) => ({ median: round(median(xs)), samples: xs.map(round) });
-
-/** Passes at most `bytesPerSecond`, with no credit saved up while idle (a kept-alive connection gets no burst). */
-function throttle(bytesPerSecond: number): Transform {
-  let free = Date.now();
-  return new Transform({
-    transform(chunk: Buffer, _encoding, done) {
-      const now = Date.now();
-      free = Math.max(free, now) + (chunk.length / bytesPerSecond) * 1000;
-      setTimeout(() => done(null, chunk), free - now);
-    },
-  });
-}
-
-/** A TCP proxy to `endpoint` that limits each connection to `mibps` in each direction. */
-async function throttledLink(endpoint: string, mibps: number): Promise<{ endpoint: string; server: Server }> {
-  const target = new URL(endpoint);
-  const sockets = new Set<Socket>();
-  const server = createServer((client) => {
-    const upstream = connect(Number(target.port), target.hostname);
-    for (const socket of [client, upstream]) {
-      sockets.add(socket);
-      socket.on('close', () => sockets.delete(socket));
-      socket.on('error', () => {
-        client.destroy();
-        upstream.destroy();
-      });
-    }
-    client.pipe(throttle(mibps * MiB)).pipe(upstream);
-    upstream.pipe(throttle(mibps * MiB)).pipe(client);
-  });
-  server.on('close', () => {
-    for (const socket of sockets) socket.destroy();
-  });
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const { port } = server.address() as { port: number };
-  return { endpoint: `http://127.0.0.1:${port}`, server };
-}
 
 async function measure(connection: S3Connection, bucket: string, data: Buffer) {
   const store = new S3BlobStore({ ...connection, bucket, partSize, concurrency });

@@ -10,7 +10,7 @@ import { dirname, join, relative, resolve, sep } from 'node:path';
 import { PassThrough, Readable } from 'node:stream';
 import type { Logger } from 'pino';
 import type { BlobStore } from '../blob/blob.ts';
-import { FsBlobStore } from '../blob/fs.ts';
+import { DEFAULT_CHUNK_CACHE_BYTES, LruBlobCache } from '../blob/lru-cache.ts';
 import { TorporError } from '../core/errors.ts';
 import { KeyedMutex } from '../core/keyed-mutex.ts';
 import { assetMap, parse, type RuntimeClass } from '../core/schemas.ts';
@@ -107,6 +107,9 @@ export interface NodeAgentOptions {
   log: Logger;
   /** zstd level for delta-encoded snapshot files (0: chunks only). */
   deltaLevel?: number;
+  /** Cap of the node's chunk cache (chunks this node uploaded or fetched), least recently used first; default
+   * DEFAULT_CHUNK_CACHE_BYTES. */
+  chunkCacheBytes?: number;
   /** Local copies of snapshots this node wrote, kept for fast resumes here (default 4 per worker). */
   keepSnapshots?: number;
   /** Keep retrying the first registration (every second) instead of failing: a `torpor agent` may well start
@@ -136,7 +139,7 @@ export class NodeAgent implements AgentClient {
   readonly node: string;
   readonly slots = new Map<string, WorkerSlot>();
   private readonly opts: NodeAgentOptions;
-  private readonly chunkCache: FsBlobStore;
+  private readonly chunkCache: LruBlobCache;
   private renewTimer?: NodeJS.Timeout;
   private heartbeating = false;
   /** Activation, checkpoint and release of one slot run one at a time (the server, its reconciler and this agent's
@@ -157,7 +160,9 @@ export class NodeAgent implements AgentClient {
     this.node = opts.node;
     this.keepSnapshots = opts.keepSnapshots ?? 4 * opts.workers;
     // Chunks this node has uploaded or fetched: a resume here needs no download for them.
-    this.chunkCache = new FsBlobStore(join(this.nodeDir, 'chunks'), { durable: false });
+    this.chunkCache = new LruBlobCache(join(this.nodeDir, 'chunks'), {
+      maxBytes: opts.chunkCacheBytes ?? DEFAULT_CHUNK_CACHE_BYTES,
+    });
     for (let i = 0; i < opts.workers; i++) {
       const id = `${opts.node}-w${i}`;
       const dir = join(this.nodeDir, 'workers', id);

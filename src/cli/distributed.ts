@@ -143,6 +143,8 @@ export interface AgentOptions {
   deltaLevel?: number;
   /** On stop, how long the agent waits for its running actors to be suspended (default 60 s; 0: no drain). */
   drainTimeoutMs?: number;
+  /** Byte cap of the node's snapshot chunk cache. */
+  chunkCacheBytes?: number;
   log?: Logger;
 }
 
@@ -196,6 +198,7 @@ export async function agent(o: AgentOptions): Promise<Running> {
     log,
     waitForRegistry: true,
     ...(o.deltaLevel !== undefined ? { deltaLevel: o.deltaLevel } : {}),
+    ...(o.chunkCacheBytes !== undefined ? { chunkCacheBytes: o.chunkCacheBytes } : {}),
   });
   const api = buildAgentApi({ agent: nodeAgent, token: o.token, log, ready: () => nodeAgent.ready });
   await api.listen({ host, port });

@@ -3,6 +3,7 @@ import { readFileSync } from 'node:fs';
 import { dirname, isAbsolute, join, resolve } from 'node:path';
 import { Command, Option } from 'commander';
 import { parse as parseYaml, stringify as stringifyYaml } from 'yaml';
+import { DEFAULT_CHUNK_CACHE_BYTES } from '../blob/lru-cache.ts';
 import { asTorporError, TorporError } from '../core/errors.ts';
 import { type Actor, DEFAULT_SPACE, type Operation } from '../core/types.ts';
 import { ApiClient } from './client.ts';
@@ -85,6 +86,7 @@ interface UpFlags extends AgentFlags, RouterFlags {
   runsc?: string;
   assets?: string;
   layerCacheMib?: string;
+  chunkCacheMib?: string;
   rootfsCacheMib?: string;
   store?: string;
   blob?: string;
@@ -153,6 +155,14 @@ function routerSettings(o: RouterFlags) {
   };
 }
 
+const CHUNK_CACHE_FLAG = '--chunk-cache-mib <n>';
+const CHUNK_CACHE_HELP = `cap of the node's snapshot chunk cache (warm-node restores read it, not the blob store); least recently used chunks go first (default ${DEFAULT_CHUNK_CACHE_BYTES / 1024 ** 2})`;
+
+/** The chunk cache cap a --chunk-cache-mib flag asks for (none: the agent's default). */
+function chunkCacheSetting(mib: string | undefined): { chunkCacheBytes?: number } {
+  return mib ? { chunkCacheBytes: integerFlag('chunk-cache-mib', mib, 1, 1 << 24) * 1024 * 1024 } : {};
+}
+
 const upCommand = program
   .command('up')
   .description('run Torpor on this machine (API, local engine, reconciler)')
@@ -165,6 +175,7 @@ const upCommand = program
   .option('--assets <file>', "the pool's runtime asset sets (YAML; `torpor assets stage` prints one)")
   .option('--layer-cache-mib <n>', 'cap of the image layer cache; least recently used layers go first')
   .option('--rootfs-cache-mib <n>', 'cap of the unpacked image cache; least recently used, unused images go first')
+  .option(CHUNK_CACHE_FLAG, CHUNK_CACHE_HELP)
   .option('--microvm-workers <n>', 'micro-VM worker slots per node, besides the gVisor ones (QEMU)', '0')
   .option(
     '--network-base <n>',
@@ -233,6 +244,7 @@ addAckOptions(addAgentOptions(addKubeOptions(withRouterOptions(upCommand)))).act
       ...(o.rootfsCacheMib
         ? { rootfsCacheBytes: integerFlag('rootfs-cache-mib', o.rootfsCacheMib, 1, 1 << 24) * 1024 * 1024 }
         : {}),
+      ...chunkCacheSetting(o.chunkCacheMib),
       engine,
       ...(o.standardUrl ? { standardUrl: o.standardUrl } : {}),
       // The key this Torpor presents to its standard engine: from the environment only, never a flag.
@@ -431,9 +443,11 @@ agentCommand
     'on SIGTERM, how long to wait for the running actors to be suspended before exiting (0: no drain)',
     '60',
   )
+  .option(CHUNK_CACHE_FLAG, CHUNK_CACHE_HELP)
   .action(
     async (o: {
       drainTimeout: string;
+      chunkCacheMib?: string;
       token?: string;
       tokenFile?: string;
       node: string;
@@ -460,6 +474,7 @@ agentCommand
           ...(o.listen ? { listen: o.listen } : {}),
           ...(o.runsc ? { runsc: o.runsc } : {}),
           ...(o.assets ? { assets: o.assets } : {}),
+          ...chunkCacheSetting(o.chunkCacheMib),
         }),
       );
     },

@@ -51,6 +51,8 @@ export interface UpOptions {
   /** Byte caps of the node's image caches (registry layers; unpacked rootfs): least recently used go first. */
   layerCacheBytes?: number;
   rootfsCacheBytes?: number;
+  /** Byte cap of each node's snapshot chunk cache: least recently used chunks go first. */
+  chunkCacheBytes?: number;
   /** Micro-VM worker slots per node (QEMU), besides the `workers` gVisor ones. */
   microvmWorkers?: number;
   /** First per-worker network index: lets two Torpor instances share one machine. */
@@ -163,6 +165,7 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
     log,
     networkBase: opts.networkBase ?? 0,
     ...(opts.deltaLevel !== undefined ? { deltaLevel: opts.deltaLevel } : {}),
+    ...(opts.chunkCacheBytes !== undefined ? { chunkCacheBytes: opts.chunkCacheBytes } : {}),
     assetSets,
     assetStore,
     microvmWorkers,

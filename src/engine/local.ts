@@ -36,6 +36,8 @@ export interface LocalEngineOptions {
    * networkBase + n, its workers networkBase + n * (workers + microvmWorkers) + i. */
   networkBase?: number;
   deltaLevel?: number;
+  /** Cap of each node's chunk cache (see NodeAgentOptions.chunkCacheBytes). */
+  chunkCacheBytes?: number;
   /** The pool's asset sets, one per runtime class and architecture: boots use them; restores use what their
    * snapshot pinned. */
   assetSets: AssetSet[];
@@ -143,6 +145,7 @@ export class LocalEngine {
           images: opts.images,
           log: opts.log.child({ node }),
           ...(opts.deltaLevel !== undefined ? { deltaLevel: opts.deltaLevel } : {}),
+          ...(opts.chunkCacheBytes !== undefined ? { chunkCacheBytes: opts.chunkCacheBytes } : {}),
           assets: opts.assetStore,
           poolAssets: (runtime) => {
             const set = selectAssetSet(opts.assetSets, runtime);

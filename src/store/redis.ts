@@ -26,6 +26,7 @@ import { crc32 } from 'node:zlib';
 import { Cluster, Redis, type RedisOptions } from 'ioredis';
 import { notFound, TorporError } from '../core/errors.ts';
 import type { Actor, ActorRef, Page, Space, Template, Worker, WorkerFilter } from '../core/types.ts';
+import { decodeActor, encodeActor } from './actor-codec.ts';
 import { ChangeFeed } from './change-feed.ts';
 import { decodeCursor, pageLimit, toPage } from './cursor.ts';
 import { checkFence, checkTtl, leaseLost, leaseSpace } from './fence.ts';
@@ -88,6 +89,12 @@ local function emit(kind, key, value)
   end
   redis.call('PUBLISH', ARGV[1], cjson.encode({ARGV[3], id, kind, key, value}))
 end
+-- The version an encoded actor starts with, or false when there is none.
+local function actor_version(key)
+  local s = redis.call('GET', key)
+  if not s then return false end
+  return string.match(s, '^%d+')
+end
 -- A record stored as its JSON minus the fields scripts change, which are kept as hash fields and put back here.
 local function template_json(key)
   local t = redis.call('HMGET', key, 'json', 'golden')
@@ -122,26 +129,27 @@ const WRITE_SCRIPTS = {
     local json = template_json(KEYS[2])
     emit('template', ARGV[4], json)
     return json`,
-  // KEYS: stream, actor, space's actor index. ARGV: …, name, json, change key.
+  // An actor is a string, `<version>\n<compact JSON>` (see actor-codec.ts): no hash around one big field.
+  // KEYS: stream, actor, space's actor index. ARGV: …, name, encoded actor (version 1), change key.
   createActor: `
     if redis.call('EXISTS', KEYS[2]) == 1 then return 'exists' end
-    redis.call('HSET', KEYS[2], 'v', 1, 'json', ARGV[5])
+    redis.call('SET', KEYS[2], ARGV[5])
     redis.call('ZADD', KEYS[3], 0, ARGV[4])
     emit('actor', ARGV[6], ARGV[5])
     return 'ok'`,
-  // KEYS: stream, actor[, fencing lease]. ARGV: …, expected version, json, change key, fence token.
-  // A lost lease is reported before a stale version: re-reading the actor would not cure it.
+  // KEYS: stream, actor[, fencing lease]. ARGV: …, expected version, encoded actor (the next version), change
+  // key, fence token. A lost lease is reported before a stale version: re-reading the actor would not cure it.
   casActor: `
-    local v = redis.call('HGET', KEYS[2], 'v')
+    local v = actor_version(KEYS[2])
     if not v then return {'not_found'} end
     if KEYS[3] and redis.call('HGET', KEYS[3], 'token') ~= ARGV[7] then return {'lease_lost'} end
     if v ~= ARGV[4] then return {'conflict', v} end
-    redis.call('HSET', KEYS[2], 'v', tonumber(v) + 1, 'json', ARGV[5])
+    redis.call('SET', KEYS[2], ARGV[5])
     emit('actor', ARGV[6], ARGV[5])
     return {'ok'}`,
   // KEYS: stream, actor, space's actor index[, fencing lease]. ARGV: …, expected version, name, change key, token.
   deleteActor: `
-    local v = redis.call('HGET', KEYS[2], 'v')
+    local v = actor_version(KEYS[2])
     if not v then return {'not_found'} end
     if KEYS[4] and redis.call('HGET', KEYS[4], 'token') ~= ARGV[7] then return {'lease_lost'} end
     if v ~= ARGV[4] then return {'conflict', v} end
@@ -287,20 +295,23 @@ const PLAIN_SCRIPTS = {
 
 const READ_SCRIPTS = {
   // KEYS: a name index. ARGV: record key prefix, ZRANGEBYLEX min, count, kind ('actor' | 'template' | 'worker').
+  // Actors come back as `<name>\n<encoded actor>`: the encoding leaves the name to the key.
   page: `
     local names = redis.call('ZRANGEBYLEX', KEYS[1], ARGV[2], '+', 'LIMIT', 0, ARGV[3])
     local out = {}
     for _, name in ipairs(names) do
       local key = ARGV[1] .. name
       local json
-      if ARGV[4] == 'actor' then json = redis.call('HGET', key, 'json')
+      if ARGV[4] == 'actor' then
+        json = redis.call('GET', key)
+        if json then json = name .. '\\n' .. json end
       elseif ARGV[4] == 'template' then json = template_json(key)
       else json = worker_json(key) end
       if json then out[#out + 1] = json end
     end
     return out`,
-  // KEYS: a template or worker. ARGV: kind.
-  get: `
+  // KEYS: a template or worker. ARGV: kind. (Not named `get`: that would shadow ioredis's own GET.)
+  getRecord: `
     if ARGV[1] == 'template' then return template_json(KEYS[1]) end
     return worker_json(KEYS[1])`,
 } as const;
@@ -466,7 +477,7 @@ export class RedisStore implements StateStore {
   }
 
   async getTemplate(name: string): Promise<Template | undefined> {
-    return parse<Template>(await this.#read('get', [this.#keys.templatePrefix() + name], ['template']));
+    return parse<Template>(await this.#read('getRecord', [this.#keys.templatePrefix() + name], ['template']));
   }
 
   async listTemplates(opts?: ListOptions): Promise<Page<Template>> {
@@ -513,7 +524,7 @@ export class RedisStore implements StateStore {
       'createActor',
       k.tagOfSpace(actor.space),
       [k.actorPrefix(actor.space) + actor.name, k.actorIndex(actor.space)],
-      [actor.name, JSON.stringify(actor), actorKey(actor)],
+      [actor.name, encodeActor(actor), actorKey(actor)],
     );
     if (result === 'exists') {
       throw new TorporError('ALREADY_EXISTS', `actor "${actorKey(actor)}" already exists`, { field: 'name' });
@@ -522,7 +533,8 @@ export class RedisStore implements StateStore {
   }
 
   async getActor(space: string, name: string): Promise<Actor | undefined> {
-    return parse<Actor>(await this.#client.hget(this.#keys.actorPrefix(space) + name, 'json'));
+    const text = await this.#client.get(this.#keys.actorPrefix(space) + name);
+    return text === null ? undefined : decodeActor(space, name, text);
   }
 
   async casActor(next: Actor, expectedVersion: number, fence?: Fence): Promise<Actor> {
@@ -532,7 +544,7 @@ export class RedisStore implements StateStore {
     const keys = [k.actorPrefix(actor.space) + actor.name, ...(fence ? [k.lease(fence.lease)] : [])];
     const [outcome, found] = (await this.#write('casActor', k.tagOfSpace(actor.space), keys, [
       String(expectedVersion),
-      JSON.stringify(actor),
+      encodeActor(actor),
       actorKey(actor),
       String(fence?.token ?? ''),
     ])) as [string, string?];
@@ -557,7 +569,7 @@ export class RedisStore implements StateStore {
     const limit = pageLimit(opts);
     const after = opts?.cursor === undefined ? undefined : decodeCursor(opts.cursor, 2);
     const want = limit + 1;
-    const rows: string[] = [];
+    const rows: Actor[] = [];
     if (space !== undefined) {
       // As SQLite's `(space, name) > cursor` within one space.
       if (after === undefined || after[0]! < space) rows.push(...(await this.#actorPage(space, undefined, want)));
@@ -575,16 +587,16 @@ export class RedisStore implements StateStore {
         from = `(${spaces[spaces.length - 1]}`;
       }
     }
-    return toPage(
-      rows.map((row) => parse<Actor>(row)!),
-      limit,
-      (a) => [a.space, a.name],
-    );
+    return toPage(rows, limit, (a) => [a.space, a.name]);
   }
 
-  #actorPage(space: string, after: string | undefined, count: number): Promise<string[]> {
+  async #actorPage(space: string, after: string | undefined, count: number): Promise<Actor[]> {
     const k = this.#keys;
-    return this.#page(k.actorIndex(space), k.actorPrefix(space), after, count, 'actor');
+    const rows = await this.#page(k.actorIndex(space), k.actorPrefix(space), after, count, 'actor');
+    return rows.map((row) => {
+      const newline = row.indexOf('\n');
+      return decodeActor(space, row.slice(0, newline), row.slice(newline + 1));
+    });
   }
 
   // ── workers ──────────────────────────────────────────────────────────────────────────────────────────────
@@ -615,7 +627,7 @@ export class RedisStore implements StateStore {
   }
 
   async getWorker(id: string): Promise<Worker | undefined> {
-    return parse<Worker>(await this.#read('get', [this.#keys.workerPrefix() + id], ['worker']));
+    return parse<Worker>(await this.#read('getRecord', [this.#keys.workerPrefix() + id], ['worker']));
   }
 
   async listWorkers(opts?: ListOptions): Promise<Page<Worker>> {
@@ -894,7 +906,10 @@ function parseMessage(message: string): Sequenced {
 }
 
 function toChange({ kind, key, value }: Sequenced['change']): Change {
-  return { kind: kind as ChangeKind, key, value: value === undefined ? undefined : JSON.parse(value) };
+  if (value === undefined) return { kind: kind as ChangeKind, key, value: undefined };
+  if (kind !== 'actor') return { kind: kind as ChangeKind, key, value: JSON.parse(value) };
+  const slash = key.indexOf('/'); // an actor's change key is `<space>/<name>`; a space has no slash
+  return { kind, key, value: decodeActor(key.slice(0, slash), key.slice(slash + 1), value) };
 }
 
 /** Stream ids are `0-<n>`: n counts the stream's changes. */
