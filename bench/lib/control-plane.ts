@@ -2,7 +2,6 @@
 // rollback bookkeeping) on a real StateStore, with the node side answered at once by an in-process agent that
 // does nothing. That stub is what makes this a measurement of the control plane: a real activation restores a
 // sandbox (hundreds of milliseconds, bench/lifecycle.ts measures it), which would hide the store entirely.
-import type { EventEmitter } from 'node:events';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -41,9 +40,11 @@ const UPLOAD_STATS = {
 /** An agent that answers every request at once and runs nothing. */
 class InstantAgent implements AgentClient {
   readonly node: string;
-  readonly transfers?: EventEmitter<{ progress: [TransferEvent] }>;
   constructor(node: string) {
     this.node = node;
+  }
+  async watchTransfers(_listener: (event: TransferEvent) => void): Promise<() => void> {
+    return () => {};
   }
   async activate(req: ActivateRequest) {
     return { address: `10.0.${req.workerId.length}.2:8080`, phases: { restore: 200, ready: 5 } };
