@@ -405,24 +405,33 @@ program
   .command('agent')
   .description(
     "a node agent: runs this node's workers, registered with the server given by --server (run it in the node's " +
-      'namespace)',
+      'namespace, or with --network pod in a Kubernetes pod)',
   )
   .option('--token <token>', 'the agent token (or TORPOR_AGENT_TOKEN)')
   .option('--token-file <file>', 'read the agent token from this file')
   .requiredOption('--node <name>', 'node name (DNS-1123 label, unique)')
   .option('--workers <n>', 'worker slots', '2')
-  .requiredOption('--network-base <n>', "the node's network index: namespace torpor-node<n>, workers n…n+workers-1")
+  .option('--runtime <class>', 'the runtime class of the worker slots: gvisor | microvm (or TORPOR_RUNTIME)')
+  .option(
+    '--network <mode>',
+    "node: run in the node's namespace torpor-node<network-base>; pod: this namespace is the node (a pod), workers " +
+      'are reached at the --listen address (default $POD_IP:7071) on ports 20000+2·index (and +1)',
+    'node',
+  )
+  .option('--network-base <n>', "the node's network index: namespace torpor-node<n>, workers n…n+workers-1", '0')
   .requiredOption('--blob <url>', 'blob store (the same as the server’s)')
   .option('--listen <addr:port>', "agent API address (default: the node's address, port 7071)")
   .option('--data-dir <dir>', 'where this node keeps checkpoints, caches and logs', '/var/lib/torpor/agent')
   .option('--runsc <path>', 'runsc binary (default: the asset built by scripts/setup.sh)')
-  .option('--assets <file>', "the pool's runtime asset sets (YAML; `torpor assets stage` prints one)")
+  .option('--assets <file>', "the pool's runtime asset sets (YAML; `torpor assets stage` prints one; or TORPOR_ASSETS)")
   .action(
     async (o: {
       token?: string;
       tokenFile?: string;
       node: string;
       workers: string;
+      runtime?: string;
+      network: string;
       networkBase: string;
       blob: string;
       listen?: string;
@@ -430,7 +439,7 @@ program
       runsc?: string;
       assets?: string;
     }) => {
-      const { agent, agentToken } = await import('./distributed.ts');
+      const { agent, agentToken, agentPodSettings } = await import('./distributed.ts');
       const { dnsLabel, parse } = await import('../core/schemas.ts');
       await serveUntilSignal(`agent ${o.node}`, () =>
         agent({
@@ -441,9 +450,8 @@ program
           networkBase: integerFlag('network-base', o.networkBase, 0, 255),
           blob: o.blob,
           dataDir: o.dataDir,
-          ...(o.listen ? { listen: o.listen } : {}),
+          ...agentPodSettings(o, process.env),
           ...(o.runsc ? { runsc: o.runsc } : {}),
-          ...(o.assets ? { assets: o.assets } : {}),
         }),
       );
     },

@@ -1,9 +1,11 @@
 // Worker pods for real, without a kubelet: `torpor server` (SQLite store, directory blob store) and `torpor
 // controller` run as processes; the controller renders a WorkerPool's Deployment in a real kube-apiserver; a
 // stand-in kubelet takes that pod template and runs exactly its command and environment (POD_NAME, POD_IP, the
-// bootstrap token from the Secret) as a `torpor agent` in a network namespace of its own, as a pod would have.
-// The agent registers with the server under its pod's name, the pool reports its worker, an actor runs on it, and
-// deleting the pool suspends the actor through the server before the pool goes.
+// bootstrap token from the Secret) as a `torpor agent` in a network namespace of its own, as a pod would have:
+// unnamed as far as the agent knows (no torpor-node<N>), with one address (the pod IP) and no route from the host
+// to the workers' subnets, so the actor is reached at the pod IP or not at all. The agent registers with the
+// server under its pod's name, the pool reports its worker, an actor runs on it and answers at POD_IP:port and
+// through a router, and deleting the pool suspends the actor through the server before the pool goes.
 //
 // Needs a torpor with `server` and `agent` (the distributed commands): this checkout's, or TORPOR_CLI=path/to/bin/
 // torpor.js (the controller always runs from this checkout).
@@ -27,8 +29,12 @@ import { gvisorSkipReason } from './harness.ts';
 const run = promisify(execFile);
 const BIN = join(import.meta.dirname, '..', '..', 'bin', 'torpor.js');
 const CLI = process.env.TORPOR_CLI ?? BIN;
-/** The stand-in pod's network index: namespace torpor-node232, address 10.214.232.2. */
+/** The stand-in pod's network index (its workers' namespaces torpor-net232…, subnets 10.213.232.x). */
 const BASE = 232;
+/** The stand-in pod's network namespace, linked to this host by a veth pair (POD_LINK here, eth0 in the pod). */
+const POD_NETNS = `tpod${BASE}`;
+const POD_LINK = `tp${BASE}h`;
+const POD_GATEWAY = `10.214.${BASE}.1`;
 const POD_IP = `10.214.${BASE}.2`;
 /** The server's address on this host, reachable from the pod's namespace through its uplink. */
 const CONTROL = `10.214.${BASE}.254`;
@@ -85,12 +91,39 @@ interface Container {
   volumeMounts?: { name: string; mountPath: string }[];
 }
 
+/** The stand-in pod's network: a namespace with the pod IP on eth0 and a default route to this host, which routes
+ * only the pod's /30 to it (as a cluster network routes only pod IPs). */
+async function makePodNetns(): Promise<void> {
+  await run('ip', ['netns', 'del', POD_NETNS]).catch(() => undefined);
+  await run('ip', ['link', 'del', POD_LINK]).catch(() => undefined);
+  await run('ip', ['netns', 'add', POD_NETNS]);
+  const batch = async (netns: string | undefined, commands: string[]) => {
+    const child = execFile('ip', netns ? ['-n', netns, '-batch', '-'] : ['-batch', '-']);
+    child.stdin?.end(`${commands.join('\n')}\n`);
+    const code = await new Promise((r) => child.once('exit', r));
+    assert.equal(code, 0, `ip ${commands[0]}`);
+  };
+  await batch(undefined, [
+    `link add ${POD_LINK} type veth peer name eth0 netns ${POD_NETNS}`,
+    `addr add ${POD_GATEWAY}/30 dev ${POD_LINK}`,
+    `link set ${POD_LINK} up`,
+  ]);
+  await batch(POD_NETNS, [
+    'link set lo up',
+    `addr add ${POD_IP}/30 dev eth0`,
+    'link set eth0 up',
+    `route add default via ${POD_GATEWAY}`,
+  ]);
+}
+
 describe('worker pods run by a stand-in kubelet: torpor agent registers, serves, drains', { skip }, () => {
   let dir: string;
   let serverUrl: string;
   let server: Proc | undefined;
   let controller: Proc | undefined;
   let agent: Proc | undefined;
+  let router: Proc | undefined;
+  let routerUrl: string;
   const kube = () => (k as RunningKube).kube;
   const api = async <T>(method: string, path: string, body?: unknown): Promise<T> => {
     const res = await fetch(serverUrl + path, {
@@ -133,15 +166,24 @@ describe('worker pods run by a stand-in kubelet: torpor agent registers, serves,
       30_000,
       'controller',
     );
+    routerUrl = `http://127.0.0.1:${await freePort('127.0.0.1')}`;
+    router = new Proc(process.execPath, [
+      CLI,
+      ...['--server', serverUrl, 'router', '--store', `sqlite:${join(dir, 'state.db')}`],
+      ...['--host', '127.0.0.1', '--port', new URL(routerUrl).port],
+    ]);
+    await eventually(async () => (router!.output.includes('router listening') ? true : undefined), 30_000, 'router');
   });
 
   after(async () => {
     await agent?.stop();
+    await router?.stop();
     await controller?.stop();
     await server?.stop();
-    await run(process.execPath, [CLI, 'node-net', 'delete', '--network-base', String(BASE), '--workers', '1']).catch(
-      () => undefined,
-    );
+    // What a killed agent leaves behind: its worker's namespaces; then the pod's (its veth pair goes with it).
+    for (const ns of [`torpor-net${BASE}-actor`, `torpor-net${BASE}`, POD_NETNS]) {
+      await run('ip', ['netns', 'del', ns]).catch(() => undefined);
+    }
     await run('ip', ['addr', 'del', `${CONTROL}/32`, 'dev', 'lo']).catch(() => undefined);
     await k?.stop();
     if (dir && !process.env.TORPOR_KEEP_TEST_DIR) await rm(dir, { recursive: true, force: true });
@@ -203,10 +245,11 @@ describe('worker pods run by a stand-in kubelet: torpor agent registers, serves,
       argv = argv.map((a) => (a === m.mountPath ? hostDir : a));
     }
     assert.equal(argv[0], 'torpor');
-    await run(process.execPath, [CLI, 'node-net', 'create', '--network-base', String(BASE), '--workers', '1']);
+    assert.ok(argv.includes('--network') && argv[argv.indexOf('--network') + 1] === 'pod', 'the pod runs in pod mode');
+    await makePodNetns();
     agent = new Proc(
       'nsenter',
-      [`--net=/var/run/netns/torpor-node${BASE}`, '--', process.execPath, CLI, ...argv.slice(1)],
+      [`--net=/var/run/netns/${POD_NETNS}`, '--', process.execPath, CLI, ...argv.slice(1)],
       env,
     );
 
@@ -231,8 +274,33 @@ describe('worker pods run by a stand-in kubelet: torpor agent registers, serves,
     const running = await api<Actor>('POST', `/v1/spaces/${NS}/actors/a1/resume`, {});
     assert.equal(running.status, 'RUNNING');
     assert.equal(running.node, podName, 'the actor runs on the pod’s agent');
-    const reply = await fetch(`http://${running.address}/`);
-    assert.equal(reply.status, 200);
+    // Reached at the pod's IP, on the worker's pod port (not the template's 8080 on the worker's address).
+    const [host, port] = running.address!.split(':');
+    assert.equal(host, POD_IP);
+    assert.notEqual(port, '8080');
+    const worker = await api<{ items: { node: string; host: string }[] }>('GET', '/v1/workers');
+    assert.deepEqual(
+      worker.items.filter((w) => w.node === podName).map((w) => w.host),
+      [POD_IP],
+      'the worker is advertised at the pod IP',
+    );
+    const direct = await fetch(`http://${running.address}/`);
+    assert.equal(direct.status, 200, await direct.text());
+    const routed = await fetch(`${routerUrl}/`, { headers: { 'x-torpor-actor': `a1.${NS}` } });
+    assert.equal(routed.status, 200, await routed.text());
+    // Nothing else leads there: the host has no route to the worker's own address.
+    const route = await run('ip', ['route', 'get', `10.213.${BASE}.2`]).then(
+      (r) => r.stdout,
+      () => 'unreachable',
+    );
+    assert.ok(!route.includes(POD_LINK), `the host routes the worker subnet through the pod: ${route}`);
+    // (A connection there leaves by the host's default route: refused, timed out, or answered by whatever is there
+    // (this machine's egress proxy says 404), but not by the actor.)
+    const stray = await fetch(`http://10.213.${BASE}.2:8080/`, { signal: AbortSignal.timeout(2000) }).then(
+      (r) => r.status,
+      () => 0,
+    );
+    assert.notEqual(stray, 200, 'the actor answers at its worker address from the host');
   });
 
   it('deleting the pool suspends its actor through the server before the pool goes', async () => {
