@@ -19,6 +19,8 @@ import { Metrics } from '../control/metrics.ts';
 import { NodeDirectory } from '../control/nodes.ts';
 import { TorporError } from '../core/errors.ts';
 import { parse, type RuntimeClass, runtimeClass } from '../core/schemas.ts';
+import { connectCluster, type KubeEngineName, type RunningKubeEngine, startKubeEngine } from '../engine/k8s/engine.ts';
+import { StorePools } from '../engine/k8s/pools.ts';
 import {
   loadMicrovmAssets,
   localGvisorAssets,
@@ -37,7 +39,7 @@ import { AssetStore } from '../runtime/assets.ts';
 import { GvisorRuntime } from '../runtime/gvisor/runsc.ts';
 import { openStore } from '../store/open.ts';
 import { startTracing } from './tracing.ts';
-import { prefetchAssetSets } from './up.ts';
+import { prefetchAssetSets, type UpOptions } from './up.ts';
 
 export interface Running {
   url: string;
@@ -78,11 +80,22 @@ export interface ServerOptions {
   reconcileMs: number;
   /** This server's identity (see LifecycleOptions.holder). */
   id?: string;
+  /** With engine k8s or ack: the cluster whose WorkerPools and Templates this server reconciles, in its own
+   * process (as `torpor controller` would over its API); the agents' blob store defaults to the server's. */
+  kube?: NonNullable<UpOptions['kube']> & { engine: KubeEngineName };
   log?: Logger;
 }
 
 export async function server(o: ServerOptions): Promise<Running> {
   const log = o.log ?? pino({ name: 'torpor-server' });
+  // A cluster that cannot be reached (or ACK credentials that do not work) fails before anything starts.
+  const cluster = o.kube
+    ? await connectCluster(o.kube.engine, {
+        kube: o.kube.kube,
+        ...(o.kube.ack ? { ack: o.kube.ack } : {}),
+        log: log.child({ engine: o.kube.engine }),
+      })
+    : undefined;
   const tracing = startTracing('torpor-server', log);
   const dataDir = resolve(o.dataDir);
   await mkdir(dataDir, { recursive: true });
@@ -112,6 +125,28 @@ export async function server(o: ServerOptions): Promise<Running> {
     nodes: { token: o.agentToken, leaseMs: o.workerLeaseMs },
   });
   await api.listen({ host: o.host, port: o.port });
+  const url = `http://${o.host}:${listeningPort(api.server)}`;
+  // WorkerPools become Deployments of agent pods that register here; Templates sync into this store.
+  let kubeEngine: RunningKubeEngine | undefined;
+  if (o.kube && cluster) {
+    try {
+      kubeEngine = await startKubeEngine({
+        engine: o.kube.engine,
+        cluster,
+        kube: o.kube.kube,
+        ...(o.kube.namespace ? { namespace: o.kube.namespace } : {}),
+        agent: o.kube.agent(url, o.blob),
+        pools: new StorePools({ store, lifecycle, log }),
+        templates: lifecycle,
+        log,
+      });
+    } catch (err) {
+      await api.close();
+      await instances.close();
+      await store.close();
+      throw err;
+    }
+  }
   // After listening: settling an actor may need its agent, and agents register through this API.
   let reconciling: Promise<unknown> = Promise.resolve();
   const reconciler = setInterval(() => {
@@ -119,8 +154,9 @@ export async function server(o: ServerOptions): Promise<Running> {
   }, o.reconcileMs);
   lifecycle.collectLater();
   return {
-    url: `http://${o.host}:${listeningPort(api.server)}`,
+    url,
     stop: async () => {
+      await kubeEngine?.stop();
       clearInterval(reconciler);
       await reconciling;
       await api.close();

@@ -11,10 +11,13 @@ import {
   ackSettingsFrom,
   addAckOptions,
   addAgentOptions,
+  addEngineOptions,
   addKubeOptions,
   agentSettings,
   ENGINE_CHOICES,
+  kubeEngineSettings,
   kubeOptions,
+  SERVER_ENGINE_CHOICES,
 } from './kube-flags.ts';
 import { describeActor, type Kind, type OutputFormat, render } from './output.ts';
 import { withTransferProgress } from './transfers.ts';
@@ -169,19 +172,6 @@ const upCommand = program
     '0',
   )
   .option('--router-port <port>', 'router port: Host <actor>.<space>.actors.<domain> reaches the actor', '7080')
-  .addOption(
-    new Option(
-      '--engine <engine>',
-      'engine: local (this machine), k8s (a Kubernetes cluster: pools, templates), ack (Alibaba Cloud ACK), standard',
-    )
-      .choices(ENGINE_CHOICES)
-      .default('local'),
-  )
-  .addOption(
-    new Option('--schedule-type <engine>', "alias of --engine (AEnvironment's name; alicloud-k8s = ack)").choices(
-      ENGINE_CHOICES,
-    ),
-  )
   .option('--standard-url <url>', 'with --engine standard: the engine serving the standard contract')
   .option(
     '--mcp-port <port>',
@@ -194,20 +184,17 @@ const upCommand = program
       'that states the owner in X-Owner); repeatable, or TORPOR_API_KEYS=owner=key,…',
   )
   .option('--sample', 'create the sample "counter" template and actor');
+addEngineOptions(
+  upCommand,
+  ENGINE_CHOICES,
+  'engine: local (this machine), k8s (a Kubernetes cluster: pools, templates), ack (Alibaba Cloud ACK), standard',
+);
 addAckOptions(addAgentOptions(addKubeOptions(withRouterOptions(upCommand)))).action(
   async (o: UpFlags & Record<string, unknown>) => {
     const { up } = await import('./up.ts');
     const { ENGINE_ALIASES } = await import('../engine/k8s/engine.ts');
     const engine = ENGINE_ALIASES[o.scheduleType ?? o.engine]!;
-    const kubeEngine =
-      engine === 'k8s' || engine === 'ack'
-        ? {
-            engine,
-            kube: kubeOptions(o),
-            ...(engine === 'ack' ? { ack: await ackSettingsFrom(o) } : {}),
-            ...(o.watchNamespace ? { namespace: o.watchNamespace } : {}),
-          }
-        : undefined;
+    const kubeEngine = engine === 'k8s' || engine === 'ack' ? await kubeEngineSettings(engine, o) : undefined;
     const torpor = await up({
       dataDir: o.dataDir,
       host: o.host,
@@ -335,10 +322,7 @@ addAckOptions(addAgentOptions(addKubeOptions(controllerCommand))).action(
     const control = new ApiControlPlane({ url: server });
     const log = pino({ name: 'torpor-controller' });
     const running = await startKubeEngine({
-      engine,
-      kube: kubeOptions(o as { kubeconfig?: string; context?: string }),
-      ...(engine === 'ack' ? { ack: await ackSettingsFrom(o) } : {}),
-      ...(o.watchNamespace ? { namespace: String(o.watchNamespace) } : {}),
+      ...(await kubeEngineSettings(engine, o)),
       agent: agentSettings(o, { serverUrl: server, blobUrl: o.agentBlob }),
       pools: control,
       templates: control,
@@ -358,9 +342,12 @@ async function serveUntilSignal(what: string, start: () => Promise<{ url: string
   stopOnSignal(() => running.stop());
 }
 
-program
+const serverCommand = program
   .command('server')
-  .description('the control API, scheduler and reconciler, over a shared store and blob store (agents register here)')
+  .description(
+    'the control API, scheduler and reconciler, over a shared store and blob store (agents register here); with ' +
+      '--engine k8s|ack also the Kubernetes controller (WorkerPools become Deployments of agent pods)',
+  )
   .requiredOption('--store <url>', 'state store: redis://host:port, or a SQLite file shared by processes')
   .requiredOption('--blob <url>', 'blob store: s3://bucket/prefix?endpoint=URL&pathStyle=true, or a directory')
   .option('--host <host>', 'address to listen on (agents must reach it)', '127.0.0.1')
@@ -370,9 +357,21 @@ program
   .option('--data-dir <dir>', 'image cache', '/var/lib/torpor/server')
   .option('--worker-lease <seconds>', 'a node whose agent has not renewed its lease for this long is lost', '15')
   .option('--reconcile-interval <ms>', 'how often the reconciler runs', '2000')
-  .option('--id <id>', "this server's identity, unique among servers: a restart with the same id resumes its leases")
-  .action(
-    async (o: {
+  .option('--id <id>', "this server's identity, unique among servers: a restart with the same id resumes its leases");
+addAckOptions(
+  addAgentOptions(
+    addKubeOptions(
+      addEngineOptions(
+        serverCommand,
+        SERVER_ENGINE_CHOICES,
+        'local (agents started by hand register here), k8s (a Kubernetes cluster: pools, templates), ack (Alibaba ' +
+          'Cloud ACK)',
+      ),
+    ),
+  ),
+).action(
+  async (
+    o: AgentFlags & {
       store: string;
       blob: string;
       host: string;
@@ -383,23 +382,36 @@ program
       workerLease: string;
       reconcileInterval: string;
       id?: string;
-    }) => {
-      const { server, agentToken } = await import('./distributed.ts');
-      await serveUntilSignal('server', () =>
-        server({
-          store: o.store,
-          blob: o.blob,
-          host: o.host,
-          port: integerFlag('port', o.port, 0, 65535),
-          agentToken: agentToken(o.agentToken, o.agentTokenFile, 'agent-token'),
-          dataDir: o.dataDir,
-          workerLeaseMs: integerFlag('worker-lease', o.workerLease, 1, 3600) * 1000,
-          reconcileMs: integerFlag('reconcile-interval', o.reconcileInterval, 50, 3_600_000),
-          ...(o.id ? { id: o.id } : {}),
-        }),
-      );
+      engine: string;
+      scheduleType?: string;
     },
-  );
+  ) => {
+    const { server, agentToken } = await import('./distributed.ts');
+    const { ENGINE_ALIASES } = await import('../engine/k8s/engine.ts');
+    const engine = ENGINE_ALIASES[o.scheduleType ?? o.engine];
+    const kube =
+      engine === 'k8s' || engine === 'ack'
+        ? {
+            ...(await kubeEngineSettings(engine, o as unknown as Record<string, unknown>)),
+            agent: (serverUrl: string, blobUrl: string) => agentSettings(o, { serverUrl, blobUrl }),
+          }
+        : undefined;
+    await serveUntilSignal('server', () =>
+      server({
+        store: o.store,
+        blob: o.blob,
+        host: o.host,
+        port: integerFlag('port', o.port, 0, 65535),
+        agentToken: agentToken(o.agentToken, o.agentTokenFile, 'agent-token'),
+        dataDir: o.dataDir,
+        workerLeaseMs: integerFlag('worker-lease', o.workerLease, 1, 3600) * 1000,
+        reconcileMs: integerFlag('reconcile-interval', o.reconcileInterval, 50, 3_600_000),
+        ...(o.id ? { id: o.id } : {}),
+        ...(kube ? { kube } : {}),
+      }),
+    );
+  },
+);
 
 program
   .command('agent')

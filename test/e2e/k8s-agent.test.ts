@@ -1,5 +1,5 @@
-// Worker pods for real, without a kubelet: `torpor server` (SQLite store, directory blob store) and `torpor
-// controller` run as processes; the controller renders a WorkerPool's Deployment in a real kube-apiserver; a
+// Worker pods for real, without a kubelet: `torpor server --engine k8s` (SQLite store, directory blob store) runs
+// as a process, its in-process controller rendering a WorkerPool's Deployment in a real kube-apiserver; a
 // stand-in kubelet takes that pod template and runs exactly its command and environment (POD_NAME, POD_IP, the
 // bootstrap token from the Secret) as a `torpor agent` in a network namespace of its own, as a pod would have:
 // unnamed as far as the agent knows (no torpor-node<N>), with one address (the pod IP) and no route from the host
@@ -7,8 +7,8 @@
 // server under its pod's name, the pool reports its worker, an actor runs on it and answers at POD_IP:port and
 // through a router, and deleting the pool suspends the actor through the server before the pool goes.
 //
-// Needs a torpor with `server` and `agent` (the distributed commands): this checkout's, or TORPOR_CLI=path/to/bin/
-// torpor.js (the controller always runs from this checkout).
+// Needs a torpor with `agent` and `router` (the distributed commands): this checkout's, or TORPOR_CLI=path/to/bin/
+// torpor.js (the server always runs from this checkout). `torpor controller` as a process of its own: k8s.test.ts.
 import assert from 'node:assert/strict';
 import { type ChildProcess, execFile, execFileSync, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
@@ -22,6 +22,7 @@ import type { Actor } from '../../src/core/types.ts';
 import { resourcePath } from '../../src/engine/k8s/kube.ts';
 import { deploymentName } from '../../src/engine/k8s/render.ts';
 import { API_VERSION } from '../../src/engine/k8s/resources.ts';
+import { startStandIn } from '../engine/ack/alicloud-standin.ts';
 import { eventually, installCrds, type RunningKube, startKube } from '../engine/k8s/kube-helpers.ts';
 import { counterImage } from '../fixtures/images.ts';
 import { gvisorSkipReason } from './harness.ts';
@@ -120,7 +121,6 @@ describe('worker pods run by a stand-in kubelet: torpor agent registers, serves,
   let dir: string;
   let serverUrl: string;
   let server: Proc | undefined;
-  let controller: Proc | undefined;
   let agent: Proc | undefined;
   let router: Proc | undefined;
   let routerUrl: string;
@@ -149,23 +149,15 @@ describe('worker pods run by a stand-in kubelet: torpor agent registers, serves,
     serverUrl = `http://${CONTROL}:${await freePort(CONTROL)}`;
     const blobs = join(dir, 'blobs');
     server = new Proc(process.execPath, [
-      CLI,
+      BIN,
       'server',
       ...['--store', `sqlite:${join(dir, 'state.db')}`, '--blob', blobs, '--host', CONTROL],
       ...['--port', new URL(serverUrl).port, '--agent-token-file', tokenFile, '--data-dir', join(dir, 'server')],
+      ...['--engine', 'k8s', '--kubeconfig', k!.kubeconfig, '--watch-namespace', NS],
+      ...['--agent-network-base', String(BASE), '--agent-image', 'torpor:test'],
     ]);
-    await eventually(async () => ((await fetch(`${serverUrl}/healthz`)).ok ? true : undefined), 30_000, 'server');
-    controller = new Proc(process.execPath, [
-      BIN,
-      'controller',
-      ...['--server', serverUrl, '--kubeconfig', k!.kubeconfig, '--watch-namespace', NS],
-      ...['--agent-blob', blobs, '--agent-network-base', String(BASE), '--agent-image', 'torpor:test'],
-    ]);
-    await eventually(
-      async () => (controller!.output.includes('controller running') ? true : undefined),
-      30_000,
-      'controller',
-    );
+    // Listening is announced once the controller runs too.
+    await eventually(async () => (server!.output.includes('server listening') ? true : undefined), 30_000, 'server');
     routerUrl = `http://127.0.0.1:${await freePort('127.0.0.1')}`;
     router = new Proc(process.execPath, [
       CLI,
@@ -178,7 +170,6 @@ describe('worker pods run by a stand-in kubelet: torpor agent registers, serves,
   after(async () => {
     await agent?.stop();
     await router?.stop();
-    await controller?.stop();
     await server?.stop();
     // What a killed agent leaves behind: its worker's namespaces; then the pod's (its veth pair goes with it).
     for (const ns of [`torpor-net${BASE}-actor`, `torpor-net${BASE}`, POD_NETNS]) {
@@ -313,5 +304,78 @@ describe('worker pods run by a stand-in kubelet: torpor agent registers, serves,
     const actor = await api<Actor>('GET', `/v1/spaces/${NS}/actors/a1`);
     assert.equal(actor.status, 'SUSPENDED');
     assert.ok(actor.snapshot, 'it has a snapshot to resume from');
+  });
+
+  it('torpor server --schedule-type alicloud-k8s: ACK credentials, the controller in the server, no secret shown', async () => {
+    const secret = randomBytes(24).toString('base64url');
+    const standIn = await startStandIn({
+      accessKeys: { LTAI5tSrvTestKey: secret },
+      clusterId: 'csrv',
+      apiServer: k!.server,
+      tokens: [k!.token],
+      roles: {},
+    });
+    const ns = 'ack-srv';
+    const tokenFile = join(dir, 'agent-token');
+    const ack = new Proc(
+      process.execPath,
+      [
+        BIN,
+        'server',
+        ...['--store', `sqlite:${join(dir, 'ack.db')}`, '--blob', join(dir, 'ack-blobs'), '--port', '0'],
+        ...['--agent-token-file', tokenFile, '--data-dir', join(dir, 'ack-server')],
+        ...['--schedule-type', 'alicloud-k8s', '--watch-namespace', ns, '--agent-image', 'torpor:ack'],
+        ...['--alicloud-region', 'cn-hangzhou', '--alicloud-cluster-id', 'csrv'],
+        ...['--alicloud-cs-endpoint', standIn.csEndpoint, '--alicloud-cs-protocol', 'http'],
+      ],
+      { ALIBABA_CLOUD_ACCESS_KEY_ID: 'LTAI5tSrvTestKey', TORPOR_ALICLOUD_ACCESS_KEY_SECRET: secret },
+    );
+    try {
+      await kube().request('POST', '/api/v1/namespaces', {
+        body: { apiVersion: 'v1', kind: 'Namespace', metadata: { name: ns } },
+      });
+      await kube().request('POST', resourcePath('v1', 'secrets', ns), {
+        body: {
+          apiVersion: 'v1',
+          kind: 'Secret',
+          metadata: { name: 'torpor-agent-token' },
+          stringData: { token: 't' },
+        },
+      });
+      const url = await eventually(
+        async () => /server listening on (\S+)/.exec(ack.output)?.[1],
+        60_000,
+        `the ACK server (output: ${ack.output})`,
+      );
+      assert.equal(standIn.issues.length, 1, 'the kubeconfig came from ACK');
+      await kube().request('POST', resourcePath(API_VERSION, 'workerpools', ns), {
+        body: {
+          apiVersion: API_VERSION,
+          kind: 'WorkerPool',
+          metadata: { name: 'vms' },
+          spec: { runtime: 'microvm', replicas: 2, workersPerPod: 1 },
+        },
+      });
+      const deployment = await eventually(
+        () =>
+          kube().get<{ spec: { replicas: number; template: { spec: { containers: Container[] } } } }>(
+            resourcePath('apps/v1', 'deployments', ns, deploymentName('vms')),
+          ),
+        30_000,
+        'the pool’s deployment',
+      ).catch(async (err: Error) => {
+        const pool = await kube().get(resourcePath(API_VERSION, 'workerpools', ns, 'vms'));
+        throw new Error(`${err.message}; pool ${JSON.stringify(pool)}; server output: ${ack.output.slice(-3000)}`);
+      });
+      assert.equal(deployment.spec.replicas, 2);
+      const container = deployment.spec.template.spec.containers[0]!;
+      assert.equal(container.command[container.command.indexOf('--server') + 1], url, 'pods register with it');
+      assert.equal(container.env?.find((e) => e.name === 'TORPOR_RUNTIME')?.value, 'microvm');
+      assert.ok(!ack.output.includes(secret), 'the AccessKey secret is not in the output');
+      assert.ok(!ack.output.includes(k!.token), 'the kubeconfig token is not in the output');
+    } finally {
+      await ack.stop();
+      await standIn.close();
+    }
   });
 });
