@@ -44,7 +44,7 @@ const NS = 'default';
 function cliSkipReason(): string | undefined {
   // The command list of `torpor --help`: each command at the start of a line, indented by two spaces.
   const help = execFileSync(process.execPath, [CLI, '--help'], { encoding: 'utf8' });
-  for (const command of ['server', 'agent', 'node-net']) {
+  for (const command of ['agent', 'router']) {
     if (!new RegExp(`^ {2}${command} `, 'm').test(help)) {
       return `${CLI} has no \`torpor ${command}\` yet (the distributed commands); set TORPOR_CLI to one that has`;
     }
