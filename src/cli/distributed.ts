@@ -135,6 +135,7 @@ export async function server(o: ServerOptions): Promise<Running> {
         cluster,
         kube: o.kube.kube,
         ...(o.kube.namespace ? { namespace: o.kube.namespace } : {}),
+        ...(o.kube.webhook ? { webhook: o.kube.webhook } : {}),
         agent: o.kube.agent(url, o.blob),
         pools: new StorePools({ store, lifecycle, log }),
         templates: lifecycle,

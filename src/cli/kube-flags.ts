@@ -31,7 +31,17 @@ export async function kubeEngineSettings(engine: KubeEngineName, o: Record<strin
     kube: kubeOptions(o as { kubeconfig?: string; context?: string }),
     ...(engine === 'ack' ? { ack: await ackSettingsFrom(o) } : {}),
     ...(o.watchNamespace ? { namespace: String(o.watchNamespace) } : {}),
+    ...(o.webhookListen ? { webhook: webhookSettings(o) } : {}),
   };
+}
+
+function webhookSettings(o: Record<string, unknown>): { listen: string; certDir: string } {
+  if (!o.webhookCertDir) {
+    throw new TorporError('INVALID_ARGUMENT', '--webhook-listen needs --webhook-cert-dir (tls.crt, tls.key)', {
+      field: 'webhook-cert-dir',
+    });
+  }
+  return { listen: String(o.webhookListen), certDir: String(o.webhookCertDir) };
 }
 
 const ACK_HELP: Record<string, string> = {
@@ -93,7 +103,12 @@ export function addKubeOptions(cmd: Command): Command {
   return cmd
     .option('--kubeconfig <file>', 'kubeconfig (default: in-cluster, $KUBECONFIG, ~/.kube/config)')
     .option('--context <name>', 'kubeconfig context')
-    .addOption(new Option('--watch-namespace <ns>', 'reconcile pools and templates of one namespace (default: all)'));
+    .addOption(new Option('--watch-namespace <ns>', 'reconcile pools and templates of one namespace (default: all)'))
+    .option(
+      '--webhook-listen <addr:port>',
+      'serve the Template admission webhook (spec immutability on API servers < 1.25) here, over TLS',
+    )
+    .option('--webhook-cert-dir <dir>', "the webhook's tls.crt and tls.key (the Secret torpor-webhook-tls)");
 }
 
 export function kubeOptions(o: { kubeconfig?: string; context?: string }): KubeOptions {
