@@ -277,6 +277,9 @@ addAckOptions(addKubeOptions(installCommand)).action(async (o: Record<string, un
   if (o.dryRun) {
     process.stdout.write(toYaml(objects));
     process.stdout.write(`# plus Secret ${namespace}/torpor-agent-token: a random token generated in the cluster\n`);
+    process.stdout.write(
+      `# plus Secret ${namespace}/torpor-webhook-tls: the Template webhook's certificate and CA (its caBundle)\n`,
+    );
     return;
   }
   const { pino } = await import('pino');
