@@ -22,6 +22,7 @@ import type { Actor } from '../../src/core/types.ts';
 import { resourcePath } from '../../src/engine/k8s/kube.ts';
 import { deploymentName } from '../../src/engine/k8s/render.ts';
 import { API_VERSION } from '../../src/engine/k8s/resources.ts';
+import { locateMicrovm } from '../../src/runtime/microvm/locate.ts';
 import { startStandIn } from '../engine/ack/alicloud-standin.ts';
 import { eventually, installCrds, type RunningKube, startKube } from '../engine/k8s/kube-helpers.ts';
 import { counterImage } from '../fixtures/images.ts';
@@ -136,6 +137,55 @@ describe('worker pods run by a stand-in kubelet: torpor agent registers, serves,
     return JSON.parse(text) as T;
   };
 
+  /** The stand-in kubelet: the pool's pod object, then its container as a process in the pod's own network
+   * namespace (made afresh), with the environment and $(VAR) expansion a kubelet gives it. */
+  const startPod = async (pool: string, podName: string): Promise<Proc> => {
+    const deployment = await eventually(
+      () =>
+        kube().get<{
+          spec: { template: { metadata: { labels: Record<string, string> }; spec: { containers: Container[] } } };
+        }>(resourcePath('apps/v1', 'deployments', NS, deploymentName(pool))),
+      30_000,
+      'deployment',
+    );
+    const template = deployment.spec.template;
+    await kube().request('POST', resourcePath('v1', 'pods', NS), {
+      body: {
+        apiVersion: 'v1',
+        kind: 'Pod',
+        metadata: { name: podName, labels: template.metadata.labels },
+        spec: template.spec,
+      },
+    });
+    const container = template.spec.containers[0]!;
+    const env: Record<string, string> = {};
+    for (const e of container.env ?? []) {
+      if (e.value !== undefined) env[e.name] = e.value;
+      else if (e.valueFrom?.fieldRef?.fieldPath === 'metadata.name') env[e.name] = podName;
+      else if (e.valueFrom?.fieldRef?.fieldPath === 'status.podIP') env[e.name] = POD_IP;
+      else if (e.valueFrom?.secretKeyRef) {
+        const ref = e.valueFrom.secretKeyRef;
+        const secret = await kube().get<{ data: Record<string, string> }>(resourcePath('v1', 'secrets', NS, ref.name));
+        env[e.name] = Buffer.from(secret!.data[ref.key]!, 'base64').toString('utf8');
+      } else assert.fail(`the stand-in kubelet does not know how to set ${e.name}`);
+    }
+    // $(VAR) as the kubelet expands it; the emptyDir volumes become directories of their own.
+    let argv = container.command.map((a) => a.replace(/\$\(([A-Z_]+)\)/g, (_, v: string) => env[v] ?? `$(${v})`));
+    for (const m of container.volumeMounts ?? []) {
+      const hostDir = join(dir, 'pods', podName, m.name);
+      await mkdir(hostDir, { recursive: true });
+      argv = argv.map((a) => (a === m.mountPath ? hostDir : a));
+    }
+    assert.equal(argv[0], 'torpor');
+    assert.ok(argv.includes('--network') && argv[argv.indexOf('--network') + 1] === 'pod', 'the pod runs in pod mode');
+    await makePodNetns();
+    return new Proc(
+      'nsenter',
+      [`--net=/var/run/netns/${POD_NETNS}`, '--', process.execPath, CLI, ...argv.slice(1)],
+      env,
+    );
+  };
+
   before(async () => {
     dir = await mkdtemp(join(tmpdir(), 'torpor-k8s-agent-'));
     const token = randomBytes(24).toString('hex');
@@ -197,52 +247,8 @@ describe('worker pods run by a stand-in kubelet: torpor agent registers, serves,
         spec: { runtime: 'gvisor', replicas: 1, workersPerPod: 1 },
       },
     });
-    const deployment = await eventually(
-      () =>
-        kube().get<{
-          spec: { template: { metadata: { labels: Record<string, string> }; spec: { containers: Container[] } } };
-        }>(resourcePath('apps/v1', 'deployments', NS, deploymentName('live'))),
-      30_000,
-      'deployment',
-    );
-    // The stand-in kubelet: the pod object, then its container as a process in the pod's own network namespace.
-    const template = deployment.spec.template;
     const podName = 'torpor-pool-live-0';
-    await kube().request('POST', resourcePath('v1', 'pods', NS), {
-      body: {
-        apiVersion: 'v1',
-        kind: 'Pod',
-        metadata: { name: podName, labels: template.metadata.labels },
-        spec: template.spec,
-      },
-    });
-    const container = template.spec.containers[0]!;
-    const env: Record<string, string> = {};
-    for (const e of container.env ?? []) {
-      if (e.value !== undefined) env[e.name] = e.value;
-      else if (e.valueFrom?.fieldRef?.fieldPath === 'metadata.name') env[e.name] = podName;
-      else if (e.valueFrom?.fieldRef?.fieldPath === 'status.podIP') env[e.name] = POD_IP;
-      else if (e.valueFrom?.secretKeyRef) {
-        const ref = e.valueFrom.secretKeyRef;
-        const secret = await kube().get<{ data: Record<string, string> }>(resourcePath('v1', 'secrets', NS, ref.name));
-        env[e.name] = Buffer.from(secret!.data[ref.key]!, 'base64').toString('utf8');
-      } else assert.fail(`the stand-in kubelet does not know how to set ${e.name}`);
-    }
-    // $(VAR) as the kubelet expands it; the emptyDir volumes become directories of their own.
-    let argv = container.command.map((a) => a.replace(/\$\(([A-Z_]+)\)/g, (_, v: string) => env[v] ?? `$(${v})`));
-    for (const m of container.volumeMounts ?? []) {
-      const hostDir = join(dir, 'pod', m.name);
-      await mkdir(hostDir, { recursive: true });
-      argv = argv.map((a) => (a === m.mountPath ? hostDir : a));
-    }
-    assert.equal(argv[0], 'torpor');
-    assert.ok(argv.includes('--network') && argv[argv.indexOf('--network') + 1] === 'pod', 'the pod runs in pod mode');
-    await makePodNetns();
-    agent = new Proc(
-      'nsenter',
-      [`--net=/var/run/netns/${POD_NETNS}`, '--', process.execPath, CLI, ...argv.slice(1)],
-      env,
-    );
+    agent = await startPod('live', podName);
 
     const pool = await eventually(
       async () => {
@@ -304,6 +310,78 @@ describe('worker pods run by a stand-in kubelet: torpor agent registers, serves,
     const actor = await api<Actor>('GET', `/v1/spaces/${NS}/actors/a1`);
     assert.equal(actor.status, 'SUSPENDED');
     assert.ok(actor.snapshot, 'it has a snapshot to resume from');
+  });
+
+  it('a micro-VM pool’s pod runs micro-VM workers (TORPOR_RUNTIME): its actor boots in QEMU, reached at the pod IP', {
+    skip: locateMicrovm().missing.join('; ') || false,
+  }, async () => {
+    // One stand-in pod at a time: the pods of this host share the worker namespace names (their index).
+    await agent?.stop();
+    await kube().request('POST', resourcePath(API_VERSION, 'templates', NS), {
+      body: {
+        apiVersion: API_VERSION,
+        kind: 'Template',
+        metadata: { name: 'vm-counter' },
+        spec: {
+          image: await counterImage(),
+          port: 8080,
+          runtime: 'microvm',
+          readiness: { path: '/healthz', timeoutSeconds: 60 },
+          resources: { memoryMiB: 128, vcpus: 1 },
+        },
+      },
+    });
+    await kube().request('POST', resourcePath(API_VERSION, 'workerpools', NS), {
+      body: {
+        apiVersion: API_VERSION,
+        kind: 'WorkerPool',
+        metadata: { name: 'vms' },
+        spec: { runtime: 'microvm', replicas: 1, workersPerPod: 1 },
+      },
+    });
+    const podName = 'torpor-pool-vms-0';
+    agent = await startPod('vms', podName);
+    const pod = agent;
+    await eventually(
+      async () => {
+        const p = await kube().get<{ status?: { readyWorkers?: number } }>(
+          resourcePath(API_VERSION, 'workerpools', NS, 'vms'),
+        );
+        return p?.status?.readyWorkers === 1 ? p : undefined;
+      },
+      120_000,
+      `the micro-VM agent registered (agent output: ${pod.output.slice(-2000)})`,
+    );
+    const workers = await api<{ items: { node: string; runtime: string }[] }>('GET', '/v1/workers');
+    assert.deepEqual(
+      workers.items.filter((w) => w.node === podName).map((w) => w.runtime),
+      ['microvm'],
+      'the pod’s worker is a micro-VM one',
+    );
+    await eventually(
+      async () => (await api<{ name: string }>('GET', '/v1/templates/vm-counter')).name,
+      30_000,
+      'template',
+    );
+    // The create waits for the template's golden snapshot (a boot and a checkpoint on the pod's worker).
+    await api('POST', `/v1/spaces/${NS}/actors`, { name: 'vm1', template: 'vm-counter' });
+    const running = await api<Actor>('POST', `/v1/spaces/${NS}/actors/vm1/resume`, {});
+    assert.equal(running.node, podName);
+    assert.equal(running.address?.split(':')[0], POD_IP);
+    const first = await fetch(`http://${running.address}/`);
+    assert.equal(first.status, 200);
+    const routed = await fetch(`${routerUrl}/`, { headers: { 'x-torpor-actor': `vm1.${NS}` } });
+    assert.equal(routed.status, 200);
+    assert.equal(Number(await routed.text()), Number(await first.text()) + 1, 'the same in-RAM counter');
+    // A QEMU process serves it: the micro-VM runtime's, under the pod's data directory.
+    const { stdout: ps } = await run('ps', ['-eo', 'args=']);
+    const vmm = ps
+      .split('\n')
+      .filter((line) => line.includes(join(dir, 'pods', podName)) && line.includes('-machine microvm'));
+    assert.equal(vmm.length, 1, `one QEMU of the pod's worker: ${ps}`);
+    // Stopped, the pod's agent ends cleanly.
+    await pod.stop();
+    assert.equal(pod.child.exitCode, 0, pod.output.slice(-2000));
   });
 
   it('torpor server --schedule-type alicloud-k8s: ACK credentials, the controller in the server, no secret shown', async () => {
