@@ -263,7 +263,7 @@ export class NodeAgent implements AgentClient {
   }
 
   private freeWorker(slot: WorkerSlot): WorkerInfo {
-    return { id: slot.id, node: this.node, runtime: slot.runtime.name, state: 'free', host: slot.net.address };
+    return { id: slot.id, node: this.node, runtime: slot.runtime.name, state: 'free', host: slot.net.host };
   }
 
   /** Extends the workers' leases without touching their claims (the control layer owns claims); a slot whose
@@ -448,7 +448,7 @@ export class NodeAgent implements AgentClient {
       throw err;
     }
     crashPoint('activate.ready');
-    return { address: `${slot.net.address}:${req.template.port}`, phases };
+    return { address: slot.net.endpoint(req.template.port), phases };
   }
 
   /** The directory a node-local checkpoint lives in (see LocalCheckpointTarget). */

@@ -3,11 +3,46 @@
 import { type Command, Option } from 'commander';
 import { TorporError } from '../core/errors.ts';
 import { type AckInput, ackSettings, envName, flagName, loadAckSettings } from '../engine/ack/settings.ts';
+import type { KubeEngineName } from '../engine/k8s/engine.ts';
 import type { KubeOptions } from '../engine/k8s/kube.ts';
 import type { AgentSettings } from '../engine/k8s/render.ts';
 import type { Toleration } from '../engine/k8s/resources.ts';
 
 export const ENGINE_CHOICES = ['local', 'standard', 'k8s', 'kubernetes', 'ack', 'alicloud-k8s'];
+/** The engines of `torpor server`: its agents register themselves (local), or a cluster's worker pods do. */
+export const SERVER_ENGINE_CHOICES = ['local', 'k8s', 'kubernetes', 'ack', 'alicloud-k8s'];
+
+/** --engine and --schedule-type (AEnvironment's name for it; alicloud-k8s = ack) on `cmd`. */
+export function addEngineOptions(cmd: Command, choices: string[], help: string): Command {
+  return cmd
+    .addOption(new Option('--engine <engine>', help).choices(choices).default('local'))
+    .addOption(
+      new Option('--schedule-type <engine>', "alias of --engine (AEnvironment's name; alicloud-k8s = ack)").choices(
+        choices,
+      ),
+    );
+}
+
+/** The cluster settings of a Kubernetes engine from the flags (--kubeconfig, --context, --watch-namespace and
+ * for ack every --alicloud-* one). */
+export async function kubeEngineSettings(engine: KubeEngineName, o: Record<string, unknown>) {
+  return {
+    engine,
+    kube: kubeOptions(o as { kubeconfig?: string; context?: string }),
+    ...(engine === 'ack' ? { ack: await ackSettingsFrom(o) } : {}),
+    ...(o.watchNamespace ? { namespace: String(o.watchNamespace) } : {}),
+    ...(o.webhookListen ? { webhook: webhookSettings(o) } : {}),
+  };
+}
+
+function webhookSettings(o: Record<string, unknown>): { listen: string; certDir: string } {
+  if (!o.webhookCertDir) {
+    throw new TorporError('INVALID_ARGUMENT', '--webhook-listen needs --webhook-cert-dir (tls.crt, tls.key)', {
+      field: 'webhook-cert-dir',
+    });
+  }
+  return { listen: String(o.webhookListen), certDir: String(o.webhookCertDir) };
+}
 
 const ACK_HELP: Record<string, string> = {
   region: 'ACK cluster region, e.g. cn-hangzhou',
@@ -68,7 +103,12 @@ export function addKubeOptions(cmd: Command): Command {
   return cmd
     .option('--kubeconfig <file>', 'kubeconfig (default: in-cluster, $KUBECONFIG, ~/.kube/config)')
     .option('--context <name>', 'kubeconfig context')
-    .addOption(new Option('--watch-namespace <ns>', 'reconcile pools and templates of one namespace (default: all)'));
+    .addOption(new Option('--watch-namespace <ns>', 'reconcile pools and templates of one namespace (default: all)'))
+    .option(
+      '--webhook-listen <addr:port>',
+      'serve the Template admission webhook (spec immutability on API servers < 1.25) here, over TLS',
+    )
+    .option('--webhook-cert-dir <dir>', "the webhook's tls.crt and tls.key (the Secret torpor-webhook-tls)");
 }
 
 export function kubeOptions(o: { kubeconfig?: string; context?: string }): KubeOptions {

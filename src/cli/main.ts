@@ -12,10 +12,13 @@ import {
   ackSettingsFrom,
   addAckOptions,
   addAgentOptions,
+  addEngineOptions,
   addKubeOptions,
   agentSettings,
   ENGINE_CHOICES,
+  kubeEngineSettings,
   kubeOptions,
+  SERVER_ENGINE_CHOICES,
 } from './kube-flags.ts';
 import { describeActor, type Kind, type OutputFormat, render } from './output.ts';
 import { addBlobOption, addStoreOption } from './storage.ts';
@@ -183,19 +186,6 @@ const upCommand = program
     '0',
   )
   .option('--router-port <port>', 'router port: Host <actor>.<space>.actors.<domain> reaches the actor', '7080')
-  .addOption(
-    new Option(
-      '--engine <engine>',
-      'engine: local (this machine), k8s (a Kubernetes cluster: pools, templates), ack (Alibaba Cloud ACK), standard',
-    )
-      .choices(ENGINE_CHOICES)
-      .default('local'),
-  )
-  .addOption(
-    new Option('--schedule-type <engine>', "alias of --engine (AEnvironment's name; alicloud-k8s = ack)").choices(
-      ENGINE_CHOICES,
-    ),
-  )
   .option('--standard-url <url>', 'with --engine standard: the engine serving the standard contract')
   .option(
     '--mcp-port <port>',
@@ -210,20 +200,17 @@ const upCommand = program
   .option('--sample', 'create the sample "counter" template and actor');
 addStoreOption(upCommand, { required: false, otherwise: 'a SQLite file in --data-dir' });
 addBlobOption(upCommand, { required: false, otherwise: 'the directory blobs/ in --data-dir' });
+addEngineOptions(
+  upCommand,
+  ENGINE_CHOICES,
+  'engine: local (this machine), k8s (a Kubernetes cluster: pools, templates), ack (Alibaba Cloud ACK), standard',
+);
 addAckOptions(addAgentOptions(addKubeOptions(withRouterOptions(upCommand)))).action(
   async (o: UpFlags & Record<string, unknown>) => {
     const { up } = await import('./up.ts');
     const { ENGINE_ALIASES } = await import('../engine/k8s/engine.ts');
     const engine = ENGINE_ALIASES[o.scheduleType ?? o.engine]!;
-    const kubeEngine =
-      engine === 'k8s' || engine === 'ack'
-        ? {
-            engine,
-            kube: kubeOptions(o),
-            ...(engine === 'ack' ? { ack: await ackSettingsFrom(o) } : {}),
-            ...(o.watchNamespace ? { namespace: o.watchNamespace } : {}),
-          }
-        : undefined;
+    const kubeEngine = engine === 'k8s' || engine === 'ack' ? await kubeEngineSettings(engine, o) : undefined;
     const torpor = await up({
       dataDir: o.dataDir,
       ...(o.store ? { store: o.store } : {}),
@@ -309,6 +296,9 @@ addAckOptions(addKubeOptions(installCommand)).action(async (o: Record<string, un
   if (o.dryRun) {
     process.stdout.write(toYaml(objects));
     process.stdout.write(`# plus Secret ${namespace}/torpor-agent-token: a random token generated in the cluster\n`);
+    process.stdout.write(
+      `# plus Secret ${namespace}/torpor-webhook-tls: the Template webhook's certificate and CA (its caBundle)\n`,
+    );
     return;
   }
   const { pino } = await import('pino');
@@ -354,10 +344,7 @@ addAckOptions(addAgentOptions(addKubeOptions(controllerCommand))).action(
     const control = new ApiControlPlane({ url: server });
     const log = pino({ name: 'torpor-controller' });
     const running = await startKubeEngine({
-      engine,
-      kube: kubeOptions(o as { kubeconfig?: string; context?: string }),
-      ...(engine === 'ack' ? { ack: await ackSettingsFrom(o) } : {}),
-      ...(o.watchNamespace ? { namespace: String(o.watchNamespace) } : {}),
+      ...(await kubeEngineSettings(engine, o)),
       agent: agentSettings(o, { serverUrl: server, blobUrl: o.agentBlob }),
       pools: control,
       templates: control,
@@ -379,7 +366,10 @@ async function serveUntilSignal(what: string, start: () => Promise<{ url: string
 
 const serverCommand = program
   .command('server')
-  .description('the control API, scheduler and reconciler, over a shared store and blob store (agents register here)');
+  .description(
+    'the control API, scheduler and reconciler, over a shared store and blob store (agents register here); with ' +
+      '--engine k8s|ack also the Kubernetes controller (WorkerPools become Deployments of agent pods)',
+  );
 addStoreOption(serverCommand, { required: true });
 addBlobOption(serverCommand, { required: true });
 serverCommand
@@ -390,9 +380,21 @@ serverCommand
   .option('--data-dir <dir>', 'image cache', '/var/lib/torpor/server')
   .option('--worker-lease <seconds>', 'a node whose agent has not renewed its lease for this long is lost', '15')
   .option('--reconcile-interval <ms>', 'how often the reconciler runs', '2000')
-  .option('--id <id>', "this server's identity, unique among servers: a restart with the same id resumes its leases")
-  .action(
-    async (o: {
+  .option('--id <id>', "this server's identity, unique among servers: a restart with the same id resumes its leases");
+addAckOptions(
+  addAgentOptions(
+    addKubeOptions(
+      addEngineOptions(
+        serverCommand,
+        SERVER_ENGINE_CHOICES,
+        'local (agents started by hand register here), k8s (a Kubernetes cluster: pools, templates), ack (Alibaba ' +
+          'Cloud ACK)',
+      ),
+    ),
+  ),
+).action(
+  async (
+    o: AgentFlags & {
       store: string;
       blob: string;
       host: string;
@@ -403,29 +405,42 @@ serverCommand
       workerLease: string;
       reconcileInterval: string;
       id?: string;
-    }) => {
-      const { server, agentToken } = await import('./distributed.ts');
-      await serveUntilSignal('server', () =>
-        server({
-          store: o.store,
-          blob: o.blob,
-          host: o.host,
-          port: integerFlag('port', o.port, 0, 65535),
-          agentToken: agentToken(o.agentToken, o.agentTokenFile, 'agent-token'),
-          dataDir: o.dataDir,
-          workerLeaseMs: integerFlag('worker-lease', o.workerLease, 1, 3600) * 1000,
-          reconcileMs: integerFlag('reconcile-interval', o.reconcileInterval, 50, 3_600_000),
-          ...(o.id ? { id: o.id } : {}),
-        }),
-      );
+      engine: string;
+      scheduleType?: string;
     },
-  );
+  ) => {
+    const { server, agentToken } = await import('./distributed.ts');
+    const { ENGINE_ALIASES } = await import('../engine/k8s/engine.ts');
+    const engine = ENGINE_ALIASES[o.scheduleType ?? o.engine];
+    const kube =
+      engine === 'k8s' || engine === 'ack'
+        ? {
+            ...(await kubeEngineSettings(engine, o as unknown as Record<string, unknown>)),
+            agent: (serverUrl: string, blobUrl: string) => agentSettings(o, { serverUrl, blobUrl }),
+          }
+        : undefined;
+    await serveUntilSignal('server', () =>
+      server({
+        store: o.store,
+        blob: o.blob,
+        host: o.host,
+        port: integerFlag('port', o.port, 0, 65535),
+        agentToken: agentToken(o.agentToken, o.agentTokenFile, 'agent-token'),
+        dataDir: o.dataDir,
+        workerLeaseMs: integerFlag('worker-lease', o.workerLease, 1, 3600) * 1000,
+        reconcileMs: integerFlag('reconcile-interval', o.reconcileInterval, 50, 3_600_000),
+        ...(o.id ? { id: o.id } : {}),
+        ...(kube ? { kube } : {}),
+      }),
+    );
+  },
+);
 
 const agentCommand = program
   .command('agent')
   .description(
     "a node agent: runs this node's workers, registered with the server given by --server (run it in the node's " +
-      'namespace)',
+      'namespace, or with --network pod in a Kubernetes pod)',
   );
 addBlobOption(agentCommand, { required: true, note: 'the same as the server’s' });
 agentCommand
@@ -433,11 +448,18 @@ agentCommand
   .option('--token-file <file>', 'read the agent token from this file')
   .requiredOption('--node <name>', 'node name (DNS-1123 label, unique)')
   .option('--workers <n>', 'worker slots', '2')
-  .requiredOption('--network-base <n>', "the node's network index: namespace torpor-node<n>, workers n…n+workers-1")
+  .option('--runtime <class>', 'the runtime class of the worker slots: gvisor | microvm (or TORPOR_RUNTIME)')
+  .option(
+    '--network <mode>',
+    "node: run in the node's namespace torpor-node<network-base>; pod: this namespace is the node (a pod), workers " +
+      'are reached at the --listen address (default $POD_IP:7071) on ports 20000+2·index (and +1)',
+    'node',
+  )
+  .option('--network-base <n>', "the node's network index: namespace torpor-node<n>, workers n…n+workers-1", '0')
   .option('--listen <addr:port>', "agent API address (default: the node's address, port 7071)")
   .option('--data-dir <dir>', 'where this node keeps checkpoints, caches and logs', '/var/lib/torpor/agent')
   .option('--runsc <path>', 'runsc binary (default: the asset built by scripts/setup.sh)')
-  .option('--assets <file>', "the pool's runtime asset sets (YAML; `torpor assets stage` prints one)")
+  .option('--assets <file>', "the pool's runtime asset sets (YAML; `torpor assets stage` prints one; or TORPOR_ASSETS)")
   .option(
     '--drain-timeout <seconds>',
     'on SIGTERM, how long to wait for the running actors to be suspended before exiting (0: no drain)',
@@ -452,6 +474,8 @@ agentCommand
       tokenFile?: string;
       node: string;
       workers: string;
+      runtime?: string;
+      network: string;
       networkBase: string;
       blob: string;
       listen?: string;
@@ -459,7 +483,7 @@ agentCommand
       runsc?: string;
       assets?: string;
     }) => {
-      const { agent, agentToken } = await import('./distributed.ts');
+      const { agent, agentToken, agentPodSettings } = await import('./distributed.ts');
       const { dnsLabel, parse } = await import('../core/schemas.ts');
       await serveUntilSignal(`agent ${o.node}`, () =>
         agent({
@@ -471,9 +495,8 @@ agentCommand
           blob: o.blob,
           dataDir: o.dataDir,
           drainTimeoutMs: integerFlag('drain-timeout', o.drainTimeout, 0, 86_400) * 1000,
-          ...(o.listen ? { listen: o.listen } : {}),
+          ...agentPodSettings(o, process.env),
           ...(o.runsc ? { runsc: o.runsc } : {}),
-          ...(o.assets ? { assets: o.assets } : {}),
           ...chunkCacheSetting(o.chunkCacheMib),
         }),
       );

@@ -83,6 +83,8 @@ export interface UpOptions {
     kube: KubeOptions;
     ack?: AckSettings;
     namespace?: string;
+    /** Serve the Template admission webhook (see KubeEngineOptions.webhook). */
+    webhook?: { listen: string; certDir: string };
     /** What worker pods get, given this control plane's URL and blob store. */
     agent: (serverUrl: string, blobUrl: string) => AgentSettings;
   };
@@ -218,6 +220,7 @@ export async function up(opts: UpOptions): Promise<RunningTorpor> {
       kube: opts.kube.kube,
       ...(opts.kube.ack ? { ack: opts.kube.ack } : {}),
       ...(opts.kube.namespace ? { namespace: opts.kube.namespace } : {}),
+      ...(opts.kube.webhook ? { webhook: opts.kube.webhook } : {}),
       agent: opts.kube.agent(url, blobUrl),
       pools: new StorePools({ store, lifecycle, log }),
       templates: lifecycle,

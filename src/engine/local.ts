@@ -116,6 +116,26 @@ export function localMicrovmAssets(microvm: MicrovmAssets): Promise<AssetSet> {
   return localAssetSet('microvm', { qemu, kernel, initrd, ...Object.fromEntries(extras) });
 }
 
+/** Micro-VM runtimes of one node, each with its own state root: QEMU from `microvm`, the disk cache under
+ * `dataDir`, guest RAM files in `memoryDir` (tmpfs). */
+export function microvmRuntimeFactory(
+  microvm: MicrovmAssets,
+  dataDir: string,
+  memoryDir: string,
+): (stateRoot: string) => MicrovmRuntime {
+  return (stateRoot) =>
+    new MicrovmRuntime({
+      driver: new QemuDriver({ binary: microvm.paths.qemu }),
+      kernel: microvm.paths.kernel,
+      initrd: microvm.paths.initrd,
+      accel: microvm.accel,
+      stateRoot,
+      diskCache: join(dataDir, 'microvm', 'disks'),
+      memoryDir,
+      network: { address: ACTOR_ADDRESS, prefix: ACTOR_PREFIX, gateway: GATEWAY_ADDRESS, mac: ACTOR_MAC, tap: TAP },
+    });
+}
+
 export class LocalEngine {
   private readonly nodes = new Map<string, NodeAgent>();
   /** Guest RAM files of this instance's micro-VMs, on tmpfs, apart from any other instance's. */
@@ -154,27 +174,7 @@ export class LocalEngine {
           makeRuntime: (stateRoot) =>
             new GvisorRuntime({ stateRoot, onWarning: (message, fields) => opts.log.warn(fields, message) }),
           microvmWorkers,
-          ...(microvm
-            ? {
-                makeMicrovmRuntime: (stateRoot: string) =>
-                  new MicrovmRuntime({
-                    driver: new QemuDriver({ binary: microvm.paths.qemu }),
-                    kernel: microvm.paths.kernel,
-                    initrd: microvm.paths.initrd,
-                    accel: microvm.accel,
-                    stateRoot,
-                    diskCache: join(opts.dataDir, 'microvm', 'disks'),
-                    memoryDir,
-                    network: {
-                      address: ACTOR_ADDRESS,
-                      prefix: ACTOR_PREFIX,
-                      gateway: GATEWAY_ADDRESS,
-                      mac: ACTOR_MAC,
-                      tap: TAP,
-                    },
-                  }),
-              }
-            : {}),
+          ...(microvm ? { makeMicrovmRuntime: microvmRuntimeFactory(microvm, opts.dataDir, memoryDir) } : {}),
         }),
       );
     }

@@ -19,7 +19,7 @@ import {
   TABLE,
 } from './egress.ts';
 import { deleteLink, deleteNetns, deleteTable, ensureNetns, ip, netnsPath, nft, sysctl } from './netns.ts';
-import { type NodeNetwork, UPLINK } from './node-net.ts';
+import { type NodeNetwork, UPLINK, workerPodPorts } from './node-net.ts';
 
 export interface WorkerNetworkOptions {
   /** Small integer unique on this machine (0..255): picks the namespaces, the link name and the /30. */
@@ -54,12 +54,16 @@ export class WorkerNetwork {
   private readonly nodeLink: string;
   private readonly interior: string;
   private readonly tap: boolean;
+  private readonly index: number;
+  /** The current activation's ports → where they are reached from outside the node (see endpoint). */
+  private endpoints = new Map<number, string>();
 
   constructor(opts: WorkerNetworkOptions) {
     if (!Number.isInteger(opts.index) || opts.index < 0 || opts.index > 255) {
       throw new RangeError(`worker network index must be 0..255, got ${opts.index}`);
     }
     this.node = opts.node;
+    this.index = opts.index;
     this.namespace = `torpor-net${opts.index}`;
     this.interior = `torpor-net${opts.index}-actor`;
     this.subnet = `10.213.${opts.index}.0/30`;
@@ -67,6 +71,19 @@ export class WorkerNetwork {
     this.address = `10.213.${opts.index}.2`;
     this.nodeLink = `tq${opts.index}h`;
     this.tap = opts.tap ?? false;
+  }
+
+  /** The address the worker is reached at from outside its node: its own, or (pod mode) the pod's. */
+  get host(): string {
+    return this.node.pod?.address ?? this.address;
+  }
+
+  /** Where the current activation's `port` is reached from outside the node (routers, servers, clients): the
+   * worker's address and that port, or in pod mode the pod's address and the worker's pod port for it. */
+  endpoint(port: number): string {
+    const endpoint = this.endpoints.get(port);
+    if (!endpoint) throw new RangeError(`port ${port} is not one of the activation's`);
+    return endpoint;
   }
 
   /** The namespace the sandbox runs in (the current activation's interior). */
@@ -81,9 +98,9 @@ export class WorkerNetwork {
     await deleteNetns(this.namespace);
     // The node's end goes with the namespace only once nothing holds that any more: remove it by name, as a node
     // that outlived the agent that made it (torpor agent in its own namespace) still has it.
-    await deleteLink(this.node.namespace, this.nodeLink);
+    await deleteLink(this.node.netns, this.nodeLink);
     await ensureNetns(this.namespace);
-    await ip(this.node.namespace, [
+    await ip(this.node.netns, [
       `link add ${this.nodeLink} type veth peer name ${UPLINK} netns ${this.namespace}`,
       `addr add ${this.nodeAddress}/30 dev ${this.nodeLink}`,
       `link set ${this.nodeLink} up`,
@@ -147,15 +164,27 @@ export class WorkerNetwork {
         comment: `actor ${activation.actor} on ${this.namespace}`,
       }),
     );
+    const ports = [...new Set(activation.ports)];
+    if (this.node.pod) {
+      const podPorts = workerPodPorts(this.index);
+      const mappings = ports.map((target, i) => ({ port: podPorts[i]!, target }));
+      await this.node.expose(this.index, this.address, mappings);
+      this.endpoints = new Map(mappings.map((m) => [m.target, `${this.node.pod!.address}:${m.port}`]));
+    } else {
+      this.endpoints = new Map(ports.map((port) => [port, `${this.address}:${port}`]));
+    }
   }
 
   /** Removes the activation's rules and interior namespace (its veth pair goes with it). Idempotent. */
   async clear(): Promise<void> {
+    this.endpoints.clear();
+    await this.node.unexpose(this.index).catch(() => undefined);
     await deleteTable(this.namespace, 'ip', TABLE).catch(() => undefined);
     await deleteNetns(this.interior);
   }
 
   async destroy(): Promise<void> {
+    await this.node.unexpose(this.index).catch(() => undefined);
     await deleteNetns(this.interior);
     await deleteNetns(this.namespace);
     await this.node.unrouteFromHost(this.subnet);

@@ -8,6 +8,7 @@ import type { AckSettings } from '../ack/settings.ts';
 import { KubeController, type PoolControl, type TemplateSink } from './controller.ts';
 import { Kube, type KubeOptions, loadKubeConfig } from './kube.ts';
 import type { AgentSettings } from './render.ts';
+import { type RunningWebhook, serveWebhook } from './webhook.ts';
 
 export type KubeEngineName = 'k8s' | 'ack';
 
@@ -35,6 +36,8 @@ export interface KubeEngineOptions {
   log: Logger;
   /** A connection made earlier with connectCluster (so a bad kubeconfig fails before anything else starts). */
   cluster?: ClusterConnection;
+  /** Serve the Template admission webhook (immutability on API servers < 1.25): where, and its certificate. */
+  webhook?: { listen: string; certDir: string };
 }
 
 export interface ClusterConnection {
@@ -93,9 +96,12 @@ export async function startKubeEngine(o: KubeEngineOptions): Promise<RunningKube
     templates: o.templates,
     log,
   });
+  let webhook: RunningWebhook | undefined;
   try {
     await controller.start();
+    if (o.webhook) webhook = await serveWebhook({ ...o.webhook, log });
   } catch (err) {
+    await controller.stop().catch(() => undefined);
     cluster.close();
     throw err;
   }
@@ -104,6 +110,7 @@ export async function startKubeEngine(o: KubeEngineOptions): Promise<RunningKube
     kube: cluster.kube,
     controller,
     async stop() {
+      await webhook?.close();
       await controller.stop();
       cluster.close();
     },

@@ -9,6 +9,7 @@ import type { Logger } from 'pino';
 import { parseAllDocuments, stringify } from 'yaml';
 import { TorporError } from '../../core/errors.ts';
 import { type Kube, objectPath, resourcePath } from './kube.ts';
+import { generateWebhookCertificates, WEBHOOK_SECRET, type WebhookCertificates } from './webhook.ts';
 
 export const DEPLOY_DIR = resolve(import.meta.dirname, '../../../deploy');
 export const AGENT_TOKEN_SECRET = 'torpor-agent-token';
@@ -28,6 +29,7 @@ const CLUSTER_SCOPED = new Set([
   'ClusterRole',
   'ClusterRoleBinding',
   'AssetSet',
+  'ValidatingWebhookConfiguration',
 ]);
 
 async function readYaml(file: string): Promise<unknown[]> {
@@ -70,9 +72,17 @@ export function setNamespace(objects: Obj[], namespace: string): Obj[] {
     for (const s of (c.subjects as { kind: string; namespace?: string }[] | undefined) ?? []) {
       if (s.kind === 'ServiceAccount') s.namespace = namespace;
     }
+    for (const w of webhooksOf(c)) if (w.clientConfig.service) w.clientConfig.service.namespace = namespace;
     return c;
   });
 }
+
+interface Webhook {
+  clientConfig: { service?: { name: string; namespace: string }; caBundle?: string };
+}
+
+const webhooksOf = (o: Obj): Webhook[] =>
+  o.kind === 'ValidatingWebhookConfiguration' ? ((o.webhooks as Webhook[] | undefined) ?? []) : [];
 
 /** kustomize's `images:` for containers named by image `name`; also the server's --agent-image flag. */
 export function setImage(objects: Obj[], name: string, ref: string): Obj[] {
@@ -183,10 +193,37 @@ async function waitCrdServed(kube: Kube, crd: Obj): Promise<void> {
 }
 
 /** Applies the manifests (see applyObjects) and makes sure the agents' token Secret exists (created with a
- * random token; an existing one is kept: agents hold it). */
+ * random token; an existing one is kept: agents hold it), and the Template webhook's certificate: generated with
+ * a CA of its own at the first install (the Secret torpor-webhook-tls), whose CA becomes the webhook
+ * configuration's caBundle; an existing one is kept. */
 export async function applyInstall(kube: Kube, objects: Obj[], log: Logger): Promise<void> {
   const namespace = objects.find((o) => o.kind === 'Namespace')?.metadata?.name ?? 'torpor';
+  const tlsPath = resourcePath('v1', 'secrets', namespace, WEBHOOK_SECRET);
+  const hooks = objects.flatMap(webhooksOf);
+  const existing = hooks.length ? await kube.get<{ data?: Record<string, string> }>(tlsPath) : undefined;
+  let generated: WebhookCertificates | undefined;
+  let caBundle = existing?.data?.['ca.crt'];
+  if (hooks.length && !caBundle) {
+    const service = hooks.find((w) => w.clientConfig.service)?.clientConfig.service;
+    const host = `${service?.name ?? 'torpor-webhook'}.${namespace}.svc`;
+    generated = await generateWebhookCertificates([host, `${host}.cluster.local`]);
+    caBundle = Buffer.from(generated.ca).toString('base64');
+  }
+  for (const w of hooks) w.clientConfig.caBundle = caBundle;
   await applyObjects(kube, objects, log);
+  if (generated) {
+    const body = {
+      apiVersion: 'v1',
+      kind: 'Secret',
+      metadata: { name: WEBHOOK_SECRET, labels: { 'app.kubernetes.io/part-of': 'torpor' } },
+      type: 'kubernetes.io/tls',
+      stringData: { 'tls.crt': generated.cert, 'tls.key': generated.key, 'ca.crt': generated.ca },
+    };
+    // A Secret without ca.crt (made by hand) is replaced: the caBundle now names the generated CA.
+    if (existing) await kube.request('PUT', tlsPath, { body });
+    else await kube.request('POST', resourcePath('v1', 'secrets', namespace), { body });
+    log.info({ name: WEBHOOK_SECRET, namespace }, 'created the Template webhook’s certificate Secret');
+  }
   const secretPath = resourcePath('v1', 'secrets', namespace, AGENT_TOKEN_SECRET);
   if (!(await kube.get(secretPath))) {
     await kube.request('POST', resourcePath('v1', 'secrets', namespace), {

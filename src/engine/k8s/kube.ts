@@ -228,6 +228,7 @@ const PLURALS: Record<string, string> = {
   Template: 'templates',
   WorkerPool: 'workerpools',
   AssetSet: 'assetsets',
+  ValidatingWebhookConfiguration: 'validatingwebhookconfigurations',
 };
 const CLUSTER_SCOPED = new Set([
   'CustomResourceDefinition',
@@ -236,6 +237,7 @@ const CLUSTER_SCOPED = new Set([
   'ClusterRoleBinding',
   'PriorityClass',
   'AssetSet',
+  'ValidatingWebhookConfiguration',
 ]);
 
 export function objectPath(obj: KubernetesObject): string {

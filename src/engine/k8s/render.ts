@@ -70,8 +70,10 @@ export function renderDeployment(pool: PoolRef, spec: WorkerPoolSpec, agent: Age
     ...(microvm ? [MICROVM_TOLERATION] : []),
   ];
   const labels = { ...pt.labels, ...poolSelector(pool.name), 'torpor.dev/runtime': spec.runtime };
-  // Each pod is its own network namespace, so every agent can use network index 0. The agent reads its token
-  // from TORPOR_AGENT_TOKEN (a Secret), never from the command line.
+  // Each pod is its own network namespace and is the agent's node (--network pod): every agent can use network
+  // index 0, and its workers are reached at the pod's IP (the only address routable in the cluster), on ports of
+  // their own. The agent reads its token from TORPOR_AGENT_TOKEN (a Secret), never from the command line, and its
+  // runtime class and asset sets from TORPOR_RUNTIME and TORPOR_ASSETS below.
   const command = [
     'torpor',
     'agent',
@@ -83,6 +85,8 @@ export function renderDeployment(pool: PoolRef, spec: WorkerPoolSpec, agent: Age
     `$(POD_IP):${AGENT_PORT}`,
     '--workers',
     String(spec.workersPerPod),
+    '--network',
+    'pod',
     '--network-base',
     String(agent.networkBase ?? 0),
     '--blob',
@@ -143,11 +147,13 @@ export function renderDeployment(pool: PoolRef, spec: WorkerPoolSpec, agent: Age
                   name: 'TORPOR_AGENT_TOKEN',
                   valueFrom: { secretKeyRef: { name: agent.tokenSecret, key: agent.tokenSecretKey ?? 'token' } },
                 },
-                // What the pod is for, for the agent and for people reading `kubectl describe`.
+                // What the pod is for (the agent's runtime class), for the agent and for people reading `kubectl
+                // describe`.
                 { name: 'TORPOR_RUNTIME', value: spec.runtime },
                 { name: 'TORPOR_POOL', value: `${pool.namespace}/${pool.name}` },
-                // The asset-set file format (JSON is YAML); references to secrets only, never secrets. A change
-                // of the AssetSet rolls the pods; snapshots keep restoring with the assets they pinned.
+                // The asset-set file format (JSON is YAML), read by the agent; references to secrets only, never
+                // secrets. A change of the AssetSet rolls the pods; snapshots keep restoring with the assets they
+                // pinned.
                 ...(assets?.length ? [{ name: 'TORPOR_ASSETS', value: JSON.stringify(assets) }] : []),
               ],
               ...(agent.blobSecret ? { envFrom: [{ secretRef: { name: agent.blobSecret, optional: true } }] } : {}),

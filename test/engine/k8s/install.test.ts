@@ -3,7 +3,7 @@
 // controller identity that can run the pools it needs to and nothing more.
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
+import { randomBytes, X509Certificate } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
@@ -35,8 +35,8 @@ describe('deploy/ manifests', () => {
     assert.equal(objects[0]!.kind, 'CustomResourceDefinition');
     assert.ok(find(objects, 'Namespace', 'agents'));
     for (const o of objects) {
-      if (['Namespace', 'CustomResourceDefinition', 'ClusterRole', 'ClusterRoleBinding'].includes(o.kind ?? ''))
-        continue;
+      const clusterScoped = ['Namespace', 'CustomResourceDefinition', 'ClusterRole', 'ClusterRoleBinding'];
+      if ([...clusterScoped, 'ValidatingWebhookConfiguration'].includes(o.kind ?? '')) continue;
       assert.equal(o.metadata?.namespace, 'agents', `${o.kind}/${o.metadata?.name}`);
     }
     assert.equal(containerOf(find(objects, 'Deployment', 'torpor-server')).image, 'reg.example/torpor:2');
@@ -50,6 +50,14 @@ describe('deploy/ manifests', () => {
     assert.ok(find(objects, 'StatefulSet', 'torpor-redis'));
     assert.ok(find(objects, 'WorkerPool', 'gvisor'));
     assert.ok(!objects.some((o) => o.kind === 'Secret'), 'no Secret in the manifests');
+    const hook = find(objects, 'ValidatingWebhookConfiguration', 'torpor-template-immutable') as {
+      metadata: { namespace?: string };
+      webhooks: { clientConfig: { service: { name: string; namespace: string }; caBundle?: string } }[];
+    };
+    assert.equal(hook.metadata.namespace, undefined, 'cluster-scoped');
+    assert.deepEqual(hook.webhooks[0]!.clientConfig.service.namespace, 'agents');
+    assert.equal(hook.webhooks[0]!.clientConfig.caBundle, undefined, 'the CA is made at install');
+    assert.ok(find(objects, 'Service', 'torpor-webhook'));
   });
 
   it('the ACK overlay puts worker pods on virtual nodes and the router behind an internal SLB', async () => {
@@ -117,8 +125,28 @@ describe('torpor install on a real API server (RBAC enforced)', { skip }, () => 
     const secretPath = resourcePath('v1', 'secrets', 'torpor', AGENT_TOKEN_SECRET);
     const secret = await kube.get<{ data: { token: string } }>(secretPath);
     assert.ok(secret && Buffer.from(secret.data.token, 'base64').length >= 32);
+    const tlsPath = resourcePath('v1', 'secrets', 'torpor', 'torpor-webhook-tls');
+    const tls = await kube.get<{ data: Record<string, string> }>(tlsPath);
+    assert.ok(tls, 'the webhook certificate Secret');
+    const hookPath = '/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations/torpor-template-immutable';
+    const hook = await kube.get<{ webhooks: { clientConfig: { caBundle: string } }[] }>(hookPath);
+    assert.equal(hook?.webhooks[0]?.clientConfig.caBundle, tls.data['ca.crt'], 'the caBundle is the Secret’s CA');
+    const ca = new X509Certificate(Buffer.from(tls.data['ca.crt']!, 'base64'));
+    const cert = new X509Certificate(Buffer.from(tls.data['tls.crt']!, 'base64'));
+    assert.ok(cert.verify(ca.publicKey), 'the serving certificate is signed by that CA');
+    assert.equal(cert.checkHost('torpor-webhook.torpor.svc'), 'torpor-webhook.torpor.svc');
     await applyInstall(kube, objects, quietLog());
     assert.equal((await kube.get<{ data: { token: string } }>(secretPath))?.data.token, secret.data.token);
+    assert.equal(
+      (await kube.get<{ data: Record<string, string> }>(tlsPath))?.data['tls.crt'],
+      tls.data['tls.crt'],
+      'the certificate is kept',
+    );
+    assert.equal(
+      (await kube.get<{ webhooks: { clientConfig: { caBundle: string } }[] }>(hookPath))?.webhooks[0]?.clientConfig
+        .caBundle,
+      tls.data['ca.crt'],
+    );
     for (const o of objects) {
       const ns = o.metadata?.namespace;
       const plural = { Deployment: 'deployments', Service: 'services', StatefulSet: 'statefulsets' }[o.kind ?? ''];
