@@ -373,6 +373,12 @@ describe('worker pods run by a stand-in kubelet: torpor agent registers, serves,
     const routed = await fetch(`${routerUrl}/`, { headers: { 'x-torpor-actor': `vm1.${NS}` } });
     assert.equal(routed.status, 200);
     assert.equal(Number(await routed.text()), Number(await first.text()) + 1, 'the same in-RAM counter');
+    // exec crosses the server and the pod's agent API into the guest's control channel.
+    const uname = await api<{ exitCode: number; stdout: string }>('POST', `/v1/spaces/${NS}/actors/vm1/exec`, {
+      command: ['/bin/busybox', 'cat', '/proc/version'],
+    });
+    assert.equal(uname.exitCode, 0, JSON.stringify(uname));
+    assert.match(uname.stdout, /^Linux version /, 'the guest kernel answers, through the remote agent');
     // A QEMU process serves it: the micro-VM runtime's, under the pod's data directory.
     const { stdout: ps } = await run('ps', ['-eo', 'args=']);
     const vmm = ps
