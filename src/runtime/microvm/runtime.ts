@@ -95,8 +95,10 @@ async function moveFile(from: string, to: string): Promise<void> {
   }
 }
 
+/** Copies data extents only (holes stay holes). Not --sparse=always: scanning every data block for zeros took
+ * twice as long (512 MiB file, 90 MiB of data: ~110 vs ~50 ms), and only pages the guest itself zeroed differ. */
 async function copySparse(from: string, to: string): Promise<void> {
-  await runProgram('cp', ['--sparse=always', from, to], { label: 'cp guest memory', timeoutMs: 120_000 });
+  await runProgram('cp', ['--sparse=auto', from, to], { label: 'cp guest memory', timeoutMs: 120_000 });
 }
 
 export class MicrovmRuntime implements SandboxRuntime {
