@@ -5,11 +5,11 @@
 //   bare resume  = launch QEMU with `-incoming defer`, `migrate-incoming exec:cat STATE`, `cont`, then poll the
 //                  counter's /healthz until it answers. Torpor's resume is measured to the same end point: the
 //                  API answers a resume once the actor's readiness probe (the same /healthz) has passed.
-//                  Both load Torpor's last snapshot of the actor; RAM is restored the way the runtime does it
-//                  (a snapshot with a memory file maps it copy-on-write; one without carries RAM in its stream).
+//                  Both load Torpor's last snapshot of the actor; the bare VM maps its memory file copy-on-write
+//                  (the cheapest bare restore; Torpor's runtime copies it into a RAM file the VM owns, so that its
+//                  next snapshot is a memory file again) or loads RAM from the stream of a snapshot without one.
 //   bare suspend = `stop`, plain `migrate` (RAM in the stream, x-ignore-shared off: a VM restored copy-on-write
-//                  has no shared RAM file to leave out, which is also what Torpor's runtime does after a restore)
-//                  to a file on the data directory's disk, then fsync. Torpor's suspend is measured to the snapshot
+//                  has no shared RAM file to leave out) to a file on the data directory's disk, then fsync. Torpor's suspend is measured to the snapshot
 //                  being durable in the blob store (chunked, uploaded, manifest written).
 // Bytes stored per snapshot: the objects a suspend adds to the blob store (new chunks, deltas, the manifest: after
 // dedup and compression), next to the snapshot's own file sizes and the bare migration file's size.
@@ -105,8 +105,8 @@ async function torporCycles(t: Torpor, ref: string, memoryMiB: number, blobRoot:
   const stored: number[] = [];
   const suspendPhases: Record<string, number>[] = [];
   const resumePhases: Record<string, number>[] = [];
-  // A snapshot of a VM that booted or was restored from a stream has a memory file (mapped copy-on-write at the
-  // next restore); one of a VM restored copy-on-write carries RAM in its stream: suspends alternate between them.
+  // Snapshots of the micro-VM runtime have a memory file; one carrying RAM in its stream (written by runtimes that
+  // restored copy-on-write) is reported apart.
   const resumeByKind: Record<SnapshotKind, number[]> = { 'memory-file': [], stream: [] };
   const phasesByKind: Record<SnapshotKind, Record<string, number>[]> = { 'memory-file': [], stream: [] };
   const snapshots: Record<SnapshotKind, string | undefined> = { 'memory-file': undefined, stream: undefined };
@@ -329,9 +329,11 @@ try {
       // same root disk. Bare figures are over both kinds, as Torpor's are.
       const bareRuns: Awaited<ReturnType<typeof bareCycles>>[] = [];
       const snapshotFiles: Record<string, Record<string, number>> = {};
-      for (const [kind, key] of Object.entries(o.snapshots)) {
+      // Kinds Torpor produced (a runtime that gives every VM its own RAM file only writes memory-file snapshots).
+      const kinds = Object.entries(o.snapshots).filter((e): e is [string, string] => e[1] !== undefined);
+      for (const [kind, key] of kinds) {
         const snapshotDir = join(work, `snapshot-${memoryMiB}-${kind}`);
-        await restoreSnapshot({ blob: new FsBlobStore(blobRoot), key: key!, dir: snapshotDir });
+        await restoreSnapshot({ blob: new FsBlobStore(blobRoot), key, dir: snapshotDir });
         snapshotFiles[kind] = await filesBytes(snapshotDir);
         bareRuns.push(await bareCycles(net, { qemu, kernel, initrd, disk }, snapshotDir, work));
         await rm(snapshotDir, { recursive: true, force: true });
@@ -342,7 +344,7 @@ try {
         fileBytes: summary(bareRuns.flatMap((r) => r.fileSamples)),
       };
       const bareByKind = Object.fromEntries(
-        Object.keys(o.snapshots).map((kind, i) => [
+        kinds.map(([kind], i) => [
           kind,
           { resume_to_ready_ms: ms(bareRuns[i]!.resume), resume_phase_p50_ms: bareRuns[i]!.resumePhases },
         ]),

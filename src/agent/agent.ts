@@ -570,8 +570,11 @@ export class NodeAgent implements AgentClient {
     const assets = (await readPinned(dir)) ?? this.bootAssets(req.template, `the checkpoint ${dir}`);
     // The parent is the delta base; a parent that cannot be read only costs dedup, never the snapshot.
     const previous = req.parent ? await readManifest(this.opts.blob, req.parent).catch(() => undefined) : undefined;
+    // This node's kept copy of the parent: chunks equal to it are not hashed again.
+    const previousDir = previous && req.parent ? this.keptSnapshot(req.parent) : undefined;
     const result = await writeSnapshot({
       ...(previous ? { previous } : {}),
+      ...(previousDir && existsSync(previousDir) ? { previousDir } : {}),
       blob: this.opts.blob,
       dir,
       files: files.filter((f) => f !== PINNED_ASSETS_FILE),

@@ -212,7 +212,36 @@ function resolveRange(range: ByteRange | undefined, size: number): { start?: num
 }
 
 /** fsync the directory so the rename itself survives a crash, not just the file's data. */
-async function syncDirectory(dir: string): Promise<void> {
+/** Directory fsyncs per directory: one running and at most one queued behind it. */
+const directorySyncs = new Map<string, { running: Promise<void>; next?: Promise<void> }>();
+
+/** Makes the renames into `dir` done before this call durable. Concurrent puts into one directory (a snapshot's
+ * chunks all land in chunks/) share fsyncs: a caller joins the queued sync, which starts after the running one
+ * (that one may have started before the caller's rename), so N puts cost at most two fsyncs, not N. */
+function syncDirectory(dir: string): Promise<void> {
+  const state = directorySyncs.get(dir);
+  if (!state) {
+    const running = fsyncDirectory(dir).finally(() => advance(dir));
+    directorySyncs.set(dir, { running });
+    return running;
+  }
+  state.next ??= state.running.then(() => fsyncDirectory(dir));
+  return state.next;
+}
+
+/** The running sync finished: the queued one (if any) becomes the running one. */
+function advance(dir: string): void {
+  const state = directorySyncs.get(dir);
+  if (!state) return;
+  if (!state.next) {
+    directorySyncs.delete(dir);
+    return;
+  }
+  const running = state.next.finally(() => advance(dir));
+  directorySyncs.set(dir, { running });
+}
+
+async function fsyncDirectory(dir: string): Promise<void> {
   let handle: FileHandle | undefined;
   try {
     handle = await open(dir, 'r');

@@ -1,6 +1,6 @@
 // The micro-VM runtime on real QEMU (TCG unless a KVM probe boot succeeds): boot the counter image, exec over the
 // guest control channel, snapshot, restore with the in-RAM counter continuing, and fork: two VMs restored from
-// one snapshot, copy-on-write, each counting on from the snapshot's value while the snapshot stays untouched.
+// one snapshot, each with its own copy of its memory, counting on from the snapshot's value while the snapshot stays untouched.
 import assert from 'node:assert/strict';
 import { mkdir, mkdtemp, readFile, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -46,7 +46,7 @@ async function get(ns: string, path: string): Promise<string> {
 }
 
 describe('micro-VM runtime (QEMU)', { skip, timeout: 300_000 }, () => {
-  it('boots, execs, snapshots, restores with memory intact, and forks copy-on-write', async (t) => {
+  it('boots, execs, snapshots, restores with memory intact, and forks', async (t) => {
     const paths = found.paths!;
     const root = await mkdtemp(join(tmpdir(), 'torpor-microvm-'));
     const namespaces = ['torpor-mvt-a', 'torpor-mvt-b', 'torpor-mvt-c'];
@@ -133,7 +133,7 @@ describe('micro-VM runtime (QEMU)', { skip, timeout: 300_000 }, () => {
     const clock = await runtime.exec(restoredB.sandbox, ['/bin/busybox', 'date', '+%s'], 10_000);
     assert.ok(Math.abs(Number(clock.stdout) - Date.now() / 1000) < 5, `guest clock resynced: ${clock.stdout}`);
 
-    // Fork: a second VM from the same snapshot, at the same time, with its own copy-on-write memory.
+    // Fork: a second VM from the same snapshot, at the same time, with its own copy of the memory.
     const c = await spec('vm-c', 'torpor-mvt-c', 'default/c');
     await (await runtime.restore(c, snap, cp.files)).settled;
     assert.equal(await get('torpor-mvt-c', '/'), '3');
@@ -141,15 +141,21 @@ describe('micro-VM runtime (QEMU)', { skip, timeout: 300_000 }, () => {
     assert.equal(await get('torpor-mvt-b', '/'), '4');
     assert.equal(await sha256File(join(snap, 'memory')), memorySha, 'restores never write the snapshot');
 
-    // A restored VM (private memory) checkpoints with its RAM in the stream, and restores from that.
+    // A restored VM owns a copy of the snapshot's memory: it checkpoints with a memory file of its own again
+    // (the snapshot's stays untouched), and restores from that.
     const snap2 = join(root, 'snap2');
     const cp2 = await runtime.checkpoint(restoredB.sandbox, snap2);
-    assert.deepEqual(cp2.files, ['state', 'vm.json']);
+    assert.deepEqual(cp2.files, ['memory', 'state', 'vm.json']);
+    assert.equal(
+      await sha256File(join(snap, 'memory')),
+      memorySha,
+      'a checkpoint of a restored VM leaves its snapshot',
+    );
     const again = await runtime.restore(await spec('vm-b2', 'torpor-mvt-b', 'default/b'), snap2, cp2.files);
     await again.settled;
     assert.equal(await get('torpor-mvt-b', '/'), '5');
     const cp3 = await runtime.checkpoint(again.sandbox, join(root, 'snap3'));
-    assert.deepEqual(cp3.files, ['memory', 'state', 'vm.json'], 'RAM from a stream lands in a shared file again');
+    assert.deepEqual(cp3.files, ['memory', 'state', 'vm.json']);
 
     // A VMM that dies is noticed.
     const pid = Number(await readFile(join(root, 'state', 'vm-c', 'pid'), 'utf8'));

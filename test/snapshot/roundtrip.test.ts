@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
-import { readFile, stat } from 'node:fs/promises';
+import { cp, readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, it } from 'node:test';
 import { zstdDecompressSync } from 'node:zlib';
@@ -136,6 +136,35 @@ describe('writeSnapshot + restoreSnapshot', () => {
       after.map((hash, i) => hash !== before[i]),
       before.map((_, i) => i === 2),
     );
+    const out = join(s.root, 'out');
+    await restoreSnapshot({ blob: s.blob, key: 'snapshots/b.json', dir: out });
+    await assertSameFiles(s.src, out, files);
+  });
+
+  it('takes the previous hash for a chunk byte-equal to a local copy of the previous snapshot, hashes the rest', async () => {
+    const first = await writeSnapshot(snapshotOpts(s, files, 'snapshots/a.json', { deltaLevel: 0 }));
+    const kept = join(s.root, 'kept');
+    await cp(s.src, kept, { recursive: true });
+    await scribble(join(s.src, 'odd.bin'), 2 * CHUNK + 5, 100);
+    // The kept copy differs from the live file where the live one did not change: only equal bytes count.
+    await scribble(join(kept, 'odd.bin'), 4 * CHUNK + 1, 10);
+    const looked: string[] = [];
+    const blob = new ObservedBlobStore(s.blob);
+    blob.has = (key: string) => {
+      looked.push(key);
+      return s.blob.has(key);
+    };
+    const second = await writeSnapshot(
+      snapshotOpts(s, files, 'snapshots/b.json', { blob, previous: first.manifest, previousDir: kept, deltaLevel: 0 }),
+    );
+    for (const name of files) {
+      const chunks = second.manifest.files.find((file) => file.name === name)!.chunks;
+      assert.deepEqual(chunks, await referenceChunks(join(s.src, name), CHUNK), name);
+    }
+    // Looked up: odd.bin's changed chunk 2 and chunk 4 (unequal to the kept copy); nothing else.
+    const odd = second.manifest.files.find((file) => file.name === 'odd.bin')!.chunks;
+    assert.deepEqual(looked.sort(), [chunkKey(odd[2]!), chunkKey(odd[4]!)].sort());
+    assert.equal(second.stats.uploadedChunks, 1);
     const out = join(s.root, 'out');
     await restoreSnapshot({ blob: s.blob, key: 'snapshots/b.json', dir: out });
     await assertSameFiles(s.src, out, files);

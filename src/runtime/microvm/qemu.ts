@@ -1,8 +1,8 @@
 // QEMU driver: the `microvm` machine (no PCI, no firmware tables beyond what a virtio-mmio guest needs), driven
 // over QMP. Snapshots are QEMU migrations into a file (`exec:cat`): with guest RAM in a shared file and the
 // `x-ignore-shared` capability, the stream holds only device state (a few hundred KiB) and the RAM file is the
-// snapshot's memory; a restore maps that file privately, i.e. copy-on-write, so restoring is cheap and several
-// VMs (forks) can share one snapshot. QEMU 7.2 (Debian 12) has no `file:` migration URI, hence `exec:cat`.
+// snapshot's memory. A restore maps the RAM file it is given (the runtime gives it a private copy of the
+// snapshot's, so the snapshot is never written and several VMs (forks) can start from it). QEMU 7.2 (Debian 12) has no `file:` migration URI, hence `exec:cat`.
 import { type ChildProcess, spawn } from 'node:child_process';
 import { closeSync, existsSync, mkdirSync, openSync, rmSync, symlinkSync } from 'node:fs';
 import { join } from 'node:path';

@@ -90,9 +90,15 @@ async function moveFile(from: string, to: string): Promise<void> {
     await rename(from, to);
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code !== 'EXDEV') throw err;
-    await runProgram('cp', ['--sparse=always', from, to], { label: 'cp guest memory', timeoutMs: 120_000 });
+    await copySparse(from, to);
     await rm(from, { force: true });
   }
+}
+
+/** Copies data extents only (holes stay holes). Not --sparse=always: scanning every data block for zeros took
+ * twice as long (512 MiB file, 90 MiB of data: ~110 vs ~50 ms), and only pages the guest itself zeroed differ. */
+async function copySparse(from: string, to: string): Promise<void> {
+  await runProgram('cp', ['--sparse=auto', from, to], { label: 'cp guest memory', timeoutMs: 120_000 });
 }
 
 export class MicrovmRuntime implements SandboxRuntime {
@@ -279,16 +285,23 @@ export class MicrovmRuntime implements SandboxRuntime {
       );
     }
     await writeFile(join(this.runDir(spec.id), VM_RECORD), JSON.stringify(model));
-    // The snapshot's memory file is mapped copy-on-write (never modified: forks and kept copies share it); a
-    // snapshot without one carried guest RAM in its stream, which then lands in a fresh shared file.
-    const memory =
-      listed.includes(MEMORY_FILE) || !this.opts.driver.ramInFile
-        ? { path: join(dir, MEMORY_FILE), shared: false }
-        : { path: this.ramFile(spec.id), shared: true };
-    const config = this.vmConfig(spec, disk.path, memory, model);
     // Not "prepare": that is the agent's phase (the worker's network), which these phases are merged into.
     phases.disk = elapsedMs(t0);
     t0 = performance.now();
+    // Guest RAM lives in a shared file the VM owns, so its next snapshot is again a memory file next to a small
+    // device-state stream (cheap to write, and chunk-aligned: unchanged pages dedup against this snapshot). The
+    // snapshot's own memory file is never modified (forks and kept copies share it): it is copied (sparse: a
+    // guest's untouched RAM is holes) into the VM's file. A snapshot without one carried RAM in its stream, which
+    // lands in the fresh file. A VMM without RAM files maps the snapshot's memory copy-on-write.
+    const memory = this.opts.driver.ramInFile
+      ? { path: this.ramFile(spec.id), shared: true }
+      : { path: join(dir, MEMORY_FILE), shared: false };
+    if (memory.shared && listed.includes(MEMORY_FILE)) {
+      await copySparse(join(dir, MEMORY_FILE), memory.path);
+      phases.memory = elapsedMs(t0);
+      t0 = performance.now();
+    }
+    const config = this.vmConfig(spec, disk.path, memory, model);
     let control: GuestControl | undefined;
     const connectControl = async (started: Vm) => {
       control = await GuestControl.connect(started.controlSocket, CONTROL_TIMEOUT_MS, () => started.running());
