@@ -27,7 +27,8 @@ import { elapsedMs, ProgressCounter, type ProgressListener, positiveInteger, rou
 
 export const DEFAULT_CHUNK_SIZE = 1024 * 1024;
 export const DEFAULT_CONCURRENCY = 8;
-const YIELD_EVERY_CHUNKS = 16;
+/** Synchronous reads block the event loop (in `torpor up`, the router's too): at most 4 MiB between yields. */
+const YIELD_EVERY_CHUNKS = 4;
 
 export interface SnapshotMeta {
   runtime: RuntimeClass;
