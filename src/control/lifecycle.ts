@@ -72,6 +72,11 @@ export interface LifecycleOptions {
 }
 
 const now = (): string => new Date().toISOString();
+/** An actor reference whose names are valid (INVALID_ARGUMENT otherwise), before any lock is taken. */
+const validRef = (space: string, name: string): ActorRef => ({
+  space: parse(dnsLabel, space, 'space'),
+  name: parse(dnsLabel, name, 'name'),
+});
 const actorKey = (ref: ActorRef): string => `${ref.space}/${ref.name}`;
 const spanAttributes = (ref: ActorRef) => ({ 'torpor.space': ref.space, 'torpor.actor': ref.name });
 const sameActor = (a: ActorRef | undefined, b: ActorRef): boolean => a?.space === b.space && a.name === b.name;
@@ -116,6 +121,8 @@ export class Lifecycle {
   /** Workers being freed (sandbox teardown in progress). */
   private readonly releasing = new Set<Promise<void>>();
   private readonly claimWaitMs: number;
+  /** Templates whose golden snapshot is taken: nothing changes them any more (see templateOf). */
+  private readonly settledTemplates = new Map<string, Template>();
 
   constructor(opts: LifecycleOptions) {
     this.o = opts;
@@ -165,6 +172,16 @@ export class Lifecycle {
     const t = await this.o.store.getTemplate(parse(dnsLabel, name, 'name'));
     if (!t) throw notFound('template', name);
     return t;
+  }
+
+  /** A transition's template. A template is immutable once its golden snapshot is recorded (its spec never
+   * changes, and templates are never deleted), so from then on it is read once per process, not per transition. */
+  private async templateOf(name: string): Promise<Template> {
+    const cached = this.settledTemplates.get(name);
+    if (cached) return cached;
+    const template = await this.getTemplate(name);
+    if (template.goldenSnapshot) this.settledTemplates.set(name, template);
+    return template;
   }
 
   listTemplates(query: unknown): Promise<Page<Template>> {
@@ -295,8 +312,7 @@ export class Lifecycle {
   // ---------------------------------------------------------------- resume
 
   async resume(space: string, name: string, input: { worker?: string } = {}): Promise<Actor> {
-    const ref = { space, name };
-    await this.getActor(space, name);
+    const ref = validRef(space, name); // a missing actor is NOT_FOUND once locked
     return withSpan('actor.resume', spanAttributes(ref), () =>
       this.operate(ref, () => this.resumeLocked(ref, input.worker)),
     );
@@ -306,7 +322,7 @@ export class Lifecycle {
     let actor = await this.getActor(ref.space, ref.name);
     if (actor.status === 'RUNNING') return actor;
     this.assertSettled(actor);
-    const template = await this.getTemplate(actor.template);
+    const template = await this.templateOf(actor.template);
     const from = actor.status;
     const origin = actor.node;
     const op = this.startOperation('resume');
@@ -389,8 +405,7 @@ export class Lifecycle {
   /** `opts.onlyIf` is checked under the actor's lock, just before the suspend starts: the idle policy uses it so
    * that a request arriving between its decision and the suspend keeps the actor running. */
   async suspend(space: string, name: string, opts: { onlyIf?: (actor: Actor) => boolean } = {}): Promise<Actor> {
-    const ref = { space, name };
-    await this.getActor(space, name);
+    const ref = validRef(space, name); // a missing actor is NOT_FOUND once locked
     return withSpan('actor.suspend', spanAttributes(ref), () =>
       this.operate(ref, () => this.suspendLocked(ref, opts.onlyIf)),
     );
@@ -404,7 +419,7 @@ export class Lifecycle {
     }
     if (actor.status === 'PAUSED') return this.suspendPaused(actor);
     this.assertRunning(actor);
-    const template = await this.getTemplate(actor.template);
+    const template = await this.templateOf(actor.template);
     const op = this.startOperation('suspend');
     const t0 = performance.now();
     const worker = actor.worker!;
