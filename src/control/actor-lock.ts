@@ -5,7 +5,7 @@
 // expire; the reconciler then takes it and settles the actor.
 import { TorporError } from '../core/errors.ts';
 import { KeyedMutex } from '../core/keyed-mutex.ts';
-import type { ActorRef } from '../core/types.ts';
+import type { Actor, ActorRef } from '../core/types.ts';
 import type { Fence, StateStore } from '../store/store.ts';
 
 export interface ActorLocksOptions {
@@ -40,13 +40,14 @@ export class ActorLocks {
     return this.fences.get(keyOf(ref));
   }
 
-  /** Runs `fn` holding the actor's lock; waits (bounded) for an operation elsewhere to finish. */
-  run<T>(ref: ActorRef, fn: () => Promise<T>): Promise<T> {
+  /** Runs `fn` holding the actor's lock; waits (bounded) for an operation elsewhere to finish. `fn` is given the
+   * actor as it was once the lock was held (undefined when there is none): the read comes with the lease. */
+  run<T>(ref: ActorRef, fn: (actor: Actor | undefined) => Promise<T>): Promise<T> {
     return this.mutex.run(keyOf(ref), async () => {
       const deadline = Date.now() + this.o.waitMs;
       for (;;) {
-        const token = await this.o.store.acquireLease(leaseOf(ref), this.o.holder, this.o.ttlMs);
-        if (token !== undefined) return this.holding(ref, token, fn);
+        const held = await this.o.store.acquireActorLease(leaseOf(ref), this.o.holder, this.o.ttlMs, ref);
+        if (held !== undefined) return this.holding(ref, held.token, () => fn(held.actor));
         if (Date.now() >= deadline) {
           throw new TorporError(
             'FAILED_PRECONDITION',

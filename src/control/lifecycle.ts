@@ -83,6 +83,11 @@ const sameActor = (a: ActorRef | undefined, b: ActorRef): boolean => a?.space ==
 const leaseExpired = (w: Worker): boolean => Date.parse(w.leaseExpiresAt) < Date.now();
 /** The snapshot id in a manifest key `snapshots/<space>/<name>/<id>/manifest.json`. */
 const snapshotIdOf = (key: string): string => key.split('/').at(-2)!;
+/** The actor an operation's lock found, or NOT_FOUND. */
+function existing(ref: ActorRef, actor: Actor | undefined): Actor {
+  if (!actor) throw notFound('actor', `${ref.space}/${ref.name}`);
+  return actor;
+}
 /** Compaction waits for this long without any lifecycle operation. */
 const COMPACTION_IDLE_MS = 500;
 
@@ -314,12 +319,13 @@ export class Lifecycle {
   async resume(space: string, name: string, input: { worker?: string } = {}): Promise<Actor> {
     const ref = validRef(space, name); // a missing actor is NOT_FOUND once locked
     return withSpan('actor.resume', spanAttributes(ref), () =>
-      this.operate(ref, () => this.resumeLocked(ref, input.worker)),
+      this.operate(ref, (current) => this.resumeLocked(ref, input.worker, current)),
     );
   }
 
-  private async resumeLocked(ref: ActorRef, workerId: string | undefined): Promise<Actor> {
-    let actor = await this.getActor(ref.space, ref.name);
+  /** `current`: the actor as the lock found it. */
+  private async resumeLocked(ref: ActorRef, workerId: string | undefined, current: Actor | undefined): Promise<Actor> {
+    let actor = existing(ref, current);
     if (actor.status === 'RUNNING') return actor;
     this.assertSettled(actor);
     const template = await this.templateOf(actor.template);
@@ -407,12 +413,17 @@ export class Lifecycle {
   async suspend(space: string, name: string, opts: { onlyIf?: (actor: Actor) => boolean } = {}): Promise<Actor> {
     const ref = validRef(space, name); // a missing actor is NOT_FOUND once locked
     return withSpan('actor.suspend', spanAttributes(ref), () =>
-      this.operate(ref, () => this.suspendLocked(ref, opts.onlyIf)),
+      this.operate(ref, (current) => this.suspendLocked(ref, current, opts.onlyIf)),
     );
   }
 
-  private async suspendLocked(ref: ActorRef, onlyIf?: (actor: Actor) => boolean): Promise<Actor> {
-    const actor = await this.getActor(ref.space, ref.name);
+  /** `current`: the actor as the lock found it. */
+  private async suspendLocked(
+    ref: ActorRef,
+    current: Actor | undefined,
+    onlyIf?: (actor: Actor) => boolean,
+  ): Promise<Actor> {
+    const actor = existing(ref, current);
     if (actor.status === 'SUSPENDED') return actor;
     if (onlyIf && !onlyIf(actor)) {
       throw new TorporError('FAILED_PRECONDITION', 'actor is no longer idle', { field: 'status' });
@@ -1000,12 +1011,13 @@ export class Lifecycle {
     return [...live];
   }
 
-  /** Runs a lifecycle operation under the actor's lock, counted as activity (see compaction). */
-  private operate<T>(ref: ActorRef, fn: () => Promise<T>): Promise<T> {
-    return this.locks.run(ref, async () => {
+  /** Runs a lifecycle operation under the actor's lock, counted as activity (see compaction); `fn` is given the
+   * actor as the lock found it. */
+  private operate<T>(ref: ActorRef, fn: (actor: Actor | undefined) => Promise<T>): Promise<T> {
+    return this.locks.run(ref, async (actor) => {
       this.activeOperations++;
       try {
-        return await fn();
+        return await fn(actor);
       } finally {
         this.activeOperations--;
         this.lastOperationEnd = Date.now();

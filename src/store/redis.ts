@@ -29,8 +29,9 @@ import type { Actor, ActorRef, Page, Space, Template, Worker, WorkerFilter } fro
 import { decodeActor, encodeActor } from './actor-codec.ts';
 import { ChangeFeed } from './change-feed.ts';
 import { decodeCursor, pageLimit, toPage } from './cursor.ts';
-import { checkFence, checkTtl, leaseLost, leaseSpace } from './fence.ts';
+import { checkFence, checkLeaseOfSpace, checkTtl, leaseLost, leaseSpace } from './fence.ts';
 import {
+  type ActorLease,
   type Change,
   type ChangeKind,
   type Fence,
@@ -88,6 +89,21 @@ local function emit(kind, key, value)
     id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '0-*', 'k', kind, 'key', key)
   end
   redis.call('PUBLISH', ARGV[1], cjson.encode({ARGV[3], id, kind, key, value}))
+end
+-- KEYS[1] a lease, KEYS[2] its slot's token counter; ARGV[1] holder, ARGV[2] ttl ms. The holding's token, or false.
+-- A live lease is a key that has not expired, so an ended holding is simply absent; the counter outlives it, so
+-- the next holding's token is higher.
+local function acquire_lease()
+  local held = redis.call('HMGET', KEYS[1], 'holder', 'token')
+  if held[1] == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    return tonumber(held[2])
+  end
+  if held[1] then return false end
+  local token = redis.call('INCR', KEYS[2])
+  redis.call('HSET', KEYS[1], 'holder', ARGV[1], 'token', token)
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return token
 end
 -- The version an encoded actor starts with, or false when there is none.
 local function actor_version(key)
@@ -250,19 +266,14 @@ const WRITE_SCRIPTS = {
 
 // Scripts outside the change convention: leases (their key expires with the holding) and space creation.
 const PLAIN_SCRIPTS = {
-  // KEYS: lease, the slot's token counter. ARGV: holder, ttl ms. A live lease is a key that has not expired, so
-  // an ended holding is simply absent; the counter outlives it, so the next holding's token is higher.
-  acquireLease: `
-    local held = redis.call('HMGET', KEYS[1], 'holder', 'token')
-    if held[1] == ARGV[1] then
-      redis.call('PEXPIRE', KEYS[1], ARGV[2])
-      return tonumber(held[2])
-    end
-    if held[1] then return false end
-    local token = redis.call('INCR', KEYS[2])
-    redis.call('HSET', KEYS[1], 'holder', ARGV[1], 'token', token)
-    redis.call('PEXPIRE', KEYS[1], ARGV[2])
-    return token`,
+  // KEYS: lease, the slot's token counter. ARGV: holder, ttl ms (see acquire_lease).
+  acquireLease: `return acquire_lease()`,
+  // KEYS: lease, the slot's token counter, the actor (same slot: the lease is named after its space). ARGV: holder,
+  // ttl ms. The token and the encoded actor (false when there is none), or false when another holder has it.
+  acquireActorLease: `
+    local token = acquire_lease()
+    if not token then return false end
+    return {token, redis.call('GET', KEYS[3])}`,
   // KEYS: lease. ARGV: holder.
   releaseLease: `
     if redis.call('HGET', KEYS[1], 'holder') == ARGV[1] then redis.call('DEL', KEYS[1]) end
@@ -686,6 +697,24 @@ export class RedisStore implements StateStore {
     const k = this.#keys;
     const token = await this.#plain('acquireLease', [k.lease(key), k.leaseCounter(key)], [holder, Math.ceil(ttlMs)]);
     return token === null ? undefined : Number(token);
+  }
+
+  async acquireActorLease(
+    key: string,
+    holder: string,
+    ttlMs: number,
+    actor: ActorRef,
+  ): Promise<ActorLease | undefined> {
+    checkTtl(ttlMs);
+    checkLeaseOfSpace(key, actor.space, 'key');
+    const k = this.#keys;
+    const keys = [k.lease(key), k.leaseCounter(key), k.actorPrefix(actor.space) + actor.name];
+    const reply = (await this.#plain('acquireActorLease', keys, [holder, Math.ceil(ttlMs)])) as
+      | [number, string | null]
+      | null;
+    if (reply === null) return undefined;
+    const [token, text] = reply;
+    return { token: Number(token), actor: text === null ? undefined : decodeActor(actor.space, actor.name, text) };
   }
 
   async releaseLease(key: string, holder: string): Promise<void> {
