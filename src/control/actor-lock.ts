@@ -25,6 +25,8 @@ export class ActorLocks {
   private readonly o: ActorLocksOptions;
   private readonly mutex = new KeyedMutex();
   private readonly fences = new Map<string, Fence>();
+  /** The renewal timers of the holdings in flight, by actor. */
+  private readonly renewals = new Map<string, NodeJS.Timeout>();
 
   constructor(opts: ActorLocksOptions) {
     this.o = opts;
@@ -38,6 +40,22 @@ export class ActorLocks {
   /** The fence of the operation this process runs on the actor, if any. */
   fence(ref: ActorRef): Fence | undefined {
     return this.fences.get(keyOf(ref));
+  }
+
+  /** The fence of an operation's last write on the actor: the write ends the lease with it (Fence.release). Once
+   * it succeeded, call `ended`. */
+  lastFence(ref: ActorRef): Fence | undefined {
+    const fence = this.fences.get(keyOf(ref));
+    return fence && { ...fence, release: true };
+  }
+
+  /** The last write (see lastFence) ended the lease: it is neither renewed nor released any more. The in-process
+   * lock is still held until the operation returns. */
+  ended(ref: ActorRef): void {
+    const key = keyOf(ref);
+    clearInterval(this.renewals.get(key));
+    this.renewals.delete(key);
+    this.fences.delete(key);
   }
 
   /** Runs `fn` holding the actor's lock; waits (bounded) for an operation elsewhere to finish. `fn` is given the
@@ -81,12 +99,14 @@ export class ActorLocks {
       () => void this.o.store.acquireLease(lease, this.o.holder, this.o.ttlMs).catch(() => undefined),
       Math.max(100, this.o.ttlMs / 3),
     );
+    this.renewals.set(key, renew);
     try {
       return await fn();
     } finally {
       clearInterval(renew);
+      const ended = !this.renewals.delete(key); // its last write ended it (see ended)
       this.fences.delete(key);
-      await this.o.store.releaseLease(lease, this.o.holder).catch(() => undefined);
+      if (!ended) await this.o.store.releaseLease(lease, this.o.holder).catch(() => undefined);
     }
   }
 }

@@ -391,7 +391,7 @@ export class Lifecycle {
       Object.assign(op.phases, result.phases);
       op.phases.total = elapsedMs(t0);
       op.finishedAt = now();
-      const running = await this.transition(actor, 'RUNNING', {
+      const running = await this.lastTransition(actor, 'RUNNING', {
         worker: worker.id,
         node: worker.node,
         address: result.address,
@@ -513,7 +513,7 @@ export class Lifecycle {
     void agent.keepLocal(local.dir, key).catch(() => agent.discardLocal(local.dir).catch(() => undefined));
     op.phases.total = elapsedMs(t0);
     op.finishedAt = now();
-    const suspended = await this.transition(actor, 'SUSPENDED', {
+    const suspended = await this.lastTransition(actor, 'SUSPENDED', {
       ...this.withNewSnapshot(actor, key, template),
       pendingSnapshot: undefined,
       worker: undefined,
@@ -1044,13 +1044,27 @@ export class Lifecycle {
   }
 
   /** CAS the actor into `to`; `patch` keys set to undefined are removed. */
-  private async transition(actor: Actor, to: ActorStatus, patch: Partial<Actor>): Promise<Actor> {
+  private async transition(
+    actor: Actor,
+    to: ActorStatus,
+    patch: Partial<Actor>,
+    fence = this.locks.fence(actor),
+  ): Promise<Actor> {
     if (actor.status !== to) assertTransition(actor.status, to);
     const next: Actor = { ...actor, ...patch, status: to };
     if (TRANSITIONAL.has(to)) next.transitionDeadline = new Date(Date.now() + this.transitionTimeoutMs).toISOString();
     else delete next.transitionDeadline;
     for (const k of Object.keys(next) as (keyof Actor)[]) if (next[k] === undefined) delete next[k];
-    return this.o.store.casActor(next, actor.version, this.locks.fence(actor));
+    return this.o.store.casActor(next, actor.version, fence);
+  }
+
+  /** An operation's last write on the actor (nothing after it writes the actor under this lock): it ends the
+   * actor's lease too, saving the release's round-trip. */
+  private async lastTransition(actor: Actor, to: ActorStatus, patch: Partial<Actor>): Promise<Actor> {
+    const fence = this.locks.lastFence(actor);
+    const next = await this.transition(actor, to, patch, fence);
+    if (fence) this.locks.ended(actor);
+    return next;
   }
 
   private async rollback(

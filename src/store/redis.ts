@@ -154,13 +154,15 @@ const WRITE_SCRIPTS = {
     emit('actor', ARGV[6], ARGV[5])
     return 'ok'`,
   // KEYS: stream, actor[, fencing lease]. ARGV: …, expected version, encoded actor (the next version), change
-  // key, fence token. A lost lease is reported before a stale version: re-reading the actor would not cure it.
+  // key, fence token, '1' to end the lease's holding with the write. A lost lease is reported before a stale
+  // version: re-reading the actor would not cure it.
   casActor: `
     local v = actor_version(KEYS[2])
     if not v then return {'not_found'} end
     if KEYS[3] and redis.call('HGET', KEYS[3], 'token') ~= ARGV[7] then return {'lease_lost'} end
     if v ~= ARGV[4] then return {'conflict', v} end
     redis.call('SET', KEYS[2], ARGV[5])
+    if KEYS[3] and ARGV[8] == '1' then redis.call('DEL', KEYS[3]) end
     emit('actor', ARGV[6], ARGV[5])
     return {'ok'}`,
   // KEYS: stream, actor, space's actor index[, fencing lease]. ARGV: …, expected version, name, change key, token.
@@ -558,6 +560,7 @@ export class RedisStore implements StateStore {
       encodeActor(actor),
       actorKey(actor),
       String(fence?.token ?? ''),
+      fence?.release ? '1' : '',
     ])) as [string, string?];
     if (outcome !== 'ok') throw casFailure(outcome, actor, expectedVersion, found, fence);
     return actor;

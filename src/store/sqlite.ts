@@ -187,6 +187,8 @@ export class SqliteStore implements StateStore {
       },
     );
     if (changed === 0) throw this.#casFailure(actor, expectedVersion, fence);
+    if (fence?.release)
+      this.#run('UPDATE leases SET expires_at = 0 WHERE key = ? AND token = ?', [fence.lease, fence.token]);
     this.#publish('actor', actorKey(actor), actor);
     return actor;
   }

@@ -20,6 +20,9 @@ export interface Change {
 export interface Fence {
   lease: string;
   token: number;
+  /** casActor only: the write also ends this holding (as releaseLease would), when it succeeds. An operation's
+   * last write saves the release's round-trip so. */
+  release?: boolean;
 }
 
 /** A lease taken by acquireActorLease: its fencing token, and the actor read once it was held (undefined: none). */

@@ -617,6 +617,24 @@ function fencingTests(test: Register): void {
     assert.equal((await store.casActor(created, 2)).version, 3);
   });
 
+  test('a fenced write with release ends the holding when it succeeds, and only then', async ({ store, clients }) => {
+    const [holder, other] = [clientFor(clients, 0), clientFor(clients, 1)];
+    const created = await store.createActor(actor('default', 'a1'));
+    const token = (await holder.acquireLease(LEASE, 'a', 10_000))!;
+    // A refused write (stale version) leaves the holding as it was.
+    await rejectsWith(holder.casActor(created, 7, { lease: LEASE, token, release: true }), 'CONFLICT');
+    assert.equal(await other.acquireLease(LEASE, 'b', 10_000), undefined, 'still held after a refused write');
+    assert.equal(await holder.acquireLease(LEASE, 'a', 10_000), token);
+    const written = await holder.casActor(created, 1, { lease: LEASE, token, release: true });
+    assert.equal(written.version, 2);
+    assert.deepEqual(await store.getActor('default', 'a1'), written);
+    // Ended: the holding's token fences nothing any more, and another holder takes the lease at once.
+    await rejectsWith(holder.casActor(written, 2, { lease: LEASE, token }), 'LEASE_LOST', 'fence');
+    const next = await other.acquireLease(LEASE, 'b', 10_000);
+    assert.ok(next !== undefined && next > token, `token ${next} after ${token}`);
+    assert.equal(await holder.acquireLease(LEASE, 'a', 10_000), undefined);
+  });
+
   test("a fence must be a lease of the actor's space with a valid token: INVALID_ARGUMENT", async ({ store }) => {
     const created = await store.createActor(actor('default', 'a1'));
     const global = (await store.acquireLease('reconciler', 'a', 10_000))!;
