@@ -784,8 +784,8 @@ export class RedisStore implements StateStore {
 interface Sequenced {
   tag: string;
   seq: number;
-  /** The change as published; its record is parsed only when someone watches. */
-  change: { kind: string; key: string; value: string | undefined };
+  /** The change as published; read only when someone watches (a message is parsed then). */
+  change: () => { kind: string; key: string; value: string | undefined };
 }
 
 /** Feeds a ChangeFeed from the change channel, filling gaps from the streams (see the top of this file). All
@@ -896,7 +896,7 @@ class ChangeFollower {
         this.#last.set(tag, items[items.length - 1]!.seq);
         return false;
       }
-      if (this.#watched()) this.#feed!.publish(toChange(item.change));
+      if (this.#watched()) this.#feed!.publish(toChange(item.change()));
       this.#last.set(tag, item.seq);
       expected++;
     }
@@ -925,7 +925,8 @@ class ChangeFollower {
     return entries.map(([id, fields]) => {
       const f = new Map<string, string>();
       for (let i = 0; i < fields.length; i += 2) f.set(fields[i]!, fields[i + 1]!);
-      return { tag, seq: sequence(id), change: { kind: f.get('k')!, key: f.get('key')!, value: f.get('v') } };
+      const change = { kind: f.get('k')!, key: f.get('key')!, value: f.get('v') };
+      return { tag, seq: sequence(id), change: () => change };
     });
   }
 }
@@ -933,11 +934,25 @@ class ChangeFollower {
 type StreamEntry = [string, string[]];
 
 function parseMessage(message: string): Sequenced {
-  const [tag, id, kind, key, value] = JSON.parse(message) as [string, string, string, string, string?];
-  return { tag, seq: sequence(id), change: { kind, key, value } };
+  // `["<tag>","0-<n>",…]` (cjson.encode in emit): the tag and the sequence number are read without parsing the
+  // record, which only a watcher needs. Tags and stream ids have no characters JSON escapes.
+  const tagEnd = message.indexOf('"', 2);
+  const idEnd = message.indexOf('"', tagEnd + 3);
+  if (!message.startsWith('["') || message.slice(tagEnd, tagEnd + 3) !== '","' || idEnd < 0) {
+    const [tag, id, kind, key, value] = JSON.parse(message) as [string, string, string, string, string?];
+    return { tag, seq: sequence(id), change: () => ({ kind, key, value }) };
+  }
+  return {
+    tag: message.slice(2, tagEnd),
+    seq: sequence(message.slice(tagEnd + 3, idEnd)),
+    change: () => {
+      const [, , kind, key, value] = JSON.parse(message) as [string, string, string, string, string?];
+      return { kind, key, value };
+    },
+  };
 }
 
-function toChange({ kind, key, value }: Sequenced['change']): Change {
+function toChange({ kind, key, value }: ReturnType<Sequenced['change']>): Change {
   if (value === undefined) return { kind: kind as ChangeKind, key, value: undefined };
   if (kind !== 'actor') return { kind: kind as ChangeKind, key, value: JSON.parse(value) };
   const slash = key.indexOf('/'); // an actor's change key is `<space>/<name>`; a space has no slash
