@@ -123,6 +123,8 @@ export class Lifecycle {
   private readonly snapshotGc: SnapshotGc;
   private activeOperations = 0;
   private lastOperationEnd = 0;
+  /** Snapshot write records being ended after their suspend (see endWriteLater). */
+  private readonly endingWrites = new Set<Promise<void>>();
   /** Workers being freed (sandbox teardown in progress). */
   private readonly releasing = new Set<Promise<void>>();
   private readonly claimWaitMs: number;
@@ -412,15 +414,26 @@ export class Lifecycle {
    * that a request arriving between its decision and the suspend keeps the actor running. */
   async suspend(space: string, name: string, opts: { onlyIf?: (actor: Actor) => boolean } = {}): Promise<Actor> {
     const ref = validRef(space, name); // a missing actor is NOT_FOUND once locked
-    return withSpan('actor.suspend', spanAttributes(ref), () =>
-      this.operate(ref, (current) => this.suspendLocked(ref, current, opts.onlyIf)),
-    );
+    return withSpan('actor.suspend', spanAttributes(ref), async () => {
+      // The snapshot's write is recorded while the lock is taken (it needs nothing the lock guards), and ended
+      // off the suspend's path (it only holds garbage collection back).
+      const key = this.snapshotKey(ref);
+      const writing = this.snapshotGc.beginWrite(key);
+      writing.catch(() => undefined); // awaited under the lock, if the suspend gets that far
+      try {
+        return await this.operate(ref, (current) => this.suspendLocked(ref, current, key, writing, opts.onlyIf));
+      } finally {
+        this.endWriteLater(writing);
+      }
+    });
   }
 
-  /** `current`: the actor as the lock found it. */
+  /** `current`: the actor as the lock found it; `writing`: the record of the write of snapshot `key`. */
   private async suspendLocked(
     ref: ActorRef,
     current: Actor | undefined,
+    key: string,
+    writing: Promise<SnapshotWrite>,
     onlyIf?: (actor: Actor) => boolean,
   ): Promise<Actor> {
     const actor = existing(ref, current);
@@ -436,14 +449,20 @@ export class Lifecycle {
     const worker = actor.worker!;
     const node = actor.node!;
     const agent = await this.agentOf(node);
-    const key = this.snapshotKey(ref);
     // Recorded before the actor changes: a wait for a garbage collection that times out leaves it RUNNING.
-    const write = await this.snapshotGc.beginWrite(key);
-    try {
-      return await this.suspendWriting(actor, { op, t0, worker, node, agent, key, template, write });
-    } finally {
-      await write.end();
-    }
+    const write = await writing;
+    return this.suspendWriting(actor, { op, t0, worker, node, agent, key, template, write });
+  }
+
+  /** Ends a snapshot write's record once its suspend is over, without the suspend waiting; shutdown waits. */
+  private endWriteLater(writing: Promise<SnapshotWrite>): void {
+    const ending: Promise<void> = writing
+      .then(
+        (write) => write.end(),
+        () => undefined,
+      )
+      .finally(() => this.endingWrites.delete(ending));
+    this.endingWrites.add(ending);
   }
 
   private async suspendWriting(
@@ -680,7 +699,7 @@ export class Lifecycle {
         this.o.log.warn({ err, actor: actorKey(actor) }, 'suspend on shutdown failed'),
       );
     }
-    await Promise.allSettled([...this.pendingUploads.values(), ...this.goldenBuilds.values()]);
+    await Promise.allSettled([...this.pendingUploads.values(), ...this.goldenBuilds.values(), ...this.endingWrites]);
     await this.maintaining;
   }
 
