@@ -43,17 +43,19 @@ export class ActorLocks {
   }
 
   /** The fence of an operation's last write on the actor: the write ends the lease with it (Fence.release). Once
-   * it succeeded, call `ended`. */
+   * it succeeded, call `ended`. The lease is no longer renewed from now on: a renewal landing after that write
+   * would take the lease anew, for nobody. */
   lastFence(ref: ActorRef): Fence | undefined {
-    const fence = this.fences.get(keyOf(ref));
+    const key = keyOf(ref);
+    clearInterval(this.renewals.get(key));
+    const fence = this.fences.get(key);
     return fence && { ...fence, release: true };
   }
 
-  /** The last write (see lastFence) ended the lease: it is neither renewed nor released any more. The in-process
-   * lock is still held until the operation returns. */
+  /** The last write (see lastFence) ended the lease: it is not released again. The in-process lock is still held
+   * until the operation returns. */
   ended(ref: ActorRef): void {
     const key = keyOf(ref);
-    clearInterval(this.renewals.get(key));
     this.renewals.delete(key);
     this.fences.delete(key);
   }
