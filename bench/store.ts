@@ -157,6 +157,8 @@ async function lifecycleSection(raw: Redis, url: string, dir: string) {
   const rates = new Map<string, number[]>();
   const latencies = new Map<string, number[]>();
   const calls = new Map<string, number>();
+  /** Store calls per transition by method, summed over the rounds. */
+  const callsByMethod = new Map<string, Map<string, number>>();
   /** CPU milliseconds per transition, of this process (the control plane) and of redis-server. */
   const cpuMs = new Map<string, number[]>();
   const add = <T>(m: Map<string, T[]>, k: string, xs: T[]) => m.set(k, [...(m.get(k) ?? []), ...xs]);
@@ -170,6 +172,7 @@ async function lifecycleSection(raw: Redis, url: string, dir: string) {
     }
     for (const [name, plane] of Object.entries(planes)) {
       const before = sumCalls(plane.cp.calls);
+      const methodsBefore = new Map(plane.cp.calls);
       const [cpuBefore, redisCpuBefore] = [process.cpuUsage(), await redisCpuMs(raw)];
       const run = await cycle(plane.cp, 'bench', actorNames, warmup ? 2 * CONCURRENCY : plane.transitions);
       if (warmup) continue;
@@ -180,6 +183,12 @@ async function lifecycleSection(raw: Redis, url: string, dir: string) {
       add(rates, name, [Math.round(run.transitions / run.seconds)]);
       add(latencies, name, run.latencies);
       calls.set(name, (calls.get(name) ?? 0) + (sumCalls(plane.cp.calls) - before) / run.transitions);
+      const byMethod = callsByMethod.get(name) ?? new Map<string, number>();
+      for (const [method, n] of plane.cp.calls) {
+        const delta = (n - (methodsBefore.get(method) ?? 0)) / run.transitions;
+        if (delta > 0) byMethod.set(method, (byMethod.get(method) ?? 0) + delta);
+      }
+      callsByMethod.set(name, byMethod);
     }
   }
   for (const { cp } of Object.values(planes)) await cp.close();
@@ -204,6 +213,9 @@ async function lifecycleSection(raw: Redis, url: string, dir: string) {
     },
     latency_ms: { ...each(latency), redis_floor_get: latency('redis_floor.get') },
     store_calls_per_transition: each((n) => round2(calls.get(n)! / ROUNDS)),
+    store_calls_per_transition_by_method: each((n) =>
+      Object.fromEntries([...callsByMethod.get(n)!].map(([method, sum]) => [method, round2(sum / ROUNDS)])),
+    ),
     // What the machine's load cannot skew: one core of the control plane sustains 1000 / control_plane of them.
     cpu_ms_per_transition: Object.fromEntries([...cpuMs].map(([k, xs]) => [k, round3(stats(xs).median)])),
     ratios: {

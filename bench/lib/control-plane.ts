@@ -2,9 +2,8 @@
 // rollback bookkeeping) on a real StateStore, with the node side answered at once by an in-process agent that
 // does nothing. That stub is what makes this a measurement of the control plane: a real activation restores a
 // sandbox (hundreds of milliseconds, bench/lifecycle.ts measures it), which would hide the store entirely.
-import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+// The blob store is in memory for the same reason: the stub "uploads" a manifest there, and the one question the
+// control plane asks of it per suspend (does the manifest exist: the commit marker) is answered at once.
 import { Readable } from 'node:stream';
 import { pino } from 'pino';
 import type {
@@ -16,7 +15,7 @@ import type {
   TransferEvent,
   UploadRequest,
 } from '../../src/agent/client.ts';
-import { FsBlobStore } from '../../src/blob/fs.ts';
+import type { BlobList, BlobStore } from '../../src/blob/blob.ts';
 import { Lifecycle } from '../../src/control/lifecycle.ts';
 import { Metrics } from '../../src/control/metrics.ts';
 import type { SnapshotManifest } from '../../src/core/types.ts';
@@ -37,11 +36,41 @@ const UPLOAD_STATS = {
   deltaFiles: 2,
 };
 
-/** An agent that answers every request at once and runs nothing. */
+/** Objects in a Map: what a suspend's commit check reads (`has` of its manifest) and what the stub writes. */
+class MemoryBlobStore implements BlobStore {
+  readonly objects = new Map<string, Uint8Array>();
+  async put(key: string, body: Uint8Array | Readable): Promise<void> {
+    if (!(body instanceof Uint8Array)) throw new Error('the bench stores bytes only');
+    this.objects.set(key, body);
+  }
+  async get(key: string): Promise<Readable> {
+    return Readable.from([await this.getBytes(key)]);
+  }
+  async getBytes(key: string): Promise<Uint8Array> {
+    const body = this.objects.get(key);
+    if (!body) throw new Error(`no object ${key}`);
+    return body;
+  }
+  async has(key: string): Promise<boolean> {
+    return this.objects.has(key);
+  }
+  async list(prefix: string): Promise<BlobList> {
+    return { keys: [...this.objects.keys()].filter((k) => k.startsWith(prefix)).sort() };
+  }
+  async delete(key: string): Promise<void> {
+    this.objects.delete(key);
+  }
+}
+
+const MANIFEST_BYTES = new TextEncoder().encode('{}');
+
+/** An agent that answers every request at once and runs nothing; an upload puts a placeholder manifest. */
 class InstantAgent implements AgentClient {
   readonly node: string;
-  constructor(node: string) {
+  readonly #blob: BlobStore;
+  constructor(node: string, blob: BlobStore) {
     this.node = node;
+    this.#blob = blob;
   }
   async watchTransfers(_listener: (event: TransferEvent) => void): Promise<() => void> {
     return () => {};
@@ -53,6 +82,7 @@ class InstantAgent implements AgentClient {
     return { dir: `/var/lib/torpor/checkpoints/${target.id}`, files: ['checkpoint.img'], phases: CHECKPOINT_PHASES };
   }
   async upload(req: UploadRequest): Promise<CheckpointResult> {
+    await this.#blob.put(req.manifestKey, MANIFEST_BYTES);
     const manifest = { key: req.manifestKey } as unknown as SnapshotManifest;
     return { manifest, stats: UPLOAD_STATS, phases: UPLOAD_PHASES };
   }
@@ -97,21 +127,20 @@ export async function controlPlane(store: StateStore, nodes: number, workersPerN
       };
     },
   });
+  const blob = new MemoryBlobStore();
   const agents = new Map<string, AgentClient>();
   for (let n = 0; n < nodes; n++) {
     const node = `node-${n}`;
-    agents.set(node, new InstantAgent(node));
+    agents.set(node, new InstantAgent(node, blob));
     for (let w = 0; w < workersPerNode; w++) {
       await store.putWorker(
         worker(`${node}-w${w}`, { node, leaseExpiresAt: new Date(Date.now() + 3_600_000).toISOString() }),
       );
     }
   }
-  // The blob store is only asked whether a manifest exists when an upload fails, which the stub never does.
-  const blobDir = await mkdtemp(join(tmpdir(), 'torpor-bench-cp-'));
   const lifecycle = new Lifecycle({
     store: counted,
-    blob: new FsBlobStore(blobDir),
+    blob,
     images: {} as ImageStore, // templates go straight into the store: no image is ever resolved
     agents: { agent: async (node) => agents.get(node), agents: async () => [...agents.values()] },
     metrics: new Metrics(),
@@ -125,7 +154,6 @@ export async function controlPlane(store: StateStore, nodes: number, workersPerN
     calls,
     close: async () => {
       await lifecycle.suspendAll(); // waits for the background bookkeeping (compaction queue) to drain
-      await rm(blobDir, { recursive: true, force: true });
     },
   };
 }

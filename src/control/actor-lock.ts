@@ -5,7 +5,7 @@
 // expire; the reconciler then takes it and settles the actor.
 import { TorporError } from '../core/errors.ts';
 import { KeyedMutex } from '../core/keyed-mutex.ts';
-import type { ActorRef } from '../core/types.ts';
+import type { Actor, ActorRef } from '../core/types.ts';
 import type { Fence, StateStore } from '../store/store.ts';
 
 export interface ActorLocksOptions {
@@ -25,6 +25,8 @@ export class ActorLocks {
   private readonly o: ActorLocksOptions;
   private readonly mutex = new KeyedMutex();
   private readonly fences = new Map<string, Fence>();
+  /** The renewal timers of the holdings in flight, by actor. */
+  private readonly renewals = new Map<string, NodeJS.Timeout>();
 
   constructor(opts: ActorLocksOptions) {
     this.o = opts;
@@ -40,13 +42,32 @@ export class ActorLocks {
     return this.fences.get(keyOf(ref));
   }
 
-  /** Runs `fn` holding the actor's lock; waits (bounded) for an operation elsewhere to finish. */
-  run<T>(ref: ActorRef, fn: () => Promise<T>): Promise<T> {
+  /** The fence of an operation's last write on the actor: the write ends the lease with it (Fence.release). Once
+   * it succeeded, call `ended`. The lease is no longer renewed from now on: a renewal landing after that write
+   * would take the lease anew, for nobody. */
+  lastFence(ref: ActorRef): Fence | undefined {
+    const key = keyOf(ref);
+    clearInterval(this.renewals.get(key));
+    const fence = this.fences.get(key);
+    return fence && { ...fence, release: true };
+  }
+
+  /** The last write (see lastFence) ended the lease: it is not released again. The in-process lock is still held
+   * until the operation returns. */
+  ended(ref: ActorRef): void {
+    const key = keyOf(ref);
+    this.renewals.delete(key);
+    this.fences.delete(key);
+  }
+
+  /** Runs `fn` holding the actor's lock; waits (bounded) for an operation elsewhere to finish. `fn` is given the
+   * actor as it was once the lock was held (undefined when there is none): the read comes with the lease. */
+  run<T>(ref: ActorRef, fn: (actor: Actor | undefined) => Promise<T>): Promise<T> {
     return this.mutex.run(keyOf(ref), async () => {
       const deadline = Date.now() + this.o.waitMs;
       for (;;) {
-        const token = await this.o.store.acquireLease(leaseOf(ref), this.o.holder, this.o.ttlMs);
-        if (token !== undefined) return this.holding(ref, token, fn);
+        const held = await this.o.store.acquireActorLease(leaseOf(ref), this.o.holder, this.o.ttlMs, ref);
+        if (held !== undefined) return this.holding(ref, held.token, () => fn(held.actor));
         if (Date.now() >= deadline) {
           throw new TorporError(
             'FAILED_PRECONDITION',
@@ -80,12 +101,14 @@ export class ActorLocks {
       () => void this.o.store.acquireLease(lease, this.o.holder, this.o.ttlMs).catch(() => undefined),
       Math.max(100, this.o.ttlMs / 3),
     );
+    this.renewals.set(key, renew);
     try {
       return await fn();
     } finally {
       clearInterval(renew);
+      const ended = !this.renewals.delete(key); // its last write ended it (see ended)
       this.fences.delete(key);
-      await this.o.store.releaseLease(lease, this.o.holder).catch(() => undefined);
+      if (!ended) await this.o.store.releaseLease(lease, this.o.holder).catch(() => undefined);
     }
   }
 }

@@ -72,12 +72,22 @@ export interface LifecycleOptions {
 }
 
 const now = (): string => new Date().toISOString();
+/** An actor reference whose names are valid (INVALID_ARGUMENT otherwise), before any lock is taken. */
+const validRef = (space: string, name: string): ActorRef => ({
+  space: parse(dnsLabel, space, 'space'),
+  name: parse(dnsLabel, name, 'name'),
+});
 const actorKey = (ref: ActorRef): string => `${ref.space}/${ref.name}`;
 const spanAttributes = (ref: ActorRef) => ({ 'torpor.space': ref.space, 'torpor.actor': ref.name });
 const sameActor = (a: ActorRef | undefined, b: ActorRef): boolean => a?.space === b.space && a.name === b.name;
 const leaseExpired = (w: Worker): boolean => Date.parse(w.leaseExpiresAt) < Date.now();
 /** The snapshot id in a manifest key `snapshots/<space>/<name>/<id>/manifest.json`. */
 const snapshotIdOf = (key: string): string => key.split('/').at(-2)!;
+/** The actor an operation's lock found, or NOT_FOUND. */
+function existing(ref: ActorRef, actor: Actor | undefined): Actor {
+  if (!actor) throw notFound('actor', `${ref.space}/${ref.name}`);
+  return actor;
+}
 /** Compaction waits for this long without any lifecycle operation. */
 const COMPACTION_IDLE_MS = 500;
 
@@ -113,9 +123,13 @@ export class Lifecycle {
   private readonly snapshotGc: SnapshotGc;
   private activeOperations = 0;
   private lastOperationEnd = 0;
+  /** Snapshot write records being ended after their suspend (see endWriteLater). */
+  private readonly endingWrites = new Set<Promise<void>>();
   /** Workers being freed (sandbox teardown in progress). */
   private readonly releasing = new Set<Promise<void>>();
   private readonly claimWaitMs: number;
+  /** Templates whose golden snapshot is taken: nothing changes them any more (see templateOf). */
+  private readonly settledTemplates = new Map<string, Template>();
 
   constructor(opts: LifecycleOptions) {
     this.o = opts;
@@ -165,6 +179,16 @@ export class Lifecycle {
     const t = await this.o.store.getTemplate(parse(dnsLabel, name, 'name'));
     if (!t) throw notFound('template', name);
     return t;
+  }
+
+  /** A transition's template. A template is immutable once its golden snapshot is recorded (its spec never
+   * changes, and templates are never deleted), so from then on it is read once per process, not per transition. */
+  private async templateOf(name: string): Promise<Template> {
+    const cached = this.settledTemplates.get(name);
+    if (cached) return cached;
+    const template = await this.getTemplate(name);
+    if (template.goldenSnapshot) this.settledTemplates.set(name, template);
+    return template;
   }
 
   listTemplates(query: unknown): Promise<Page<Template>> {
@@ -295,18 +319,18 @@ export class Lifecycle {
   // ---------------------------------------------------------------- resume
 
   async resume(space: string, name: string, input: { worker?: string } = {}): Promise<Actor> {
-    const ref = { space, name };
-    await this.getActor(space, name);
+    const ref = validRef(space, name); // a missing actor is NOT_FOUND once locked
     return withSpan('actor.resume', spanAttributes(ref), () =>
-      this.operate(ref, () => this.resumeLocked(ref, input.worker)),
+      this.operate(ref, (current) => this.resumeLocked(ref, input.worker, current)),
     );
   }
 
-  private async resumeLocked(ref: ActorRef, workerId: string | undefined): Promise<Actor> {
-    let actor = await this.getActor(ref.space, ref.name);
+  /** `current`: the actor as the lock found it. */
+  private async resumeLocked(ref: ActorRef, workerId: string | undefined, current: Actor | undefined): Promise<Actor> {
+    let actor = existing(ref, current);
     if (actor.status === 'RUNNING') return actor;
     this.assertSettled(actor);
-    const template = await this.getTemplate(actor.template);
+    const template = await this.templateOf(actor.template);
     const from = actor.status;
     const origin = actor.node;
     const op = this.startOperation('resume');
@@ -369,7 +393,7 @@ export class Lifecycle {
       Object.assign(op.phases, result.phases);
       op.phases.total = elapsedMs(t0);
       op.finishedAt = now();
-      const running = await this.transition(actor, 'RUNNING', {
+      const running = await this.lastTransition(actor, 'RUNNING', {
         worker: worker.id,
         node: worker.node,
         address: result.address,
@@ -389,35 +413,56 @@ export class Lifecycle {
   /** `opts.onlyIf` is checked under the actor's lock, just before the suspend starts: the idle policy uses it so
    * that a request arriving between its decision and the suspend keeps the actor running. */
   async suspend(space: string, name: string, opts: { onlyIf?: (actor: Actor) => boolean } = {}): Promise<Actor> {
-    const ref = { space, name };
-    await this.getActor(space, name);
-    return withSpan('actor.suspend', spanAttributes(ref), () =>
-      this.operate(ref, () => this.suspendLocked(ref, opts.onlyIf)),
-    );
+    const ref = validRef(space, name); // a missing actor is NOT_FOUND once locked
+    return withSpan('actor.suspend', spanAttributes(ref), async () => {
+      // The snapshot's write is recorded while the lock is taken (it needs nothing the lock guards), and ended
+      // off the suspend's path (it only holds garbage collection back).
+      const key = this.snapshotKey(ref);
+      const writing = this.snapshotGc.beginWrite(key);
+      writing.catch(() => undefined); // awaited under the lock, if the suspend gets that far
+      try {
+        return await this.operate(ref, (current) => this.suspendLocked(ref, current, key, writing, opts.onlyIf));
+      } finally {
+        this.endWriteLater(writing);
+      }
+    });
   }
 
-  private async suspendLocked(ref: ActorRef, onlyIf?: (actor: Actor) => boolean): Promise<Actor> {
-    const actor = await this.getActor(ref.space, ref.name);
+  /** `current`: the actor as the lock found it; `writing`: the record of the write of snapshot `key`. */
+  private async suspendLocked(
+    ref: ActorRef,
+    current: Actor | undefined,
+    key: string,
+    writing: Promise<SnapshotWrite>,
+    onlyIf?: (actor: Actor) => boolean,
+  ): Promise<Actor> {
+    const actor = existing(ref, current);
     if (actor.status === 'SUSPENDED') return actor;
     if (onlyIf && !onlyIf(actor)) {
       throw new TorporError('FAILED_PRECONDITION', 'actor is no longer idle', { field: 'status' });
     }
     if (actor.status === 'PAUSED') return this.suspendPaused(actor);
     this.assertRunning(actor);
-    const template = await this.getTemplate(actor.template);
+    const template = await this.templateOf(actor.template);
     const op = this.startOperation('suspend');
     const t0 = performance.now();
     const worker = actor.worker!;
     const node = actor.node!;
     const agent = await this.agentOf(node);
-    const key = this.snapshotKey(ref);
     // Recorded before the actor changes: a wait for a garbage collection that times out leaves it RUNNING.
-    const write = await this.snapshotGc.beginWrite(key);
-    try {
-      return await this.suspendWriting(actor, { op, t0, worker, node, agent, key, template, write });
-    } finally {
-      await write.end();
-    }
+    const write = await writing;
+    return this.suspendWriting(actor, { op, t0, worker, node, agent, key, template, write });
+  }
+
+  /** Ends a snapshot write's record once its suspend is over, without the suspend waiting; shutdown waits. */
+  private endWriteLater(writing: Promise<SnapshotWrite>): void {
+    const ending: Promise<void> = writing
+      .then(
+        (write) => write.end(),
+        () => undefined,
+      )
+      .finally(() => this.endingWrites.delete(ending));
+    this.endingWrites.add(ending);
   }
 
   private async suspendWriting(
@@ -487,7 +532,7 @@ export class Lifecycle {
     void agent.keepLocal(local.dir, key).catch(() => agent.discardLocal(local.dir).catch(() => undefined));
     op.phases.total = elapsedMs(t0);
     op.finishedAt = now();
-    const suspended = await this.transition(actor, 'SUSPENDED', {
+    const suspended = await this.lastTransition(actor, 'SUSPENDED', {
       ...this.withNewSnapshot(actor, key, template),
       pendingSnapshot: undefined,
       worker: undefined,
@@ -654,7 +699,7 @@ export class Lifecycle {
         this.o.log.warn({ err, actor: actorKey(actor) }, 'suspend on shutdown failed'),
       );
     }
-    await Promise.allSettled([...this.pendingUploads.values(), ...this.goldenBuilds.values()]);
+    await Promise.allSettled([...this.pendingUploads.values(), ...this.goldenBuilds.values(), ...this.endingWrites]);
     await this.maintaining;
   }
 
@@ -985,12 +1030,13 @@ export class Lifecycle {
     return [...live];
   }
 
-  /** Runs a lifecycle operation under the actor's lock, counted as activity (see compaction). */
-  private operate<T>(ref: ActorRef, fn: () => Promise<T>): Promise<T> {
-    return this.locks.run(ref, async () => {
+  /** Runs a lifecycle operation under the actor's lock, counted as activity (see compaction); `fn` is given the
+   * actor as the lock found it. */
+  private operate<T>(ref: ActorRef, fn: (actor: Actor | undefined) => Promise<T>): Promise<T> {
+    return this.locks.run(ref, async (actor) => {
       this.activeOperations++;
       try {
-        return await fn();
+        return await fn(actor);
       } finally {
         this.activeOperations--;
         this.lastOperationEnd = Date.now();
@@ -1017,13 +1063,27 @@ export class Lifecycle {
   }
 
   /** CAS the actor into `to`; `patch` keys set to undefined are removed. */
-  private async transition(actor: Actor, to: ActorStatus, patch: Partial<Actor>): Promise<Actor> {
+  private async transition(
+    actor: Actor,
+    to: ActorStatus,
+    patch: Partial<Actor>,
+    fence = this.locks.fence(actor),
+  ): Promise<Actor> {
     if (actor.status !== to) assertTransition(actor.status, to);
     const next: Actor = { ...actor, ...patch, status: to };
     if (TRANSITIONAL.has(to)) next.transitionDeadline = new Date(Date.now() + this.transitionTimeoutMs).toISOString();
     else delete next.transitionDeadline;
     for (const k of Object.keys(next) as (keyof Actor)[]) if (next[k] === undefined) delete next[k];
-    return this.o.store.casActor(next, actor.version, this.locks.fence(actor));
+    return this.o.store.casActor(next, actor.version, fence);
+  }
+
+  /** An operation's last write on the actor (nothing after it writes the actor under this lock): it ends the
+   * actor's lease too, saving the release's round-trip. */
+  private async lastTransition(actor: Actor, to: ActorStatus, patch: Partial<Actor>): Promise<Actor> {
+    const fence = this.locks.lastFence(actor);
+    const next = await this.transition(actor, to, patch, fence);
+    if (fence) this.locks.ended(actor);
+    return next;
   }
 
   private async rollback(

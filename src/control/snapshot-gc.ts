@@ -80,7 +80,11 @@ export class SnapshotGc {
    * after waitMs). */
   async beginWrite(key: string): Promise<SnapshotWrite> {
     const deadline = Date.now() + this.waitMs;
-    while (!(await this.o.store.recordSnapshotWrite(key, this.writeTtlMs))) {
+    // When the record was last set, read before the call that set it: its life is never overestimated.
+    let renewedAt: number;
+    for (;;) {
+      renewedAt = Date.now();
+      if (await this.o.store.recordSnapshotWrite(key, this.writeTtlMs)) break;
       if (Date.now() >= deadline) {
         throw new TorporError('TIMEOUT', 'a snapshot garbage collection is still deleting; try again', {
           field: 'snapshot',
@@ -88,7 +92,6 @@ export class SnapshotGc {
       }
       await sleep(this.pollMs);
     }
-    let renewedAt = Date.now();
     let lapsed = false;
     const renew = async () => {
       const before = Date.now();
@@ -100,7 +103,9 @@ export class SnapshotGc {
     timer.unref();
     return {
       whole: async () => {
-        await renew();
+        // A record renewed less than a renewal period ago has as much life left as the timer ever leaves it: it
+        // cannot have lapsed, and renewing it again would only cost a round-trip per suspend.
+        if (Date.now() - renewedAt >= this.writeTtlMs / 4) await renew();
         return lapsed ? snapshotWhole(this.o.blob, key) : this.o.blob.has(key);
       },
       end: async () => {

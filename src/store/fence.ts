@@ -10,13 +10,7 @@ export function leaseSpace(key: string): string | undefined {
 
 /** Checks that `fence` is well formed and names a lease of `space` (see Fence); throws INVALID_ARGUMENT. */
 export function checkFence(fence: Fence, space: string): void {
-  if (typeof fence.lease !== 'string' || leaseSpace(fence.lease) !== space) {
-    throw new TorporError(
-      'INVALID_ARGUMENT',
-      `fence.lease: a lease fencing writes to space "${space}" must be named "${space}/…", got "${fence.lease}"`,
-      { field: 'fence.lease' },
-    );
-  }
+  checkLeaseOfSpace(fence.lease, space, 'fence.lease');
   if (!Number.isSafeInteger(fence.token) || fence.token < 1) {
     throw new TorporError(
       'INVALID_ARGUMENT',
@@ -24,6 +18,17 @@ export function checkFence(fence: Fence, space: string): void {
       {
         field: 'fence.token',
       },
+    );
+  }
+}
+
+/** Checks that `lease` is named `<space>/…` (it fences writes to `space`); throws INVALID_ARGUMENT naming `field`. */
+export function checkLeaseOfSpace(lease: string, space: string, field: string): void {
+  if (typeof lease !== 'string' || leaseSpace(lease) !== space) {
+    throw new TorporError(
+      'INVALID_ARGUMENT',
+      `${field}: a lease fencing writes to space "${space}" must be named "${space}/…", got "${lease}"`,
+      { field },
     );
   }
 }

@@ -29,8 +29,9 @@ import type { Actor, ActorRef, Page, Space, Template, Worker, WorkerFilter } fro
 import { decodeActor, encodeActor } from './actor-codec.ts';
 import { ChangeFeed } from './change-feed.ts';
 import { decodeCursor, pageLimit, toPage } from './cursor.ts';
-import { checkFence, checkTtl, leaseLost, leaseSpace } from './fence.ts';
+import { checkFence, checkLeaseOfSpace, checkTtl, leaseLost, leaseSpace } from './fence.ts';
 import {
+  type ActorLease,
   type Change,
   type ChangeKind,
   type Fence,
@@ -89,6 +90,21 @@ local function emit(kind, key, value)
   end
   redis.call('PUBLISH', ARGV[1], cjson.encode({ARGV[3], id, kind, key, value}))
 end
+-- KEYS[1] a lease, KEYS[2] its slot's token counter; ARGV[1] holder, ARGV[2] ttl ms. The holding's token, or false.
+-- A live lease is a key that has not expired, so an ended holding is simply absent; the counter outlives it, so
+-- the next holding's token is higher.
+local function acquire_lease()
+  local held = redis.call('HMGET', KEYS[1], 'holder', 'token')
+  if held[1] == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    return tonumber(held[2])
+  end
+  if held[1] then return false end
+  local token = redis.call('INCR', KEYS[2])
+  redis.call('HSET', KEYS[1], 'holder', ARGV[1], 'token', token)
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return token
+end
 -- The version an encoded actor starts with, or false when there is none.
 local function actor_version(key)
   local s = redis.call('GET', key)
@@ -138,13 +154,15 @@ const WRITE_SCRIPTS = {
     emit('actor', ARGV[6], ARGV[5])
     return 'ok'`,
   // KEYS: stream, actor[, fencing lease]. ARGV: …, expected version, encoded actor (the next version), change
-  // key, fence token. A lost lease is reported before a stale version: re-reading the actor would not cure it.
+  // key, fence token, '1' to end the lease's holding with the write. A lost lease is reported before a stale
+  // version: re-reading the actor would not cure it.
   casActor: `
     local v = actor_version(KEYS[2])
     if not v then return {'not_found'} end
     if KEYS[3] and redis.call('HGET', KEYS[3], 'token') ~= ARGV[7] then return {'lease_lost'} end
     if v ~= ARGV[4] then return {'conflict', v} end
     redis.call('SET', KEYS[2], ARGV[5])
+    if KEYS[3] and ARGV[8] == '1' then redis.call('DEL', KEYS[3]) end
     emit('actor', ARGV[6], ARGV[5])
     return {'ok'}`,
   // KEYS: stream, actor, space's actor index[, fencing lease]. ARGV: …, expected version, name, change key, token.
@@ -250,19 +268,14 @@ const WRITE_SCRIPTS = {
 
 // Scripts outside the change convention: leases (their key expires with the holding) and space creation.
 const PLAIN_SCRIPTS = {
-  // KEYS: lease, the slot's token counter. ARGV: holder, ttl ms. A live lease is a key that has not expired, so
-  // an ended holding is simply absent; the counter outlives it, so the next holding's token is higher.
-  acquireLease: `
-    local held = redis.call('HMGET', KEYS[1], 'holder', 'token')
-    if held[1] == ARGV[1] then
-      redis.call('PEXPIRE', KEYS[1], ARGV[2])
-      return tonumber(held[2])
-    end
-    if held[1] then return false end
-    local token = redis.call('INCR', KEYS[2])
-    redis.call('HSET', KEYS[1], 'holder', ARGV[1], 'token', token)
-    redis.call('PEXPIRE', KEYS[1], ARGV[2])
-    return token`,
+  // KEYS: lease, the slot's token counter. ARGV: holder, ttl ms (see acquire_lease).
+  acquireLease: `return acquire_lease()`,
+  // KEYS: lease, the slot's token counter, the actor (same slot: the lease is named after its space). ARGV: holder,
+  // ttl ms. The token and the encoded actor (false when there is none), or false when another holder has it.
+  acquireActorLease: `
+    local token = acquire_lease()
+    if not token then return false end
+    return {token, redis.call('GET', KEYS[3])}`,
   // KEYS: lease. ARGV: holder.
   releaseLease: `
     if redis.call('HGET', KEYS[1], 'holder') == ARGV[1] then redis.call('DEL', KEYS[1]) end
@@ -547,6 +560,7 @@ export class RedisStore implements StateStore {
       encodeActor(actor),
       actorKey(actor),
       String(fence?.token ?? ''),
+      fence?.release ? '1' : '',
     ])) as [string, string?];
     if (outcome !== 'ok') throw casFailure(outcome, actor, expectedVersion, found, fence);
     return actor;
@@ -688,6 +702,24 @@ export class RedisStore implements StateStore {
     return token === null ? undefined : Number(token);
   }
 
+  async acquireActorLease(
+    key: string,
+    holder: string,
+    ttlMs: number,
+    actor: ActorRef,
+  ): Promise<ActorLease | undefined> {
+    checkTtl(ttlMs);
+    checkLeaseOfSpace(key, actor.space, 'key');
+    const k = this.#keys;
+    const keys = [k.lease(key), k.leaseCounter(key), k.actorPrefix(actor.space) + actor.name];
+    const reply = (await this.#plain('acquireActorLease', keys, [holder, Math.ceil(ttlMs)])) as
+      | [number, string | null]
+      | null;
+    if (reply === null) return undefined;
+    const [token, text] = reply;
+    return { token: Number(token), actor: text === null ? undefined : decodeActor(actor.space, actor.name, text) };
+  }
+
   async releaseLease(key: string, holder: string): Promise<void> {
     await this.#plain('releaseLease', [this.#keys.lease(key)], [holder]);
   }
@@ -752,8 +784,8 @@ export class RedisStore implements StateStore {
 interface Sequenced {
   tag: string;
   seq: number;
-  /** The change as published; its record is parsed only when someone watches. */
-  change: { kind: string; key: string; value: string | undefined };
+  /** The change as published; read only when someone watches (a message is parsed then). */
+  change: () => { kind: string; key: string; value: string | undefined };
 }
 
 /** Feeds a ChangeFeed from the change channel, filling gaps from the streams (see the top of this file). All
@@ -864,7 +896,7 @@ class ChangeFollower {
         this.#last.set(tag, items[items.length - 1]!.seq);
         return false;
       }
-      if (this.#watched()) this.#feed!.publish(toChange(item.change));
+      if (this.#watched()) this.#feed!.publish(toChange(item.change()));
       this.#last.set(tag, item.seq);
       expected++;
     }
@@ -893,7 +925,8 @@ class ChangeFollower {
     return entries.map(([id, fields]) => {
       const f = new Map<string, string>();
       for (let i = 0; i < fields.length; i += 2) f.set(fields[i]!, fields[i + 1]!);
-      return { tag, seq: sequence(id), change: { kind: f.get('k')!, key: f.get('key')!, value: f.get('v') } };
+      const change = { kind: f.get('k')!, key: f.get('key')!, value: f.get('v') };
+      return { tag, seq: sequence(id), change: () => change };
     });
   }
 }
@@ -901,11 +934,25 @@ class ChangeFollower {
 type StreamEntry = [string, string[]];
 
 function parseMessage(message: string): Sequenced {
-  const [tag, id, kind, key, value] = JSON.parse(message) as [string, string, string, string, string?];
-  return { tag, seq: sequence(id), change: { kind, key, value } };
+  // `["<tag>","0-<n>",…]` (cjson.encode in emit): the tag and the sequence number are read without parsing the
+  // record, which only a watcher needs. Tags and stream ids have no characters JSON escapes.
+  const tagEnd = message.indexOf('"', 2);
+  const idEnd = message.indexOf('"', tagEnd + 3);
+  if (!message.startsWith('["') || message.slice(tagEnd, tagEnd + 3) !== '","' || idEnd < 0) {
+    const [tag, id, kind, key, value] = JSON.parse(message) as [string, string, string, string, string?];
+    return { tag, seq: sequence(id), change: () => ({ kind, key, value }) };
+  }
+  return {
+    tag: message.slice(2, tagEnd),
+    seq: sequence(message.slice(tagEnd + 3, idEnd)),
+    change: () => {
+      const [, , kind, key, value] = JSON.parse(message) as [string, string, string, string, string?];
+      return { kind, key, value };
+    },
+  };
 }
 
-function toChange({ kind, key, value }: Sequenced['change']): Change {
+function toChange({ kind, key, value }: ReturnType<Sequenced['change']>): Change {
   if (value === undefined) return { kind: kind as ChangeKind, key, value: undefined };
   if (kind !== 'actor') return { kind: kind as ChangeKind, key, value: JSON.parse(value) };
   const slash = key.indexOf('/'); // an actor's change key is `<space>/<name>`; a space has no slash

@@ -11,8 +11,9 @@ import { notFound, TorporError } from '../core/errors.ts';
 import type { Actor, ActorRef, Page, Space, Template, Worker, WorkerFilter } from '../core/types.ts';
 import { ChangeFeed } from './change-feed.ts';
 import { decodeCursor, pageLimit, toPage } from './cursor.ts';
-import { checkFence, checkTtl, leaseLost } from './fence.ts';
+import { checkFence, checkLeaseOfSpace, checkTtl, leaseLost } from './fence.ts';
 import {
+  type ActorLease,
   type Change,
   type ChangeKind,
   type Fence,
@@ -186,6 +187,8 @@ export class SqliteStore implements StateStore {
       },
     );
     if (changed === 0) throw this.#casFailure(actor, expectedVersion, fence);
+    if (fence?.release)
+      this.#run('UPDATE leases SET expires_at = 0 WHERE key = ? AND token = ?', [fence.lease, fence.token]);
     this.#publish('actor', actorKey(actor), actor);
     return actor;
   }
@@ -374,6 +377,18 @@ export class SqliteStore implements StateStore {
       { key, holder, expires: now + Math.ceil(ttlMs), now },
     );
     return row === undefined ? undefined : Number(row['token']);
+  }
+
+  async acquireActorLease(
+    key: string,
+    holder: string,
+    ttlMs: number,
+    actor: ActorRef,
+  ): Promise<ActorLease | undefined> {
+    checkLeaseOfSpace(key, actor.space, 'key');
+    // The read follows the acquisition, as one call would: a file has no round-trip to save.
+    const token = await this.acquireLease(key, holder, ttlMs);
+    return token === undefined ? undefined : { token, actor: await this.getActor(actor.space, actor.name) };
   }
 
   /** Ends the holding but keeps the row, so the key's token keeps growing. */

@@ -20,6 +20,15 @@ export interface Change {
 export interface Fence {
   lease: string;
   token: number;
+  /** casActor only: the write also ends this holding (as releaseLease would), when it succeeds. An operation's
+   * last write saves the release's round-trip so. */
+  release?: boolean;
+}
+
+/** A lease taken by acquireActorLease: its fencing token, and the actor read once it was held (undefined: none). */
+export interface ActorLease {
+  token: number;
+  actor: Actor | undefined;
 }
 
 /** Held by the garbage collection deleting snapshot objects (see StateStore.recordSnapshotWrite). */
@@ -72,6 +81,10 @@ export interface StateStore {
    * key only grow: a new holding (another holder, or the same one after its lease ended) gets a higher token than
    * every earlier one, while an extension keeps its token. */
   acquireLease(key: string, holder: string, ttlMs: number): Promise<number | undefined>;
+  /** acquireLease of an actor's lease (named `<space>/…` after `actor`'s space, as a Fence; INVALID_ARGUMENT
+   * otherwise) and, when it is taken, the actor as it is right after: what every operation on an actor starts
+   * with, in one round-trip. Undefined when another holder has the lease. */
+  acquireActorLease(key: string, holder: string, ttlMs: number, actor: ActorRef): Promise<ActorLease | undefined>;
   releaseLease(key: string, holder: string): Promise<void>;
 
   // Snapshot writes in flight, so that garbage collection on any server never deletes an object one of them

@@ -526,6 +526,44 @@ function leaseTests(test: Register): void {
     await one.releaseLease('default/a1', 'a');
     assert.ok((await two.acquireLease('default/a1', 'd', 10_000))! > t4!);
   });
+
+  test('acquireActorLease: the token and the actor as it is once held; the same lease as acquireLease', async ({
+    store,
+    clients,
+  }) => {
+    const [one, two] = [clientFor(clients, 0), clientFor(clients, 1)];
+    await store.ensureSpace('default');
+    const created = await store.createActor(actor('default', 'a1'));
+    const held = await one.acquireActorLease('default/actor/a1', 'a', 10_000, { space: 'default', name: 'a1' });
+    assert.ok(held && held.token >= 1, `lease ${JSON.stringify(held)}`);
+    assert.deepEqual(held.actor, created);
+    // Another holder is refused either way; the holder extends it and keeps its token, as with acquireLease.
+    assert.equal(
+      await two.acquireActorLease('default/actor/a1', 'b', 10_000, { space: 'default', name: 'a1' }),
+      undefined,
+    );
+    assert.equal(await two.acquireLease('default/actor/a1', 'b', 10_000), undefined);
+    assert.equal(await one.acquireLease('default/actor/a1', 'a', 10_000), held.token);
+    // Its token fences writes; the actor it returns is the one a write that follows changes.
+    const next = await one.casActor({ ...held.actor!, labels: { n: '2' } }, held.actor!.version, {
+      lease: 'default/actor/a1',
+      token: held.token,
+    });
+    const again = await one.acquireActorLease('default/actor/a1', 'a', 10_000, { space: 'default', name: 'a1' });
+    assert.deepEqual(again, { token: held.token, actor: next });
+    // A missing actor: the lease is still taken, with no actor.
+    const none = await two.acquireActorLease('default/actor/gone', 'b', 10_000, { space: 'default', name: 'gone' });
+    assert.ok(none && none.token >= 1 && none.actor === undefined, `lease ${JSON.stringify(none)}`);
+    await one.releaseLease('default/actor/a1', 'a');
+    const taken = await two.acquireActorLease('default/actor/a1', 'b', 10_000, { space: 'default', name: 'a1' });
+    assert.ok(taken && taken.token > held.token, 'a new holding has a higher token');
+    // The lease must be named after the actor's space (it fences writes there), as a Fence.
+    await rejectsWith(
+      one.acquireActorLease('other/actor/a1', 'a', 10_000, { space: 'default', name: 'a1' }),
+      'INVALID_ARGUMENT',
+      'key',
+    );
+  });
 }
 
 // ── fencing ──────────────────────────────────────────────────────────────────────────────────────────────────
@@ -577,6 +615,24 @@ function fencingTests(test: Register): void {
     assert.equal((await store.getActor('default', 'a1'))?.version, 2);
     // Unfenced writes are not affected by leases.
     assert.equal((await store.casActor(created, 2)).version, 3);
+  });
+
+  test('a fenced write with release ends the holding when it succeeds, and only then', async ({ store, clients }) => {
+    const [holder, other] = [clientFor(clients, 0), clientFor(clients, 1)];
+    const created = await store.createActor(actor('default', 'a1'));
+    const token = (await holder.acquireLease(LEASE, 'a', 10_000))!;
+    // A refused write (stale version) leaves the holding as it was.
+    await rejectsWith(holder.casActor(created, 7, { lease: LEASE, token, release: true }), 'CONFLICT');
+    assert.equal(await other.acquireLease(LEASE, 'b', 10_000), undefined, 'still held after a refused write');
+    assert.equal(await holder.acquireLease(LEASE, 'a', 10_000), token);
+    const written = await holder.casActor(created, 1, { lease: LEASE, token, release: true });
+    assert.equal(written.version, 2);
+    assert.deepEqual(await store.getActor('default', 'a1'), written);
+    // Ended: the holding's token fences nothing any more, and another holder takes the lease at once.
+    await rejectsWith(holder.casActor(written, 2, { lease: LEASE, token }), 'LEASE_LOST', 'fence');
+    const next = await other.acquireLease(LEASE, 'b', 10_000);
+    assert.ok(next !== undefined && next > token, `token ${next} after ${token}`);
+    assert.equal(await holder.acquireLease(LEASE, 'a', 10_000), undefined);
   });
 
   test("a fence must be a lease of the actor's space with a valid token: INVALID_ARGUMENT", async ({ store }) => {
