@@ -1,6 +1,6 @@
 // Opens the StateStore a URL names:
 //   PATH, sqlite:PATH                     SqliteStore (embedded; `:memory:` for a throw-away store)
-//   redis://[user:password@]host:port[/db][?prefix=P&cluster=true&shards=N]
+//   redis://[user:password@]host:port[/db][?prefix=P&cluster=true&shards=N&changeRetention=N]
 //   rediss://…                            RedisStore (TLS)
 // Errors name the field `store` and never echo the URL (it may carry a password).
 import { TorporError } from '../core/errors.ts';
@@ -38,7 +38,8 @@ function redisOptions(url: string): RedisStoreOptions {
     if (name === 'prefix') options.prefix = value;
     else if (name === 'cluster') options.cluster = value === 'true' || value === '1';
     else if (name === 'shards') options.shards = Number(value);
-    else throw invalid(`unknown option "${name}" (known: prefix, cluster, shards)`);
+    else if (name === 'changeRetention') options.changeRetention = Number(value);
+    else throw invalid(`unknown option "${name}" (known: prefix, cluster, shards, changeRetention)`);
   }
   parsed.search = '';
   options.url = parsed.toString();

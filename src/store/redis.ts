@@ -42,7 +42,10 @@ import {
 
 const SCHEMA_VERSION = 1;
 const DEFAULT_SHARDS = 16;
-const DEFAULT_CHANGE_RETENTION = 10_000;
+/** Per stream (16 by default): the streams only fill gaps after a reconnect, so a few seconds of changes at full
+ * rate is enough, and they are a fixed cost in memory (~600 bytes an entry) whatever the number of actors. A
+ * watcher further behind is ended and lists again. `?changeRetention=N` on the store URL raises it. */
+const DEFAULT_CHANGE_RETENTION = 1_000;
 /** How many free workers a claim looks at per round (it picks one of them at random). */
 const CLAIM_WINDOW = 64;
 /** How many spaces a cross-space listing reads from the space index per round. */

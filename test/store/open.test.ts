@@ -36,3 +36,16 @@ it('anything else is INVALID_ARGUMENT on field store, without echoing the URL', 
     });
   }
 });
+
+it('redis URL options are checked before connecting: a bad changeRetention or an unknown option is named', async () => {
+  await assert.rejects(openStore('redis://127.0.0.1:1/?changeRetention=0'), (err: unknown) => {
+    assert.ok(isTorporError(err, 'INVALID_ARGUMENT'), String(err));
+    assert.equal(err.field, 'changeRetention');
+    return true;
+  });
+  await assert.rejects(openStore('redis://127.0.0.1:1/?retention=5'), (err: unknown) => {
+    assert.ok(isTorporError(err, 'INVALID_ARGUMENT'), String(err));
+    assert.match(err.message, /unknown option "retention" \(known: .*changeRetention\)/);
+    return true;
+  });
+});
