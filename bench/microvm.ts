@@ -14,7 +14,8 @@
 // Bytes stored per snapshot: the objects a suspend adds to the blob store (new chunks, deltas, the manifest: after
 // dedup and compression), next to the snapshot's own file sizes and the bare migration file's size.
 // Prints one JSON document: p50/p95 in ms, per-phase medians, ratios (Torpor / bare) and the load average.
-// Usage: node bench/microvm.ts [--cycles N] [--sizes 128,256,512]   (root; QEMU and the guest from scripts/setup.sh)
+// Usage: node bench/microvm.ts [--cycles N] [--sizes 128,256,512] [--network-base 204]
+//   (root; QEMU and the guest from scripts/setup.sh)
 import { spawn } from 'node:child_process';
 import { mkdir, mkdtemp, open, readdir, readFile, rm, stat } from 'node:fs/promises';
 import { loadavg, tmpdir } from 'node:os';
@@ -36,16 +37,22 @@ import { api } from './lib/api.ts';
 import { round, type Summary, summary } from './lib/bare.ts';
 
 const { values } = parseArgs({
-  options: { cycles: { type: 'string', default: '5' }, sizes: { type: 'string', default: '128,256,512' } },
+  options: {
+    cycles: { type: 'string', default: '5' },
+    sizes: { type: 'string', default: '128,256,512' },
+    'network-base': { type: 'string', default: '204' },
+  },
 });
 const cycles = Number(values.cycles);
 const sizes = values.sizes.split(',').map(Number);
 if (!(cycles > 0) || sizes.some((s) => !(s >= 64))) throw new Error('--cycles N (> 0) --sizes MiB,MiB,... (>= 64)');
 const log = pino({ level: 'warn' });
 // Network indices of this benchmark (bench/router uses 230, the micro-VM e2e test 200): Torpor's worker pool
-// takes NETWORK_BASE and the next one, the bare VM BARE_NETWORK.
-const NETWORK_BASE = 204;
-const BARE_NETWORK = 207;
+// takes NETWORK_BASE and the next one, the bare VM BARE_NETWORK (NETWORK_BASE + 3). --network-base moves all three,
+// so two runs on one machine do not collide.
+const NETWORK_BASE = Number(values['network-base']);
+const BARE_NETWORK = NETWORK_BASE + 3;
+if (!Number.isSafeInteger(NETWORK_BASE) || NETWORK_BASE < 0) throw new Error('--network-base N (a network index)');
 
 type SnapshotKind = 'memory-file' | 'stream';
 
