@@ -32,7 +32,12 @@ describe('LruBlobCache', () => {
   });
   afterEach(() => cleanup());
 
-  const has = async (keys: string[]) => Promise.all(keys.map((k) => cache.has(k)));
+  // One after another: a `has` hit is a use, so concurrent ones would leave the recency order to chance.
+  const has = async (keys: string[]) => {
+    const found: boolean[] = [];
+    for (const key of keys) found.push(await cache.has(key));
+    return found;
+  };
 
   it('evicts the least recently used objects once it holds more than its cap', async () => {
     for (const key of ['a', 'b', 'c']) await cache.put(key, randomBytes(KB));
