@@ -364,18 +364,23 @@ export class NodeAgent implements AgentClient {
       slot.image = resolved.digest;
       if (!slot.networkReady) await slot.net.prepare();
       slot.networkReady = false;
-      await slot.net.activate({
+      return resolved;
+    });
+    await timed(phases, 'network', () =>
+      slot.net.activate({
         ports: [req.template.port, readyPort],
         // Templates stored before egress policies existed have none: they keep the default.
         egress: req.template.network?.egress ?? 'allow-all',
         actor: `${req.actor.space}/${req.actor.name}`,
-      });
-      return resolved;
-    });
+      }),
+    );
 
     const workDir = join(slot.dir, 'activation');
-    await rm(workDir, { recursive: true, force: true });
-    await mkdir(workDir, { recursive: true });
+    await timed(phases, 'stage', async () => {
+      await rm(workDir, { recursive: true, force: true });
+      await mkdir(workDir, { recursive: true });
+      await mkdir(join(this.nodeDir, 'logs', req.actor.space), { recursive: true });
+    });
     const spec = {
       id: sandboxId(slot.id, req.actor),
       actorId: `${req.actor.space}/${req.actor.name}`,
@@ -390,7 +395,6 @@ export class NodeAgent implements AgentClient {
       logFile: this.logPath(req.actor),
       assets: {} as Record<string, string>,
     };
-    await mkdir(join(this.nodeDir, 'logs', req.actor.space), { recursive: true });
     // What a restored sandbox still finishes while it is probed for readiness (see SandboxRuntime.restore).
     let settled: Promise<Phases> | undefined;
     try {
@@ -400,11 +404,11 @@ export class NodeAgent implements AgentClient {
       // Mark a kept copy as recently used, so eviction takes older ones first.
       if (localDir && localDir === kept) await utimes(kept, new Date(), new Date()).catch(() => undefined);
       if (localDir) {
-        const pinned =
-          (await readPinned(localDir)) ?? this.bootAssets(req.template, `the local checkpoint ${localDir}`);
-        spec.assets = await timed(phases, 'assets', () =>
-          this.prepareAssets(slot, req.template.runtime, pinned, 'the local checkpoint'),
-        );
+        spec.assets = await timed(phases, 'assets', async () => {
+          const pinned =
+            (await readPinned(localDir)) ?? this.bootAssets(req.template, `the local checkpoint ${localDir}`);
+          return this.prepareAssets(slot, req.template.runtime, pinned, 'the local checkpoint');
+        });
         const { sandbox, phases: p, settled: late } = await slot.runtime.restore(spec, localDir, []);
         slot.sandbox = sandbox;
         settled = late;
