@@ -20,6 +20,7 @@ import type {
   ExecResult,
   OutputListener,
   Restored,
+  RestoreOptions,
   Sandbox,
   SandboxRuntime,
 } from '../runtime.ts';
@@ -264,7 +265,7 @@ export class MicrovmRuntime implements SandboxRuntime {
     return { files: [...files, VM_RECORD].sort(), phases };
   }
 
-  async restore(spec: ActivationSpec, dir: string, files: string[]): Promise<Restored> {
+  async restore(spec: ActivationSpec, dir: string, files: string[], opts: RestoreOptions = {}): Promise<Restored> {
     const phases: Phases = {};
     let t0 = performance.now();
     const listed = files.length > 0 ? files : await readdir(dir);
@@ -315,6 +316,8 @@ export class MicrovmRuntime implements SandboxRuntime {
     entry.control = control;
     phases.restore = elapsedMs(t0);
     try {
+      // The VM has been paused since its launch (-incoming): it first runs at `resume`.
+      await opts.beforeRun;
       t0 = performance.now();
       if (!entry.control) throw new TorporError('RUNTIME_ERROR', 'guest control channel not connected');
       await vm.resume();
