@@ -107,7 +107,7 @@ async function copySparse(from: string, to: string): Promise<void> {
  * start: a VMM launched with `to` as its RAM file may map it while the copy runs, and must not touch guest RAM
  * before it loads the snapshot (QEMU with -incoming leaves RAM alone until then). Perl is in every Debian
  * (perl-base is essential) and seeks to data, which Node's fs cannot. */
-async function copyExtentsInto(from: string, to: string): Promise<void> {
+export async function copyExtentsInto(from: string, to: string): Promise<void> {
   const { size } = await stat(from);
   const target = await open(to, 'w');
   try {
