@@ -1,11 +1,16 @@
-// The micro-VM runtime's guest memory copy into a full-sized RAM file (copyExtentsInto): byte-for-byte equal to
+// The micro-VM runtime's guest memory copy into a full-sized RAM file (sizeAs, then copyExtents): byte-for-byte equal to
 // its source, holes kept as holes, and the target at full size even where it was longer or held other data.
 import assert from 'node:assert/strict';
 import { mkdtemp, open, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
-import { copyExtentsInto } from '../../src/runtime/microvm/runtime.ts';
+import { copyExtents, sizeAs } from '../../src/runtime/microvm/runtime.ts';
+
+async function copyExtentsInto(from: string, to: string): Promise<void> {
+  await sizeAs(from, to);
+  await copyExtents(from, to);
+}
 
 const MiB = 1024 * 1024;
 
@@ -25,7 +30,7 @@ async function sparseFile(path: string, size: number, extents: [number, number][
   }
 }
 
-describe('copyExtentsInto', () => {
+describe('sizeAs + copyExtents', () => {
   let dir: string;
   after(() => rm(dir, { recursive: true, force: true }));
 

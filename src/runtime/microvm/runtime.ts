@@ -102,12 +102,9 @@ async function copySparse(from: string, to: string): Promise<void> {
   await runProgram('cp', ['--sparse=auto', from, to], { label: 'cp guest memory', timeoutMs: 120_000 });
 }
 
-/** Copies the data extents of `from` (SEEK_DATA/SEEK_HOLE) into `to` at the same offsets, first sizing `to` as
- * `from` (holes stay holes). Unlike cp, which truncates its target before writing, `to` is full-sized from the
- * start: a VMM launched with `to` as its RAM file may map it while the copy runs, and must not touch guest RAM
- * before it loads the snapshot (QEMU with -incoming leaves RAM alone until then). Perl is in every Debian
- * (perl-base is essential) and seeks to data, which Node's fs cannot. */
-export async function copyExtentsInto(from: string, to: string): Promise<void> {
+/** Creates (or replaces) `to` as a hole of `from`'s size: a VMM may open it as its RAM file from then on (QEMU
+ * refuses a backing file shorter than guest memory, and cp truncates its target while it copies). */
+export async function sizeAs(from: string, to: string): Promise<void> {
   const { size } = await stat(from);
   const target = await open(to, 'w');
   try {
@@ -115,6 +112,13 @@ export async function copyExtentsInto(from: string, to: string): Promise<void> {
   } finally {
     await target.close();
   }
+}
+
+/** Copies the data extents of `from` (SEEK_DATA/SEEK_HOLE) into `to`, sized by sizeAs, at the same offsets: holes
+ * stay holes and `to` keeps its size throughout, so a VMM launched with `to` as its RAM file may map it while the
+ * copy runs — it must not touch guest RAM before the snapshot is loaded (QEMU in incoming state writes no ROM into
+ * RAM). Perl is in every Debian (perl-base is essential) and seeks to data, which Node's fs cannot. */
+export async function copyExtents(from: string, to: string): Promise<void> {
   await runProgram('perl', ['-e', COPY_EXTENTS, from, to], { label: 'copy guest memory', timeoutMs: 120_000 });
 }
 
@@ -336,12 +340,14 @@ export class MicrovmRuntime implements SandboxRuntime {
     const memory = this.opts.driver.ramInFile
       ? { path: this.ramFile(spec.id), shared: true }
       : { path: join(dir, MEMORY_FILE), shared: false };
-    // The copy runs while the VMM launches (the file is full-sized at once, see copyExtentsInto) and must be done
+    // The copy runs while the VMM launches (the file is full-sized first, see copyExtents) and must be done
     // before the snapshot is loaded: `memory` is the copy's own time, `restore` the launch and load, overlapping it.
     let copied: Promise<void> | undefined;
     if (memory.shared && listed.includes(MEMORY_FILE)) {
       const start = t0;
-      copied = copyExtentsInto(join(dir, MEMORY_FILE), memory.path).then(() => {
+      // Sized before the VMM is launched, so that it never sees the file missing or short.
+      await sizeAs(join(dir, MEMORY_FILE), memory.path);
+      copied = copyExtents(join(dir, MEMORY_FILE), memory.path).then(() => {
         phases.memory = elapsedMs(start);
       });
       copied.catch(() => undefined); // awaited before the load, or after a failed launch
