@@ -364,18 +364,14 @@ export class NodeAgent implements AgentClient {
       slot.image = resolved.digest;
       if (!slot.networkReady) await slot.net.prepare();
       slot.networkReady = false;
-      await slot.net.activate({
-        ports: [req.template.port, readyPort],
-        // Templates stored before egress policies existed have none: they keep the default.
-        egress: req.template.network?.egress ?? 'allow-all',
-        actor: `${req.actor.space}/${req.actor.name}`,
-      });
       return resolved;
     });
-
     const workDir = join(slot.dir, 'activation');
-    await rm(workDir, { recursive: true, force: true });
-    await mkdir(workDir, { recursive: true });
+    await timed(phases, 'stage', async () => {
+      await rm(workDir, { recursive: true, force: true });
+      await mkdir(workDir, { recursive: true });
+      await mkdir(join(this.nodeDir, 'logs', req.actor.space), { recursive: true });
+    });
     const spec = {
       id: sandboxId(slot.id, req.actor),
       actorId: `${req.actor.space}/${req.actor.name}`,
@@ -390,7 +386,18 @@ export class NodeAgent implements AgentClient {
       logFile: this.logPath(req.actor),
       assets: {} as Record<string, string>,
     };
-    await mkdir(join(this.nodeDir, 'logs', req.actor.space), { recursive: true });
+    // The activation's rules load while the sandbox is being restored (a process spawn, ~10-30 ms): the runtime
+    // awaits them before the sandbox first runs (RestoreOptions.beforeRun); a boot awaits them first.
+    const network = timed(phases, 'network', () =>
+      slot.net.activate({
+        ports: [req.template.port, readyPort],
+        // Templates stored before egress policies existed have none: they keep the default.
+        egress: req.template.network?.egress ?? 'allow-all',
+        actor: `${req.actor.space}/${req.actor.name}`,
+      }),
+    );
+    network.catch(() => undefined); // awaited below on every path; not an unhandled rejection meanwhile
+    const restoreOptions = { beforeRun: network };
     // What a restored sandbox still finishes while it is probed for readiness (see SandboxRuntime.restore).
     let settled: Promise<Phases> | undefined;
     try {
@@ -400,12 +407,13 @@ export class NodeAgent implements AgentClient {
       // Mark a kept copy as recently used, so eviction takes older ones first.
       if (localDir && localDir === kept) await utimes(kept, new Date(), new Date()).catch(() => undefined);
       if (localDir) {
-        const pinned =
-          (await readPinned(localDir)) ?? this.bootAssets(req.template, `the local checkpoint ${localDir}`);
-        spec.assets = await timed(phases, 'assets', () =>
-          this.prepareAssets(slot, req.template.runtime, pinned, 'the local checkpoint'),
-        );
-        const { sandbox, phases: p, settled: late } = await slot.runtime.restore(spec, localDir, []);
+        spec.assets = await timed(phases, 'assets', async () => {
+          const pinned =
+            (await readPinned(localDir)) ?? this.bootAssets(req.template, `the local checkpoint ${localDir}`);
+          return this.prepareAssets(slot, req.template.runtime, pinned, 'the local checkpoint');
+        });
+        const { sandbox, phases: p, settled: late } = await slot.runtime.restore(spec, localDir, [], restoreOptions);
+        await network;
         slot.sandbox = sandbox;
         settled = late;
         Object.assign(phases, p);
@@ -422,7 +430,8 @@ export class NodeAgent implements AgentClient {
           this.prepareAssets(slot, restored.manifest.runtime, restored.manifest.assets, `snapshot ${snapshot}`),
         );
         const files = restored.manifest.files.map((f) => f.name);
-        const { sandbox, phases: p, settled: late } = await slot.runtime.restore(spec, dir, files);
+        const { sandbox, phases: p, settled: late } = await slot.runtime.restore(spec, dir, files, restoreOptions);
+        await network;
         slot.sandbox = sandbox;
         settled = late;
         Object.assign(phases, p);
@@ -430,6 +439,7 @@ export class NodeAgent implements AgentClient {
         const pinned = this.bootAssets(req.template);
         const what = `template "${req.template.name}"`;
         spec.assets = await timed(phases, 'assets', () => this.prepareAssets(slot, req.template.runtime, pinned, what));
+        await network;
         slot.sandbox = await timed(phases, 'boot', () => slot.runtime.run(spec));
       }
       slot.actor = req.actor;
@@ -444,6 +454,8 @@ export class NodeAgent implements AgentClient {
         Object.assign(phases, late);
       });
     } catch (err) {
+      // The rules must be in place (or have failed) before the release clears them, or they would outlive it.
+      await network.catch(() => undefined);
       await this.releaseLocked(slot);
       throw err;
     }

@@ -320,23 +320,30 @@ export class Lifecycle {
 
   async resume(space: string, name: string, input: { worker?: string } = {}): Promise<Actor> {
     const ref = validRef(space, name); // a missing actor is NOT_FOUND once locked
-    return withSpan('actor.resume', spanAttributes(ref), () =>
-      this.operate(ref, (current) => this.resumeLocked(ref, input.worker, current)),
-    );
+    return withSpan('actor.resume', spanAttributes(ref), () => {
+      const t0 = performance.now();
+      return this.operate(ref, (current) => this.resumeLocked(ref, input.worker, current, t0));
+    });
   }
 
-  /** `current`: the actor as the lock found it. */
-  private async resumeLocked(ref: ActorRef, workerId: string | undefined, current: Actor | undefined): Promise<Actor> {
+  /** `current`: the actor as the lock found it; `t0`: when the resume asked for the lock. */
+  private async resumeLocked(
+    ref: ActorRef,
+    workerId: string | undefined,
+    current: Actor | undefined,
+    t0: number,
+  ): Promise<Actor> {
+    const locked = elapsedMs(t0);
     let actor = existing(ref, current);
     if (actor.status === 'RUNNING') return actor;
     this.assertSettled(actor);
-    const template = await this.templateOf(actor.template);
+    const op = this.startOperation('resume');
+    op.phases.lock = locked;
+    const template = await timed(op.phases, 'template', () => this.templateOf(actor.template));
     const from = actor.status;
     const origin = actor.node;
-    const op = this.startOperation('resume');
-    const t0 = performance.now();
 
-    actor = await this.transition(actor, 'RESUMING', { lastOperation: op });
+    actor = await timed(op.phases, 'mark', () => this.transition(actor, 'RESUMING', { lastOperation: op }));
     crashPoint('resume.marked');
     // A node that died keeps its workers registered until their lease runs out: try another worker then.
     const unreachable: string[] = [];
@@ -358,14 +365,17 @@ export class Lifecycle {
         throw new TorporError('NO_CAPACITY', which, { field: workerId ? 'worker' : 'runtime' });
       }
       // Recorded before the agent is asked, so that whoever settles this resume after a crash knows the worker.
-      actor = await this.transition(actor, 'RESUMING', { worker: worker.id });
+      actor = await timed(op.phases, 'assign', () => this.transition(actor, 'RESUMING', { worker: worker.id }));
       crashPoint('resume.claimed');
 
       const local = actor.localSnapshot && origin === worker.node ? actor.localSnapshot : undefined;
       let result: ActivateResult;
       try {
-        const agent = await this.agentOf(worker.node);
-        await agent.settled(worker.id);
+        const agent = await timed(op.phases, 'settle', async () => {
+          const found = await this.agentOf(worker.node);
+          await found.settled(worker.id);
+          return found;
+        });
         result = await agent.activate({
           workerId: worker.id,
           actor: ref,

@@ -58,6 +58,13 @@ export interface Restored {
   settled?: Promise<Phases>;
 }
 
+export interface RestoreOptions {
+  /** Work that must be done before the restored sandbox first runs (the activation's network rules, so that the
+   * actor never runs unpoliced): the runtime prepares meanwhile (bundle, memory, VMM launch) and awaits it just
+   * before the sandbox runs; if it rejects, the sandbox never runs and the restore fails with its error. */
+  beforeRun?: Promise<void>;
+}
+
 export interface SandboxRuntime {
   readonly name: 'gvisor' | 'microvm';
   run(spec: ActivationSpec): Promise<Sandbox>;
@@ -67,7 +74,7 @@ export interface SandboxRuntime {
   /** `settled`, when given, is work the restored sandbox still finishes (a micro-VM guest's clock and actor id
    * resync) while the caller waits for readiness: the activation counts as ready once both are done, so neither
    * waits for the other. It resolves with that work's phases. */
-  restore(spec: ActivationSpec, dir: string, files: string[]): Promise<Restored>;
+  restore(spec: ActivationSpec, dir: string, files: string[], opts?: RestoreOptions): Promise<Restored>;
   exec(sandbox: Sandbox, command: string[], timeoutMs: number, onOutput?: OutputListener): Promise<ExecResult>;
   /** Whether the sandbox is still running (e.g. after a failed checkpoint). */
   alive(id: string): Promise<boolean>;

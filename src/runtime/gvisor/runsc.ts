@@ -15,6 +15,7 @@ import type {
   CheckpointResult,
   ExecResult,
   OutputListener,
+  RestoreOptions,
   Sandbox,
   SandboxRuntime,
 } from '../runtime.ts';
@@ -224,12 +225,18 @@ export class GvisorRuntime implements SandboxRuntime {
     return { files: files.sort(), phases };
   }
 
-  async restore(spec: ActivationSpec, dir: string, _files: string[]): Promise<{ sandbox: Sandbox; phases: Phases }> {
+  async restore(
+    spec: ActivationSpec,
+    dir: string,
+    _files: string[],
+    opts: RestoreOptions = {},
+  ): Promise<{ sandbox: Sandbox; phases: Phases }> {
     const phases: Phases = {};
     const { runsc, bundle } = await timed(phases, 'bundle', async () => {
       const runsc = await this.fresh(spec);
       return { runsc, bundle: await this.prepareBundle(spec) };
     });
+    await opts.beforeRun;
     const logFile = spec.logFile;
     const args = ['restore', '--detach', '--image-path', dir, '--bundle', bundle, spec.id];
     await timed(phases, 'restore', () => this.startDetached(runsc, args, logFile));

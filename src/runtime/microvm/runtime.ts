@@ -6,7 +6,7 @@
 // readiness and resynchronises the clock and the actor id after a restore.
 import { createHash } from 'node:crypto';
 import { existsSync } from 'node:fs';
-import { mkdir, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { mkdir, open, readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { TorporError } from '../../core/errors.ts';
 import { elapsedMs } from '../../core/time.ts';
@@ -20,6 +20,7 @@ import type {
   ExecResult,
   OutputListener,
   Restored,
+  RestoreOptions,
   Sandbox,
   SandboxRuntime,
 } from '../runtime.ts';
@@ -100,6 +101,49 @@ async function moveFile(from: string, to: string): Promise<void> {
 async function copySparse(from: string, to: string): Promise<void> {
   await runProgram('cp', ['--sparse=auto', from, to], { label: 'cp guest memory', timeoutMs: 120_000 });
 }
+
+/** Creates (or replaces) `to` as a hole of `from`'s size: a VMM may open it as its RAM file from then on (QEMU
+ * refuses a backing file shorter than guest memory, and cp truncates its target while it copies). */
+export async function sizeAs(from: string, to: string): Promise<void> {
+  const { size } = await stat(from);
+  const target = await open(to, 'w');
+  try {
+    await target.truncate(size);
+  } finally {
+    await target.close();
+  }
+}
+
+/** Copies the data extents of `from` (SEEK_DATA/SEEK_HOLE) into `to`, sized by sizeAs, at the same offsets: holes
+ * stay holes and `to` keeps its size throughout, so a VMM launched with `to` as its RAM file may map it while the
+ * copy runs — it must not touch guest RAM before the snapshot is loaded (QEMU in incoming state writes no ROM into
+ * RAM). Perl is in every Debian (perl-base is essential) and seeks to data, which Node's fs cannot. */
+export async function copyExtents(from: string, to: string): Promise<void> {
+  await runProgram('perl', ['-e', COPY_EXTENTS, from, to], { label: 'copy guest memory', timeoutMs: 120_000 });
+}
+
+const COPY_EXTENTS = `
+use strict; use warnings;
+my ($from, $to) = @ARGV;
+open(my $in, '<:raw', $from) or die "open $from: $!\n";
+open(my $out, '+<:raw', $to) or die "open $to: $!\n";
+my ($size, $off, $buf) = (-s $in, 0);
+while ($off < $size) {
+  my $data = sysseek($in, $off, 3);  # SEEK_DATA; fails (ENXIO) when only a hole is left
+  last unless defined $data;
+  my $hole = sysseek($in, $data, 4) // $size;  # SEEK_HOLE
+  sysseek($in, $data, 0) // die "seek: $!\n";
+  sysseek($out, $data, 0) // die "seek: $!\n";
+  for (my $left = $hole - $data; $left > 0;) {
+    my $n = sysread($in, $buf, $left < 4194304 ? $left : 4194304) // die "read: $!\n";
+    die "$from shrank while it was copied\n" if $n == 0;
+    for (my $w = 0; $w < $n;) { $w += syswrite($out, $buf, $n - $w, $w) // die "write: $!\n"; }
+    $left -= $n;
+  }
+  $off = $hole;
+}
+close($out) or die "close: $!\n";
+`;
 
 export class MicrovmRuntime implements SandboxRuntime {
   readonly name = 'microvm' as const;
@@ -264,7 +308,7 @@ export class MicrovmRuntime implements SandboxRuntime {
     return { files: [...files, VM_RECORD].sort(), phases };
   }
 
-  async restore(spec: ActivationSpec, dir: string, files: string[]): Promise<Restored> {
+  async restore(spec: ActivationSpec, dir: string, files: string[], opts: RestoreOptions = {}): Promise<Restored> {
     const phases: Phases = {};
     let t0 = performance.now();
     const listed = files.length > 0 ? files : await readdir(dir);
@@ -296,18 +340,28 @@ export class MicrovmRuntime implements SandboxRuntime {
     const memory = this.opts.driver.ramInFile
       ? { path: this.ramFile(spec.id), shared: true }
       : { path: join(dir, MEMORY_FILE), shared: false };
+    // The copy runs while the VMM launches (the file is full-sized first, see copyExtents) and must be done
+    // before the snapshot is loaded: `memory` is the copy's own time, `restore` the launch and load, overlapping it.
+    let copied: Promise<void> | undefined;
     if (memory.shared && listed.includes(MEMORY_FILE)) {
-      await copySparse(join(dir, MEMORY_FILE), memory.path);
-      phases.memory = elapsedMs(t0);
-      t0 = performance.now();
+      const start = t0;
+      // Sized before the VMM is launched, so that it never sees the file missing or short.
+      await sizeAs(join(dir, MEMORY_FILE), memory.path);
+      copied = copyExtents(join(dir, MEMORY_FILE), memory.path).then(() => {
+        phases.memory = elapsedMs(start);
+      });
+      copied.catch(() => undefined); // awaited before the load, or after a failed launch
     }
     const config = this.vmConfig(spec, disk.path, memory, model);
     let control: GuestControl | undefined;
-    const connectControl = async (started: Vm) => {
+    const beforeLoad = async (started: Vm) => {
       control = await GuestControl.connect(started.controlSocket, CONTROL_TIMEOUT_MS, () => started.running());
+      await copied;
     };
-    const vm = await this.opts.driver.restore(config, dir, listed, connectControl).catch(async (err: unknown) => {
+    const vm = await this.opts.driver.restore(config, dir, listed, beforeLoad).catch(async (err: unknown) => {
       control?.close();
+      // No copy may still write the RAM file once this restore has failed (its cleanup removes the file).
+      await copied?.catch(() => undefined);
       throw await this.failure('restore', spec, err);
     });
     await this.writePid(spec.id, vm.pid);
@@ -315,6 +369,8 @@ export class MicrovmRuntime implements SandboxRuntime {
     entry.control = control;
     phases.restore = elapsedMs(t0);
     try {
+      // The VM has been paused since its launch (-incoming): it first runs at `resume`.
+      await opts.beforeRun;
       t0 = performance.now();
       if (!entry.control) throw new TorporError('RUNTIME_ERROR', 'guest control channel not connected');
       await vm.resume();
