@@ -21,7 +21,7 @@ import {
 } from '../core/schemas.ts';
 import { assertTransition, TRANSITIONAL } from '../core/state.ts';
 import { elapsedMs } from '../core/time.ts';
-import { timed, traceId, withSpan } from '../core/trace.ts';
+import { recordPhase, timed, traceId, withSpan } from '../core/trace.ts';
 import type { Actor, ActorRef, ActorStatus, Operation, Page, Template, Worker, WorkerFilter } from '../core/types.ts';
 import type { ImageStore } from '../image/store.ts';
 import type { OutputListener } from '../runtime/runtime.ts';
@@ -333,12 +333,12 @@ export class Lifecycle {
     current: Actor | undefined,
     t0: number,
   ): Promise<Actor> {
-    const locked = elapsedMs(t0);
+    const locked = performance.now();
     let actor = existing(ref, current);
     if (actor.status === 'RUNNING') return actor;
     this.assertSettled(actor);
     const op = this.startOperation('resume');
-    op.phases.lock = locked;
+    recordPhase(op.phases, 'lock', t0, locked);
     const template = await timed(op.phases, 'template', () => this.templateOf(actor.template));
     const from = actor.status;
     const origin = actor.node;

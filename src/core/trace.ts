@@ -43,6 +43,18 @@ export async function timed<T>(phases: Phases, name: string, fn: () => Promise<T
   }
 }
 
+/** A phase measured between two `performance.now()` readings taken before it could be named (e.g. the wait for an
+ * actor's lock, before the operation exists): a span, and its duration in `phases[name]`, from the same two
+ * readings, as `timed` does. */
+export function recordPhase(phases: Phases, name: string, start: number, end = performance.now()): void {
+  const span = tracer.startSpan(`phase ${name}`, {
+    startTime: performance.timeOrigin + start,
+    attributes: { 'torpor.phase': name },
+  });
+  phases[name] = roundMs(end - start);
+  span.end(performance.timeOrigin + end);
+}
+
 /** Phases a lower layer measured on its own (e.g. a snapshot write's chunk/upload/manifest), as child spans of the
  * active span laid end to end and ending now: their order and durations are exact, their start times derived. */
 export function recordPhases(phases: Phases, prefix: string): void {
