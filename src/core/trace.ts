@@ -26,10 +26,7 @@ export async function withSpan<T>(name: string, attributes: Attributes, fn: (spa
  * clock readings, so the trace and the record agree exactly. */
 export async function timed<T>(phases: Phases, name: string, fn: () => Promise<T>): Promise<T> {
   const start = performance.now();
-  const span = tracer.startSpan(`phase ${name}`, {
-    startTime: performance.timeOrigin + start,
-    attributes: { 'torpor.phase': name },
-  });
+  const span = startPhaseSpan(name, start);
   try {
     return await context.with(trace.setSpan(context.active(), span), fn);
   } catch (err) {
@@ -37,9 +34,7 @@ export async function timed<T>(phases: Phases, name: string, fn: () => Promise<T
     span.setStatus({ code: SpanStatusCode.ERROR, message: (err as Error).message });
     throw err;
   } finally {
-    const end = performance.now();
-    phases[name] = roundMs(end - start);
-    span.end(performance.timeOrigin + end);
+    endPhase(phases, name, span, start, performance.now());
   }
 }
 
@@ -47,10 +42,18 @@ export async function timed<T>(phases: Phases, name: string, fn: () => Promise<T
  * actor's lock, before the operation exists): a span, and its duration in `phases[name]`, from the same two
  * readings, as `timed` does. */
 export function recordPhase(phases: Phases, name: string, start: number, end = performance.now()): void {
-  const span = tracer.startSpan(`phase ${name}`, {
+  endPhase(phases, name, startPhaseSpan(name, start), start, end);
+}
+
+/** `start`: a `performance.now()` reading. */
+function startPhaseSpan(name: string, start: number): Span {
+  return tracer.startSpan(`phase ${name}`, {
     startTime: performance.timeOrigin + start,
     attributes: { 'torpor.phase': name },
   });
+}
+
+function endPhase(phases: Phases, name: string, span: Span, start: number, end: number): void {
   phases[name] = roundMs(end - start);
   span.end(performance.timeOrigin + end);
 }
