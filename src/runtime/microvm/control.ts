@@ -1,5 +1,5 @@
 // The host end of the guest control channel (virtio-serial port "torpor.0", a unix socket on the host): one
-// request per line, answered by the guest init (guest/init.sh) with the same sequence number. Fields are base64
+// request per line, answered by the guest's control server (guest/spawn.c, started by guest/init.sh) with the same sequence number. Fields are base64
 // ("-" = empty) so that arguments may hold spaces and newlines.
 import type { Socket } from 'node:net';
 import { TorporError } from '../../core/errors.ts';
@@ -96,11 +96,13 @@ export class GuestControl {
   /** After a restore: sets the guest's wall clock (it stood still while the VM was suspended) and rewrites the
    * actor id (a restore may be another actor: a fork), in one round trip. */
   async resync(date: Date, actorId: string, timeoutMs: number): Promise<void> {
-    // Sent as plain text (the guest writes it with a shell builtin): actor ids are "space/name" DNS labels.
+    // Sent as plain text (an older guest writes it with a shell builtin): actor ids are "space/name" DNS labels.
     if (!/^[a-z0-9_][-a-z0-9_]*\/[a-z0-9][-a-z0-9]*$/.test(actorId)) {
       throw new TorporError('INVALID_ARGUMENT', `actor id "${actorId}" is not space/name`, { field: 'actorId' });
     }
-    await this.request('resync', [String(Math.round(date.getTime() / 1000)), actorId], timeoutMs);
+    // Seconds, then the milliseconds as a last field (which guests from before it ignore).
+    const ms = date.getTime();
+    await this.request('resync', [String(Math.floor(ms / 1000)), actorId, String(ms % 1000)], timeoutMs);
   }
 
   /** Runs a command in the actor's root. Its output reaches `onOutput` as the guest sends it ("out"/"err" lines

@@ -5,13 +5,15 @@
 # command line, and then serves the host on the virtio-serial port "torpor.0", one request per line:
 #   SEQ ping                               -> SEQ ok
 #   SEQ start ARGV ENV WORKDIR ACTORID     -> SEQ ok          (starts the workload; fields base64, "-" = empty)
-#   SEQ resync UNIXSECONDS ACTORID         -> SEQ ok          (after a restore: the guest clock stood still, and the
-#                                                             actor may be another one; ACTORID is plain text)
+#   SEQ resync UNIXSECONDS ACTORID MS      -> SEQ ok          (after a restore: the guest clock stood still, and the
+#                                                             actor may be another one; ACTORID is plain text; MS,
+#                                                             the milliseconds, came later: older guests ignore it)
 #   SEQ exec ARGV TIMEOUTSECONDS           -> SEQ out CHUNK / SEQ err CHUNK ... (the output as it comes, base64)
-#                                             then SEQ exit CODE - -   (torpor-spawn --stream; an older guest
-#                                             answered SEQ exit CODE STDOUT STDERR at the end: the host takes both)
-# Errors answer "SEQ err MESSAGE". The loop reopens the port when the host side goes away (a snapshot's VMM quits;
-# the restored one connects again). Kernel command line: torpor.ip=ADDR/PREFIX torpor.gw=ADDR; torpor.probe=1
+#                                             then SEQ exit CODE - -   (an older guest answered SEQ exit CODE
+#                                             STDOUT STDERR at the end: the host takes both)
+# Errors answer "SEQ err MESSAGE". The server (torpor-spawn --serve, a C program that runs from boot on: a restored
+# guest answers its first requests without a shell's cold code paths under TCG) reopens the port when the host side
+# goes away (a snapshot's VMM quits; the restored one connects again). Kernel command line: torpor.ip=ADDR/PREFIX torpor.gw=ADDR; torpor.probe=1
 # only proves that the kernel booted (the KVM probe) and powers off.
 /bin/busybox --install -s /bin
 export PATH=/bin
@@ -47,8 +49,8 @@ mount -t devtmpfs dev "$R/dev"
 mkdir -p "$R/dev/pts" "$R/dev/shm"
 mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 devpts "$R/dev/pts"
 mount -t tmpfs -o mode=1777,nosuid,nodev shm "$R/dev/shm"
-# The actor id lives on a tmpfs of the init's, shown read-only to the actor through a bind mount: rewriting it
-# is a shell builtin (after a restore every new process costs, under TCG, a cold translation cache).
+# The actor id lives on a tmpfs of the init's, shown read-only to the actor through a bind mount: the control
+# server rewrites it after a restore without starting a process (which costs, under TCG, a cold translation cache).
 mkdir -p /run/ident
 mount -t tmpfs -o size=64k,mode=0755 ident /run/ident
 mount --bind /run/ident "$R/run/torpor"
@@ -65,53 +67,6 @@ fi
 S=/run/guest
 mkdir -p "$S"
 : >"$S/env"
-echo / >"$S/wd"
-unb64() { [ "$1" = - ] || echo "$1" | base64 -d; }
-set_id() { unb64 "$1" >/run/ident/actor-id; }
-# The clock is set by a helper that runs from boot on (torpor-spawn --clock): after a restore a resync is then two
-# fifo writes, no fork and exec (which a TCG guest pays with a cold translation cache).
-mkfifo /run/clock.req /run/clock.ans
-torpor-spawn --clock /run/clock.req /run/clock.ans </dev/null >/dev/null 2>&1 &
-clock_pid=$!
-set_clock() {
-  # Only while the helper lives: an answer fifo without its writer would block the loop for good.
-  if [ -d "/proc/$clock_pid" ] && echo "$1" >/run/clock.req && read -r answer </run/clock.ans; then
-    [ "$answer" = ok ] && return 0
-  fi
-  date -u -s "@$1" >/dev/null
-}
-
-serve() {
-  while read -r seq verb a1 a2 a3 a4 <&3; do
-    case "$verb" in
-    ping) echo "$seq ok" >&3 ;;
-    start)
-      if ! { unb64 "$a1" >"$S/argv" && unb64 "$a2" >"$S/env" && unb64 "$a3" >"$S/wd" && set_id "$a4"; }; then
-        echo "$seq err bad start request" >&3
-        continue
-      fi
-      (
-        torpor-spawn "$R" "$(cat "$S/wd")" "$S/env" "$S/argv" </dev/null >/dev/console 2>&1
-        say "workload exited with status $?"
-      ) 3>&- &
-      echo "$seq ok" >&3
-      ;;
-    resync)
-      if set_clock "$a1" && echo -n "$a2" >/run/ident/actor-id; then
-        echo "$seq ok" >&3
-      else
-        echo "$seq err cannot set the clock to $a1 or the actor id" >&3
-      fi
-      ;;
-    exec)
-      unb64 "$a1" >"$S/exec.argv"
-      torpor-spawn --stream "$seq" "${a2:-60}" "$R" "$(cat "$S/wd")" "$S/env" "$S/exec.argv" </dev/null 2>/dev/null ||
-        echo "$seq err exec failed" >&3
-      ;;
-    *) echo "$seq err unknown request $verb" >&3 ;;
-    esac
-  done
-}
 
 port=
 for p in /sys/class/virtio-ports/*; do [ "$(cat "$p/name" 2>/dev/null)" = torpor.0 ] && port=/dev/${p##*/}; done
@@ -121,10 +76,9 @@ if [ -z "$port" ] && [ -e /dev/hvc0 ]; then
   stty -F "$port" raw -echo
 fi
 [ -n "$port" ] || halt "no control port (virtio-serial torpor.0 or hvc0)"
+# The requests are served by torpor-spawn --serve (guest/spawn.c), which reopens the port whenever the host side goes
+# away; it is restarted should it ever exit. Nothing started from it keeps the port (it admits one opener).
 while true; do
-  # A read on a port whose host side is closed returns end-of-file at once: wait and open it again. (A failed
-  # redirection of a function call is not fatal, unlike one of `exec`; the port admits one opener at a time, so
-  # nothing started from here may inherit it.)
-  serve 3<>"$port" 2>/dev/null
+  torpor-spawn --serve "$port" "$R" "$S" </dev/null >/dev/null 2>&1
   usleep 20000
 done
