@@ -7,9 +7,9 @@ import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
 import { copyExtents, sizeAs } from '../../src/runtime/microvm/runtime.ts';
 
-async function copyExtentsInto(from: string, to: string): Promise<void> {
+async function copyExtentsInto(from: string, to: string, opts: { sendfile?: boolean } = {}): Promise<void> {
   await sizeAs(from, to);
-  await copyExtents(from, to);
+  await copyExtents(from, to, opts);
 }
 
 const MiB = 1024 * 1024;
@@ -31,30 +31,34 @@ async function sparseFile(path: string, size: number, extents: [number, number][
 }
 
 describe('sizeAs + copyExtents', () => {
-  let dir: string;
-  after(() => rm(dir, { recursive: true, force: true }));
+  let dir: string | undefined;
+  after(() => (dir ? rm(dir, { recursive: true, force: true }) : undefined));
 
-  it('copies the data extents at their offsets into a full-sized file; holes stay holes', async () => {
-    dir = await mkdtemp(join(tmpdir(), 'torpor-copy-extents-'));
-    const from = join(dir, 'memory');
-    const to = join(dir, 'vm.ram');
-    // Data at the start, in the middle (over 4 MiB: more than one read), ending unaligned, and at the very end.
-    await sparseFile(from, 64 * MiB, [
-      [0, 8192],
-      [3 * MiB, 9 * MiB + 4096],
-      [20 * MiB + 512, 3000],
-      [64 * MiB - 4096, 4096],
-    ]);
-    // A leftover RAM file, longer and full of other data: nothing of it may remain.
-    await writeFile(to, Buffer.alloc(80 * MiB, 0xff));
-    await copyExtentsInto(from, to);
-    assert.equal((await stat(to)).size, 64 * MiB);
-    assert.ok((await readFile(to)).equals(await readFile(from)), 'the copy differs from its source');
-    const blocks = (await stat(to)).blocks * 512;
-    assert.ok(blocks < 16 * MiB, `holes were filled: ${blocks} bytes allocated for ~9.5 MiB of data`);
-  });
+  // sendfile(2) where the architecture's number is known (x64, arm64), else reads and writes through a buffer.
+  for (const sendfile of [true, false]) {
+    it(`copies the data extents at their offsets into a full-sized file; holes stay holes (sendfile: ${sendfile})`, async () => {
+      dir ??= await mkdtemp(join(tmpdir(), 'torpor-copy-extents-'));
+      const from = join(dir, `memory-${sendfile}`);
+      const to = join(dir, `vm-${sendfile}.ram`);
+      // Data at the start, in the middle (over 4 MiB: more than one read), ending unaligned, and at the very end.
+      await sparseFile(from, 64 * MiB, [
+        [0, 8192],
+        [3 * MiB, 9 * MiB + 4096],
+        [20 * MiB + 512, 3000],
+        [64 * MiB - 4096, 4096],
+      ]);
+      // A leftover RAM file, longer and full of other data: nothing of it may remain.
+      await writeFile(to, Buffer.alloc(80 * MiB, 0xff));
+      await copyExtentsInto(from, to, { sendfile });
+      assert.equal((await stat(to)).size, 64 * MiB);
+      assert.ok((await readFile(to)).equals(await readFile(from)), 'the copy differs from its source');
+      const blocks = (await stat(to)).blocks * 512;
+      assert.ok(blocks < 16 * MiB, `holes were filled: ${blocks} bytes allocated for ~9.5 MiB of data`);
+    });
+  }
 
   it('copies a file that is all hole as a full-sized hole, and fails on a missing source', async () => {
+    dir ??= await mkdtemp(join(tmpdir(), 'torpor-copy-extents-'));
     const from = join(dir, 'empty');
     const to = join(dir, 'empty.ram');
     await sparseFile(from, 16 * MiB, []);

@@ -117,14 +117,23 @@ export async function sizeAs(from: string, to: string): Promise<void> {
 /** Copies the data extents of `from` (SEEK_DATA/SEEK_HOLE) into `to`, sized by sizeAs, at the same offsets: holes
  * stay holes and `to` keeps its size throughout, so a VMM launched with `to` as its RAM file may map it while the
  * copy runs — it must not touch guest RAM before the snapshot is loaded (QEMU in incoming state writes no ROM into
- * RAM). Perl is in every Debian (perl-base is essential) and seeks to data, which Node's fs cannot. */
-export async function copyExtents(from: string, to: string): Promise<void> {
-  await runProgram('perl', ['-e', COPY_EXTENTS, from, to], { label: 'copy guest memory', timeoutMs: 120_000 });
+ * RAM). Perl is in every Debian (perl-base is essential) and seeks to data, which Node's fs cannot. The bytes move
+ * by sendfile(2), inside the kernel (copy_file_range refuses to cross file systems: the snapshot is on disk, guest
+ * RAM on tmpfs): ~25 % faster than reads and writes through a buffer (~40 vs ~53 ms for 100 MiB, page cache warm),
+ * on the resume's critical path. Architectures without a known sendfile number copy through the buffer. */
+export async function copyExtents(from: string, to: string, opts: { sendfile?: boolean } = {}): Promise<void> {
+  const sendfile = opts.sendfile === false ? 0 : (SENDFILE_SYSCALL[process.arch] ?? 0);
+  await runProgram('perl', ['-e', COPY_EXTENTS, from, to, String(sendfile)], {
+    label: 'copy guest memory',
+    timeoutMs: 120_000,
+  });
 }
+
+const SENDFILE_SYSCALL: Partial<Record<string, number>> = { x64: 40, arm64: 71 };
 
 const COPY_EXTENTS = `
 use strict; use warnings;
-my ($from, $to) = @ARGV;
+my ($from, $to, $sendfile) = @ARGV;
 open(my $in, '<:raw', $from) or die "open $from: $!\n";
 open(my $out, '+<:raw', $to) or die "open $to: $!\n";
 my ($size, $off, $buf) = (-s $in, 0);
@@ -132,13 +141,25 @@ while ($off < $size) {
   my $data = sysseek($in, $off, 3);  # SEEK_DATA; fails (ENXIO) when only a hole is left
   last unless defined $data;
   my $hole = sysseek($in, $data, 4) // $size;  # SEEK_HOLE
-  sysseek($in, $data, 0) // die "seek: $!\n";
   sysseek($out, $data, 0) // die "seek: $!\n";
-  for (my $left = $hole - $data; $left > 0;) {
-    my $n = sysread($in, $buf, $left < 4194304 ? $left : 4194304) // die "read: $!\n";
-    die "$from shrank while it was copied\n" if $n == 0;
-    for (my $w = 0; $w < $n;) { $w += syswrite($out, $buf, $n - $w, $w) // die "write: $!\n"; }
-    $left -= $n;
+  my $left = $hole - $data;
+  if ($sendfile) {
+    # sendfile(out, in, &offset, count) writes at out's position and advances the offset it is given.
+    my $at = pack('q', $data);
+    while ($left > 0) {
+      my $n = syscall($sendfile, fileno($out), fileno($in), $at, $left);
+      die "sendfile: $!\n" if $n < 0;
+      die "$from shrank while it was copied\n" if $n == 0;
+      $left -= $n;
+    }
+  } else {
+    sysseek($in, $data, 0) // die "seek: $!\n";
+    while ($left > 0) {
+      my $n = sysread($in, $buf, $left < 4194304 ? $left : 4194304) // die "read: $!\n";
+      die "$from shrank while it was copied\n" if $n == 0;
+      for (my $w = 0; $w < $n;) { $w += syswrite($out, $buf, $n - $w, $w) // die "write: $!\n"; }
+      $left -= $n;
+    }
   }
   $off = $hole;
 }
