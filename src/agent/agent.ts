@@ -418,7 +418,10 @@ export class NodeAgent implements AgentClient {
         settled = late;
         Object.assign(phases, p);
       } else if (req.snapshot) {
-        const dir = join(workDir, 'checkpoint');
+        // Fetched for this restore alone: the runtime may take its files rather than copy them (disposable), from
+        // where it prefers them (a micro-VM's memory on tmpfs, see SandboxRuntime.stagingDir).
+        const staging = slot.runtime.stagingDir?.(spec.id);
+        const dir = staging ?? join(workDir, 'checkpoint');
         const snapshot = req.snapshot;
         const onProgress = this.progressOf(req.actor, 'download');
         const restored = await timed(phases, 'fetch', () =>
@@ -430,7 +433,14 @@ export class NodeAgent implements AgentClient {
           this.prepareAssets(slot, restored.manifest.runtime, restored.manifest.assets, `snapshot ${snapshot}`),
         );
         const files = restored.manifest.files.map((f) => f.name);
-        const { sandbox, phases: p, settled: late } = await slot.runtime.restore(spec, dir, files, restoreOptions);
+        const {
+          sandbox,
+          phases: p,
+          settled: late,
+        } = await slot.runtime
+          .restore(spec, dir, files, { ...restoreOptions, disposable: true })
+          // What the runtime left of its staging directory is no longer needed once it has restored (or failed).
+          .finally(() => (staging ? rm(staging, { recursive: true, force: true }) : undefined));
         await network;
         slot.sandbox = sandbox;
         settled = late;

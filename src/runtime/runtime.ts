@@ -63,6 +63,9 @@ export interface RestoreOptions {
    * actor never runs unpoliced): the runtime prepares meanwhile (bundle, memory, VMM launch) and awaits it just
    * before the sandbox runs; if it rejects, the sandbox never runs and the restore fails with its error. */
   beforeRun?: Promise<void>;
+  /** The caller gives `dir` up (a snapshot it fetched for this restore): the runtime may take its files instead of
+   * copying them, and leaves them taken. Without it, `dir` is never modified (kept copies and forks share it). */
+  disposable?: boolean;
 }
 
 export interface SandboxRuntime {
@@ -75,6 +78,10 @@ export interface SandboxRuntime {
    * resync) while the caller waits for readiness: the activation counts as ready once both are done, so neither
    * waits for the other. It resolves with that work's phases. */
   restore(spec: ActivationSpec, dir: string, files: string[], opts?: RestoreOptions): Promise<Restored>;
+  /** Where a caller that fetches a snapshot to restore sandbox `id` from should put it, when the runtime has a
+   * preference: a restore told the directory is disposable can then take its files rather than copy them (a
+   * micro-VM's guest memory must end up on tmpfs). `destroy(id)` removes it. */
+  stagingDir?(id: string): string;
   exec(sandbox: Sandbox, command: string[], timeoutMs: number, onOutput?: OutputListener): Promise<ExecResult>;
   /** Whether the sandbox is still running (e.g. after a failed checkpoint). */
   alive(id: string): Promise<boolean>;

@@ -154,11 +154,23 @@ describe('micro-VM runtime (QEMU)', { skip, timeout: 300_000 }, () => {
       memorySha,
       'a checkpoint of a restored VM leaves its snapshot',
     );
-    const again = await runtime.restore(await spec('vm-b2', 'torpor-mvt-b', 'default/b'), snap2, cp2.files);
+    // A snapshot fetched for one restore (disposable) in the runtime's staging directory gives its memory file
+    // up: the VM's RAM file is that file, renamed, not a copy. destroy() removes what is left of the staging.
+    const staged = runtime.stagingDir('vm-b2');
+    await run('cp', ['-r', '--sparse=always', snap2, staged]);
+    const stagedMemory = await stat(join(staged, 'memory'));
+    const again = await runtime.restore(await spec('vm-b2', 'torpor-mvt-b', 'default/b'), staged, cp2.files, {
+      disposable: true,
+    });
     await again.settled;
     assert.equal(await get('torpor-mvt-b', '/'), '5');
+    await assert.rejects(stat(join(staged, 'memory')), /ENOENT/, 'the staged memory file was taken');
+    const ram = await stat(join(`/dev/shm/torpor-test-${process.pid}`, 'vm-b2.ram'));
+    assert.equal(ram.ino, stagedMemory.ino, 'the RAM file is the staged file itself');
     const cp3 = await runtime.checkpoint(again.sandbox, join(root, 'snap3'));
     assert.deepEqual(cp3.files, ['memory', 'state', 'vm.json']);
+    await runtime.destroy('vm-b2');
+    await assert.rejects(stat(staged), /ENOENT/, 'destroy removes the staging directory');
 
     // A VMM that dies is noticed.
     const pid = Number(await readFile(join(root, 'state', 'vm-c', 'pid'), 'utf8'));

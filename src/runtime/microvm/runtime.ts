@@ -87,19 +87,26 @@ async function hostTscKhz(): Promise<number | undefined> {
 /** Moves a file, copying (sparse: a guest's untouched RAM is holes) when source and target are on different
  * file systems (guest RAM on tmpfs, checkpoints on disk). */
 async function moveFile(from: string, to: string): Promise<void> {
-  try {
-    await rename(from, to);
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code !== 'EXDEV') throw err;
-    await copySparse(from, to);
-    await rm(from, { force: true });
-  }
+  if (await takeFile(from, to)) return;
+  await copySparse(from, to);
+  await rm(from, { force: true });
 }
 
 /** Copies data extents only (holes stay holes). Not --sparse=always: scanning every data block for zeros took
  * twice as long (512 MiB file, 90 MiB of data: ~110 vs ~50 ms), and only pages the guest itself zeroed differ. */
 async function copySparse(from: string, to: string): Promise<void> {
   await runProgram('cp', ['--sparse=auto', from, to], { label: 'cp guest memory', timeoutMs: 120_000 });
+}
+
+/** Renames `from` to `to` when both are on one file system; false (and nothing changed) when they are not. */
+async function takeFile(from: string, to: string): Promise<boolean> {
+  try {
+    await rename(from, to);
+    return true;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'EXDEV') return false;
+    throw err;
+  }
 }
 
 /** Creates (or replaces) `to` as a hole of `from`'s size: a VMM may open it as its RAM file from then on (QEMU
@@ -193,6 +200,11 @@ export class MicrovmRuntime implements SandboxRuntime {
     return join(this.memoryDir, `${id}.ram`);
   }
 
+  /** Next to the RAM files (tmpfs): a fetched snapshot's memory file becomes the VM's RAM file by a rename. */
+  stagingDir(id: string): string {
+    return join(this.memoryDir, `${id}.fetched`);
+  }
+
   private async cmdline(): Promise<string> {
     const n = this.opts.network;
     const parts = ['console=ttyS0', 'loglevel=1', 'panic=-1', `torpor.ip=${n.address}/${n.prefix}`];
@@ -247,7 +259,7 @@ export class MicrovmRuntime implements SandboxRuntime {
   }
 
   private async prepare(spec: ActivationSpec) {
-    await this.destroy(spec.id);
+    await this.stop(spec.id);
     const disk = await ensureRootDisk(spec.rootfs, this.opts.diskCache);
     await mkdir(this.runDir(spec.id), { recursive: true });
     await mkdir(this.socketDir(spec.id), { recursive: true });
@@ -363,15 +375,22 @@ export class MicrovmRuntime implements SandboxRuntime {
       : { path: join(dir, MEMORY_FILE), shared: false };
     // The copy runs while the VMM launches (the file is full-sized first, see copyExtents) and must be done
     // before the snapshot is loaded: `memory` is the copy's own time, `restore` the launch and load, overlapping it.
+    // A snapshot the caller fetched for this restore alone (disposable) gives its memory file up instead, when it
+    // is on the RAM files' file system (see stagingDir): nothing is copied.
     let copied: Promise<void> | undefined;
     if (memory.shared && listed.includes(MEMORY_FILE)) {
       const start = t0;
-      // Sized before the VMM is launched, so that it never sees the file missing or short.
-      await sizeAs(join(dir, MEMORY_FILE), memory.path);
-      copied = copyExtents(join(dir, MEMORY_FILE), memory.path).then(() => {
+      const source = join(dir, MEMORY_FILE);
+      if (opts.disposable && (await takeFile(source, memory.path))) {
         phases.memory = elapsedMs(start);
-      });
-      copied.catch(() => undefined); // awaited before the load, or after a failed launch
+      } else {
+        // Sized before the VMM is launched, so that it never sees the file missing or short.
+        await sizeAs(source, memory.path);
+        copied = copyExtents(source, memory.path).then(() => {
+          phases.memory = elapsedMs(start);
+        });
+        copied.catch(() => undefined); // awaited before the load, or after a failed launch
+      }
     }
     const config = this.vmConfig(spec, disk.path, memory, model);
     let control: GuestControl | undefined;
@@ -432,6 +451,13 @@ export class MicrovmRuntime implements SandboxRuntime {
   }
 
   async destroy(id: string): Promise<void> {
+    await this.stop(id);
+    await rm(this.stagingDir(id), { recursive: true, force: true });
+  }
+
+  /** Kills the sandbox's VMM (this process's, or one an earlier process left) and removes its files, but not a
+   * snapshot staged for its restore. */
+  private async stop(id: string): Promise<void> {
     const entry = this.running.get(id);
     if (entry) {
       entry.stopping = true;
