@@ -5,12 +5,14 @@
 //   bare resume  = launch QEMU with `-incoming defer`, `migrate-incoming exec:cat STATE`, `cont`, then poll the
 //                  counter's /healthz until it answers. Torpor's resume is measured to the same end point: the
 //                  API answers a resume once the actor's readiness probe (the same /healthz) has passed.
-//                  Both load Torpor's last snapshot of the actor; the bare VM maps its memory file copy-on-write
-//                  (the cheapest bare restore; Torpor's runtime copies it into a RAM file the VM owns, so that its
-//                  next snapshot is a memory file again) or loads RAM from the stream of a snapshot without one.
+//                  Both load the same snapshot: the one Torpor's suspend of this cycle wrote; the bare VM maps its
+//                  memory file copy-on-write (the cheapest bare restore; Torpor's runtime copies it into a RAM file
+//                  the VM owns, so that its next snapshot is a memory file again).
 //   bare suspend = `stop`, plain `migrate` (RAM in the stream, x-ignore-shared off: a VM restored copy-on-write
 //                  has no shared RAM file to leave out) to a file on the data directory's disk, then fsync. Torpor's suspend is measured to the snapshot
 //                  being durable in the blob store (chunked, uploaded, manifest written).
+// Interleaved: every cycle is Torpor's suspend, the bare resume and suspend of that snapshot, then Torpor's resume,
+// so both sides of a ratio meet the same load (this machine's other work moves the figures between runs).
 // Bytes stored per snapshot: the objects a suspend adds to the blob store (new chunks, deltas, the manifest: after
 // dedup and compression), next to the snapshot's own file sizes and the bare migration file's size.
 // Prints one JSON document: p50/p95 in ms, per-phase medians, ratios (Torpor / bare) and the load average.
@@ -32,7 +34,7 @@ import { TAP, WorkerNetwork } from '../src/net/worker-net.ts';
 import { locateMicrovm } from '../src/runtime/microvm/locate.ts';
 import { probeKvm, qemuArgs } from '../src/runtime/microvm/qemu.ts';
 import { QmpClient } from '../src/runtime/microvm/qmp.ts';
-import { readManifest, restoreSnapshot } from '../src/snapshot/index.ts';
+import { restoreSnapshot } from '../src/snapshot/index.ts';
 import { api } from './lib/api.ts';
 import { round, type Summary, summary } from './lib/bare.ts';
 
@@ -53,13 +55,6 @@ const log = pino({ level: 'warn' });
 const NETWORK_BASE = Number(values['network-base']);
 const BARE_NETWORK = NETWORK_BASE + 3;
 if (!Number.isSafeInteger(NETWORK_BASE) || NETWORK_BASE < 0) throw new Error('--network-base N (a network index)');
-
-type SnapshotKind = 'memory-file' | 'stream';
-
-async function snapshotKind(blob: FsBlobStore, key: string): Promise<SnapshotKind> {
-  const manifest = await readManifest(blob, key);
-  return manifest.files.some((f) => f.name === 'memory') ? 'memory-file' : 'stream';
-}
 
 interface Actor {
   address?: string;
@@ -105,21 +100,11 @@ function addedBytes(before: Map<string, number>, after: Map<string, number>): nu
 
 type Torpor = Awaited<ReturnType<typeof up>>;
 
-/** `cycles` suspends and resumes of one counter actor with `memoryMiB` of guest memory, through the API. */
-async function torporCycles(t: Torpor, ref: string, memoryMiB: number, blobRoot: string) {
-  const suspend: number[] = [];
-  const resume: number[] = [];
-  const stored: number[] = [];
-  const suspendPhases: Record<string, number>[] = [];
-  const resumePhases: Record<string, number>[] = [];
-  // Snapshots of the micro-VM runtime have a memory file; one carrying RAM in its stream (written by runtimes that
-  // restored copy-on-write) is reported apart.
-  const resumeByKind: Record<SnapshotKind, number[]> = { 'memory-file': [], stream: [] };
-  const phasesByKind: Record<SnapshotKind, Record<string, number>[]> = { 'memory-file': [], stream: [] };
-  const snapshots: Record<SnapshotKind, string | undefined> = { 'memory-file': undefined, stream: undefined };
-  const blob = new FsBlobStore(blobRoot);
+/** The actor of one guest memory size, created through the API and resumed once (a boot from its golden
+ * snapshot). */
+async function startActor(t: Torpor, ref: string, memoryMiB: number): Promise<{ path: string; actor: Actor }> {
   const template = `bench-vm-${memoryMiB}`;
-  const actorPath = `/v1/spaces/bench/actors/vm-${memoryMiB}`;
+  const path = `/v1/spaces/bench/actors/vm-${memoryMiB}`;
   await api(t.url, 'POST', '/v1/templates', {
     name: template,
     image: ref,
@@ -129,41 +114,73 @@ async function torporCycles(t: Torpor, ref: string, memoryMiB: number, blobRoot:
     resources: { memoryMiB, vcpus: 1 },
   });
   await api(t.url, 'POST', '/v1/spaces/bench/actors', { name: `vm-${memoryMiB}`, template });
-  let actor = await api<Actor>(t.url, 'POST', `${actorPath}/resume`, {});
+  return { path, actor: await api<Actor>(t.url, 'POST', `${path}/resume`, {}) };
+}
+
+interface Samples {
+  suspend: number[];
+  resume: number[];
+  suspendPhases: Record<string, number>[];
+  resumePhases: Record<string, number>[];
+}
+
+const samples = (): Samples => ({ suspend: [], resume: [], suspendPhases: [], resumePhases: [] });
+
+/** `cycles` rounds for one guest memory size: Torpor's suspend (through the API), the bare resume and suspend of
+ * the snapshot it wrote, Torpor's resume. */
+async function cyclesFor(
+  t: Torpor,
+  ref: string,
+  memoryMiB: number,
+  bareEnv: { net: WorkerNetwork; paths: BarePaths; work: string },
+  blobRoot: string,
+) {
+  const torpor = samples();
+  const bare = samples();
+  const stored: number[] = [];
+  const bareFileBytes: number[] = [];
+  let snapshotFiles: Record<string, number> = {};
+  const blob = new FsBlobStore(blobRoot);
+  const { path, actor: first } = await startActor(t, ref, memoryMiB);
+  let actor = first;
   for (let i = 0; i < cycles; i++) {
     const got = Number(await (await fetch(`http://${actor.address}/`)).text());
     if (got !== i + 1) throw new Error(`counter returned ${got}, expected ${i + 1}: memory was lost`);
     const before = await blobObjects(blobRoot);
     let t0 = performance.now();
-    actor = await api<Actor>(t.url, 'POST', `${actorPath}/suspend`, {});
-    suspend.push(performance.now() - t0);
+    actor = await api<Actor>(t.url, 'POST', `${path}/suspend`, {});
+    torpor.suspend.push(performance.now() - t0);
     stored.push(addedBytes(before, await blobObjects(blobRoot)));
-    suspendPhases.push(actor.lastOperation?.phases ?? {});
-    const kind = await snapshotKind(blob, actor.snapshot!);
+    torpor.suspendPhases.push(actor.lastOperation?.phases ?? {});
+
+    // The same snapshot, rebuilt from the object store into a plain directory (outside the timing).
+    const snapshotDir = join(bareEnv.work, `snapshot-${memoryMiB}`);
+    await restoreSnapshot({ blob, key: actor.snapshot!, dir: snapshotDir });
+    snapshotFiles = await filesBytes(snapshotDir);
+    const b = await bareCycle(bareEnv.net, bareEnv.paths, snapshotDir, bareEnv.work, i);
+    await rm(snapshotDir, { recursive: true, force: true });
+    bare.resume.push(b.resume);
+    bare.suspend.push(b.suspend);
+    bare.resumePhases.push(b.phases);
+    bareFileBytes.push(b.fileBytes);
+
     await waitForFreeWorker(t.url);
     t0 = performance.now();
-    actor = await api<Actor>(t.url, 'POST', `${actorPath}/resume`, {});
-    resume.push(performance.now() - t0);
-    resumeByKind[kind].push(resume.at(-1)!);
-    resumePhases.push(actor.lastOperation?.phases ?? {});
-    phasesByKind[kind].push(actor.lastOperation?.phases ?? {});
+    actor = await api<Actor>(t.url, 'POST', `${path}/resume`, {});
+    torpor.resume.push(performance.now() - t0);
+    torpor.resumePhases.push(actor.lastOperation?.phases ?? {});
   }
-  // The last snapshot of each kind, for the bare runs.
-  for (let i = 0; i < 2; i++) {
-    actor = await api<Actor>(t.url, 'POST', `${actorPath}/suspend`, {});
-    snapshots[await snapshotKind(blob, actor.snapshot!)] = actor.snapshot!;
-    if (i === 0) actor = await api<Actor>(t.url, 'POST', `${actorPath}/resume`, {});
-  }
-  return {
-    snapshots,
-    resumeByKind,
-    phasesByKind,
-    suspend: summary(suspend),
-    resume: summary(resume),
-    stored: summary(stored),
-    suspendPhases: phaseMedians(suspendPhases),
-    resumePhases: phaseMedians(resumePhases),
-  };
+  // The next size needs the one micro-VM worker.
+  await api(t.url, 'POST', `${path}/suspend`, {});
+  await waitForFreeWorker(t.url);
+  return { torpor, bare, stored: summary(stored), bareFileBytes: summary(bareFileBytes), snapshotFiles };
+}
+
+interface BarePaths {
+  qemu: string;
+  kernel: string;
+  initrd: string;
+  disk: string;
 }
 
 interface VmModel {
@@ -200,101 +217,80 @@ async function untilMigrated(qmp: QmpClient): Promise<void> {
   }
 }
 
-/** Bare QEMU over QMP: `cycles` times, resume Torpor's last snapshot of the actor to ready, then suspend it to a
- * file. */
-async function bareCycles(
-  net: WorkerNetwork,
-  paths: { qemu: string; kernel: string; initrd: string; disk: string },
-  snapshotDir: string,
-  work: string,
-) {
+/** Bare QEMU over QMP: resume a snapshot directory of Torpor's to ready, then suspend it to a file. */
+async function bareCycle(net: WorkerNetwork, paths: BarePaths, snapshotDir: string, work: string, i: number) {
   const model = JSON.parse(await readFile(join(snapshotDir, 'vm.json'), 'utf8')) as VmModel;
-  const hasMemoryFile = (await readdir(snapshotDir)).includes('memory');
+  if (!(await readdir(snapshotDir)).includes('memory')) throw new Error(`${snapshotDir} has no memory file`);
   const url = `http://${net.address}:8080/healthz`;
-  const resume: number[] = [];
-  const suspend: number[] = [];
-  const fileBytes: number[] = [];
-  const phases: Record<string, number>[] = [];
-  for (let i = 0; i < cycles; i++) {
-    await net.prepare();
-    await net.activate({ ports: [8080], egress: 'allow-all', actor: 'bench/bare' });
-    // Short: unix socket paths must fit in 108 bytes.
-    const runDir = `/run/torpor-vm/bare-${process.pid}-${i}`;
-    const ramFile = `/dev/shm/torpor-bench-bare-${process.pid}.ram`;
-    const saved = join(work, `bare-${model.memoryMiB}-${i}.state`);
-    await mkdir(runDir, { recursive: true });
-    const args = qemuArgs(
-      {
-        id: 'bare',
-        kernel: paths.kernel,
-        initrd: paths.initrd,
-        cmdline: model.cmdline,
-        memoryMiB: model.memoryMiB,
-        vcpus: model.vcpus,
-        disk: paths.disk,
-        netnsPath: net.netnsPath,
-        tap: TAP,
-        mac: model.mac,
-        runDir,
-        socketDir: runDir,
-        consoleLog: join(work, 'bare-console.log'),
-        memory: hasMemoryFile ? { path: join(snapshotDir, 'memory'), shared: false } : { path: ramFile, shared: true },
-        accel: model.accel,
-      },
-      true,
-    );
-    let t0 = performance.now();
-    const phase: Record<string, number> = {};
-    const mark = (name: string) => {
-      phase[name] = performance.now() - t0 - Object.values(phase).reduce((a, b) => a + b, 0);
-    };
-    const child = spawn('nsenter', [`--net=${net.netnsPath}`, '--', paths.qemu, ...args], { stdio: 'ignore' });
-    try {
-      const qmp = await QmpClient.connect(join(runDir, 'qmp.sock'), 10_000, () => child.exitCode === null);
-      // QEMU throttles migrations to 128 MiB/s by default; Torpor lifts that too.
-      await qmp.execute('migrate-set-parameters', { 'max-bandwidth': 64 * 1024 ** 3 });
-      await qmp.execute('migrate-set-capabilities', {
-        capabilities: [{ capability: 'x-ignore-shared', state: hasMemoryFile }],
-      });
-      mark('launch');
-      await qmp.execute('migrate-incoming', { uri: `exec:cat ${join(snapshotDir, 'state')}` });
-      await untilStatus(qmp, 'inmigrate');
-      mark('load');
-      await qmp.execute('cont');
-      mark('cont');
-      await waitReady(url, 30_000);
-      mark('ready');
-      resume.push(performance.now() - t0);
-      phases.push(phase);
-
-      const got = await (await fetch(`http://${net.address}:8080/`)).text();
-      if (!/^\d+$/.test(got.trim())) throw new Error(`bare counter answered ${got}`);
-      await qmp.execute('migrate-set-capabilities', {
-        capabilities: [{ capability: 'x-ignore-shared', state: false }],
-      });
-      t0 = performance.now();
-      await qmp.execute('stop');
-      await qmp.execute('migrate', { uri: `exec:cat > ${saved}` });
-      await untilMigrated(qmp);
-      await fsyncFile(saved);
-      suspend.push(performance.now() - t0);
-      fileBytes.push((await stat(saved)).size);
-      qmp.close();
-    } finally {
-      child.kill('SIGKILL');
-      if (child.exitCode === null) await new Promise((r) => child.once('exit', r));
-      await rm(runDir, { recursive: true, force: true });
-      await rm(ramFile, { force: true });
-      await rm(saved, { force: true });
-    }
-  }
-  return {
-    resume: summary(resume),
-    resumeSamples: resume,
-    suspendSamples: suspend,
-    fileSamples: fileBytes,
-    resumePhases: phaseMedians(phases),
+  await net.prepare();
+  await net.activate({ ports: [8080], egress: 'allow-all', actor: 'bench/bare' });
+  // Short: unix socket paths must fit in 108 bytes.
+  const runDir = `/run/torpor-vm/bare-${process.pid}-${i}`;
+  const saved = join(work, `bare-${model.memoryMiB}-${i}.state`);
+  await mkdir(runDir, { recursive: true });
+  const args = qemuArgs(
+    {
+      id: 'bare',
+      kernel: paths.kernel,
+      initrd: paths.initrd,
+      cmdline: model.cmdline,
+      memoryMiB: model.memoryMiB,
+      vcpus: model.vcpus,
+      disk: paths.disk,
+      netnsPath: net.netnsPath,
+      tap: TAP,
+      mac: model.mac,
+      runDir,
+      socketDir: runDir,
+      consoleLog: join(work, 'bare-console.log'),
+      memory: { path: join(snapshotDir, 'memory'), shared: false },
+      accel: model.accel,
+    },
+    true,
+  );
+  let t0 = performance.now();
+  const phase: Record<string, number> = {};
+  const mark = (name: string) => {
+    phase[name] = performance.now() - t0 - Object.values(phase).reduce((a, b) => a + b, 0);
   };
+  const child = spawn('nsenter', [`--net=${net.netnsPath}`, '--', paths.qemu, ...args], { stdio: 'ignore' });
+  try {
+    const qmp = await QmpClient.connect(join(runDir, 'qmp.sock'), 10_000, () => child.exitCode === null);
+    // QEMU throttles migrations to 128 MiB/s by default; Torpor lifts that too.
+    await qmp.execute('migrate-set-parameters', { 'max-bandwidth': 64 * 1024 ** 3 });
+    await qmp.execute('migrate-set-capabilities', {
+      capabilities: [{ capability: 'x-ignore-shared', state: true }],
+    });
+    mark('launch');
+    await qmp.execute('migrate-incoming', { uri: `exec:cat ${join(snapshotDir, 'state')}` });
+    await untilStatus(qmp, 'inmigrate');
+    mark('load');
+    await qmp.execute('cont');
+    mark('cont');
+    await waitReady(url, 30_000);
+    mark('ready');
+    const resume = performance.now() - t0;
+
+    const got = await (await fetch(`http://${net.address}:8080/`)).text();
+    if (!/^\d+$/.test(got.trim())) throw new Error(`bare counter answered ${got}`);
+    await qmp.execute('migrate-set-capabilities', {
+      capabilities: [{ capability: 'x-ignore-shared', state: false }],
+    });
+    t0 = performance.now();
+    await qmp.execute('stop');
+    await qmp.execute('migrate', { uri: `exec:cat > ${saved}` });
+    await untilMigrated(qmp);
+    await fsyncFile(saved);
+    const suspend = performance.now() - t0;
+    const fileBytes = (await stat(saved)).size;
+    qmp.close();
+    return { resume, suspend, fileBytes, phases: phase };
+  } finally {
+    child.kill('SIGKILL');
+    if (child.exitCode === null) await new Promise((r) => child.once('exit', r));
+    await rm(runDir, { recursive: true, force: true });
+    await rm(saved, { force: true });
+  }
 }
 
 async function filesBytes(dir: string): Promise<Record<string, number>> {
@@ -331,61 +327,33 @@ try {
     const rootfs = (await new ImageStore(join(dataDir, 'images')).resolve(ref)).rootfs;
     const disk = join(dataDir, 'microvm', 'disks', `${basename(rootfs)}.ext4`);
     for (const memoryMiB of sizes) {
-      const o = await torporCycles(t, ref, memoryMiB, blobRoot);
-      // The same snapshots (one of each kind), rebuilt from the object store into plain directories, and the
-      // same root disk. Bare figures are over both kinds, as Torpor's are.
-      const bareRuns: Awaited<ReturnType<typeof bareCycles>>[] = [];
-      const snapshotFiles: Record<string, Record<string, number>> = {};
-      // Kinds Torpor produced (a runtime that gives every VM its own RAM file only writes memory-file snapshots).
-      const kinds = Object.entries(o.snapshots).filter((e): e is [string, string] => e[1] !== undefined);
-      for (const [kind, key] of kinds) {
-        const snapshotDir = join(work, `snapshot-${memoryMiB}-${kind}`);
-        await restoreSnapshot({ blob: new FsBlobStore(blobRoot), key, dir: snapshotDir });
-        snapshotFiles[kind] = await filesBytes(snapshotDir);
-        bareRuns.push(await bareCycles(net, { qemu, kernel, initrd, disk }, snapshotDir, work));
-        await rm(snapshotDir, { recursive: true, force: true });
-      }
-      const b = {
-        resume: summary(bareRuns.flatMap((r) => r.resumeSamples)),
-        suspend: summary(bareRuns.flatMap((r) => r.suspendSamples)),
-        fileBytes: summary(bareRuns.flatMap((r) => r.fileSamples)),
-      };
-      const bareByKind = Object.fromEntries(
-        kinds.map(([kind], i) => [
-          kind,
-          { resume_to_ready_ms: ms(bareRuns[i]!.resume), resume_phase_p50_ms: bareRuns[i]!.resumePhases },
-        ]),
-      );
+      const o = await cyclesFor(t, ref, memoryMiB, { net, paths: { qemu, kernel, initrd, disk }, work }, blobRoot);
+      const torpor = { suspend: summary(o.torpor.suspend), resume: summary(o.torpor.resume) };
+      const bare = { suspend: summary(o.bare.suspend), resume: summary(o.bare.resume) };
       results.push({
         guest_memory_mib: memoryMiB,
         torpor: {
-          suspend_ms: ms(o.suspend),
-          resume_ms: ms(o.resume),
-          suspend_phase_p50_ms: o.suspendPhases,
-          resume_phase_p50_ms: o.resumePhases,
+          suspend_ms: ms(torpor.suspend),
+          resume_ms: ms(torpor.resume),
+          suspend_phase_p50_ms: phaseMedians(o.torpor.suspendPhases),
+          resume_phase_p50_ms: phaseMedians(o.torpor.resumePhases),
         },
-        bare: { suspend_ms: ms(b.suspend), resume_to_ready_ms: ms(b.resume) },
-        resume_by_snapshot_kind: Object.fromEntries(
-          Object.entries(o.resumeByKind).map(([kind, samples]) => [
-            kind,
-            {
-              torpor_resume_ms: samples.length > 0 ? ms(summary(samples)) : null,
-              torpor_resume_phase_p50_ms: phaseMedians(o.phasesByKind[kind as SnapshotKind]),
-              bare: bareByKind[kind] ?? null,
-            },
-          ]),
-        ),
+        bare: {
+          suspend_ms: ms(bare.suspend),
+          resume_to_ready_ms: ms(bare.resume),
+          resume_phase_p50_ms: phaseMedians(o.bare.resumePhases),
+        },
         ratios: {
-          suspend_p50: round(o.suspend.p50 / b.suspend.p50),
-          suspend_p95: round(o.suspend.p95 / b.suspend.p95),
-          resume_p50: round(o.resume.p50 / b.resume.p50),
-          resume_p95: round(o.resume.p95 / b.resume.p95),
+          suspend_p50: round(torpor.suspend.p50 / bare.suspend.p50),
+          suspend_p95: round(torpor.suspend.p95 / bare.suspend.p95),
+          resume_p50: round(torpor.resume.p50 / bare.resume.p50),
+          resume_p95: round(torpor.resume.p95 / bare.resume.p95),
         },
         bytes: {
           stored_per_snapshot_p50: o.stored.p50,
           stored_per_snapshot_max: o.stored.max,
-          snapshot_files: snapshotFiles,
-          bare_migration_file_p50: b.fileBytes.p50,
+          snapshot_files: o.snapshotFiles,
+          bare_migration_file_p50: o.bareFileBytes.p50,
         },
       });
     }
