@@ -5,7 +5,7 @@
 // host). `torpor up` remains the all-in-one embedded deployment.
 import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
-import { mkdir } from 'node:fs/promises';
+import { mkdir, rmdir } from 'node:fs/promises';
 import type { Server } from 'node:http';
 import { join, resolve } from 'node:path';
 import { type Logger, pino } from 'pino';
@@ -321,6 +321,8 @@ export async function agent(o: AgentOptions): Promise<Running> {
       }
       await closeLettingRequestsFinish(api);
       await nodeAgent.stop();
+      // Every VM is gone: its RAM directory is empty (rmdir refuses otherwise), as the local engine leaves it.
+      await rmdir(memoryDir).catch(() => undefined);
       await tracing?.shutdown();
     },
   };

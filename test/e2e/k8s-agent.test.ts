@@ -11,11 +11,12 @@
 // torpor.js (the server always runs from this checkout). `torpor controller` as a process of its own: k8s.test.ts.
 import assert from 'node:assert/strict';
 import { type ChildProcess, execFile, execFileSync, spawn } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
+import { existsSync } from 'node:fs';
 import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { join, resolve } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { promisify } from 'node:util';
 import type { Actor } from '../../src/core/types.ts';
@@ -385,9 +386,13 @@ describe('worker pods run by a stand-in kubelet: torpor agent registers, serves,
       .split('\n')
       .filter((line) => line.includes(join(dir, 'pods', podName)) && line.includes('-machine microvm'));
     assert.equal(vmm.length, 1, `one QEMU of the pod's worker: ${ps}`);
-    // Stopped, the pod's agent ends cleanly.
+    // Stopped, the pod's agent ends cleanly, and its guest RAM directory (tmpfs) goes with its VMs.
     await pod.stop();
     assert.equal(pod.child.exitCode, 0, pod.output.slice(-2000));
+    const args = pod.child.spawnargs;
+    const podData = resolve(args[args.indexOf('--data-dir') + 1]!);
+    const ramDir = `/dev/shm/torpor-${createHash('sha256').update(podData).digest('hex').slice(0, 12)}`;
+    assert.equal(existsSync(ramDir), false, `${ramDir} is left behind`);
   });
 
   it('torpor server --schedule-type alicloud-k8s: ACK credentials, the controller in the server, no secret shown', async () => {
