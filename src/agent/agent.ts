@@ -28,9 +28,11 @@ import {
   type ProgressListener,
   readManifest,
   restoreSnapshot,
+  startChunkPool,
   writeSnapshot,
 } from '../snapshot/index.ts';
 import { crashPoint } from '../sys/crash.ts';
+import { removeWithLinkedFiles, settleLinkedFiles } from '../sys/linked-files.ts';
 import type {
   ActivateRequest,
   ActivateResult,
@@ -115,6 +117,12 @@ export interface NodeAgentOptions {
   /** Keep retrying the first registration (every second) instead of failing: a `torpor agent` may well start
    * before its server. */
   waitForRegistry?: boolean;
+}
+
+interface CheckpointOptions {
+  deferTeardown?: boolean;
+  /** Move files the runtime left staged elsewhere (linked) into the directory before returning. */
+  settle?: boolean;
 }
 
 /** Written into a checkpoint directory once the runtime's checkpoint completed: the files it reported. A directory
@@ -496,25 +504,28 @@ export class NodeAgent implements AgentClient {
     target: LocalCheckpointTarget,
     opts: { deferTeardown?: boolean } = {},
   ): Promise<LocalCheckpoint> {
-    return this.checkpointInto(workerId, this.checkpointDir(target), opts);
+    // A suspend's checkpoint may keep files staged where the runtime wrote them (guest RAM on tmpfs, linked into
+    // the directory) until its upload is done: see upload and keepLocal. A pause's is local state that must
+    // survive the node: it is settled onto disk before the pause is acknowledged.
+    const settle = target.kind !== 'suspend';
+    return this.checkpointInto(workerId, this.checkpointDir(target), { ...opts, settle });
   }
 
-  private checkpointInto(workerId: string, dir: string, opts: { deferTeardown?: boolean }): Promise<LocalCheckpoint> {
+  private checkpointInto(workerId: string, dir: string, opts: CheckpointOptions): Promise<LocalCheckpoint> {
     this.slot(workerId);
     return this.slotLocks.run(workerId, () => this.checkpointLocked(workerId, dir, opts));
   }
 
-  private async checkpointLocked(
-    workerId: string,
-    dir: string,
-    opts: { deferTeardown?: boolean },
-  ): Promise<LocalCheckpoint> {
+  private async checkpointLocked(workerId: string, dir: string, opts: CheckpointOptions): Promise<LocalCheckpoint> {
     const slot = this.slot(workerId);
     if (!slot.sandbox)
       throw new TorporError('FAILED_PRECONDITION', `worker ${workerId} runs no actor`, { field: 'worker' });
     const sandbox = slot.sandbox;
     crashPoint('checkpoint.started');
+    // The snapshot writer's threads boot (~50 ms) while the checkpoint is taken, not when its upload starts.
+    startChunkPool();
     const result = await slot.runtime.checkpoint(sandbox, dir);
+    if (opts.settle) await timed(result.phases, 'settle', () => settleLinkedFiles(dir));
     if (slot.pinned) await writeFile(join(dir, PINNED_ASSETS_FILE), JSON.stringify(slot.pinned));
     this.opts.log.info(
       { worker: workerId, actor: slot.actor, runtime: slot.runtime.name, files: result.files, phases: result.phases },
@@ -574,7 +585,13 @@ export class NodeAgent implements AgentClient {
   /** Uploads a local checkpoint as a durable snapshot (chunks first, manifest last). */
   async upload(req: UploadRequest, dir: string, files?: string[]): Promise<CheckpointResult> {
     const local = this.localDir(dir);
-    return this.uploadDir(req, local, files ?? (await this.checkpointFiles(local)));
+    try {
+      return await this.uploadDir(req, local, files ?? (await this.checkpointFiles(local)));
+    } catch (err) {
+      // The checkpoint stays on this node as the actor's only state (PAUSED): on disk, not in memory.
+      await settleLinkedFiles(local).catch((e: unknown) => this.opts.log.warn({ err: e, dir }, 'settling failed'));
+      throw err;
+    }
   }
 
   private async uploadDir(req: UploadRequest, dir: string, files: string[]): Promise<CheckpointResult> {
@@ -661,7 +678,7 @@ export class NodeAgent implements AgentClient {
       return { ...uploaded, phases: { ...local.phases, ...uploaded.phases } };
     } finally {
       this.startTeardown(req.workerId);
-      await rm(dir, { recursive: true, force: true });
+      await removeWithLinkedFiles(dir);
     }
   }
 
@@ -719,11 +736,19 @@ export class NodeAgent implements AgentClient {
     const local = this.localDir(dir);
     const target = this.keptSnapshot(manifestKey);
     await mkdir(dirname(target), { recursive: true });
-    await rm(target, { recursive: true, force: true });
+    await removeWithLinkedFiles(target);
     try {
       await rename(local, target);
     } catch (err) {
-      await rm(local, { recursive: true, force: true });
+      await removeWithLinkedFiles(local);
+      throw err;
+    }
+    // Files the checkpoint left staged in memory move to disk now, after the suspend was acknowledged. A resume or
+    // the next suspend meanwhile reads them through their links.
+    try {
+      await settleLinkedFiles(target);
+    } catch (err) {
+      await removeWithLinkedFiles(target);
       throw err;
     }
     const root = dirname(target);
@@ -731,12 +756,11 @@ export class NodeAgent implements AgentClient {
       (await readdir(root)).map(async (name) => ({ name, mtime: (await stat(join(root, name))).mtimeMs })),
     );
     entries.sort((a, b) => b.mtime - a.mtime);
-    for (const old of entries.slice(this.keepSnapshots))
-      await rm(join(root, old.name), { recursive: true, force: true });
+    for (const old of entries.slice(this.keepSnapshots)) await removeWithLinkedFiles(join(root, old.name));
   }
 
   async discardLocal(dir: string): Promise<void> {
-    await rm(this.localDir(dir), { recursive: true, force: true });
+    await removeWithLinkedFiles(this.localDir(dir));
   }
 
   logPath(actor: ActorRef): string {
