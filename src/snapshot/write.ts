@@ -244,11 +244,15 @@ async function storeDelta(
 async function chunkFile(ctx: WriteContext, dir: string, file: SnapshotFile): Promise<ManifestFile> {
   const path = join(dir, file.name);
   const base = await baseOf(ctx, file);
-  const data = await ctx.dataMaps.get(file.name);
+  // Scanning starts at once; chunks scanned before the extents are listed (a process spawn) are read whole.
+  let data: Uint8Array | undefined;
+  void ctx.dataMaps.get(file.name)?.then((map) => {
+    data = map;
+  });
   const count = Math.ceil(file.size / ctx.chunkSize);
   const chunks: (string | null)[] = new Array(count).fill(null);
   // Chunks are scanned on the pool's threads, a few per thread in flight, and handled here in order.
-  const window = 2 * chunkPoolSize();
+  const window = 4 * chunkPoolSize();
   const scans: (Promise<ScanResult> | undefined)[] = [];
   const scan = (index: number) => {
     if (index >= count || (data && data[index] === 0)) return undefined;
