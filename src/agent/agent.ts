@@ -162,6 +162,8 @@ export class NodeAgent implements AgentClient {
   /** Workers with an activation in progress. */
   private readonly activating = new Set<string>();
   private readonly keepSnapshots: number;
+  /** Checkpoint files being moved from memory to disk (see keepLocal); stop waits for them. */
+  private readonly settling = new Set<Promise<unknown>>();
 
   constructor(opts: NodeAgentOptions) {
     this.opts = opts;
@@ -230,6 +232,7 @@ export class NodeAgent implements AgentClient {
   /** Prepares every slot (cleaning leftovers of an earlier process: their sandboxes died with it as far as the
    * control layer knows) and registers the workers, free. Heartbeats start only once that succeeded. */
   async start(): Promise<void> {
+    await this.settleLeftovers();
     await this.opts.network.ensure();
     for (const slot of this.slots.values()) {
       for (const id of await slot.runtime.list()) await slot.runtime.destroy(id);
@@ -244,6 +247,7 @@ export class NodeAgent implements AgentClient {
 
   async stop(): Promise<void> {
     clearInterval(this.renewTimer);
+    await Promise.allSettled([...this.settling]);
     for (const slot of this.slots.values()) {
       this.startTeardown(slot.id);
       await slot.teardown;
@@ -745,11 +749,15 @@ export class NodeAgent implements AgentClient {
     }
     // Files the checkpoint left staged in memory move to disk now, after the suspend was acknowledged. A resume or
     // the next suspend meanwhile reads them through their links.
+    const settled = settleLinkedFiles(target);
+    this.settling.add(settled);
     try {
-      await settleLinkedFiles(target);
+      await settled;
     } catch (err) {
       await removeWithLinkedFiles(target);
       throw err;
+    } finally {
+      this.settling.delete(settled);
     }
     const root = dirname(target);
     const entries = await Promise.all(
@@ -757,6 +765,21 @@ export class NodeAgent implements AgentClient {
     );
     entries.sort((a, b) => b.mtime - a.mtime);
     for (const old of entries.slice(this.keepSnapshots)) await removeWithLinkedFiles(join(root, old.name));
+  }
+
+  /** Moves to disk what an earlier process left staged in memory (it stopped between a suspend's checkpoint and
+   * keepLocal): checkpoint directories are at most three levels below their kind's directory. */
+  private async settleLeftovers(): Promise<void> {
+    const visit = async (dir: string, depth: number): Promise<void> => {
+      const entries = await readdir(dir, { withFileTypes: true }).catch(() => []);
+      if (entries.some((e) => e.isSymbolicLink())) {
+        await settleLinkedFiles(dir).catch((err: unknown) => this.opts.log.warn({ err, dir }, 'settling failed'));
+      }
+      if (depth > 0) {
+        for (const e of entries) if (e.isDirectory()) await visit(join(dir, e.name), depth - 1);
+      }
+    };
+    for (const kind of ['checkpoints', 'paused', 'snapshots']) await visit(join(this.nodeDir, kind), 3);
   }
 
   async discardLocal(dir: string): Promise<void> {
