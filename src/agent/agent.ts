@@ -677,13 +677,21 @@ export class NodeAgent implements AgentClient {
       safeSegment(req.actor.name, 'actor.name'),
     );
     const local = await this.checkpointInto(req.workerId, dir, { deferTeardown: true });
+    let uploaded: CheckpointResult;
     try {
-      const uploaded = await this.uploadDir(req, dir, local.files);
-      return { ...uploaded, phases: { ...local.phases, ...uploaded.phases } };
-    } finally {
+      uploaded = await this.uploadDir(req, dir, local.files);
+    } catch (err) {
       this.startTeardown(req.workerId);
       await removeWithLinkedFiles(dir);
+      throw err;
     }
+    this.startTeardown(req.workerId);
+    // Kept like a suspend's checkpoint: actors resumed from this snapshot on this node restore from the copy, and
+    // their first suspend compares against it instead of hashing every chunk.
+    await this.keepLocal(dir, req.manifestKey).catch((err: unknown) => {
+      this.opts.log.warn({ err, snapshot: req.manifestKey }, 'keeping the checkpoint failed');
+    });
+    return { ...uploaded, phases: { ...local.phases, ...uploaded.phases } };
   }
 
   /** Stops whatever runs on the worker without a snapshot (delete, failed activation). Idempotent. */
