@@ -28,9 +28,11 @@ import {
   type ProgressListener,
   readManifest,
   restoreSnapshot,
+  startChunkPool,
   writeSnapshot,
 } from '../snapshot/index.ts';
 import { crashPoint } from '../sys/crash.ts';
+import { removeWithLinkedFiles, settleLinkedFiles } from '../sys/linked-files.ts';
 import type {
   ActivateRequest,
   ActivateResult,
@@ -117,6 +119,12 @@ export interface NodeAgentOptions {
   waitForRegistry?: boolean;
 }
 
+interface CheckpointOptions {
+  deferTeardown?: boolean;
+  /** Move files the runtime left staged elsewhere (linked) into the directory before returning. */
+  settle?: boolean;
+}
+
 /** Written into a checkpoint directory once the runtime's checkpoint completed: the files it reported. A directory
  * without it holds a checkpoint cut short (by a crash) and is never uploaded. */
 const CHECKPOINT_FILES = '.torpor-files.json';
@@ -154,6 +162,8 @@ export class NodeAgent implements AgentClient {
   /** Workers with an activation in progress. */
   private readonly activating = new Set<string>();
   private readonly keepSnapshots: number;
+  /** Checkpoint files being moved from memory to disk (see keepLocal); stop waits for them. */
+  private readonly settling = new Set<Promise<unknown>>();
 
   constructor(opts: NodeAgentOptions) {
     this.opts = opts;
@@ -222,6 +232,7 @@ export class NodeAgent implements AgentClient {
   /** Prepares every slot (cleaning leftovers of an earlier process: their sandboxes died with it as far as the
    * control layer knows) and registers the workers, free. Heartbeats start only once that succeeded. */
   async start(): Promise<void> {
+    await this.settleLeftovers();
     await this.opts.network.ensure();
     for (const slot of this.slots.values()) {
       for (const id of await slot.runtime.list()) await slot.runtime.destroy(id);
@@ -236,6 +247,7 @@ export class NodeAgent implements AgentClient {
 
   async stop(): Promise<void> {
     clearInterval(this.renewTimer);
+    await Promise.allSettled([...this.settling]);
     for (const slot of this.slots.values()) {
       this.startTeardown(slot.id);
       await slot.teardown;
@@ -506,25 +518,28 @@ export class NodeAgent implements AgentClient {
     target: LocalCheckpointTarget,
     opts: { deferTeardown?: boolean } = {},
   ): Promise<LocalCheckpoint> {
-    return this.checkpointInto(workerId, this.checkpointDir(target), opts);
+    // A suspend's checkpoint may keep files staged where the runtime wrote them (guest RAM on tmpfs, linked into
+    // the directory) until its upload is done: see upload and keepLocal. A pause's is local state that must
+    // survive the node: it is settled onto disk before the pause is acknowledged.
+    const settle = target.kind !== 'suspend';
+    return this.checkpointInto(workerId, this.checkpointDir(target), { ...opts, settle });
   }
 
-  private checkpointInto(workerId: string, dir: string, opts: { deferTeardown?: boolean }): Promise<LocalCheckpoint> {
+  private checkpointInto(workerId: string, dir: string, opts: CheckpointOptions): Promise<LocalCheckpoint> {
     this.slot(workerId);
     return this.slotLocks.run(workerId, () => this.checkpointLocked(workerId, dir, opts));
   }
 
-  private async checkpointLocked(
-    workerId: string,
-    dir: string,
-    opts: { deferTeardown?: boolean },
-  ): Promise<LocalCheckpoint> {
+  private async checkpointLocked(workerId: string, dir: string, opts: CheckpointOptions): Promise<LocalCheckpoint> {
     const slot = this.slot(workerId);
     if (!slot.sandbox)
       throw new TorporError('FAILED_PRECONDITION', `worker ${workerId} runs no actor`, { field: 'worker' });
     const sandbox = slot.sandbox;
     crashPoint('checkpoint.started');
+    // The snapshot writer's threads boot (~50 ms) while the checkpoint is taken, not when its upload starts.
+    startChunkPool();
     const result = await slot.runtime.checkpoint(sandbox, dir);
+    if (opts.settle) await timed(result.phases, 'settle', () => settleLinkedFiles(dir));
     if (slot.pinned) await writeFile(join(dir, PINNED_ASSETS_FILE), JSON.stringify(slot.pinned));
     this.opts.log.info(
       { worker: workerId, actor: slot.actor, runtime: slot.runtime.name, files: result.files, phases: result.phases },
@@ -584,7 +599,13 @@ export class NodeAgent implements AgentClient {
   /** Uploads a local checkpoint as a durable snapshot (chunks first, manifest last). */
   async upload(req: UploadRequest, dir: string, files?: string[]): Promise<CheckpointResult> {
     const local = this.localDir(dir);
-    return this.uploadDir(req, local, files ?? (await this.checkpointFiles(local)));
+    try {
+      return await this.uploadDir(req, local, files ?? (await this.checkpointFiles(local)));
+    } catch (err) {
+      // The checkpoint stays on this node as the actor's only state (PAUSED): on disk, not in memory.
+      await settleLinkedFiles(local).catch((e: unknown) => this.opts.log.warn({ err: e, dir }, 'settling failed'));
+      throw err;
+    }
   }
 
   private async uploadDir(req: UploadRequest, dir: string, files: string[]): Promise<CheckpointResult> {
@@ -666,13 +687,21 @@ export class NodeAgent implements AgentClient {
       safeSegment(req.actor.name, 'actor.name'),
     );
     const local = await this.checkpointInto(req.workerId, dir, { deferTeardown: true });
+    let uploaded: CheckpointResult;
     try {
-      const uploaded = await this.uploadDir(req, dir, local.files);
-      return { ...uploaded, phases: { ...local.phases, ...uploaded.phases } };
-    } finally {
+      uploaded = await this.uploadDir(req, dir, local.files);
+    } catch (err) {
       this.startTeardown(req.workerId);
-      await rm(dir, { recursive: true, force: true });
+      await removeWithLinkedFiles(dir);
+      throw err;
     }
+    this.startTeardown(req.workerId);
+    // Kept like a suspend's checkpoint: actors resumed from this snapshot on this node restore from the copy, and
+    // their first suspend compares against it instead of hashing every chunk.
+    await this.keepLocal(dir, req.manifestKey).catch((err: unknown) => {
+      this.opts.log.warn({ err, snapshot: req.manifestKey }, 'keeping the checkpoint failed');
+    });
+    return { ...uploaded, phases: { ...local.phases, ...uploaded.phases } };
   }
 
   /** Stops whatever runs on the worker without a snapshot (delete, failed activation). Idempotent. */
@@ -729,24 +758,50 @@ export class NodeAgent implements AgentClient {
     const local = this.localDir(dir);
     const target = this.keptSnapshot(manifestKey);
     await mkdir(dirname(target), { recursive: true });
-    await rm(target, { recursive: true, force: true });
+    await removeWithLinkedFiles(target);
     try {
       await rename(local, target);
     } catch (err) {
-      await rm(local, { recursive: true, force: true });
+      await removeWithLinkedFiles(local);
       throw err;
+    }
+    // Files the checkpoint left staged in memory move to disk now, after the suspend was acknowledged. A resume or
+    // the next suspend meanwhile reads them through their links.
+    const settled = settleLinkedFiles(target);
+    this.settling.add(settled);
+    try {
+      await settled;
+    } catch (err) {
+      await removeWithLinkedFiles(target);
+      throw err;
+    } finally {
+      this.settling.delete(settled);
     }
     const root = dirname(target);
     const entries = await Promise.all(
       (await readdir(root)).map(async (name) => ({ name, mtime: (await stat(join(root, name))).mtimeMs })),
     );
     entries.sort((a, b) => b.mtime - a.mtime);
-    for (const old of entries.slice(this.keepSnapshots))
-      await rm(join(root, old.name), { recursive: true, force: true });
+    for (const old of entries.slice(this.keepSnapshots)) await removeWithLinkedFiles(join(root, old.name));
+  }
+
+  /** Moves to disk what an earlier process left staged in memory (it stopped between a suspend's checkpoint and
+   * keepLocal): checkpoint directories are at most three levels below their kind's directory. */
+  private async settleLeftovers(): Promise<void> {
+    const visit = async (dir: string, depth: number): Promise<void> => {
+      const entries = await readdir(dir, { withFileTypes: true }).catch(() => []);
+      if (entries.some((e) => e.isSymbolicLink())) {
+        await settleLinkedFiles(dir).catch((err: unknown) => this.opts.log.warn({ err, dir }, 'settling failed'));
+      }
+      if (depth > 0) {
+        for (const e of entries) if (e.isDirectory()) await visit(join(dir, e.name), depth - 1);
+      }
+    };
+    for (const kind of ['checkpoints', 'paused', 'snapshots']) await visit(join(this.nodeDir, kind), 3);
   }
 
   async discardLocal(dir: string): Promise<void> {
-    await rm(this.localDir(dir), { recursive: true, force: true });
+    await removeWithLinkedFiles(this.localDir(dir));
   }
 
   logPath(actor: ActorRef): string {

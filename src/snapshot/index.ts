@@ -1,4 +1,6 @@
 // Snapshot format v1: content-addressed, compressed, deduplicated chunks plus a manifest written last.
+
+export { startChunkPool } from './chunk-pool.ts';
 export { COMPACT_DELTA_LEVEL, compactDelta, DEFAULT_DELTA_LEVEL } from './delta.ts';
 export {
   addLiveManifests,

@@ -2,16 +2,19 @@
 // Files are read one chunk at a time; each chunk is named by the sha256 of its bytes, so a chunk the store
 // already holds (from this actor's last snapshot, its template's golden snapshot, any other actor) is not
 // uploaded again. All-zero chunks (most of a memory image) are not stored at all. The manifest goes last.
-import { readSync } from 'node:fs';
-import { type FileHandle, open, readFile, stat } from 'node:fs/promises';
+// Reading, hashing and compressing run on the chunk pool's threads (chunk-pool.ts); this thread only orders the
+// results and drives the uploads, whose many small file system calls would otherwise wait behind that work.
+import { readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
-import { zstdCompressSync } from 'node:zlib';
 import type { BlobStore } from '../blob/blob.ts';
 import { assertValidKey, unsafePathReason } from '../blob/keys.ts';
 import { TorporError } from '../core/errors.ts';
 import { parse, type RuntimeClass } from '../core/schemas.ts';
 import type { Asset, ChunkedContent, ManifestFile, SnapshotManifest } from '../core/types.ts';
 import { crashPoint } from '../sys/crash.ts';
+import { dataExtents } from '../sys/extents.ts';
+import { chunkPoolSize, compressInPool, scanInPool, startChunkPool } from './chunk-pool.ts';
+import type { ScanResult } from './chunk-work.ts';
 import {
   DEFAULT_DELTA_LEVEL,
   DELTA_MAX_BYTES,
@@ -27,8 +30,10 @@ import { elapsedMs, ProgressCounter, type ProgressListener, positiveInteger, rou
 
 export const DEFAULT_CHUNK_SIZE = 1024 * 1024;
 export const DEFAULT_CONCURRENCY = 8;
-/** Synchronous reads block the event loop (in `torpor up`, the router's too): at most 4 MiB between yields. */
-const YIELD_EVERY_CHUNKS = 4;
+/** Files of at least this many chunks are read by their data extents only: listing them costs a process spawn
+ * (~5 ms, while other files are read), reading a hole a copy of zeros (on ext4 ~0.5 ms per MiB, page-cache pages
+ * too). A guest's memory file is mostly holes. */
+const EXTENTS_MIN_CHUNKS = 16;
 
 export interface SnapshotMeta {
   runtime: RuntimeClass;
@@ -74,8 +79,8 @@ export interface WriteSnapshotStats {
   totalChunks: number;
   /** Files stored as deltas against their keyframe (each delta counts as one uploaded or reused object). */
   deltaFiles: number;
-  /** chunk: reading and hashing; delta: encoding deltas; upload: first upload start to last upload end (overlaps
-   * chunk and delta); manifest. */
+  /** chunk: first chunk read to last chunk scanned (on the chunk pool's threads); delta: encoding deltas; upload:
+   * first upload start to last upload end (overlaps chunk and delta); manifest. */
   phases: { chunk: number; delta: number; upload: number; manifest: number };
 }
 
@@ -95,17 +100,19 @@ interface WriteContext {
   cache: BlobStore | undefined;
   chunkSize: number;
   pool: TaskPool;
-  zeros: Buffer;
   /** Hashes already handled in this call, so a chunk repeated across or within files is uploaded once. */
   seen: Set<string>;
   stats: Omit<WriteSnapshotStats, 'phases'>;
   progress: ProgressCounter;
-  chunkMs: number;
+  /** From the first chunk scan's start to the last one's end. */
+  chunkSpan: { start?: number; end?: number };
   deltaMs: number;
   previous: SnapshotManifest | undefined;
   deltaLevel: number;
   uploadStartedAt: number | undefined;
   previousDir: string | undefined;
+  /** Per large file, which of its chunks may hold data (see chunkDataMap). */
+  dataMaps: Map<string, Promise<Uint8Array | undefined>>;
 }
 
 export async function writeSnapshot(opts: WriteSnapshotOptions): Promise<WriteSnapshotResult> {
@@ -114,13 +121,13 @@ export async function writeSnapshot(opts: WriteSnapshotOptions): Promise<WriteSn
   assertValidKey(opts.key);
   checkMeta(opts.meta, chunkSize);
   const files = await statFiles(opts.dir, opts.files);
+  startChunkPool();
   const rawBytes = files.reduce((sum, file) => sum + file.size, 0);
   const ctx: WriteContext = {
     blob: opts.blob,
     cache: opts.cache,
     chunkSize,
     pool: new TaskPool(concurrency),
-    zeros: Buffer.alloc(chunkSize),
     seen: new Set(),
     stats: {
       rawBytes,
@@ -132,14 +139,20 @@ export async function writeSnapshot(opts: WriteSnapshotOptions): Promise<WriteSn
       deltaFiles: 0,
     },
     progress: new ProgressCounter(rawBytes, opts.onProgress),
-    chunkMs: 0,
+    chunkSpan: {},
     deltaMs: 0,
     // A base is read with the previous manifest's chunk size: deltas need the same one.
     previous: opts.previous?.chunkSize === chunkSize ? opts.previous : undefined,
     deltaLevel: opts.deltaLevel ?? DEFAULT_DELTA_LEVEL,
     uploadStartedAt: undefined,
     previousDir: opts.previousDir,
+    dataMaps: new Map(),
   };
+  for (const file of files) {
+    if (file.size >= EXTENTS_MIN_CHUNKS * chunkSize) {
+      ctx.dataMaps.set(file.name, chunkDataMap(join(opts.dir, file.name), file.size, chunkSize));
+    }
+  }
 
   const manifestFiles = await chunkAllFiles(ctx, opts.dir, files);
   const upload = ctx.uploadStartedAt === undefined ? 0 : elapsedMs(ctx.uploadStartedAt);
@@ -158,7 +171,7 @@ export async function writeSnapshot(opts: WriteSnapshotOptions): Promise<WriteSn
   crashPoint('upload.manifest-written');
 
   const phases = {
-    chunk: roundMs(ctx.chunkMs),
+    chunk: roundMs((ctx.chunkSpan.end ?? 0) - (ctx.chunkSpan.start ?? 0)),
     delta: roundMs(ctx.deltaMs),
     upload,
     manifest: elapsedMs(manifestStart),
@@ -229,67 +242,76 @@ async function storeDelta(
 }
 
 async function chunkFile(ctx: WriteContext, dir: string, file: SnapshotFile): Promise<ManifestFile> {
-  const handle = await open(join(dir, file.name), 'r');
-  const base = await openBase(ctx, file);
-  const scratch = Buffer.allocUnsafe(ctx.chunkSize);
-  try {
-    const chunks: (string | null)[] = [];
-    for (let offset = 0; offset < file.size; offset += ctx.chunkSize) {
-      const started = performance.now();
-      const length = Math.min(ctx.chunkSize, file.size - offset);
-      // Read into one reused buffer (fresh memory per chunk costs page faults: ~2x the read of a mostly-sparse
-      // memory file); handleChunk copies the few chunks it uploads.
-      const bytes = readInto(handle, file, scratch.subarray(0, length), offset);
-      const zero = isAllZero(bytes, ctx.zeros);
-      const unchanged = base && !zero ? unchangedHash(base, offset, bytes) : undefined;
-      const hash = unchanged ?? (zero ? null : sha256Hex(bytes));
-      ctx.chunkMs += performance.now() - started;
-      chunks.push(hash);
-      if (unchanged) countStored(ctx, unchanged, bytes.length);
-      else await handleChunk(ctx, hash, bytes);
-      // Reads are synchronous: let other work in (the server answers requests meanwhile) every few MiB.
-      if (chunks.length % YIELD_EVERY_CHUNKS === 0) await new Promise((resolve) => setImmediate(resolve));
+  const path = join(dir, file.name);
+  const base = await baseOf(ctx, file);
+  // Scanning starts at once; chunks scanned before the extents are listed (a process spawn) are read whole.
+  let data: Uint8Array | undefined;
+  void ctx.dataMaps.get(file.name)?.then((map) => {
+    data = map;
+  });
+  const count = Math.ceil(file.size / ctx.chunkSize);
+  const chunks: (string | null)[] = new Array(count).fill(null);
+  // Chunks are scanned on the pool's threads, a few per thread in flight, and handled here in order.
+  const window = 4 * chunkPoolSize();
+  const scans: (Promise<ScanResult> | undefined)[] = [];
+  const scan = (index: number) => {
+    if (index >= count || (data && data[index] === 0)) return undefined;
+    const offset = index * ctx.chunkSize;
+    const hash = base?.chunks[index];
+    ctx.chunkSpan.start ??= performance.now();
+    const scanned = scanInPool({
+      path,
+      offset,
+      length: Math.min(ctx.chunkSize, file.size - offset),
+      ...(base && hash ? { base: { path: base.path, hash } } : {}),
+    }).finally(() => {
+      ctx.chunkSpan.end = performance.now();
+    });
+    scanned.catch(() => undefined); // awaited in order below; not unhandled if an earlier chunk failed
+    return scanned;
+  };
+  for (let index = 0; index < Math.min(window, count); index++) scans[index] = scan(index);
+  for (let index = 0; index < count; index++) {
+    const length = Math.min(ctx.chunkSize, file.size - index * ctx.chunkSize);
+    const scanned = scans[index];
+    scans[index + window] = scan(index + window);
+    if (scanned === undefined) {
+      countZero(ctx, length); // wholly in a hole: not even read
+      continue;
     }
-    return { name: file.name, size: file.size, chunks };
-  } finally {
-    await handle.close();
-    await base?.handle.close();
+    const result = await scanned;
+    scans[index] = undefined;
+    if (result.kind === 'short') {
+      throw new TorporError('FAILED_PRECONDITION', `file "${file.name}" shrank while it was being snapshotted`, {
+        field: 'files',
+      });
+    }
+    if (result.kind === 'zero') countZero(ctx, length);
+    else if (result.kind === 'unchanged') {
+      chunks[index] = base!.chunks[index]!;
+      countStored(ctx, chunks[index]!, length);
+    } else {
+      chunks[index] = result.hash;
+      await handleChunk(ctx, result.hash, result.bytes);
+    }
   }
+  return { name: file.name, size: file.size, chunks };
 }
 
 /** The previous snapshot's version of a file, when this node still has it as written and it was chunked with
  * the same size (chunk i then covers the same bytes in both). */
 interface BaseFile {
-  handle: FileHandle;
-  file: SnapshotFile;
+  path: string;
   chunks: (string | null)[];
-  buffer: Buffer;
 }
 
-async function openBase(ctx: WriteContext, file: SnapshotFile): Promise<BaseFile | undefined> {
+async function baseOf(ctx: WriteContext, file: SnapshotFile): Promise<BaseFile | undefined> {
   if (ctx.previousDir === undefined) return undefined;
   const previous = ctx.previous?.files.find((f) => f.name === file.name);
   if (!previous || previous.delta || previous.size !== file.size) return undefined;
-  const handle = await open(join(ctx.previousDir, file.name), 'r').catch(() => undefined);
-  if (!handle) return undefined;
-  if ((await handle.stat()).size !== file.size) {
-    await handle.close();
-    return undefined;
-  }
-  return { handle, file, chunks: previous.chunks, buffer: Buffer.allocUnsafe(ctx.chunkSize) };
-}
-
-/** The previous snapshot's hash of the chunk at `offset` if `bytes` equal it, else undefined. */
-function unchangedHash(base: BaseFile, offset: number, bytes: Buffer): string | undefined {
-  const hash = base.chunks[offset / base.buffer.length];
-  if (!hash) return undefined;
-  const previous = base.buffer.subarray(0, bytes.length);
-  try {
-    readInto(base.handle, base.file, previous, offset);
-  } catch {
-    return undefined; // an unreadable base only costs hashing
-  }
-  return previous.equals(bytes) ? hash : undefined;
+  const path = join(ctx.previousDir, file.name);
+  const info = await stat(path).catch(() => undefined);
+  return info?.isFile() && info.size === file.size ? { path, chunks: previous.chunks } : undefined;
 }
 
 /** Counts a chunk `previous` names: it is in the store already (a live manifest's chunks stay there while no
@@ -301,30 +323,36 @@ function countStored(ctx: WriteContext, hash: string, length: number): void {
   ctx.progress.add(length);
 }
 
-/** Counts the chunk and, if it is new to this call, queues its upload (waiting for a free slot). */
-async function handleChunk(ctx: WriteContext, hash: string | null, bytes: Buffer): Promise<void> {
+/** Counts an all-zero chunk (never stored: the manifest names it null). */
+function countZero(ctx: WriteContext, length: number): void {
   ctx.stats.totalChunks++;
-  if (hash === null || ctx.seen.has(hash)) {
-    if (hash === null) ctx.stats.zeroChunks++;
-    else ctx.stats.reusedChunks++;
+  ctx.stats.zeroChunks++;
+  ctx.progress.add(length);
+}
+
+/** Counts a non-zero chunk and, if it is new to this call, queues its upload (waiting for a free slot). `bytes`
+ * own their memory (a scan's result): the upload moves them to a compression thread. */
+async function handleChunk(ctx: WriteContext, hash: string, bytes: Uint8Array): Promise<void> {
+  ctx.stats.totalChunks++;
+  if (ctx.seen.has(hash)) {
+    ctx.stats.reusedChunks++;
     ctx.progress.add(bytes.length);
     return;
   }
   ctx.seen.add(hash);
-  // A copy: the caller reuses its buffer for the next chunk.
-  const owned = Buffer.from(bytes);
-  await ctx.pool.submit(() => uploadChunk(ctx, hash, owned));
+  await ctx.pool.submit(() => uploadChunk(ctx, hash, bytes));
 }
 
-async function uploadChunk(ctx: WriteContext, hash: string, bytes: Buffer): Promise<void> {
+async function uploadChunk(ctx: WriteContext, hash: string, bytes: Uint8Array): Promise<void> {
+  const length = bytes.length;
   ctx.uploadStartedAt ??= performance.now();
   const key = chunkKey(hash);
   const [inStore, inCache] = await Promise.all([ctx.blob.has(key), ctx.cache?.has(key) ?? true]);
   if (inStore) ctx.stats.reusedChunks++;
   if (!inStore || !inCache) {
-    // Synchronous: libuv's few threads are busy with the uploads' fsyncs, and a 1 MiB zstd (~3 ms) queued
-    // behind them took ten times that.
-    const compressed = zstdCompressSync(bytes);
+    // On a pool thread. (Not libuv's thread pool: its few threads are busy with the uploads' file system calls, and
+    // a 1 MiB zstd queued behind them took ten times as long.)
+    const compressed = await compressInPool(bytes);
     const toStore = async () => {
       if (inStore) return;
       await ctx.blob.put(key, compressed);
@@ -333,28 +361,19 @@ async function uploadChunk(ctx: WriteContext, hash: string, bytes: Buffer): Prom
     };
     await Promise.all([toStore(), inCache ? undefined : ctx.cache?.put(key, compressed)]);
   }
-  ctx.progress.add(bytes.length);
+  ctx.progress.add(length);
 }
 
-/** Reads synchronously: a checkpoint's files were just written (page-cache hits, well under a millisecond per
- * chunk), while libuv's few threads are busy with the uploads' fsyncs, behind which an async read would queue
- * and stall chunking. */
-function readInto(handle: FileHandle, file: SnapshotFile, bytes: Buffer, position: number): Buffer {
-  const length = bytes.length;
-  for (let filled = 0; filled < length; ) {
-    const bytesRead = readSync(handle.fd, bytes, filled, length - filled, position + filled);
-    if (bytesRead === 0) {
-      throw new TorporError('FAILED_PRECONDITION', `file "${file.name}" shrank while it was being snapshotted`, {
-        field: 'files',
-      });
-    }
-    filled += bytesRead;
+/** Which chunks of a file may hold data (1) and which lie wholly in holes (0), from its data extents; undefined
+ * (read every chunk) if they cannot be listed or the file is not `size` bytes. A chunk partly data is read whole. */
+async function chunkDataMap(path: string, size: number, chunkSize: number): Promise<Uint8Array | undefined> {
+  const listed = await dataExtents(path).catch(() => undefined);
+  if (!listed || listed.size !== size) return undefined;
+  const map = new Uint8Array(Math.ceil(size / chunkSize));
+  for (const { start, end } of listed.extents) {
+    for (let index = Math.floor(start / chunkSize); index * chunkSize < end; index++) map[index] = 1;
   }
-  return bytes;
-}
-
-function isAllZero(bytes: Buffer, zeros: Buffer): boolean {
-  return bytes.equals(zeros.subarray(0, bytes.length));
+  return map;
 }
 
 /** Sizes of the listed files; a name that is unsafe, repeated, missing or not a regular file is refused. */
