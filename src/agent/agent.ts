@@ -79,6 +79,12 @@ export interface WorkerSlot {
   /** Its sandbox died on its own: the lease is left to expire (the reconciler then rolls the actor back to its
    * last snapshot) until the slot is released. */
   failed?: boolean;
+  /** The suspend checkpoint (its directory) whose staged files may stay in memory for this slot (see keepLocal). */
+  warmFrom?: string;
+  /** Files of snapshot `snapshot` still in memory (guest RAM on tmpfs, the same bytes as its kept copy): the next
+   * activation takes them if it restores that snapshot here (no copy), else they are dropped. A worker's own RAM
+   * budget holds them while it is idle, never more than one snapshot's. */
+  warm?: { snapshot: string; files: Record<string, string> };
 }
 
 /** Written into every checkpoint directory: the assets the checkpoint was made with (a local restore uses them;
@@ -249,6 +255,7 @@ export class NodeAgent implements AgentClient {
     clearInterval(this.renewTimer);
     await Promise.allSettled([...this.settling]);
     for (const slot of this.slots.values()) {
+      await this.dropWarm(slot);
       this.startTeardown(slot.id);
       await slot.teardown;
       if (slot.sandbox) await slot.runtime.destroy(slot.sandbox.id);
@@ -367,6 +374,12 @@ export class NodeAgent implements AgentClient {
     const phases: Phases = {};
     const readiness = req.template.readiness;
     const readyPort = readiness.port ?? req.template.port;
+    // What the slot holds in memory serves this activation only if it restores that very snapshot from the kept
+    // copy; otherwise it goes now, before the next sandbox needs the memory.
+    const warm = slot.warm?.snapshot === req.snapshot && req.snapshot !== undefined ? slot.warm : undefined;
+    if (!warm) await this.dropWarm(slot);
+    slot.warm = undefined;
+    slot.warmFrom = undefined;
     const image = await timed(phases, 'prepare', async () => {
       this.startTeardown(slot.id);
       await slot.teardown;
@@ -424,7 +437,12 @@ export class NodeAgent implements AgentClient {
             (await readPinned(localDir)) ?? this.bootAssets(req.template, `the local checkpoint ${localDir}`);
           return this.prepareAssets(slot, req.template.runtime, pinned, 'the local checkpoint');
         });
-        const { sandbox, phases: p, settled: late } = await slot.runtime.restore(spec, localDir, [], restoreOptions);
+        const takeable = warm && localDir === kept ? { takeable: warm.files } : {};
+        const {
+          sandbox,
+          phases: p,
+          settled: late,
+        } = await slot.runtime.restore(spec, localDir, [], { ...restoreOptions, ...takeable });
         await network;
         slot.sandbox = sandbox;
         settled = late;
@@ -480,6 +498,9 @@ export class NodeAgent implements AgentClient {
       await network.catch(() => undefined);
       await this.releaseLocked(slot);
       throw err;
+    } finally {
+      // What the slot held in memory and the restore did not take (it went another way) is released.
+      if (warm) await Promise.all(Object.values(warm.files).map((path) => rm(path, { force: true })));
     }
     crashPoint('activate.ready');
     return { address: slot.net.endpoint(req.template.port), phases };
@@ -538,8 +559,10 @@ export class NodeAgent implements AgentClient {
     crashPoint('checkpoint.started');
     // The snapshot writer's threads boot (~50 ms) while the checkpoint is taken, not when its upload starts.
     startChunkPool();
+    await this.dropWarm(slot);
     const result = await slot.runtime.checkpoint(sandbox, dir);
     if (opts.settle) await timed(result.phases, 'settle', () => settleLinkedFiles(dir));
+    slot.warmFrom = opts.settle ? undefined : resolve(dir);
     if (slot.pinned) await writeFile(join(dir, PINNED_ASSETS_FILE), JSON.stringify(slot.pinned));
     this.opts.log.info(
       { worker: workerId, actor: slot.actor, runtime: slot.runtime.name, files: result.files, phases: result.phases },
@@ -711,6 +734,7 @@ export class NodeAgent implements AgentClient {
   }
 
   private async releaseLocked(slot: WorkerSlot): Promise<void> {
+    await this.dropWarm(slot);
     this.startTeardown(slot.id);
     await slot.teardown;
     if (slot.sandbox) await slot.runtime.destroy(slot.sandbox.id);
@@ -746,6 +770,14 @@ export class NodeAgent implements AgentClient {
     return slot.runtime.exec(slot.sandbox, command, timeoutMs, onOutput);
   }
 
+  /** Releases what the slot held in memory for a snapshot (see WorkerSlot.warm). */
+  private async dropWarm(slot: WorkerSlot): Promise<void> {
+    const warm = slot.warm;
+    slot.warm = undefined;
+    slot.warmFrom = undefined;
+    if (warm) await Promise.all(Object.values(warm.files).map((path) => rm(path, { force: true })));
+  }
+
   /** Where this node keeps its own copy of a snapshot it wrote (see keepLocal). */
   private keptSnapshot(manifestKey: string): string {
     return join(this.nodeDir, 'snapshots', createHash('sha256').update(manifestKey).digest('hex').slice(0, 32));
@@ -766,8 +798,15 @@ export class NodeAgent implements AgentClient {
       throw err;
     }
     // Files the checkpoint left staged in memory move to disk now, after the suspend was acknowledged. A resume or
-    // the next suspend meanwhile reads them through their links.
-    const settled = settleLinkedFiles(target);
+    // the next suspend meanwhile reads them through their links. The in-memory originals stay with the worker that
+    // wrote them (warm) as long as it has not moved on: resuming this snapshot there then takes them, not a copy.
+    const slot = [...this.slots.values()].find((s) => s.warmFrom === local);
+    const held: Record<string, string> = {};
+    const settled = settleLinkedFiles(target, (name, staged) => {
+      if (!slot) return false;
+      held[name] = staged;
+      return true;
+    });
     this.settling.add(settled);
     try {
       await settled;
@@ -776,6 +815,12 @@ export class NodeAgent implements AgentClient {
       throw err;
     } finally {
       this.settling.delete(settled);
+    }
+    if (slot && slot.warmFrom === local && !slot.sandbox) {
+      slot.warmFrom = undefined;
+      slot.warm = { snapshot: manifestKey, files: held };
+    } else {
+      await Promise.all(Object.values(held).map((path) => rm(path, { force: true })));
     }
     const root = dirname(target);
     const entries = await Promise.all(

@@ -66,6 +66,9 @@ export interface RestoreOptions {
   /** The caller gives `dir` up (a snapshot it fetched for this restore): the runtime may take its files instead of
    * copying them, and leaves them taken. Without it, `dir` is never modified (kept copies and forks share it). */
   disposable?: boolean;
+  /** Files of this very snapshot that the caller holds elsewhere and gives up (name → path): the runtime may take
+   * them instead of copying `dir`'s (the guest RAM a suspend on this worker left in memory). */
+  takeable?: Record<string, string>;
 }
 
 export interface SandboxRuntime {

@@ -7,9 +7,13 @@ import { readdir, readlink, rename, rm } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { run } from './run.ts';
 
-/** Replaces every symlink in `dir` with a copy of its target, then removes the target. A reader sees the link or
- * the copy, never a partial file (the copy is renamed over the link). Returns the files it moved. */
-export async function settleLinkedFiles(dir: string): Promise<string[]> {
+/** Replaces every symlink in `dir` with a copy of its target, then removes the target — unless `keep` claims it
+ * (returns true), which then owns it. A reader sees the link or the copy, never a partial file (the copy is renamed
+ * over the link). Returns the files it moved. */
+export async function settleLinkedFiles(
+  dir: string,
+  keep?: (name: string, target: string) => boolean,
+): Promise<string[]> {
   const moved: string[] = [];
   for (const name of await linkedNames(dir)) {
     const link = join(dir, name);
@@ -22,7 +26,7 @@ export async function settleLinkedFiles(dir: string): Promise<string[]> {
       await rm(copy, { force: true });
       throw err;
     }
-    await rm(target, { force: true });
+    if (!keep?.(name, target)) await rm(target, { force: true });
     moved.push(name);
   }
   return moved;

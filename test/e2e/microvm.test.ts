@@ -5,7 +5,8 @@
 // metrics, a fork continues from the source's snapshot, and a VMM that dies is noticed and the actor rolled back
 // to its last snapshot.
 import assert from 'node:assert/strict';
-import { readFile } from 'node:fs/promises';
+import { createHash } from 'node:crypto';
+import { lstat, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { locateMicrovm } from '../../src/runtime/microvm/locate.ts';
@@ -120,7 +121,22 @@ describe('micro-VM actors through the API (QEMU)', { skip, timeout: 600_000 }, (
     assert.equal(await get(moved), '3', 'the in-RAM count survived the move');
     assert.equal(await get(moved, '/id'), 'default/vm1');
 
-    await api<Actor>('POST', `${actorPath('vm1')}/suspend`);
+    const resuspended = await api<Actor>('POST', `${actorPath('vm1')}/suspend`);
+    // node1 keeps a copy of that snapshot: its memory moves from tmpfs to disk once the suspend is acknowledged.
+    const kept = join(
+      t.dataDir,
+      'nodes',
+      'node1',
+      'snapshots',
+      createHash('sha256').update(resuspended.snapshot!).digest('hex').slice(0, 32),
+      'memory',
+    );
+    for (let i = 0; i < 200 && !(await lstat(kept).catch(() => undefined))?.isFile(); i++) {
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    const keptSha = createHash('sha256')
+      .update(await readFile(kept))
+      .digest('hex');
     const fork = await api<Actor>('POST', `${actorPath('vm1')}/fork`, { name: 'vm2' });
     assert.equal(fork.status, 'SUSPENDED');
     const forked = await api<Actor>('POST', `${actorPath('vm2')}/resume`, { worker: 'node0-m0' });
@@ -129,6 +145,16 @@ describe('micro-VM actors through the API (QEMU)', { skip, timeout: 600_000 }, (
     assert.equal(await get(forked, '/id'), 'default/vm2', 'a fork reads its own id');
     assert.equal(await get(original), '4', 'the fork and its source count independently');
     assert.equal(await get(original), '5');
+    // Resumed on the worker that suspended it: the VM took the guest memory that worker still held, no copy of
+    // the kept snapshot (which stays as it was: the next suspend compares against it).
+    assert.equal(typeof original.lastOperation?.phases.take, 'number', JSON.stringify(original.lastOperation));
+    assert.equal(original.lastOperation?.phases.memory, undefined);
+    assert.equal(
+      createHash('sha256')
+        .update(await readFile(kept))
+        .digest('hex'),
+      keptSha,
+    );
 
     // A VMM that dies is noticed: the worker's lease is expired and the reconciler rolls the actor back.
     const pid = Number(

@@ -94,6 +94,11 @@ async function moveFile(from: string, to: string): Promise<void> {
   await symlink(staged, to);
 }
 
+async function sameSize(a: string, b: string): Promise<boolean> {
+  const [x, y] = await Promise.all([stat(a).catch(() => undefined), stat(b).catch(() => undefined)]);
+  return x !== undefined && y !== undefined && x.size === y.size;
+}
+
 /** Renames `from` to `to` when both are on one file system; false (and nothing changed) when they are not. */
 async function takeFile(from: string, to: string): Promise<boolean> {
   try {
@@ -371,14 +376,18 @@ export class MicrovmRuntime implements SandboxRuntime {
       : { path: join(dir, MEMORY_FILE), shared: false };
     // The copy runs while the VMM launches (the file is full-sized first, see copyExtents) and must be done
     // before the snapshot is loaded: `memory` is the copy's own time, `restore` the launch and load, overlapping it.
-    // A snapshot the caller fetched for this restore alone (disposable) gives its memory file up instead, when it
-    // is on the RAM files' file system (see stagingDir): nothing is copied.
+    // A snapshot the caller fetched for this restore alone (disposable), or the memory a suspend on this worker
+    // left on tmpfs (takeable), gives its memory file up instead when it is on the RAM files' file system (see
+    // stagingDir): nothing is copied (phase `take`).
     let copied: Promise<void> | undefined;
     if (memory.shared && listed.includes(MEMORY_FILE)) {
       const start = t0;
       const source = join(dir, MEMORY_FILE);
-      if (opts.disposable && (await takeFile(source, memory.path))) {
-        phases.memory = elapsedMs(start);
+      const held = opts.takeable?.[MEMORY_FILE];
+      if (held && (await sameSize(held, source)) && (await takeFile(held, memory.path))) {
+        phases.take = elapsedMs(start);
+      } else if (opts.disposable && (await takeFile(source, memory.path))) {
+        phases.take = elapsedMs(start);
       } else {
         // Sized before the VMM is launched, so that it never sees the file missing or short.
         await sizeAs(source, memory.path);
