@@ -134,6 +134,7 @@ describe('micro-VM actors through the API (QEMU)', { skip, timeout: 600_000 }, (
     for (let i = 0; i < 200 && !(await lstat(kept).catch(() => undefined))?.isFile(); i++) {
       await new Promise((r) => setTimeout(r, 50));
     }
+    assert.ok((await lstat(kept)).isFile(), 'the kept snapshot’s memory reached the disk');
     const keptSha = createHash('sha256')
       .update(await readFile(kept))
       .digest('hex');
