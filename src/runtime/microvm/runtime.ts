@@ -413,11 +413,25 @@ export class MicrovmRuntime implements SandboxRuntime {
     const entry = this.supervise(spec.id, vm, config);
     entry.control = control;
     phases.restore = elapsedMs(t0);
+    let settled: Promise<Phases>;
     try {
       // The VM has been paused since its launch (-incoming): it first runs at `resume`.
       await opts.beforeRun;
-      t0 = performance.now();
       if (!entry.control) throw new TorporError('RUNTIME_ERROR', 'guest control channel not connected');
+      // The guest's clock stood still while it was suspended, and the actor may be someone else now (a fork). The
+      // request is sent before the guest runs again, so it is the first thing the guest does (its control server
+      // has been waiting on the port since the snapshot) rather than work interleaved with the readiness answer;
+      // the caller probes readiness meanwhile, and the activation is ready once both are done. Requests after
+      // this one (exec) are answered after it.
+      const sent = performance.now();
+      settled = entry.control.resync(new Date(), spec.actorId, CONTROL_TIMEOUT_MS).then(
+        () => ({ resync: elapsedMs(sent) }),
+        async (err: unknown) => {
+          throw await this.failure('restore', spec, err);
+        },
+      );
+      settled.catch(() => undefined); // handled by the caller; not an unhandled rejection if it never gets there
+      t0 = performance.now();
       await vm.resume();
       phases.resume = elapsedMs(t0);
     } catch (err) {
@@ -425,18 +439,6 @@ export class MicrovmRuntime implements SandboxRuntime {
       await this.destroy(spec.id);
       throw failure;
     }
-    // The guest's clock stood still while it was suspended, and the actor may be someone else now (a fork). The
-    // first answer of a restored guest takes the time the guest needs to come back (under TCG: ~100 ms of cold
-    // translation cache), which its readiness answer pays too: the caller probes readiness meanwhile, and the
-    // activation is ready once both are done. Requests after this one (exec) are answered after it.
-    t0 = performance.now();
-    const settled = entry.control.resync(new Date(), spec.actorId, CONTROL_TIMEOUT_MS).then(
-      () => ({ resync: elapsedMs(t0) }),
-      async (err: unknown) => {
-        throw await this.failure('restore', spec, err);
-      },
-    );
-    settled.catch(() => undefined); // handled by the caller; not an unhandled rejection if it never gets there
     return { sandbox: { id: spec.id, spec, logFile: spec.logFile }, phases, settled };
   }
 
