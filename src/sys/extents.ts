@@ -9,17 +9,25 @@ export interface Extent {
   end: number;
 }
 
-const PRINT_EXTENTS = `
-use strict; use warnings;
-open(my $in, '<:raw', $ARGV[0]) or die "open $ARGV[0]: $!\\n";
-my ($size, $off, $out) = (-s $in, 0, '');
+/** A Perl loop over the data extents of the file open as `$in`: `body` runs once per extent with `$data` (its
+ * start) and `$hole` (its end) set, and `$size` the file's size. The one place that walks SEEK_DATA/SEEK_HOLE. */
+export function perlExtentLoop(body: string): string {
+  return `my ($size, $off) = (-s $in, 0);
 while ($off < $size) {
   my $data = sysseek($in, $off, 3);  # SEEK_DATA; fails (ENXIO) when only a hole is left
   last unless defined $data;
   my $hole = sysseek($in, $data, 4) // $size;  # SEEK_HOLE
-  $out .= ($data + 0) . " " . ($hole + 0) . "\\n";  # + 0: sysseek to 0 returns "0 but true"
+${body}
   $off = $hole;
 }
+`;
+}
+
+const PRINT_EXTENTS = `
+use strict; use warnings;
+open(my $in, '<:raw', $ARGV[0]) or die "open $ARGV[0]: $!\\n";
+my $out = '';
+${perlExtentLoop('  $out .= ($data + 0) . " " . ($hole + 0) . "\\n";  # + 0: sysseek to 0 returns "0 but true"')}
 print "$size\\n$out";
 `;
 

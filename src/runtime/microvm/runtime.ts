@@ -11,6 +11,7 @@ import { join } from 'node:path';
 import { TorporError } from '../../core/errors.ts';
 import { elapsedMs } from '../../core/time.ts';
 import type { Phases } from '../../core/types.ts';
+import { perlExtentLoop } from '../../sys/extents.ts';
 import { processRunning } from '../../sys/process.ts';
 import { run as runProgram } from '../../sys/run.ts';
 import { mergeEnv, processArgs } from '../gvisor/spec.ts';
@@ -142,36 +143,30 @@ const SENDFILE_SYSCALL: Partial<Record<string, number>> = { x64: 40, arm64: 71 }
 const COPY_EXTENTS = `
 use strict; use warnings;
 my ($from, $to, $sendfile) = @ARGV;
-open(my $in, '<:raw', $from) or die "open $from: $!\n";
-open(my $out, '+<:raw', $to) or die "open $to: $!\n";
-my ($size, $off, $buf) = (-s $in, 0);
-while ($off < $size) {
-  my $data = sysseek($in, $off, 3);  # SEEK_DATA; fails (ENXIO) when only a hole is left
-  last unless defined $data;
-  my $hole = sysseek($in, $data, 4) // $size;  # SEEK_HOLE
-  sysseek($out, $data, 0) // die "seek: $!\n";
+open(my $in, '<:raw', $from) or die "open $from: $!\\n";
+open(my $out, '+<:raw', $to) or die "open $to: $!\\n";
+my $buf;
+${perlExtentLoop(`  sysseek($out, $data, 0) // die "seek: $!\\n";
   my $left = $hole - $data;
   if ($sendfile) {
     # sendfile(out, in, &offset, count) writes at out's position and advances the offset it is given.
     my $at = pack('q', $data);
     while ($left > 0) {
       my $n = syscall($sendfile, fileno($out), fileno($in), $at, $left);
-      die "sendfile: $!\n" if $n < 0;
-      die "$from shrank while it was copied\n" if $n == 0;
+      die "sendfile: $!\\n" if $n < 0;
+      die "$from shrank while it was copied\\n" if $n == 0;
       $left -= $n;
     }
   } else {
-    sysseek($in, $data, 0) // die "seek: $!\n";
+    sysseek($in, $data, 0) // die "seek: $!\\n";
     while ($left > 0) {
-      my $n = sysread($in, $buf, $left < 4194304 ? $left : 4194304) // die "read: $!\n";
-      die "$from shrank while it was copied\n" if $n == 0;
-      for (my $w = 0; $w < $n;) { $w += syswrite($out, $buf, $n - $w, $w) // die "write: $!\n"; }
+      my $n = sysread($in, $buf, $left < 4194304 ? $left : 4194304) // die "read: $!\\n";
+      die "$from shrank while it was copied\\n" if $n == 0;
+      for (my $w = 0; $w < $n;) { $w += syswrite($out, $buf, $n - $w, $w) // die "write: $!\\n"; }
       $left -= $n;
     }
-  }
-  $off = $hole;
-}
-close($out) or die "close: $!\n";
+  }`)}
+close($out) or die "close: $!\\n";
 `;
 
 export class MicrovmRuntime implements SandboxRuntime {
