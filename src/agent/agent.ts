@@ -377,9 +377,8 @@ export class NodeAgent implements AgentClient {
     // What the slot holds in memory serves this activation only if it restores that very snapshot from the kept
     // copy; otherwise it goes now, before the next sandbox needs the memory.
     const warm = slot.warm?.snapshot === req.snapshot && req.snapshot !== undefined ? slot.warm : undefined;
-    if (!warm) await this.dropWarm(slot);
-    slot.warm = undefined;
-    slot.warmFrom = undefined;
+    if (warm) slot.warm = undefined; // this activation owns it now (released below if the restore leaves it)
+    await this.dropWarm(slot);
     const image = await timed(phases, 'prepare', async () => {
       this.startTeardown(slot.id);
       await slot.teardown;
@@ -500,7 +499,7 @@ export class NodeAgent implements AgentClient {
       throw err;
     } finally {
       // What the slot held in memory and the restore did not take (it went another way) is released.
-      if (warm) await Promise.all(Object.values(warm.files).map((path) => rm(path, { force: true })));
+      if (warm) await removeFiles(warm.files);
     }
     crashPoint('activate.ready');
     return { address: slot.net.endpoint(req.template.port), phases };
@@ -775,7 +774,7 @@ export class NodeAgent implements AgentClient {
     const warm = slot.warm;
     slot.warm = undefined;
     slot.warmFrom = undefined;
-    if (warm) await Promise.all(Object.values(warm.files).map((path) => rm(path, { force: true })));
+    if (warm) await removeFiles(warm.files);
   }
 
   /** Where this node keeps its own copy of a snapshot it wrote (see keepLocal). */
@@ -820,7 +819,7 @@ export class NodeAgent implements AgentClient {
       slot.warmFrom = undefined;
       slot.warm = { snapshot: manifestKey, files: held };
     } else {
-      await Promise.all(Object.values(held).map((path) => rm(path, { force: true })));
+      await removeFiles(held);
     }
     const root = dirname(target);
     const entries = await Promise.all(
@@ -913,4 +912,9 @@ async function readPinned(dir: string): Promise<Record<string, Asset> | undefine
     throw new TorporError('SNAPSHOT_CORRUPT', `${file} is not valid JSON`, { field: 'assets' });
   }
   return parse(assetMap, recorded, `${file}: assets`);
+}
+
+/** Removes files by path (name → path), missing ones included. */
+async function removeFiles(paths: Record<string, string>): Promise<void> {
+  await Promise.all(Object.values(paths).map((path) => rm(path, { force: true })));
 }
