@@ -377,8 +377,10 @@ export class NodeAgent implements AgentClient {
     // What the slot holds in memory serves this activation only if it restores that very snapshot from the kept
     // copy; otherwise it goes now, before the next sandbox needs the memory.
     const warm = slot.warm?.snapshot === req.snapshot && req.snapshot !== undefined ? slot.warm : undefined;
-    if (warm) slot.warm = undefined; // this activation owns it now (released below if the restore leaves it)
-    await this.dropWarm(slot);
+    // This activation owns the held memory now (released below if the restore leaves it), and a VMM prelaunched
+    // on it (see prelaunch), which the restore adopts or stops.
+    if (warm) slot.warm = undefined;
+    else await this.dropWarm(slot);
     const image = await timed(phases, 'prepare', async () => {
       this.startTeardown(slot.id);
       await slot.teardown;
@@ -608,7 +610,23 @@ export class NodeAgent implements AgentClient {
       await this.prepareNetwork(slot);
     } catch (err) {
       this.opts.log.warn({ err, worker: slot.id }, 'teardown failed');
+      return;
     }
+    void this.prelaunch(slot);
+  }
+
+  /** Once a worker is idle with its next network ready and memory held for its last snapshot (warm), the runtime
+   * prepares the restore of that snapshot ahead (a micro-VM's VMM: see SandboxRuntime.prelaunch). Under the slot's
+   * lock, so an activation arriving meanwhile finds it done (and uses it, or discards it). */
+  private async prelaunch(slot: WorkerSlot): Promise<void> {
+    if (!slot.runtime.prelaunch) return;
+    await this.slotLocks
+      .run(slot.id, async () => {
+        const warm = slot.warm;
+        if (!warm || slot.sandbox || !slot.networkReady || slot.stopped !== undefined) return;
+        await slot.runtime.prelaunch?.(warm.files);
+      })
+      .catch((err: unknown) => this.opts.log.warn({ err, worker: slot.id }, 'prelaunching the next restore failed'));
   }
 
   /** Ends the last activation's network and makes the next one's now, off the resume path. */
@@ -774,6 +792,8 @@ export class NodeAgent implements AgentClient {
     const warm = slot.warm;
     slot.warm = undefined;
     slot.warmFrom = undefined;
+    // A VMM prelaunched on the held memory goes with it.
+    await slot.runtime.discardPrelaunched?.();
     if (warm) await removeFiles(warm.files);
   }
 
@@ -818,6 +838,7 @@ export class NodeAgent implements AgentClient {
     if (slot && slot.warmFrom === local && !slot.sandbox) {
       slot.warmFrom = undefined;
       slot.warm = { snapshot: manifestKey, files: held };
+      void this.prelaunch(slot);
     } else {
       await removeFiles(held);
     }

@@ -85,6 +85,12 @@ export interface SandboxRuntime {
    * preference: a restore told the directory is disposable can then take its files rather than copy them (a
    * micro-VM's guest memory must end up on tmpfs). `destroy(id)` removes it. */
   stagingDir?(id: string): string;
+  /** Prepares, while the worker is idle, the next restore of its last checkpoint, whose files `held` the caller
+   * keeps for it (RestoreOptions.takeable): a micro-VM's VMM is launched on the held guest memory. Needs the
+   * worker's next network in place; best effort. */
+  prelaunch?(held: Record<string, string>): Promise<void>;
+  /** Ends what `prelaunch` started (the held files are going away, or the worker's network is). */
+  discardPrelaunched?(): Promise<void>;
   exec(sandbox: Sandbox, command: string[], timeoutMs: number, onOutput?: OutputListener): Promise<ExecResult>;
   /** Whether the sandbox is still running (e.g. after a failed checkpoint). */
   alive(id: string): Promise<boolean>;

@@ -150,6 +150,8 @@ describe('micro-VM actors through the API (QEMU)', { skip, timeout: 600_000 }, (
     // the kept snapshot (which stays as it was: the next suspend compares against it).
     assert.equal(typeof original.lastOperation?.phases.take, 'number', JSON.stringify(original.lastOperation));
     assert.equal(original.lastOperation?.phases.memory, undefined);
+    // ... in the VMM the idle worker had launched on that memory (prelaunch): the resume only loaded the state.
+    assert.equal(typeof original.lastOperation?.phases.adopt, 'number', JSON.stringify(original.lastOperation));
     assert.equal(
       createHash('sha256')
         .update(await readFile(kept))
@@ -158,11 +160,12 @@ describe('micro-VM actors through the API (QEMU)', { skip, timeout: 600_000 }, (
     );
 
     // A VMM that dies is noticed: the worker's lease is expired and the reconciler rolls the actor back.
-    const pid = Number(
+    const pid = Number.parseInt(
       await readFile(
         join(t.dataDir, 'nodes', 'node0', 'workers', 'node0-m0', 'microvm', 'node0-m0--default--vm2', 'pid'),
         'utf8',
       ),
+      10,
     );
     process.kill(pid, 'SIGKILL');
     let after: Actor = forked;

@@ -2,7 +2,7 @@
 // guest control channel, snapshot, restore with the in-RAM counter continuing, and fork: two VMs restored from
 // one snapshot, each with its own copy of its memory, counting on from the snapshot's value while the snapshot stays untouched.
 import assert from 'node:assert/strict';
-import { mkdir, mkdtemp, readFile, rm, stat } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, realpath, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, it } from 'node:test';
@@ -13,6 +13,7 @@ import { locateMicrovm } from '../../src/runtime/microvm/locate.ts';
 import { probeKvm, QemuDriver } from '../../src/runtime/microvm/qemu.ts';
 import { MicrovmRuntime } from '../../src/runtime/microvm/runtime.ts';
 import type { ActivationSpec } from '../../src/runtime/runtime.ts';
+import { processRunning } from '../../src/sys/process.ts';
 import { run } from '../../src/sys/run.ts';
 import { counterImage, TEST_CACHE } from '../fixtures/images.ts';
 
@@ -36,6 +37,11 @@ async function tapNamespace(name: string): Promise<string> {
     ].join('\n'),
   });
   return `/var/run/netns/${name}`;
+}
+
+/** The VMM's pid in a sandbox's pid file (its first line). */
+function pidIn(text: string): number {
+  return Number.parseInt(text, 10);
 }
 
 /** GET through the namespace's tap, to the guest's eth0. */
@@ -72,7 +78,7 @@ describe('micro-VM runtime (QEMU)', { skip, timeout: 300_000 }, () => {
     });
     const image = await new ImageStore(join(TEST_CACHE, 'microvm-images')).resolve(await counterImage());
     await mkdir(join(root, 'logs'), { recursive: true });
-    const spec = async (id: string, ns: string, actorId: string): Promise<ActivationSpec> => ({
+    const spec = async (id: string, ns: string, actorId: string, freshNetwork = true): Promise<ActivationSpec> => ({
       id,
       actorId,
       rootfs: image.rootfs,
@@ -81,7 +87,7 @@ describe('micro-VM runtime (QEMU)', { skip, timeout: 300_000 }, () => {
       env: { GREETING: 'hello world' },
       memoryMiB: 128,
       vcpus: 1,
-      netnsPath: await tapNamespace(ns),
+      netnsPath: freshNetwork ? await tapNamespace(ns) : `/var/run/netns/${ns}`,
       workDir: join(root, id),
       logFile: join(root, 'logs', `${id}.log`),
       assets: {},
@@ -172,8 +178,49 @@ describe('micro-VM runtime (QEMU)', { skip, timeout: 300_000 }, () => {
     await runtime.destroy('vm-b2');
     await assert.rejects(stat(staged), /ENOENT/, 'destroy removes the staging directory');
 
+    // Prelaunch: while the worker is idle, the VMM that restoring its last checkpoint needs starts on the guest
+    // memory held for it. A restore of that checkpoint (same sandbox, network and model) adopts it: no QEMU launch.
+    const sameB2 = () => spec('vm-b2', 'torpor-mvt-b', 'default/b', false);
+    const held = await realpath(join(root, 'snap3', 'memory'));
+    await runtime.prelaunch({ memory: held });
+    assert.ok((await runtime.list()).includes('prelaunched'));
+    const standbyPid = pidIn(await readFile(join(root, 'state', 'prelaunched', 'pid'), 'utf8'));
+    assert.ok(await processRunning(standbyPid), 'the prelaunched VMM runs');
+    const adopted = await runtime.restore(await sameB2(), join(root, 'snap3'), cp3.files, {
+      takeable: { memory: held },
+    });
+    await adopted.settled;
+    t.diagnostic(`adopting restore phases ${JSON.stringify(adopted.phases)}`);
+    assert.equal(typeof adopted.phases.adopt, 'number', 'the restore adopted the prelaunched VMM');
+    assert.equal(typeof adopted.phases.take, 'number');
+    assert.equal(pidIn(await readFile(join(root, 'state', 'vm-b2', 'pid'), 'utf8')), standbyPid);
+    assert.equal(await get('torpor-mvt-b', '/'), '6', 'the count continues in the adopted VMM');
+    assert.equal(await runtime.alive('vm-b2'), true);
+    assert.ok(!(await runtime.list()).includes('prelaunched'));
+
+    // A prelaunched VMM that does not fit the restore (here: the memory is copied from the snapshot, not the held
+    // file taken) is stopped before the restore launches its own (it holds the tap).
+    const cp4 = await runtime.checkpoint(adopted.sandbox, join(root, 'snap4'));
+    const held4 = await realpath(join(root, 'snap4', 'memory'));
+    await runtime.prelaunch({ memory: held4 });
+    const standby4 = pidIn(await readFile(join(root, 'state', 'prelaunched', 'pid'), 'utf8'));
+    const copied = await runtime.restore(await sameB2(), join(root, 'snap4'), cp4.files);
+    await copied.settled;
+    assert.equal(copied.phases.adopt, undefined);
+    assert.equal(await processRunning(standby4), false, 'the unfit prelaunched VMM was stopped');
+    assert.equal(await get('torpor-mvt-b', '/'), '7');
+    const cp5 = await runtime.checkpoint(copied.sandbox, join(root, 'snap5'));
+    assert.deepEqual(cp5.files, ['memory', 'state', 'vm.json']);
+    // Discarded (the worker moves on): the VMM stops and nothing of it is left.
+    await runtime.prelaunch({ memory: await realpath(join(root, 'snap5', 'memory')) });
+    const standby5 = pidIn(await readFile(join(root, 'state', 'prelaunched', 'pid'), 'utf8'));
+    await runtime.discardPrelaunched();
+    assert.equal(await processRunning(standby5), false);
+    await runtime.destroy('vm-b2');
+    assert.ok(!(await runtime.list()).includes('prelaunched'));
+
     // A VMM that dies is noticed.
-    const pid = Number(await readFile(join(root, 'state', 'vm-c', 'pid'), 'utf8'));
+    const pid = pidIn(await readFile(join(root, 'state', 'vm-c', 'pid'), 'utf8'));
     process.kill(pid, 'SIGKILL');
     for (let i = 0; i < 200 && crashed.length === 0; i++) await new Promise((r) => setTimeout(r, 10));
     assert.deepEqual(crashed, ['vm-c']);

@@ -78,10 +78,9 @@ export function qemuArgs(c: VmConfig, incoming: boolean): string[] {
 
 class QemuVm implements Vm {
   readonly pid: number;
-  readonly controlSocket: string;
   readonly exited: Promise<number | string>;
   private readonly child: ChildProcess;
-  private readonly config: VmConfig;
+  private config: VmConfig;
   private qmp?: QmpClient;
   private done = false;
 
@@ -89,7 +88,6 @@ class QemuVm implements Vm {
     this.child = child;
     this.config = config;
     this.pid = child.pid ?? -1;
-    this.controlSocket = join(config.socketDir, 'control.sock');
     this.exited = new Promise((resolve) => {
       child.once('exit', (code, signal) => {
         this.done = true;
@@ -99,8 +97,18 @@ class QemuVm implements Vm {
     });
   }
 
+  get controlSocket(): string {
+    return join(this.config.socketDir, 'control.sock');
+  }
+
   running(): boolean {
     return !this.done;
+  }
+
+  /** The VM now goes by `config` (a prelaunched VMM adopted by a restore: its directories were moved there). The
+   * device model must be the one it was launched with. */
+  adopt(config: VmConfig): void {
+    this.config = config;
   }
 
   async connect(): Promise<void> {
@@ -236,8 +244,17 @@ export class QemuDriver implements VmmDriver {
   }
 
   async restore(config: VmConfig, dir: string, files: string[], beforeLoad?: (vm: Vm) => Promise<void>): Promise<Vm> {
+    return this.load(await this.prelaunch(config), dir, files, beforeLoad);
+  }
+
+  async prelaunch(config: VmConfig): Promise<QemuVm> {
     const vm = this.launch(config, true);
     await this.connectOrKill(vm);
+    return vm;
+  }
+
+  async load(vm: Vm, dir: string, files: string[], beforeLoad?: (vm: Vm) => Promise<void>): Promise<Vm> {
+    if (!(vm instanceof QemuVm)) throw new TypeError('not a VM of this driver');
     try {
       await beforeLoad?.(vm);
       await vm.ignoreSharedMemory(files.includes(MEMORY_FILE));

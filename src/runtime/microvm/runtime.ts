@@ -77,6 +77,17 @@ interface Running {
   stopping: boolean;
 }
 
+/** A VMM launched while the worker is idle, waiting for the snapshot its last checkpoint wrote (see prelaunch). */
+interface Standby {
+  vm: Vm & { adopt(config: VmConfig): void };
+  config: VmConfig;
+  /** The network namespace it runs in (by inode): one replaced since holds an old tap and is not adopted. */
+  netns: number;
+}
+
+/** The run directory of a prelaunched VMM until a restore adopts it (never a sandbox id: those contain "--"). */
+const STANDBY = 'prelaunched';
+
 /** The host's TSC rate for the kernel command line: a TCG guest calibrating its own clock on a busy host may
  * hang or drift. */
 async function hostTscKhz(): Promise<number | undefined> {
@@ -169,11 +180,23 @@ ${perlExtentLoop(`  sysseek($out, $data, 0) // die "seek: $!\\n";
 close($out) or die "close: $!\\n";
 `;
 
+/** Kills a VMM and waits (up to 10 s) for it to exit. The wait keeps the process alive: a VMM's child handle does
+ * not (it is detached), and a caller that is shutting down must still see it gone. */
+async function killAndWait(vm: Vm): Promise<void> {
+  vm.kill();
+  let timer: NodeJS.Timeout | undefined;
+  await Promise.race([vm.exited, new Promise((r) => (timer = setTimeout(r, 10_000)))]);
+  clearTimeout(timer);
+}
+
 export class MicrovmRuntime implements SandboxRuntime {
   readonly name = 'microvm' as const;
   private readonly opts: MicrovmRuntimeOptions;
   private readonly running = new Map<string, Running>();
   private readonly exitListeners = new Set<(id: string, why: string) => void>();
+  /** The VM model of the last checkpoint on this worker: what a prelaunched VMM is launched as. */
+  private lastCheckpointed?: VmConfig;
+  private standby?: Promise<Standby | undefined>;
 
   constructor(opts: MicrovmRuntimeOptions) {
     this.opts = opts;
@@ -255,6 +278,7 @@ export class MicrovmRuntime implements SandboxRuntime {
   }
 
   private async prepare(spec: ActivationSpec) {
+    this.lastCheckpointed = undefined;
     await this.stop(spec.id);
     const disk = await ensureRootDisk(spec.rootfs, this.opts.diskCache);
     await mkdir(this.runDir(spec.id), { recursive: true });
@@ -265,6 +289,7 @@ export class MicrovmRuntime implements SandboxRuntime {
   }
 
   async run(spec: ActivationSpec): Promise<Sandbox> {
+    await this.discardPrelaunched();
     const disk = await this.prepare(spec);
     const model: VmRecord = {
       version: 1,
@@ -331,6 +356,7 @@ export class MicrovmRuntime implements SandboxRuntime {
     entry.control?.close();
     await entry.vm.shutdown();
     phases.shutdown = elapsedMs(t0);
+    this.lastCheckpointed = entry.config;
     t0 = performance.now();
     await this.removeLeftovers(sandbox.id);
     phases.teardown = elapsedMs(t0);
@@ -339,6 +365,10 @@ export class MicrovmRuntime implements SandboxRuntime {
 
   async restore(spec: ActivationSpec, dir: string, files: string[], opts: RestoreOptions = {}): Promise<Restored> {
     const phases: Phases = {};
+    // A prelaunched VMM serves this restore if it is the one it was launched for; otherwise it goes first (it holds
+    // the tap, which no second VMM can open).
+    const standby = await this.standby;
+    this.standby = undefined;
     let t0 = performance.now();
     const listed = files.length > 0 ? files : await readdir(dir);
     const model = JSON.parse(await readFile(join(dir, VM_RECORD), 'utf8')) as VmRecord;
@@ -375,12 +405,14 @@ export class MicrovmRuntime implements SandboxRuntime {
     // left on tmpfs (takeable), gives its memory file up instead when it is on the RAM files' file system (see
     // stagingDir): nothing is copied (phase `take`).
     let copied: Promise<void> | undefined;
+    let tookHeld: string | undefined;
     if (memory.shared && listed.includes(MEMORY_FILE)) {
       const start = t0;
       const source = join(dir, MEMORY_FILE);
       const held = opts.takeable?.[MEMORY_FILE];
       if (held && (await sameSize(held, source)) && (await takeFile(held, memory.path))) {
         phases.take = elapsedMs(start);
+        tookHeld = held;
       } else if (opts.disposable && (await takeFile(source, memory.path))) {
         phases.take = elapsedMs(start);
       } else {
@@ -398,13 +430,28 @@ export class MicrovmRuntime implements SandboxRuntime {
       control = await GuestControl.connect(started.controlSocket, CONTROL_TIMEOUT_MS, () => started.running());
       await copied;
     };
-    const vm = await this.opts.driver.restore(config, dir, listed, beforeLoad).catch(async (err: unknown) => {
+    const adoptStart = performance.now();
+    const adopted =
+      standby && tookHeld
+        ? await this.adopt(standby, config, tookHeld).catch(async (err: unknown) => {
+            await this.stopStandby(standby);
+            throw await this.failure('restore', spec, err);
+          })
+        : undefined;
+    if (adopted) phases.adopt = elapsedMs(adoptStart);
+    else if (standby) await this.stopStandby(standby);
+    const { driver } = this.opts;
+    const restoring =
+      adopted && driver.load
+        ? driver.load(adopted.vm, dir, listed, beforeLoad)
+        : driver.restore(config, dir, listed, beforeLoad);
+    const vm = await restoring.catch(async (err: unknown) => {
       control?.close();
       // No copy may still write the RAM file once this restore has failed (its cleanup removes the file).
       await copied?.catch(() => undefined);
       throw await this.failure('restore', spec, err);
     });
-    await this.writePid(spec.id, vm.pid);
+    await this.writePid(spec.id, vm.pid, adopted?.launchedAs);
     const entry = this.supervise(spec.id, vm, config);
     entry.control = control;
     phases.restore = elapsedMs(t0);
@@ -437,6 +484,80 @@ export class MicrovmRuntime implements SandboxRuntime {
     return { sandbox: { id: spec.id, spec, logFile: spec.logFile }, phases, settled };
   }
 
+  /** Launches, while the worker is idle, the VMM that restoring its last checkpoint will need: the same device
+   * model, waiting for a snapshot, on the guest memory the worker holds for it (`held`, which a restore of that
+   * checkpoint here takes: see RestoreOptions.takeable). That restore then only loads the device state and runs,
+   * instead of starting QEMU (~50–130 ms here). It needs the worker's next network (the tap) in place. An idle
+   * worker pays the VMM's own memory (tens of MiB; guest RAM is the held file's). Best effort: a VMM that cannot
+   * start is no error, the restore launches its own. */
+  async prelaunch(held: Record<string, string>): Promise<void> {
+    await this.discardPrelaunched();
+    const last = this.lastCheckpointed;
+    const memory = held[MEMORY_FILE];
+    const driver = this.opts.driver;
+    if (!last || !memory || !driver.prelaunch || !driver.ramInFile) return;
+    const launching = (async (): Promise<Standby> => {
+      await this.stop(STANDBY);
+      const config: VmConfig = {
+        ...last,
+        id: STANDBY,
+        runDir: this.runDir(STANDBY),
+        socketDir: this.socketDir(STANDBY),
+        memory: { path: memory, shared: true },
+      };
+      await mkdir(config.runDir, { recursive: true });
+      await mkdir(config.socketDir, { recursive: true });
+      await writeFile(join(config.runDir, 'owner'), `${process.pid}\n`);
+      const netns = (await stat(config.netnsPath)).ino;
+      const vm = await driver.prelaunch!(config);
+      await this.writePid(STANDBY, vm.pid);
+      return { vm, config, netns };
+    })();
+    const standby = launching.catch(async () => {
+      await this.stop(STANDBY);
+      return undefined;
+    });
+    this.standby = standby;
+    await standby;
+  }
+
+  /** Stops a prelaunched VMM, if there is one. */
+  async discardPrelaunched(): Promise<void> {
+    const standby = await this.standby;
+    this.standby = undefined;
+    if (standby) await this.stopStandby(standby);
+  }
+
+  private async stopStandby(standby: Standby): Promise<void> {
+    await killAndWait(standby.vm);
+    await this.stop(STANDBY);
+  }
+
+  /** Makes the prelaunched VMM sandbox `config.id`'s if it is the VM `config` describes and maps the guest memory
+   * the restore took (`tookHeld`, since renamed to config.memory.path: the same file). Its directories move to the
+   * sandbox's (its sockets stay reachable through them); undefined when it does not fit. */
+  private async adopt(
+    standby: Standby,
+    config: VmConfig,
+    tookHeld: string,
+  ): Promise<{ vm: Standby['vm']; launchedAs: string } | undefined> {
+    const model = (c: VmConfig) => JSON.stringify({ ...c, id: '', runDir: '', socketDir: '', memory: c.memory.shared });
+    const fits =
+      standby.vm.running() &&
+      standby.config.memory.path === tookHeld &&
+      model(standby.config) === model(config) &&
+      (await stat(config.netnsPath).catch(() => undefined))?.ino === standby.netns;
+    if (!fits) return undefined;
+    const record = await readFile(join(config.runDir, VM_RECORD));
+    await rm(config.runDir, { recursive: true, force: true });
+    await rm(config.socketDir, { recursive: true, force: true });
+    await rename(standby.config.runDir, config.runDir);
+    await rename(standby.config.socketDir, config.socketDir);
+    await writeFile(join(config.runDir, VM_RECORD), record);
+    standby.vm.adopt(config);
+    return { vm: standby.vm, launchedAs: standby.config.socketDir };
+  }
+
   async exec(sandbox: Sandbox, command: string[], timeoutMs: number, onOutput?: OutputListener): Promise<ExecResult> {
     const control = this.running.get(sandbox.id)?.control;
     if (!control) throw new TorporError('FAILED_PRECONDITION', 'actor is not running', { field: 'status' });
@@ -464,8 +585,7 @@ export class MicrovmRuntime implements SandboxRuntime {
     if (entry) {
       entry.stopping = true;
       entry.control?.close();
-      entry.vm.kill();
-      await Promise.race([entry.vm.exited, new Promise((r) => setTimeout(r, 10_000).unref())]);
+      await killAndWait(entry.vm);
       this.running.delete(id);
     } else {
       // A VMM left by an earlier process (its pid recorded in the run directory).
@@ -489,8 +609,10 @@ export class MicrovmRuntime implements SandboxRuntime {
     await rm(this.ramFile(id), { force: true });
   }
 
-  private async writePid(id: string, pid: number): Promise<void> {
-    await writeFile(join(this.runDir(id), 'pid'), `${pid}\n`);
+  /** The VMM's pid, and the socket directory it was launched with (its command line names it; a prelaunched VMM's
+   * is not its sandbox's). */
+  private async writePid(id: string, pid: number, launchedAs = this.socketDir(id)): Promise<void> {
+    await writeFile(join(this.runDir(id), 'pid'), `${pid}\n${launchedAs}\n`);
   }
 
   private async recordedPid(id: string): Promise<number | undefined> {
@@ -499,11 +621,13 @@ export class MicrovmRuntime implements SandboxRuntime {
     return Number.isInteger(pid) && pid > 0 ? pid : undefined;
   }
 
-  /** Whether `pid` is this sandbox's VMM (and not a recycled pid): its command line names its socket directory. */
+  /** Whether `pid` is this sandbox's VMM (and not a recycled pid): its command line names the socket directory
+   * recorded with the pid. */
   private async ownsProcess(id: string, pid: number): Promise<boolean> {
     if (!(await processRunning(pid))) return false;
+    const recorded = (await readFile(join(this.runDir(id), 'pid'), 'utf8').catch(() => '')).split('\n')[1];
     const cmdline = await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '');
-    return cmdline.includes(this.socketDir(id));
+    return cmdline.includes(recorded || this.socketDir(id));
   }
 
   /** A boot or restore error with the tail of what the VMM and the guest console said. */

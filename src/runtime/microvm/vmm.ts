@@ -72,6 +72,10 @@ export interface VmmDriver {
    * `beforeLoad` runs once the VMM is up, before the snapshot is loaded (the runtime connects the guest channel
    * there: a channel that is connected when the device state loads looks to the guest as if it never went away). */
   restore(config: VmConfig, dir: string, files: string[], beforeLoad?: (vm: Vm) => Promise<void>): Promise<Vm>;
+  /** `restore` in two steps, for a VMM launched ahead of the restore that will use it (see
+   * MicrovmRuntime.prelaunch): `prelaunch` starts it waiting for a snapshot, `load` is the rest of `restore`. */
+  prelaunch?(config: VmConfig): Promise<Vm & { adopt(config: VmConfig): void }>;
+  load?(vm: Vm, dir: string, files: string[], beforeLoad?: (vm: Vm) => Promise<void>): Promise<Vm>;
 }
 
 /** The memory file of a snapshot, when it has one (name shared by the drivers). */
