@@ -182,10 +182,13 @@ describe('micro-VM runtime (QEMU)', { skip, timeout: 300_000 }, () => {
     // memory held for it. A restore of that checkpoint (same sandbox, network and model) adopts it: no QEMU launch.
     const sameB2 = () => spec('vm-b2', 'torpor-mvt-b', 'default/b', false);
     const held = await realpath(join(root, 'snap3', 'memory'));
+    const checkpointed3 = Date.now();
     await runtime.prelaunch({ memory: held });
     assert.ok((await runtime.list()).includes('prelaunched'));
     const standbyPid = pidIn(await readFile(join(root, 'state', 'prelaunched', 'pid'), 'utf8'));
     assert.ok(await processRunning(standbyPid), 'the prelaunched VMM runs');
+    // Suspended for 6 s at least, so a clock left alone would show it.
+    await new Promise((r) => setTimeout(r, Math.max(0, 6000 - (Date.now() - checkpointed3))));
     const adopted = await runtime.restore(await sameB2(), join(root, 'snap3'), cp3.files, {
       takeable: { memory: held },
     });
@@ -195,6 +198,16 @@ describe('micro-VM runtime (QEMU)', { skip, timeout: 300_000 }, () => {
     assert.equal(typeof adopted.phases.take, 'number');
     assert.equal(pidIn(await readFile(join(root, 'state', 'vm-b2', 'pid'), 'utf8')), standbyPid);
     assert.equal(await get('torpor-mvt-b', '/'), '6', 'the count continues in the adopted VMM');
+    // The same actor as the snapshot's: the guest's clock was set, its id file left as it was (not rewritten).
+    const guestNow = await runtime.exec(adopted.sandbox, ['/bin/busybox', 'date', '+%s'], 10_000);
+    assert.ok(Math.abs(Number(guestNow.stdout) - Date.now() / 1000) < 3, `guest clock set: ${guestNow.stdout}`);
+    const idWritten = await runtime.exec(
+      adopted.sandbox,
+      ['/bin/busybox', 'stat', '-c', '%Y', '/run/torpor/actor-id'],
+      10_000,
+    );
+    assert.ok(Number(idWritten.stdout) < Date.now() / 1000 - 5, `id file not rewritten: ${idWritten.stdout}`);
+    assert.equal(await get('torpor-mvt-b', '/id'), 'default/b');
     assert.equal(await runtime.alive('vm-b2'), true);
     assert.ok(!(await runtime.list()).includes('prelaunched'));
 

@@ -53,8 +53,10 @@ export class GuestControl {
     const seq = Number(fields[0]);
     const p = this.pending.get(seq);
     if (!p) return; // an answer to a request that timed out
-    if (fields[1] === 'out' || fields[1] === 'err') {
-      p.onPartial?.(fields.slice(1));
+    // Output of a request that streams it (exec): "SEQ out|err CHUNK", one base64 field. An error answer, "SEQ err
+    // MESSAGE", has words, and is the only "err" line of a request that streams nothing.
+    if (p.onPartial && (fields[1] === 'out' || (fields[1] === 'err' && fields.length === 3))) {
+      p.onPartial(fields.slice(1));
       return;
     }
     this.pending.delete(seq);
@@ -95,6 +97,18 @@ export class GuestControl {
 
   /** After a restore: sets the guest's wall clock (it stood still while the VM was suspended) and rewrites the
    * actor id (a restore may be another actor: a fork), in one round trip. */
+  /** Sets the guest's clock alone (its actor id file already names the actor). A guest from before the request
+   * existed is sent a full resync instead. */
+  async clock(date: Date, actorId: string, timeoutMs: number): Promise<void> {
+    const ms = date.getTime();
+    try {
+      await this.request('clock', [String(Math.floor(ms / 1000)), String(ms % 1000)], timeoutMs);
+    } catch (err) {
+      if (!(err instanceof TorporError && /unknown request/.test(err.message))) throw err;
+      await this.resync(date, actorId, timeoutMs);
+    }
+  }
+
   async resync(date: Date, actorId: string, timeoutMs: number): Promise<void> {
     // Sent as plain text (an older guest writes it with a shell builtin): actor ids are "space/name" DNS labels.
     if (!/^[a-z0-9_][-a-z0-9_]*\/[a-z0-9][-a-z0-9]*$/.test(actorId)) {

@@ -65,6 +65,9 @@ interface VmRecord {
   diskSha256: string;
   cmdline: string;
   mac: string;
+  /** The actor the guest's id file names (absent in records from before it was kept): a restore for that same
+   * actor sets the guest's clock alone. */
+  actorId?: string;
 }
 const VM_RECORD = 'vm.json';
 const CONTROL_TIMEOUT_MS = 10_000;
@@ -300,6 +303,7 @@ export class MicrovmRuntime implements SandboxRuntime {
       diskSha256: disk.sha256,
       cmdline: await this.cmdline(),
       mac: this.opts.network.mac,
+      actorId: spec.actorId,
     };
     await writeFile(join(this.runDir(spec.id), VM_RECORD), JSON.stringify(model));
     const config = this.vmConfig(spec, disk.path, { path: this.ramFile(spec.id), shared: true }, model);
@@ -387,7 +391,9 @@ export class MicrovmRuntime implements SandboxRuntime {
         { field: 'runtime' },
       );
     }
-    await writeFile(join(this.runDir(spec.id), VM_RECORD), JSON.stringify(model));
+    // The guest names this actor once the resync below is done (a failed one fails the restore).
+    const sameActor = model.actorId === spec.actorId;
+    await writeFile(join(this.runDir(spec.id), VM_RECORD), JSON.stringify({ ...model, actorId: spec.actorId }));
     // Not "prepare": that is the agent's phase (the worker's network), which these phases are merged into.
     phases.disk = elapsedMs(t0);
     t0 = performance.now();
@@ -460,13 +466,16 @@ export class MicrovmRuntime implements SandboxRuntime {
       // The VM has been paused since its launch (-incoming): it first runs at `resume`.
       await opts.beforeRun;
       if (!entry.control) throw new TorporError('RUNTIME_ERROR', 'guest control channel not connected');
-      // The guest's clock stood still while it was suspended, and the actor may be someone else now (a fork). The
-      // request is sent before the guest runs again, so it is the first thing the guest does (its control server
+      // The guest's clock stood still while it was suspended, and the actor may be someone else now (a fork): for
+      // the actor the guest already names, the clock alone is set (see GuestControl.clock). The request is sent before the guest runs again, so it is the first thing the guest does (its control server
       // has been waiting on the port since the snapshot) rather than work interleaved with the readiness answer;
       // the caller probes readiness meanwhile, and the activation is ready once both are done. Requests after
       // this one (exec) are answered after it.
       const sent = performance.now();
-      settled = entry.control.resync(new Date(), spec.actorId, CONTROL_TIMEOUT_MS).then(
+      const resynced = sameActor
+        ? entry.control.clock(new Date(), spec.actorId, CONTROL_TIMEOUT_MS)
+        : entry.control.resync(new Date(), spec.actorId, CONTROL_TIMEOUT_MS);
+      settled = resynced.then(
         () => ({ resync: elapsedMs(sent) }),
         async (err: unknown) => {
           throw await this.failure('restore', spec, err);

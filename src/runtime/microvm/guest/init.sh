@@ -8,6 +8,8 @@
 #   SEQ resync UNIXSECONDS ACTORID MS      -> SEQ ok          (after a restore: the guest clock stood still, and the
 #                                                             actor may be another one; ACTORID is plain text; MS,
 #                                                             the milliseconds, came later: older guests ignore it)
+#   SEQ clock UNIXSECONDS MS               -> SEQ ok          (the clock alone, when the actor id is unchanged; older
+#                                                             guests answer "err unknown request": resync then)
 #   SEQ exec ARGV TIMEOUTSECONDS           -> SEQ out CHUNK / SEQ err CHUNK ... (the output as it comes, base64)
 #                                             then SEQ exit CODE - -   (an older guest answered SEQ exit CODE
 #                                             STDOUT STDERR at the end: the host takes both)
