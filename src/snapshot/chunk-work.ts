@@ -65,20 +65,26 @@ export class ScanBuffers {
 export function scanChunk(req: ScanRequest, buffers: ScanBuffers): ScanResult {
   const bytes = buffers.chunk(req.length);
   if (!readFully(req.path, bytes, req.offset)) return { kind: 'short' };
-  if (bytes.equals(buffers.zeros(req.length))) return { kind: 'zero' };
-  if (req.base) {
-    const previous = buffers.base(req.length);
-    // An unreadable or short base only costs hashing.
-    if (readFully(req.base.path, previous, req.offset, true)) {
-      const patch = req.base.patch;
-      if (previous.equals(bytes) && !patch?.pages.length) return { kind: 'unchanged' };
-      const pages = patch && differingPages(bytes, previous, patch);
-      if (pages) return { kind: 'patched', pages, bytes: copyPages(bytes, pages, patch.pageSize) };
-    }
+  const previous = req.base && buffers.base(req.length);
+  // An unreadable or short base only costs hashing.
+  const based = req.base && previous && readFully(req.base.path, previous, req.offset, true);
+  const patch = req.base?.patch;
+  if (based && previous.equals(bytes)) {
+    // Not all zeros (the base snapshot names a chunk here, and stores a chunk of zeros as null): no zero check.
+    const pages = patch?.pages ?? [];
+    if (pages.length === 0) return { kind: 'unchanged' };
+    if (pages.length <= patch!.maxPages) return patchedResult(bytes, pages, patch!.pageSize);
   }
+  if (bytes.equals(buffers.zeros(req.length))) return { kind: 'zero' };
+  const pages = based && patch && differingPages(bytes, previous, patch);
+  if (pages) return patchedResult(bytes, pages, patch!.pageSize);
   const hash = sha256Hex(bytes);
   buffers.giveAwayChunk();
   return { kind: 'data', hash, bytes };
+}
+
+function patchedResult(bytes: Buffer, pages: number[], pageSize: number): ScanResult {
+  return { kind: 'patched', pages, bytes: copyPages(bytes, pages, pageSize) };
 }
 
 /** The pages where `bytes` differ from the local copy of the base snapshot, united with the pages that snapshot
