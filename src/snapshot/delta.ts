@@ -43,7 +43,9 @@ export function deltaKey(contentSha256: string, base: ChunkedContent): string {
   return DELTA_PREFIX + sha256Hex(Buffer.from(`${contentSha256}\n${base.size}\n${base.chunks.join(',')}`));
 }
 
-/** The base of a new delta for a file whose previous version is `previous`: its own base if it was a delta. */
+/** The base of a new delta for a file whose previous version is `previous`: its own base if it was a delta. A
+ * patched file's keyframe is its base chunks without the patch: the writer and the restore both read it with
+ * readChunkedContent, so the delta applies to the same bytes it was encoded against. */
 export function keyframeOf(previous: ManifestFile): ChunkedContent {
   return previous.delta ? previous.delta.base : { size: previous.size, chunks: previous.chunks };
 }

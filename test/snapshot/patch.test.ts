@@ -10,10 +10,18 @@ import { afterEach, beforeEach, describe, it } from 'node:test';
 import { zstdCompressSync } from 'node:zlib';
 import type { BlobStore } from '../../src/blob/blob.ts';
 import { TorporError } from '../../src/core/errors.ts';
-import { chunkKey, collectGarbage, decodeManifest, restoreSnapshot, snapshotWhole } from '../../src/snapshot/index.ts';
+import {
+  chunkKey,
+  collectGarbage,
+  decodeManifest,
+  restoreSnapshot,
+  snapshotWhole,
+  writeSnapshot,
+} from '../../src/snapshot/index.ts';
 import { CHUNK, filesUnder, META, referenceChunks, scratch } from './helpers.ts';
 import {
   FILE_CHUNKS,
+  FILE_SIZE,
   MAX_PAGES,
   memoryLike,
   memoryOf,
@@ -142,6 +150,28 @@ describe('page patches', () => {
     const result = await plain.suspend();
     assert.equal(memoryOf(result).patch, undefined);
     assert.deepEqual(memoryOf(result).chunks, await referenceChunks(suspender.memory, CHUNK));
+  });
+
+  it('restores a delta whose keyframe is a patched file (the keyframe is its base chunks)', async () => {
+    await suspender.suspend();
+    await touchPages(suspender.memory, [page(1, 1)]);
+    const patched = await suspender.suspend();
+    assert.ok(memoryOf(patched).patch);
+    await touchPages(suspender.memory, [page(2, 2)]);
+    const key = 'snapshots/web/delta.json';
+    const delta = await writeSnapshot({
+      blob: s.blob,
+      dir: s.src,
+      files: ['memory'],
+      key,
+      meta: META,
+      chunkSize: CHUNK,
+      previous: patched.manifest,
+      previousDir: suspender.kept,
+      deltaLevel: 19, // level 3 finds too few matches of random bytes in a 2 MiB dictionary to keep the delta
+    });
+    assert.deepEqual(memoryOf(delta).delta?.base, { size: FILE_SIZE, chunks: memoryOf(patched).chunks });
+    await suspender.assertRestores(key);
   });
 
   it('uploads fewer objects and bytes than whole chunks would', async () => {
