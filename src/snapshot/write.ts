@@ -369,7 +369,9 @@ async function storePatch(ctx: WriteContext, file: ManifestFile, parts: PatchedC
   const patch: FilePatch = { object: patchKey(sha256Hex(bytes)), pageSize, pages: encodePageRuns(pages) };
   // What a restore will check: a writer bug must not produce a snapshot that cannot be restored.
   const problem = patchIssue({ ...file, patch }, ctx.chunkSize);
-  if (problem !== undefined) throw new Error(`internal error: patch of file "${file.name}": ${problem}`);
+  if (problem !== undefined) {
+    throw new TorporError('INTERNAL', `patch of file "${file.name}" would be invalid: ${problem}`, { field: 'files' });
+  }
   await ctx.pool.submit(async () => {
     ctx.uploadStartedAt ??= performance.now();
     const [inStore, inCache] = await Promise.all([ctx.blob.has(patch.object), ctx.cache?.has(patch.object) ?? true]);

@@ -18,6 +18,7 @@ import {
   snapshotWhole,
   writeSnapshot,
 } from '../../src/snapshot/index.ts';
+import { encodePageRuns, patchedPagesByChunk } from '../../src/snapshot/patch.ts';
 import { CHUNK, filesUnder, META, referenceChunks, scratch } from './helpers.ts';
 import {
   FILE_CHUNKS,
@@ -361,5 +362,47 @@ describe('garbage collection of patched snapshots', () => {
 
     await s.blob.delete(livePatch);
     assert.equal(await snapshotWhole(s.blob, liveKey), false, 'a snapshot without its patch is not whole');
+  });
+});
+
+describe('page runs', () => {
+  it('encodes sorted pages as [first, count] runs', () => {
+    assert.deepEqual(encodePageRuns([]), []);
+    assert.deepEqual(encodePageRuns([3]), [3, 1]);
+    assert.deepEqual(encodePageRuns([0, 1, 2, 5, 7, 8]), [0, 3, 5, 1, 7, 2]);
+  });
+
+  it("maps a parent patch's pages to each chunk's pages, of its own page size or another", () => {
+    const HASH = 'c'.repeat(64);
+    const object = `patches/${'d'.repeat(64)}`;
+    const size = 3 * CHUNK - 100;
+    const file = (pageSize: number, pages: number[]) => ({
+      name: 'memory',
+      size,
+      chunks: [HASH, HASH, HASH],
+      patch: { object, pageSize, pages },
+    });
+    // 4 KiB pages 14..17 straddle chunks 0 and 1; page 47 is the file's partial last page.
+    const same = patchedPagesByChunk(file(PAGE, [14, 4, 47, 1]), CHUNK);
+    assert.deepEqual(
+      [...same],
+      [
+        [0, [14, 15]],
+        [1, [0, 1]],
+        [2, [15]],
+      ],
+    );
+    // 8 KiB pages 7 and 23 are 4 KiB pages 14, 15 and 46, 47.
+    const larger = patchedPagesByChunk(file(2 * PAGE, [7, 1, 23, 1]), CHUNK, PAGE);
+    assert.deepEqual(
+      [...larger],
+      [
+        [0, [14, 15]],
+        [2, [14, 15]],
+      ],
+    );
+    // 1 KiB pages 3, then 4 and 6 (both in 4 KiB page 1, listed once).
+    const smaller = patchedPagesByChunk(file(1024, [3, 2, 6, 1]), CHUNK, PAGE);
+    assert.deepEqual([...smaller], [[0, [0, 1]]]);
   });
 });
