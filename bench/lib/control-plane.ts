@@ -34,6 +34,8 @@ const UPLOAD_STATS = {
   reusedChunks: 11,
   zeroChunks: 177,
   deltaFiles: 2,
+  patchedChunks: 0,
+  patchBytes: 0,
 };
 
 /** Objects in a Map: what a suspend's commit check reads (`has` of its manifest) and what the stub writes. */

@@ -138,12 +138,25 @@ export interface FileDelta {
   base: ChunkedContent;
 }
 
+/** Pages of a chunked file whose bytes differ from its chunks (the "base" or keyframe chunks): the file is its
+ * chunks with these pages written over them. Lets a chunk that changed in a few pages keep its base. */
+export interface FilePatch {
+  /** Blob key `patches/<sha256 of the listed pages' bytes, concatenated>`; the object is those bytes, zstd. */
+  object: string;
+  /** Bytes per page; divides the manifest's chunkSize. The file's last page may be shorter. */
+  pageSize: number;
+  /** Runs of consecutive page indices within the file, flattened: `[first, count, first, count, …]`; sorted, apart
+   * (a run starts after the previous one's end plus one), each page inside a non-null chunk. */
+  pages: number[];
+}
+
 export interface ManifestFile {
   name: string;
   size: number;
-  /** The file's chunks; empty when the file is stored as a delta. */
+  /** The file's chunks; empty when the file is stored as a delta. With `patch`, a patched chunk's base. */
   chunks: (string | null)[];
   delta?: FileDelta;
+  patch?: FilePatch;
 }
 
 export interface SnapshotManifest {

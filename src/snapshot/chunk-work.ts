@@ -12,7 +12,17 @@ export interface ScanRequest {
   length: number;
   /** The same file in the previous snapshot (same size, same chunking) and its hash of this chunk: bytes equal
    * to it take that hash without hashing (a comparison is ~20x cheaper than sha256). */
-  base?: { path: string; hash: string };
+  base?: { path: string; hash: string; patch?: PatchRequest };
+}
+
+/** Asks for a chunk that differs from its base in few pages to come back as those pages (see patch.ts). */
+export interface PatchRequest {
+  pageSize: number;
+  /** More differing pages than this: the chunk comes back whole, as a new keyframe. */
+  maxPages: number;
+  /** The pages (indices within the chunk, sorted) the base snapshot patched over the base chunk: in the local copy
+   * they differ from the base chunk, so they stay in the patch even where they did not change since. */
+  pages: number[];
 }
 
 export type ScanResult =
@@ -20,6 +30,9 @@ export type ScanResult =
   | { kind: 'unchanged' }
   /** `bytes` owns its memory whole (it is moved between threads, never copied). */
   | { kind: 'data'; hash: string; bytes: Uint8Array }
+  /** The chunk is its base with `pages` (indices within the chunk, sorted) replaced by `bytes`, the pages' current
+   * bytes back to back. */
+  | { kind: 'patched'; pages: number[]; bytes: Uint8Array }
   /** The file ended before the chunk did. */
   | { kind: 'short' };
 
@@ -52,15 +65,53 @@ export class ScanBuffers {
 export function scanChunk(req: ScanRequest, buffers: ScanBuffers): ScanResult {
   const bytes = buffers.chunk(req.length);
   if (!readFully(req.path, bytes, req.offset)) return { kind: 'short' };
-  if (bytes.equals(buffers.zeros(req.length))) return { kind: 'zero' };
-  if (req.base) {
-    const previous = buffers.base(req.length);
-    // An unreadable or short base only costs hashing.
-    if (readFully(req.base.path, previous, req.offset, true) && previous.equals(bytes)) return { kind: 'unchanged' };
+  const previous = req.base && buffers.base(req.length);
+  // An unreadable or short base only costs hashing.
+  const based = req.base && previous && readFully(req.base.path, previous, req.offset, true);
+  const patch = req.base?.patch;
+  if (based && previous.equals(bytes)) {
+    // Not all zeros (the base snapshot names a chunk here, and stores a chunk of zeros as null): no zero check.
+    const pages = patch?.pages ?? [];
+    if (pages.length === 0) return { kind: 'unchanged' };
+    if (pages.length <= patch!.maxPages) return patchedResult(bytes, pages, patch!.pageSize);
   }
+  if (bytes.equals(buffers.zeros(req.length))) return { kind: 'zero' };
+  const pages = based && patch && differingPages(bytes, previous, patch);
+  if (pages) return patchedResult(bytes, pages, patch!.pageSize);
   const hash = sha256Hex(bytes);
   buffers.giveAwayChunk();
   return { kind: 'data', hash, bytes };
+}
+
+function patchedResult(bytes: Buffer, pages: number[], pageSize: number): ScanResult {
+  return { kind: 'patched', pages, bytes: copyPages(bytes, pages, pageSize) };
+}
+
+/** The pages where `bytes` differ from the local copy of the base snapshot, united with the pages that snapshot
+ * patched (so the result is relative to the base chunk); undefined past `maxPages`. */
+function differingPages(bytes: Buffer, previous: Buffer, patch: PatchRequest): number[] | undefined {
+  const { pageSize, maxPages } = patch;
+  const pages: number[] = [];
+  let next = 0; // into patch.pages
+  for (let page = 0, start = 0; start < bytes.length; page++, start += pageSize) {
+    const end = Math.min(start + pageSize, bytes.length);
+    const patched = patch.pages[next] === page;
+    if (patched) next++;
+    if (patched || bytes.compare(previous, start, end, start, end) !== 0) {
+      if (pages.length === maxPages) return undefined;
+      pages.push(page);
+    }
+  }
+  return pages;
+}
+
+/** The listed pages of `bytes` back to back, in memory of their own (to be moved to the main thread). */
+function copyPages(bytes: Buffer, pages: number[], pageSize: number): Uint8Array {
+  const slices = pages.map((page) => bytes.subarray(page * pageSize, Math.min((page + 1) * pageSize, bytes.length)));
+  const out = Buffer.allocUnsafeSlow(slices.reduce((sum, slice) => sum + slice.length, 0));
+  let offset = 0;
+  for (const slice of slices) offset += slice.copy(out, offset);
+  return out;
 }
 
 export function compress(bytes: Uint8Array, level: number): Uint8Array {

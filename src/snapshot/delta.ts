@@ -5,10 +5,10 @@
 import { promisify } from 'node:util';
 import { constants, zstdCompress, zstdDecompress } from 'node:zlib';
 import type { BlobStore } from '../blob/blob.ts';
-import { isTorporError, TorporError } from '../core/errors.ts';
+import { TorporError } from '../core/errors.ts';
 import type { ChunkedContent, ManifestFile } from '../core/types.ts';
 import { chunkKey, DELTA_PREFIX } from './manifest.ts';
-import { sha256Hex } from './transfer.ts';
+import { readVerified, sha256Hex } from './transfer.ts';
 
 const compress = promisify(zstdCompress);
 const decompress = promisify(zstdDecompress);
@@ -43,37 +43,11 @@ export function deltaKey(contentSha256: string, base: ChunkedContent): string {
   return DELTA_PREFIX + sha256Hex(Buffer.from(`${contentSha256}\n${base.size}\n${base.chunks.join(',')}`));
 }
 
-/** The base of a new delta for a file whose previous version is `previous`: its own base if it was a delta. */
+/** The base of a new delta for a file whose previous version is `previous`: its own base if it was a delta. A
+ * patched file's keyframe is its base chunks without the patch: the writer and the restore both read it with
+ * readChunkedContent, so the delta applies to the same bytes it was encoded against. */
 export function keyframeOf(previous: ManifestFile): ChunkedContent {
   return previous.delta ? previous.delta.base : { size: previous.size, chunks: previous.chunks };
-}
-
-/** Reads a blob from the node cache when it holds a copy that passes `verify`, else from the store (and caches
- * it). A key the store lacks is SNAPSHOT_CORRUPT: a manifest named it. */
-async function readVerified(
-  blob: BlobStore,
-  cache: BlobStore | undefined,
-  key: string,
-  verify: (bytes: Uint8Array) => Promise<Buffer>,
-  what: string,
-): Promise<Buffer> {
-  if (cache) {
-    const cached = await cache.getBytes(key).catch(() => undefined);
-    if (cached) {
-      const ok = await verify(cached).catch(() => undefined);
-      if (ok) return ok;
-    }
-  }
-  let bytes: Uint8Array;
-  try {
-    bytes = await blob.getBytes(key);
-  } catch (err) {
-    if (isTorporError(err, 'NOT_FOUND')) throw corrupt(`${what} ${key} is missing from the blob store`, err);
-    throw err;
-  }
-  const decoded = await verify(bytes);
-  await cache?.put(key, bytes);
-  return decoded;
 }
 
 /** Rebuilds a chunked file in memory (delta bases are small by construction). */

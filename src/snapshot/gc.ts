@@ -8,6 +8,7 @@
 // (addLiveManifests), and only then deletes (deleteGarbage).
 import type { BlobStore } from '../blob/blob.ts';
 import { CHUNK_PREFIX, DEFAULT_MANIFEST_PREFIX, DELTA_PREFIX, readManifest, referencedKeys } from './manifest.ts';
+import { PATCH_PREFIX } from './patch.ts';
 import { TaskPool } from './pool.ts';
 
 /** Object requests (deletes, existence checks) in flight at once. */
@@ -41,7 +42,7 @@ export interface GcPlan {
   referenced: Set<string>;
   deadManifests: string[];
   deadChunks: string[];
-  /** Chunk and delta objects listed. */
+  /** Chunk, delta and patch objects listed. */
   listedChunks: number;
 }
 
@@ -52,7 +53,11 @@ export async function planGarbage(blob: BlobStore, liveManifestKeys: string[], o
   const deadManifests = (await listAll(blob, opts.manifestPrefix ?? DEFAULT_MANIFEST_PREFIX)).filter(
     (key) => !live.has(key),
   );
-  const chunkKeys = [...(await listAll(blob, CHUNK_PREFIX)), ...(await listAll(blob, DELTA_PREFIX))];
+  const chunkKeys = [
+    ...(await listAll(blob, CHUNK_PREFIX)),
+    ...(await listAll(blob, DELTA_PREFIX)),
+    ...(await listAll(blob, PATCH_PREFIX)),
+  ];
   const deadChunks = chunkKeys.filter((key) => !referenced.has(key));
   return { live, referenced, deadManifests, deadChunks, listedChunks: chunkKeys.length };
 }

@@ -24,6 +24,7 @@ export {
   referencedKeys,
   snapshotManifestSchema,
 } from './manifest.ts';
+export { PATCH_MAX_FRACTION, PATCH_PAGE_SIZE, PATCH_PREFIX, patchKey } from './patch.ts';
 export {
   PARTIAL_SUFFIX,
   type RestoreSnapshotOptions,

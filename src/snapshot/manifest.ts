@@ -1,4 +1,5 @@
-// Snapshot format v1. A snapshot is a JSON manifest plus content-addressed chunks under `chunks/<sha256>`.
+// Snapshot format v1. A snapshot is a JSON manifest plus content-addressed chunks under `chunks/<sha256>` (and, for
+// some files, a delta under `deltas/` or a page patch under `patches/`: see delta.ts and patch.ts).
 // The manifest is the commit marker: it is written last, so a manifest that exists names only chunks that do.
 // A manifest read back from storage is untrusted input: it is parsed here, and only here.
 import { randomBytes } from 'node:crypto';
@@ -8,6 +9,7 @@ import { unsafePathReason } from '../blob/keys.ts';
 import { TorporError } from '../core/errors.ts';
 import { assetAuth, runtimeClass } from '../core/schemas.ts';
 import type { SnapshotManifest } from '../core/types.ts';
+import { patchIssue } from './patch.ts';
 
 export const CHUNK_PREFIX = 'chunks/';
 export const DELTA_PREFIX = 'deltas/';
@@ -33,6 +35,14 @@ const manifestFile = z
         object: z.string().regex(/^deltas\/[0-9a-f]{64}$/, 'must be a deltas/<sha256> key'),
         sha256: sha256Hex,
         base: chunkedContent,
+      })
+      .strict()
+      .optional(),
+    patch: z
+      .object({
+        object: z.string().regex(/^patches\/[0-9a-f]{64}$/, 'must be a patches/<sha256> key'),
+        pageSize: z.number().int().positive(),
+        pages: z.array(z.number().int().min(0)).min(2),
       })
       .strict()
       .optional(),
@@ -70,6 +80,14 @@ export const snapshotManifestSchema = z
           message: `file "${file.name}" of ${file.size} bytes needs ${expected} chunks, manifest lists ${file.chunks.length}`,
         });
       }
+      const patchProblem = file.chunks.length === expected ? patchIssue(file, manifest.chunkSize) : undefined;
+      if (patchProblem !== undefined) {
+        ctx.addIssue({
+          code: 'custom',
+          path: ['files', index, 'patch'],
+          message: `file "${file.name}": ${patchProblem}`,
+        });
+      }
       if (seen.has(file.name)) {
         ctx.addIssue({ code: 'custom', path: ['files', index, 'name'], message: `duplicate file "${file.name}"` });
       }
@@ -81,7 +99,8 @@ export function chunkKey(hash: string): string {
   return CHUNK_PREFIX + hash;
 }
 
-/** Every blob key a manifest depends on besides itself: its chunks, delta objects and their bases' chunks. */
+/** Every blob key a manifest depends on besides itself: its chunks (a patched chunk's base among them), patch and
+ * delta objects, and deltas' bases' chunks. */
 export function referencedKeys(manifest: SnapshotManifest): Set<string> {
   const keys = new Set<string>();
   const addChunks = (chunks: (string | null)[]) => {
@@ -89,6 +108,7 @@ export function referencedKeys(manifest: SnapshotManifest): Set<string> {
   };
   for (const file of manifest.files) {
     addChunks(file.chunks);
+    if (file.patch) keys.add(file.patch.object);
     if (file.delta) {
       keys.add(file.delta.object);
       addChunks(file.delta.base.chunks);

@@ -1,8 +1,9 @@
 // restoreSnapshot: rebuilds a snapshot's files in a directory. Every distinct chunk is fetched once (from the
 // node-local cache when it has a good copy), verified against its sha256, and written at each offset that
 // uses it. Zero chunks are never fetched or written: the file is created at its full length, leaving holes.
-// Files are built as `<name>.partial` and renamed only when every chunk is in, so a restore that fails
-// leaves no file that looks complete.
+// A file with a patch gets its pages written over its base chunks once those are in. Files are built as
+// `<name>.partial` and renamed only when every chunk and patch is in, so a restore that fails leaves no file that
+// looks complete.
 import { type FileHandle, mkdir, open, rename, rm } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { promisify } from 'node:util';
@@ -12,6 +13,7 @@ import { isTorporError, TorporError } from '../core/errors.ts';
 import type { ManifestFile, SnapshotManifest } from '../core/types.ts';
 import { applyDelta, readChunkedContent } from './delta.ts';
 import { chunkKey, readManifest } from './manifest.ts';
+import { patchRanges, readPatch } from './patch.ts';
 import { TaskPool } from './pool.ts';
 import { elapsedMs, ProgressCounter, type ProgressListener, positiveInteger, sha256Hex } from './transfer.ts';
 import { DEFAULT_CONCURRENCY } from './write.ts';
@@ -44,6 +46,8 @@ export interface RestoreSnapshotStats {
   fetchedBytes: number;
   /** Files rebuilt from a delta against their keyframe. */
   deltaFiles: number;
+  /** Files whose patch was written over their base chunks. */
+  patchedFiles: number;
   phases: { manifest: number; fetch: number };
 }
 
@@ -87,17 +91,20 @@ export async function restoreSnapshot(opts: RestoreSnapshotOptions): Promise<Res
     blob: opts.blob,
     cache: opts.cache,
     key: opts.key,
-    stats: { fetchedChunks: 0, cachedChunks: 0, zeroChunks: 0, fetchedBytes: 0, deltaFiles: 0 },
+    stats: { fetchedChunks: 0, cachedChunks: 0, zeroChunks: 0, fetchedBytes: 0, deltaFiles: 0, patchedFiles: 0 },
     progress: new ProgressCounter(bytes, opts.onProgress),
   };
   await mkdir(opts.dir, { recursive: true });
   const targets: Target[] = [];
   try {
     for (const file of manifest.files) targets.push(await createPartial(opts.dir, file));
-    await Promise.all([
+    const [patches] = await Promise.all([
+      Promise.all(targets.map((target) => fetchPatch(ctx, target))),
       fetchAll(ctx, pool, planPlacements(ctx, manifest, targets)),
       ...targets.map((target) => restoreDeltaFile(ctx, target, manifest.chunkSize)),
     ]);
+    // Only now: a patch's pages overwrite bytes of their base chunks.
+    await Promise.all(targets.map((target, index) => writePatch(ctx, target, patches[index])));
     await closeAll(targets);
     for (const target of targets) await rename(target.partialPath, target.finalPath);
   } catch (err) {
@@ -154,6 +161,25 @@ async function restoreDeltaFile(ctx: RestoreContext, target: Target, chunkSize: 
   await target.handle.write(content, 0, content.length, 0);
   ctx.stats.deltaFiles++;
   ctx.progress.add(content.length);
+}
+
+/** The file's patch bytes (verified), fetched while its chunks are; undefined for a file without a patch. */
+async function fetchPatch(ctx: RestoreContext, target: Target): Promise<Buffer | undefined> {
+  const { file } = target;
+  if (!file.patch) return undefined;
+  return readPatch(ctx.blob, ctx.cache, { ...file, patch: file.patch }, ctx.key);
+}
+
+/** Writes each run of the patch's pages at its offset, over the base chunks already written. */
+async function writePatch(ctx: RestoreContext, target: Target, bytes: Buffer | undefined): Promise<void> {
+  const { patch, size } = target.file;
+  if (!patch || !bytes) return;
+  let from = 0;
+  for (const { start, end } of patchRanges(patch, size)) {
+    await target.handle.write(bytes, from, end - start, start);
+    from += end - start;
+  }
+  ctx.stats.patchedFiles++;
 }
 
 async function fetchAll(ctx: RestoreContext, pool: TaskPool, plan: Map<string, Placement[]>): Promise<void> {

@@ -2,6 +2,8 @@
 // Files are read one chunk at a time; each chunk is named by the sha256 of its bytes, so a chunk the store
 // already holds (from this actor's last snapshot, its template's golden snapshot, any other actor) is not
 // uploaded again. All-zero chunks (most of a memory image) are not stored at all. The manifest goes last.
+// With a local copy of the parent snapshot, a chunk that differs from the parent's in few pages keeps the parent's
+// chunk and stores the pages in the file's patch object (patch.ts).
 // Reading, hashing and compressing run on the chunk pool's threads (chunk-pool.ts); this thread only orders the
 // results and drives the uploads, whose many small file system calls would otherwise wait behind that work.
 import { readFile, stat } from 'node:fs/promises';
@@ -10,11 +12,11 @@ import type { BlobStore } from '../blob/blob.ts';
 import { assertValidKey, unsafePathReason } from '../blob/keys.ts';
 import { TorporError } from '../core/errors.ts';
 import { parse, type RuntimeClass } from '../core/schemas.ts';
-import type { Asset, ChunkedContent, ManifestFile, SnapshotManifest } from '../core/types.ts';
+import type { Asset, ChunkedContent, FilePatch, ManifestFile, SnapshotManifest } from '../core/types.ts';
 import { crashPoint } from '../sys/crash.ts';
 import { dataExtents } from '../sys/extents.ts';
 import { chunkPoolSize, compressInPool, scanInPool, startChunkPool } from './chunk-pool.ts';
-import type { ScanResult } from './chunk-work.ts';
+import type { PatchRequest, ScanResult } from './chunk-work.ts';
 import {
   DEFAULT_DELTA_LEVEL,
   DELTA_MAX_BYTES,
@@ -25,6 +27,14 @@ import {
   readChunkedContent,
 } from './delta.ts';
 import { chunkKey, encodeManifest, snapshotManifestSchema } from './manifest.ts';
+import {
+  encodePageRuns,
+  PATCH_MAX_FRACTION,
+  PATCH_PAGE_SIZE,
+  patchedPagesByChunk,
+  patchIssue,
+  patchKey,
+} from './patch.ts';
 import { TaskPool } from './pool.ts';
 import { elapsedMs, ProgressCounter, type ProgressListener, positiveInteger, roundMs, sha256Hex } from './transfer.ts';
 
@@ -64,24 +74,34 @@ export interface WriteSnapshotOptions {
   /** A local copy of `previous`'s files as they were written (the node's kept copy of that snapshot). A chunk
    * whose bytes equal the same range of the same file there takes `previous`'s hash for it without hashing: a
    * byte comparison is ~20x cheaper than sha256, and most of a guest's memory is unchanged between snapshots.
+   * One that differs in few pages keeps `previous`'s hash as its base and goes into the file's patch.
    * Trusted like a restore from that copy trusts it; a missing or resized file is simply not used. */
   previousDir?: string;
+  /** Store chunks that differ from `previousDir`'s in few pages as page patches (default true). */
+  patches?: boolean;
 }
 
 export interface WriteSnapshotStats {
   rawBytes: number;
   /** Compressed bytes this call uploaded to `blob` (chunks the store already had cost nothing). */
   storedBytes: number;
+  /** Objects uploaded: chunks, deltas, patches. */
   uploadedChunks: number;
-  /** Non-zero chunks not uploaded: already in the store, or repeated within this snapshot. */
+  /** Non-zero chunks not uploaded: already in the store, or repeated within this snapshot, or the base of a patched
+   * chunk. */
   reusedChunks: number;
   zeroChunks: number;
   totalChunks: number;
   /** Files stored as deltas against their keyframe (each delta counts as one uploaded or reused object). */
   deltaFiles: number;
-  /** chunk: first chunk read to last chunk scanned (on the chunk pool's threads); delta: encoding deltas; upload:
-   * first upload start to last upload end (overlaps chunk and delta); manifest. */
-  phases: { chunk: number; delta: number; upload: number; manifest: number };
+  /** Chunks stored as their base chunk plus pages in their file's patch (counted in reusedChunks too). */
+  patchedChunks: number;
+  /** Compressed bytes of this snapshot's patch objects (those uploaded count in storedBytes too). */
+  patchBytes: number;
+  /** chunk: first chunk read to last chunk scanned (on the chunk pool's threads); delta: encoding deltas; patch:
+   * gathering, compressing and storing the patch objects (after their file's last chunk); upload: first upload start
+   * to last upload end (overlaps chunk, delta and patch); manifest. */
+  phases: { chunk: number; delta: number; patch: number; upload: number; manifest: number };
 }
 
 export interface WriteSnapshotResult {
@@ -107,10 +127,14 @@ interface WriteContext {
   /** From the first chunk scan's start to the last one's end. */
   chunkSpan: { start?: number; end?: number };
   deltaMs: number;
+  /** From the first patch gathered to the last one stored. */
+  patchSpan: { start?: number; end?: number };
   previous: SnapshotManifest | undefined;
   deltaLevel: number;
   uploadStartedAt: number | undefined;
   previousDir: string | undefined;
+  /** Pages per patch and most pages a patched chunk may have; undefined when chunks are not patched. */
+  patch: { pageSize: number; maxPages: number } | undefined;
   /** Per large file, which of its chunks may hold data (see chunkDataMap). */
   dataMaps: Map<string, Promise<Uint8Array | undefined>>;
 }
@@ -137,15 +161,19 @@ export async function writeSnapshot(opts: WriteSnapshotOptions): Promise<WriteSn
       zeroChunks: 0,
       totalChunks: 0,
       deltaFiles: 0,
+      patchedChunks: 0,
+      patchBytes: 0,
     },
     progress: new ProgressCounter(rawBytes, opts.onProgress),
     chunkSpan: {},
     deltaMs: 0,
+    patchSpan: {},
     // A base is read with the previous manifest's chunk size: deltas need the same one.
     previous: opts.previous?.chunkSize === chunkSize ? opts.previous : undefined,
     deltaLevel: opts.deltaLevel ?? DEFAULT_DELTA_LEVEL,
     uploadStartedAt: undefined,
     previousDir: opts.previousDir,
+    patch: opts.patches === false ? undefined : patchLimits(chunkSize),
     dataMaps: new Map(),
   };
   for (const file of files) {
@@ -173,6 +201,7 @@ export async function writeSnapshot(opts: WriteSnapshotOptions): Promise<WriteSn
   const phases = {
     chunk: roundMs((ctx.chunkSpan.end ?? 0) - (ctx.chunkSpan.start ?? 0)),
     delta: roundMs(ctx.deltaMs),
+    patch: roundMs((ctx.patchSpan.end ?? 0) - (ctx.patchSpan.start ?? 0)),
     upload,
     manifest: elapsedMs(manifestStart),
   };
@@ -254,16 +283,21 @@ async function chunkFile(ctx: WriteContext, dir: string, file: SnapshotFile): Pr
   // Chunks are scanned on the pool's threads, a few per thread in flight, and handled here in order.
   const window = 4 * chunkPoolSize();
   const scans: (Promise<ScanResult> | undefined)[] = [];
+  const patched: PatchedChunk[] = [];
   const scan = (index: number) => {
     if (index >= count || (data && data[index] === 0)) return undefined;
     const offset = index * ctx.chunkSize;
     const hash = base?.chunks[index];
     ctx.chunkSpan.start ??= performance.now();
+    const patchedBefore = base?.patched.get(index);
+    const patch: PatchRequest | undefined = base?.patch && { ...base.patch, pages: patchedBefore ?? [] };
+    // A chunk the previous snapshot patched equals its local copy, not its base: without patching it is hashed.
+    const useBase = base && hash && (patch || !patchedBefore);
     const scanned = scanInPool({
       path,
       offset,
       length: Math.min(ctx.chunkSize, file.size - offset),
-      ...(base && hash ? { base: { path: base.path, hash } } : {}),
+      ...(useBase ? { base: { path: base.path, hash, ...(patch ? { patch } : {}) } } : {}),
     }).finally(() => {
       ctx.chunkSpan.end = performance.now();
     });
@@ -290,12 +324,72 @@ async function chunkFile(ctx: WriteContext, dir: string, file: SnapshotFile): Pr
     else if (result.kind === 'unchanged') {
       chunks[index] = base!.chunks[index]!;
       countStored(ctx, chunks[index]!, length);
+    } else if (result.kind === 'patched') {
+      chunks[index] = base!.chunks[index]!;
+      countStored(ctx, chunks[index]!, length);
+      ctx.stats.patchedChunks++;
+      patched.push({ index, pages: result.pages, bytes: result.bytes });
     } else {
       chunks[index] = result.hash;
       await handleChunk(ctx, result.hash, result.bytes);
     }
   }
-  return { name: file.name, size: file.size, chunks };
+  const stored: ManifestFile = { name: file.name, size: file.size, chunks };
+  if (patched.length > 0) stored.patch = await storePatch(ctx, stored, patched);
+  return stored;
+}
+
+/** A chunk stored as its base plus pages: their indices within the chunk and their bytes back to back. */
+interface PatchedChunk {
+  index: number;
+  pages: number[];
+  bytes: Uint8Array;
+}
+
+/** Patching needs whole pages per chunk, and room for at least one page under the threshold. */
+function patchLimits(chunkSize: number): { pageSize: number; maxPages: number } | undefined {
+  const maxPages = Math.floor((chunkSize / PATCH_PAGE_SIZE) * PATCH_MAX_FRACTION);
+  return chunkSize % PATCH_PAGE_SIZE === 0 && maxPages >= 1 ? { pageSize: PATCH_PAGE_SIZE, maxPages } : undefined;
+}
+
+/** Gathers a file's patched pages into its one patch object (named by the sha256 of the pages' bytes) and queues
+ * its upload, like a chunk's. */
+async function storePatch(ctx: WriteContext, file: ManifestFile, parts: PatchedChunk[]): Promise<FilePatch> {
+  ctx.patchSpan.start ??= performance.now();
+  const { pageSize } = ctx.patch!;
+  const pagesPerChunk = ctx.chunkSize / pageSize;
+  const pages = parts.flatMap(({ index, pages }) => pages.map((page) => index * pagesPerChunk + page));
+  // Memory of its own: it is moved to a compression thread.
+  const bytes = Buffer.allocUnsafeSlow(parts.reduce((sum, part) => sum + part.bytes.length, 0));
+  let offset = 0;
+  for (const part of parts) {
+    bytes.set(part.bytes, offset);
+    offset += part.bytes.length;
+  }
+  const patch: FilePatch = { object: patchKey(sha256Hex(bytes)), pageSize, pages: encodePageRuns(pages) };
+  // What a restore will check: a writer bug must not produce a snapshot that cannot be restored.
+  const problem = patchIssue({ ...file, patch }, ctx.chunkSize);
+  if (problem !== undefined) {
+    throw new TorporError('INTERNAL', `patch of file "${file.name}" would be invalid: ${problem}`, { field: 'files' });
+  }
+  await ctx.pool.submit(async () => {
+    ctx.uploadStartedAt ??= performance.now();
+    const [inStore, inCache] = await Promise.all([ctx.blob.has(patch.object), ctx.cache?.has(patch.object) ?? true]);
+    // Compressed even when both have it: patchBytes reports its size. (Rare: the same pages again.)
+    const compressed = await compressInPool(bytes);
+    ctx.stats.patchBytes += compressed.length;
+    await Promise.all([
+      inStore ? undefined : ctx.blob.put(patch.object, compressed),
+      inCache ? undefined : ctx.cache?.put(patch.object, compressed),
+    ]);
+    if (inStore) ctx.stats.reusedChunks++;
+    else {
+      ctx.stats.uploadedChunks++;
+      ctx.stats.storedBytes += compressed.length;
+    }
+    ctx.patchSpan.end = performance.now();
+  });
+  return patch;
 }
 
 /** The previous snapshot's version of a file, when this node still has it as written and it was chunked with
@@ -303,6 +397,10 @@ async function chunkFile(ctx: WriteContext, dir: string, file: SnapshotFile): Pr
 interface BaseFile {
   path: string;
   chunks: (string | null)[];
+  /** Set when chunks that differ in few pages are patched. */
+  patch: { pageSize: number; maxPages: number } | undefined;
+  /** The pages the previous snapshot patched, per chunk index (see PatchRequest.pages). */
+  patched: Map<number, number[]>;
 }
 
 async function baseOf(ctx: WriteContext, file: SnapshotFile): Promise<BaseFile | undefined> {
@@ -311,7 +409,14 @@ async function baseOf(ctx: WriteContext, file: SnapshotFile): Promise<BaseFile |
   if (!previous || previous.delta || previous.size !== file.size) return undefined;
   const path = join(ctx.previousDir, file.name);
   const info = await stat(path).catch(() => undefined);
-  return info?.isFile() && info.size === file.size ? { path, chunks: previous.chunks } : undefined;
+  if (!info?.isFile() || info.size !== file.size) return undefined;
+  const patch = ctx.patch;
+  return {
+    path,
+    chunks: previous.chunks,
+    patch,
+    patched: patchedPagesByChunk(previous, ctx.chunkSize, patch?.pageSize),
+  };
 }
 
 /** Counts a chunk `previous` names: it is in the store already (a live manifest's chunks stay there while no

@@ -114,13 +114,17 @@ describe('actor lifecycle through the CLI (gVisor)', { skip }, () => {
     assert.equal(await get(resumed.address!), '4');
     assert.equal(await get(resumed.address!, '/id'), 'default/c1');
 
-    // The blob store holds exactly the objects its manifests list (chunks, deltas and their keyframes' chunks):
+    // The blob store holds exactly the objects its manifests list (chunks, deltas and their keyframes' chunks, patches):
     // nothing missing, nothing orphaned.
     const manifests = (await blobKeys(t, 'snapshots')).filter((k) => k.endsWith('manifest.json'));
     assert.ok(manifests.includes(suspended.snapshot!));
     const referenced = new Set<string>();
     for (const m of manifests) for (const k of referencedKeys(await manifestOf(t, m))) referenced.add(k);
-    const stored = [...(await blobKeys(t, 'chunks')), ...(await blobKeys(t, 'deltas'))];
+    const stored = [
+      ...(await blobKeys(t, 'chunks')),
+      ...(await blobKeys(t, 'deltas')),
+      ...(await blobKeys(t, 'patches')),
+    ];
     assert.deepEqual(new Set(stored), referenced);
     assert.ok(
       (await manifestOf(t, suspended.snapshot!)).files.some((f) => f.delta),
@@ -185,7 +189,11 @@ describe('actor lifecycle through the CLI (gVisor)', { skip }, () => {
     assert.deepEqual(manifests, expected, 'every stored manifest is live, and every live one is stored');
     const referenced = new Set<string>();
     for (const m of manifests) for (const k of referencedKeys(await manifestOf(t, m))) referenced.add(k);
-    const objects = [...(await blobKeys(t, 'chunks')), ...(await blobKeys(t, 'deltas'))];
+    const objects = [
+      ...(await blobKeys(t, 'chunks')),
+      ...(await blobKeys(t, 'deltas')),
+      ...(await blobKeys(t, 'patches')),
+    ];
     assert.deepEqual(new Set(objects), referenced);
     const metrics = await (await fetch(`${t.url}/metrics`)).text();
     assert.match(metrics, /torpor_snapshot_gc_deleted_total\{kind="manifest"\} [1-9]/);

@@ -98,6 +98,7 @@ describe('snapshot of a sparse file by its data extents', () => {
       previous: first.manifest,
       previousDir: kept,
       deltaLevel: 0, // chunked, not a delta against the first
+      patches: false, // the changed chunk whole, not as a patch of the first's
     });
     assert.deepEqual(second.manifest.files[0]!.chunks, await referenceChunks(staged, CHUNK));
     assert.equal(second.stats.uploadedChunks, 1);

@@ -155,7 +155,13 @@ describe('writeSnapshot + restoreSnapshot', () => {
       return s.blob.has(key);
     };
     const second = await writeSnapshot(
-      snapshotOpts(s, files, 'snapshots/b.json', { blob, previous: first.manifest, previousDir: kept, deltaLevel: 0 }),
+      snapshotOpts(s, files, 'snapshots/b.json', {
+        blob,
+        previous: first.manifest,
+        previousDir: kept,
+        deltaLevel: 0,
+        patches: false,
+      }),
     );
     for (const name of files) {
       const chunks = second.manifest.files.find((file) => file.name === name)!.chunks;
