@@ -381,52 +381,44 @@ export class NodeAgent implements AgentClient {
     // on it (see prelaunch), which the restore adopts or stops.
     if (warm) slot.warm = undefined;
     else await this.dropWarm(slot);
-    const image = await timed(phases, 'prepare', async () => {
-      this.startTeardown(slot.id);
-      await slot.teardown;
-      if (slot.sandbox) await slot.runtime.destroy(slot.sandbox.id);
-      slot.sandbox = undefined;
-      const resolved = await this.opts.images.resolve(req.template.image);
-      slot.image = resolved.digest;
-      if (!slot.networkReady) await slot.net.prepare();
-      slot.networkReady = false;
-      return resolved;
-    });
-    const workDir = join(slot.dir, 'activation');
-    await timed(phases, 'stage', async () => {
-      await rm(workDir, { recursive: true, force: true });
-      await mkdir(workDir, { recursive: true });
-      await mkdir(join(this.nodeDir, 'logs', req.actor.space), { recursive: true });
-    });
-    const spec = {
-      id: sandboxId(slot.id, req.actor),
-      actorId: `${req.actor.space}/${req.actor.name}`,
-      rootfs: image.rootfs,
-      image: image.config,
-      command: req.template.command,
-      env: req.template.env,
-      memoryMiB: req.template.resources.memoryMiB,
-      vcpus: req.template.resources.vcpus,
-      netnsPath: slot.net.netnsPath,
-      workDir,
-      logFile: this.logPath(req.actor),
-      assets: {} as Record<string, string>,
-    };
-    // The activation's rules load while the sandbox is being restored (a process spawn, ~10-30 ms): the runtime
-    // awaits them before the sandbox first runs (RestoreOptions.beforeRun); a boot awaits them first.
-    const network = timed(phases, 'network', () =>
-      slot.net.activate({
-        ports: [req.template.port, readyPort],
-        // Templates stored before egress policies existed have none: they keep the default.
-        egress: req.template.network?.egress ?? 'allow-all',
-        actor: `${req.actor.space}/${req.actor.name}`,
-      }),
-    );
-    network.catch(() => undefined); // awaited below on every path; not an unhandled rejection meanwhile
-    const restoreOptions = { beforeRun: network };
+    // Set once the activation's rules start loading (see loadRules).
+    let network: Promise<void> | undefined;
     // What a restored sandbox still finishes while it is probed for readiness (see SandboxRuntime.restore).
     let settled: Promise<Phases> | undefined;
     try {
+      const { image, rules } = await timed(phases, 'prepare', async () => {
+        this.startTeardown(slot.id);
+        await slot.teardown;
+        if (slot.sandbox) await slot.runtime.destroy(slot.sandbox.id);
+        slot.sandbox = undefined;
+        if (!slot.networkReady) await slot.net.prepare();
+        slot.networkReady = false;
+        network = this.loadRules(slot, req, phases);
+        const resolved = await this.opts.images.resolve(req.template.image);
+        slot.image = resolved.digest;
+        return { image: resolved, rules: network };
+      });
+      const workDir = join(slot.dir, 'activation');
+      await timed(phases, 'stage', async () => {
+        await rm(workDir, { recursive: true, force: true });
+        await mkdir(workDir, { recursive: true });
+        await mkdir(join(this.nodeDir, 'logs', req.actor.space), { recursive: true });
+      });
+      const spec = {
+        id: sandboxId(slot.id, req.actor),
+        actorId: `${req.actor.space}/${req.actor.name}`,
+        rootfs: image.rootfs,
+        image: image.config,
+        command: req.template.command,
+        env: req.template.env,
+        memoryMiB: req.template.resources.memoryMiB,
+        vcpus: req.template.resources.vcpus,
+        netnsPath: slot.net.netnsPath,
+        workDir,
+        logFile: this.logPath(req.actor),
+        assets: {} as Record<string, string>,
+      };
+      const restoreOptions = { beforeRun: rules };
       const kept = req.snapshot ? this.keptSnapshot(req.snapshot) : undefined;
       const localDir =
         localSnapshot && existsSync(localSnapshot) ? localSnapshot : kept && existsSync(kept) ? kept : undefined;
@@ -444,7 +436,7 @@ export class NodeAgent implements AgentClient {
           phases: p,
           settled: late,
         } = await slot.runtime.restore(spec, localDir, [], { ...restoreOptions, ...takeable });
-        await network;
+        await rules;
         slot.sandbox = sandbox;
         settled = late;
         Object.assign(phases, p);
@@ -472,7 +464,7 @@ export class NodeAgent implements AgentClient {
           .restore(spec, dir, files, { ...restoreOptions, disposable: true })
           // What the runtime left of its staging directory is no longer needed once it has restored (or failed).
           .finally(() => (staging ? rm(staging, { recursive: true, force: true }) : undefined));
-        await network;
+        await rules;
         slot.sandbox = sandbox;
         settled = late;
         Object.assign(phases, p);
@@ -480,7 +472,7 @@ export class NodeAgent implements AgentClient {
         const pinned = this.bootAssets(req.template);
         const what = `template "${req.template.name}"`;
         spec.assets = await timed(phases, 'assets', () => this.prepareAssets(slot, req.template.runtime, pinned, what));
-        await network;
+        await rules;
         slot.sandbox = await timed(phases, 'boot', () => slot.runtime.run(spec));
       }
       slot.actor = req.actor;
@@ -495,9 +487,12 @@ export class NodeAgent implements AgentClient {
         Object.assign(phases, late);
       });
     } catch (err) {
-      // The rules must be in place (or have failed) before the release clears them, or they would outlive it.
-      await network.catch(() => undefined);
-      await this.releaseLocked(slot);
+      // Once the rules started loading, a failure releases the worker; they must be in place (or have failed)
+      // before the release clears them, or they would outlive it.
+      if (network) {
+        await network.catch(() => undefined);
+        await this.releaseLocked(slot);
+      }
       throw err;
     } finally {
       // What the slot held in memory and the restore did not take (it went another way) is released.
@@ -505,6 +500,23 @@ export class NodeAgent implements AgentClient {
     }
     crashPoint('activate.ready');
     return { address: slot.net.endpoint(req.template.port), phases };
+  }
+
+  /** Starts loading the activation's rules (a process spawn, 20-60 ms here), as soon as the worker's network is
+   * prepared: they load while the image is resolved and the sandbox restored. The runtime awaits them before the
+   * sandbox first runs (RestoreOptions.beforeRun); a boot awaits them first. */
+  private loadRules(slot: WorkerSlot, req: ActivateRequest, phases: Phases): Promise<void> {
+    const readiness = req.template.readiness;
+    const network = timed(phases, 'network', () =>
+      slot.net.activate({
+        ports: [req.template.port, readiness.port ?? req.template.port],
+        // Templates stored before egress policies existed have none: they keep the default.
+        egress: req.template.network?.egress ?? 'allow-all',
+        actor: `${req.actor.space}/${req.actor.name}`,
+      }),
+    );
+    network.catch(() => undefined); // awaited on every path; not an unhandled rejection meanwhile
+    return network;
   }
 
   /** The directory a node-local checkpoint lives in (see LocalCheckpointTarget). */
