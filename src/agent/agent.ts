@@ -170,6 +170,9 @@ export class NodeAgent implements AgentClient {
   private readonly keepSnapshots: number;
   /** Checkpoint files being moved from memory to disk (see keepLocal); stop waits for them. */
   private readonly settling = new Set<Promise<unknown>>();
+  /** Runtimes' prelaunches in progress (see prelaunch): a stop waits for them, then discards what they made. */
+  private readonly prelaunching = new Set<Promise<unknown>>();
+  private stopping = false;
 
   constructor(opts: NodeAgentOptions) {
     this.opts = opts;
@@ -253,7 +256,8 @@ export class NodeAgent implements AgentClient {
 
   async stop(): Promise<void> {
     clearInterval(this.renewTimer);
-    await Promise.allSettled([...this.settling]);
+    this.stopping = true;
+    await Promise.allSettled([...this.settling, ...this.prelaunching]);
     for (const slot of this.slots.values()) {
       await this.dropWarm(slot);
       this.startTeardown(slot.id);
@@ -386,23 +390,24 @@ export class NodeAgent implements AgentClient {
     // What a restored sandbox still finishes while it is probed for readiness (see SandboxRuntime.restore).
     let settled: Promise<Phases> | undefined;
     try {
-      const { image, rules } = await timed(phases, 'prepare', async () => {
+      await timed(phases, 'prepare', async () => {
         this.startTeardown(slot.id);
         await slot.teardown;
         if (slot.sandbox) await slot.runtime.destroy(slot.sandbox.id);
         slot.sandbox = undefined;
         if (!slot.networkReady) await slot.net.prepare();
         slot.networkReady = false;
-        network = this.loadRules(slot, req, phases);
+      });
+      const rules = this.loadRules(slot, req, phases);
+      network = rules;
+      const workDir = join(slot.dir, 'activation');
+      const image = await timed(phases, 'stage', async () => {
         const resolved = await this.opts.images.resolve(req.template.image);
         slot.image = resolved.digest;
-        return { image: resolved, rules: network };
-      });
-      const workDir = join(slot.dir, 'activation');
-      await timed(phases, 'stage', async () => {
         await rm(workDir, { recursive: true, force: true });
         await mkdir(workDir, { recursive: true });
         await mkdir(join(this.nodeDir, 'logs', req.actor.space), { recursive: true });
+        return resolved;
       });
       const spec = {
         id: sandboxId(slot.id, req.actor),
@@ -503,7 +508,7 @@ export class NodeAgent implements AgentClient {
   }
 
   /** Starts loading the activation's rules (a process spawn, 20-60 ms here), as soon as the worker's network is
-   * prepared: they load while the image is resolved and the sandbox restored. The runtime awaits them before the
+   * prepared: they load while the image is resolved (phase `stage`) and the sandbox restored. The runtime awaits them before the
    * sandbox first runs (RestoreOptions.beforeRun); a boot awaits them first. */
   private loadRules(slot: WorkerSlot, req: ActivateRequest, phases: Phases): Promise<void> {
     const readiness = req.template.readiness;
@@ -635,8 +640,16 @@ export class NodeAgent implements AgentClient {
     await this.slotLocks
       .run(slot.id, async () => {
         const warm = slot.warm;
-        if (!warm || slot.sandbox || !slot.networkReady || slot.stopped !== undefined) return;
-        await slot.runtime.prelaunch?.(warm.files);
+        if (this.stopping || !warm || slot.sandbox || !slot.networkReady || slot.stopped !== undefined) return;
+        // Registered before anything yields: a stop that begins from here on waits for it (and then discards it).
+        const launching = slot.runtime.prelaunch?.(warm.files);
+        if (!launching) return;
+        this.prelaunching.add(launching);
+        try {
+          await launching;
+        } finally {
+          this.prelaunching.delete(launching);
+        }
       })
       .catch((err: unknown) => this.opts.log.warn({ err, worker: slot.id }, 'prelaunching the next restore failed'));
   }
