@@ -398,8 +398,7 @@ export class NodeAgent implements AgentClient {
         if (!slot.networkReady) await slot.net.prepare();
         slot.networkReady = false;
       });
-      const rules = this.loadRules(slot, req, phases);
-      network = rules;
+      network = this.loadRules(slot, req, phases);
       const workDir = join(slot.dir, 'activation');
       const image = await timed(phases, 'stage', async () => {
         const resolved = await this.opts.images.resolve(req.template.image);
@@ -423,7 +422,7 @@ export class NodeAgent implements AgentClient {
         logFile: this.logPath(req.actor),
         assets: {} as Record<string, string>,
       };
-      const restoreOptions = { beforeRun: rules };
+      const restoreOptions = { beforeRun: network };
       const kept = req.snapshot ? this.keptSnapshot(req.snapshot) : undefined;
       const localDir =
         localSnapshot && existsSync(localSnapshot) ? localSnapshot : kept && existsSync(kept) ? kept : undefined;
@@ -441,7 +440,7 @@ export class NodeAgent implements AgentClient {
           phases: p,
           settled: late,
         } = await slot.runtime.restore(spec, localDir, [], { ...restoreOptions, ...takeable });
-        await rules;
+        await network;
         slot.sandbox = sandbox;
         settled = late;
         Object.assign(phases, p);
@@ -469,7 +468,7 @@ export class NodeAgent implements AgentClient {
           .restore(spec, dir, files, { ...restoreOptions, disposable: true })
           // What the runtime left of its staging directory is no longer needed once it has restored (or failed).
           .finally(() => (staging ? rm(staging, { recursive: true, force: true }) : undefined));
-        await rules;
+        await network;
         slot.sandbox = sandbox;
         settled = late;
         Object.assign(phases, p);
@@ -477,7 +476,7 @@ export class NodeAgent implements AgentClient {
         const pinned = this.bootAssets(req.template);
         const what = `template "${req.template.name}"`;
         spec.assets = await timed(phases, 'assets', () => this.prepareAssets(slot, req.template.runtime, pinned, what));
-        await rules;
+        await network;
         slot.sandbox = await timed(phases, 'boot', () => slot.runtime.run(spec));
       }
       slot.actor = req.actor;

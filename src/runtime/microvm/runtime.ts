@@ -467,10 +467,11 @@ export class MicrovmRuntime implements SandboxRuntime {
       await opts.beforeRun;
       if (!entry.control) throw new TorporError('RUNTIME_ERROR', 'guest control channel not connected');
       // The guest's clock stood still while it was suspended, and the actor may be someone else now (a fork): for
-      // the actor the guest already names, the clock alone is set (see GuestControl.clock). The request is sent before the guest runs again, so it is the first thing the guest does (its control server
-      // has been waiting on the port since the snapshot) rather than work interleaved with the readiness answer;
-      // the caller probes readiness meanwhile, and the activation is ready once both are done. Requests after
-      // this one (exec) are answered after it.
+      // the actor the guest already names, the clock alone is set (see GuestControl.clock). The request is sent
+      // before the guest runs again, so it is the first thing the guest does (its control server has been waiting
+      // on the port since the snapshot) rather than work interleaved with the readiness answer; the caller probes
+      // readiness meanwhile, and the activation is ready once both are done. Requests after this one (exec) are
+      // answered after it.
       const sent = performance.now();
       const resynced = sameActor
         ? entry.control.clock(new Date(), spec.actorId, CONTROL_TIMEOUT_MS)
@@ -504,7 +505,7 @@ export class MicrovmRuntime implements SandboxRuntime {
     const last = this.lastCheckpointed;
     const memory = held[MEMORY_FILE];
     const driver = this.opts.driver;
-    if (!last || !memory || !driver.prelaunch || !driver.ramInFile) return;
+    if (!last || !memory || !driver.prelaunch || !driver.load || !driver.ramInFile) return;
     const launching = (async (): Promise<Standby> => {
       await this.stop(STANDBY);
       const config: VmConfig = {
