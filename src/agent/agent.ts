@@ -146,7 +146,12 @@ function safeSegment(value: string, field: string): string {
 /** Sandbox ids are per worker and per actor: a retry of the same actor on the same worker collides on purpose,
  * so its leftovers are cleaned before the next run. */
 export function sandboxId(workerId: string, actor: ActorRef): string {
-  return `${workerId}--${actor.space}--${actor.name}`;
+  return `${sandboxIdPrefix(workerId)}${actor.space}--${actor.name}`;
+}
+
+/** What the ids of every sandbox of worker `workerId` start with. */
+function sandboxIdPrefix(workerId: string): string {
+  return `${workerId}--`;
 }
 
 export class NodeAgent implements AgentClient {
@@ -245,6 +250,8 @@ export class NodeAgent implements AgentClient {
     await this.opts.network.ensure();
     for (const slot of this.slots.values()) {
       for (const id of await slot.runtime.list()) await slot.runtime.destroy(id);
+      // Memory an earlier agent held for this slot's actors (their checkpoints were settled onto disk above).
+      await slot.runtime.removeLeftoverMemory?.(sandboxIdPrefix(slot.id));
       await slot.net.ensure();
       await this.prepareNetwork(slot);
     }

@@ -91,6 +91,9 @@ export interface SandboxRuntime {
   prelaunch?(held: Record<string, string>): Promise<void>;
   /** Ends what `prelaunch` started (the held files are going away, or the worker's network is). */
   discardPrelaunched?(): Promise<void>;
+  /** Removes what sandboxes with ids starting with `prefix` left outside their run directories (a micro-VM's guest
+   * memory files on tmpfs): called when an agent starts, for its own slots. */
+  removeLeftoverMemory?(prefix: string): Promise<void>;
   exec(sandbox: Sandbox, command: string[], timeoutMs: number, onOutput?: OutputListener): Promise<ExecResult>;
   /** Whether the sandbox is still running (e.g. after a failed checkpoint). */
   alive(id: string): Promise<boolean>;

@@ -531,6 +531,17 @@ export class MicrovmRuntime implements SandboxRuntime {
     await standby;
   }
 
+  /** Removes the guest memory files of sandboxes whose ids start with `prefix` (RAM files, memory held after a
+   * suspend, snapshots staged for a restore): an agent that starts again (after a crash) owns none of them any more,
+   * its predecessor's checkpoints having been settled onto disk first, and each would hold its size of RAM. */
+  async removeLeftoverMemory(prefix: string): Promise<void> {
+    if (prefix === '') throw new RangeError('a prefix is needed: the memory directory may be shared');
+    const names = await readdir(this.memoryDir).catch(() => [] as string[]);
+    for (const name of names.filter((n) => n.startsWith(prefix))) {
+      await rm(join(this.memoryDir, name), { recursive: true, force: true });
+    }
+  }
+
   /** Stops a prelaunched VMM, if there is one. */
   async discardPrelaunched(): Promise<void> {
     const standby = await this.standby;
