@@ -590,8 +590,7 @@ export class MicrovmRuntime implements SandboxRuntime {
   async alive(id: string): Promise<boolean> {
     const entry = this.running.get(id);
     if (entry) return entry.vm.running();
-    const pid = await this.recordedPid(id);
-    return pid !== undefined && (await this.ownsProcess(id, pid));
+    return (await this.recordedVmm(id)) !== undefined;
   }
 
   async destroy(id: string): Promise<void> {
@@ -610,8 +609,8 @@ export class MicrovmRuntime implements SandboxRuntime {
       this.running.delete(id);
     } else {
       // A VMM left by an earlier process (its pid recorded in the run directory).
-      const pid = await this.recordedPid(id);
-      if (pid !== undefined && (await this.ownsProcess(id, pid))) {
+      const pid = await this.recordedVmm(id);
+      if (pid !== undefined) {
         process.kill(pid, 'SIGKILL');
         for (let i = 0; i < 1000 && (await processRunning(pid)); i++) await new Promise((r) => setTimeout(r, 10));
       }
@@ -636,19 +635,14 @@ export class MicrovmRuntime implements SandboxRuntime {
     await writeFile(join(this.runDir(id), 'pid'), `${pid}\n${launchedAs}\n`);
   }
 
-  private async recordedPid(id: string): Promise<number | undefined> {
-    const text = await readFile(join(this.runDir(id), 'pid'), 'utf8').catch(() => '');
-    const pid = Number.parseInt(text, 10);
-    return Number.isInteger(pid) && pid > 0 ? pid : undefined;
-  }
-
-  /** Whether `pid` is this sandbox's VMM (and not a recycled pid): its command line names the socket directory
-   * recorded with the pid. */
-  private async ownsProcess(id: string, pid: number): Promise<boolean> {
-    if (!(await processRunning(pid))) return false;
-    const recorded = (await readFile(join(this.runDir(id), 'pid'), 'utf8').catch(() => '')).split('\n')[1];
+  /** The pid recorded for sandbox `id`'s VMM, if that process still runs and is it (not a recycled pid): its
+   * command line names the socket directory recorded with the pid. */
+  private async recordedVmm(id: string): Promise<number | undefined> {
+    const [pidText, launchedAs] = (await readFile(join(this.runDir(id), 'pid'), 'utf8').catch(() => '')).split('\n');
+    const pid = Number.parseInt(pidText ?? '', 10);
+    if (!Number.isInteger(pid) || pid <= 0 || !(await processRunning(pid))) return undefined;
     const cmdline = await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '');
-    return cmdline.includes(recorded || this.socketDir(id));
+    return cmdline.includes(launchedAs || this.socketDir(id)) ? pid : undefined;
   }
 
   /** A boot or restore error with the tail of what the VMM and the guest console said. */
